@@ -1,0 +1,3 @@
+from reweight_audit.cli import main
+
+main()
