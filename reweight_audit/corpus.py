@@ -72,6 +72,19 @@ def source_digest(source: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def check_source(source: str) -> None:
+    """Fail early, with the loader's message, for a file source that cannot be read."""
+    if source == "champ" or source.startswith("hf:"):
+        return
+    path = Path(source)
+    if not path.exists():
+        raise AuditError(f"{source}: no such file; give a .jsonl/.json/.csv/.parquet path, 'hf:NAME[:CONFIG]' or 'champ'")
+    if path.is_dir():
+        raise AuditError(f"{source}: is a directory; give a .jsonl/.json/.csv/.parquet file")
+    if path.suffix.lower() not in SUFFIXES:
+        raise AuditError(f"{source}: unknown file type '{path.suffix}'; use one of {', '.join(SUFFIXES)}")
+
+
 def iter_records(
     source: str,
     fields: FieldMap | None = None,
@@ -89,11 +102,8 @@ def iter_records(
     elif source.startswith("hf:"):
         rows = _hf_rows(source, split)
     else:
+        check_source(source)
         path = Path(source)
-        if not path.exists():
-            raise AuditError(f"{source}: no such file; give a .jsonl/.json/.csv/.parquet path, 'hf:NAME[:CONFIG]' or 'champ'")
-        if path.is_dir():
-            raise AuditError(f"{source}: is a directory; give a .jsonl/.json/.csv/.parquet file")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             rows = _jsonl_rows(path, skip_bad, report)
