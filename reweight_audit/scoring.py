@@ -370,11 +370,6 @@ def score_batch(
     rows = torch.cat([torch.full((len(s.sup_index),), r, dtype=torch.long) for r, s in enumerate(sequences)]).to(device)
     cols = torch.cat([torch.from_numpy(s.sup_index) for s in sequences]).to(device)
     targets = ids[rows, cols]
-    vocab = head.weight.shape[0] if head.mode == "linear" else model.config.get_text_config().vocab_size
-    if int(targets.max()) >= vocab:
-        raise AuditError(
-            f"token id {int(targets.max())} is outside the model's vocabulary of {vocab}; the tokenizer does not belong to this model"
-        )
     parts: dict[str, list] = {}
 
     def reduce(logit_iter: Iterable[tuple[Any, Any]]) -> None:
@@ -526,6 +521,7 @@ def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 <
 
 
 ProgressFn = Callable[[int, int, int], None]  # (sequences done, tokens done, sequences total)
+WINDOW_SEQS = 20_000  # sequences encoded, sorted and batched together; bounds memory on large corpora
 
 
 @dataclass
@@ -538,6 +534,47 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def count_records(path: Path) -> int:
+    """Non-empty lines, for the progress bar's total (a byte scan, no JSON parsing)."""
+    n = 0
+    with path.open("rb") as f:
+        for line in f:
+            n += bool(line.strip())
+    return n
+
+
+def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[int]:
+    """Longest-processing-time assignment of batches to ranks by padded token count.
+
+    Deterministic; every rank computes the same answer. Balances work even when
+    the long sequences all sit in the last batches of a window.
+    """
+    load = [0] * world_size
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def iter_windows(
+    input_path: Path, tokenizer: Any, template: str, max_length: int | None, counts: dict, read_report: dict, window: int
+) -> Iterator[list[Encoded]]:
+    """Encoded sequences in windows of ``window`` records, streamed from the file."""
+    current: list[Encoded] = []
+    for order, record in enumerate(read_noisy(input_path, read_report)):
+        counts["records"] = counts.get("records", 0) + 1
+        encoded = encode(record, order, tokenizer, template, max_length, counts)
+        if encoded is not None:
+            current.append(encoded)
+        if len(current) >= window:
+            yield current
+            current = []
+    if current:
+        yield current
+
+
 def run_score(
     input_path: Path,
     output: Path,
@@ -547,24 +584,34 @@ def run_score(
     progress: ProgressFn | None = None,
     rank: int = 0,
     world_size: int = 1,
+    window: int = WINDOW_SEQS,
 ) -> ScoreResult:
-    """Score every supervised token of ``input_path`` and write ``output`` plus its manifest."""
+    """Score every supervised token of ``input_path`` and write ``output`` plus its manifest.
+
+    With ``world_size`` > 1 (torchrun), every rank reads the corpus, scores its
+    share of each window's batches into the shared shard folder, and rank 0
+    merges once all ranks report success.
+    """
     import torch
 
     from reweight_audit import corpus
     from reweight_audit.model import load_model, load_tokenizer, model_digest, resolve_device, resolve_dtype, resolve_model
 
     input_path, output = Path(input_path), Path(output)
-    if input_path.resolve() == output.resolve():
+    if input_path.exists() and input_path.resolve() == output.resolve():
         raise AuditError(f"{output}: the output would overwrite the input; choose another -o path")
     if config.batch_tokens < 1:
         raise AuditError("--batch-tokens must be a positive number of tokens")
     if config.max_length is not None and config.max_length < 2:
         raise AuditError("--max-length must be at least 2 tokens")
-    output.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    read_report: dict = {}
+    counts: dict[str, int] = {}
     failure: BaseException | None = None
     try:
+        if not input_path.exists():
+            raise AuditError(f"{input_path}: no such file; run 'reweight-audit inject' first or check the path")
+        output.parent.mkdir(parents=True, exist_ok=True)
         device = resolve_device(config.device)
         if world_size > 1 and device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
@@ -572,24 +619,17 @@ def run_score(
         source = resolve_model(config.model)
         tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
         template = choose_template(tokenizer, config.template)
-
-        read_report: dict = {}
-        counts: dict[str, int] = {}
-        sequences: list[Encoded] = []
-        n_records = 0
-        for order, record in enumerate(read_noisy(input_path, read_report)):
-            n_records += 1
-            encoded = encode(record, order, tokenizer, template, config.max_length, counts)
-            if encoded is not None:
-                sequences.append(encoded)
-        if n_records == 0:
-            raise AuditError(f"{input_path}: no records; run inject on a non-empty corpus")
-        if not sequences:
+        windows = iter_windows(input_path, tokenizer, template, config.max_length, counts, read_report, window)
+        first = next(windows, None)  # input errors surface before the model loads
+        if first is None:
+            if not counts.get("records"):
+                raise AuditError(f"{input_path}: no records; run inject on a non-empty corpus")
             raise AuditError(f"{input_path}: no record has a supervised token left to score (see --max-length)")
+        total_records = count_records(input_path)
 
         model = load_model(source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
-        check_vocabulary(model, sequences)
-        head = verify_head(model, find_head(model), sequences[0], device)
+        check_vocabulary(model, first)
+        head = verify_head(model, find_head(model), first[0], device)
         vocab = int(head.weight.shape[0]) if head.mode == "linear" else int(model.config.get_text_config().vocab_size)
         chunk_rows = config.chunk_rows or auto_chunk_rows(vocab, device)
         ref = None
@@ -600,10 +640,10 @@ def run_score(
             if ref_tok.get_vocab() != tokenizer.get_vocab():
                 raise AuditError(f"--ref-model {config.ref_model}: its tokenizer differs from the scored model's; Rho-1 needs the same vocabulary")
             ref_model = load_model(ref_source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
-            ref = (ref_model, verify_head(ref_model, find_head(ref_model), sequences[0], device))
+            check_vocabulary(ref_model, first)
+            ref = (ref_model, verify_head(ref_model, find_head(ref_model), first[0], device))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-        batches = plan_batches(sequences, config.batch_tokens)
         identity = {
             "format": SHARD_FORMAT,
             "input_digest": corpus.source_digest(str(input_path)),
@@ -614,19 +654,18 @@ def run_score(
             "dtype": str(dtype).replace("torch.", ""),
             "batch_tokens": config.batch_tokens,
             "max_length": config.max_length,
-            "n_batches": len(batches),
+            "window": window,
         }
         key = fingerprint(identity)
         shards = shard_dir(output)
         state_file = shards / "state.json"
         if shards.exists():
             previous = json.loads(state_file.read_text()) if state_file.exists() else None
-            if not resume:
-                if previous is not None and any(shards.glob("batch-*.parquet")):
-                    raise AuditError(
-                        f"{shards}: an earlier run left finished shards; pass --resume to continue it, or delete the folder to start over"
-                    )
-            elif previous is not None and previous.get("key") != key:
+            if not resume and previous is not None and any(shards.glob("batch-*.parquet")):
+                raise AuditError(
+                    f"{shards}: an earlier run left finished shards; pass --resume to continue it, or delete the folder to start over"
+                )
+            if resume and previous is not None and previous.get("key") != key:
                 changed = [k for k in identity if previous.get("identity", {}).get(k) != identity[k]]
                 raise AuditError(
                     f"{shards}: --resume refused: the earlier run had a different {', '.join(changed) or 'configuration'}; "
@@ -635,87 +674,97 @@ def run_score(
         shards.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             write_json_atomic(state_file, {"key": key, "identity": identity})
-
-    except AuditError as exc:
+    except Exception as exc:  # every rank must learn of any failure, or the others wait at the barrier
         failure = exc
     agree(failure, world_size)
 
-    shard_paths = [shards / f"batch-{i:06d}.parquet" for i in range(len(batches))]
-    mine = [i for i in range(len(batches)) if i % world_size == rank]
-    total_seqs = sum(len(b) for b in batches)
-    done_seqs = done_tokens = 0
-    resumed = 0
-    scored_tokens = 0
-    forward_seconds = 0.0
+    import itertools
+
     failure = None
+    n_batches = resumed = scored_tokens = done_seqs = done_tokens = 0
+    supervised = noise_tokens = n_sequences = 0
+    forward_seconds = 0.0
     try:
-        for i in mine:
-            batch = [sequences[j] for j in batches[i]]
-            n_tok = sum(len(s.sup_index) for s in batch)
-            if shard_paths[i].exists() and resume:
-                resumed += 1
-            else:
-                t0 = time.perf_counter()
-                stats = score_batch(model, head, batch, device=device, chunk_rows=chunk_rows, pad_id=pad_id, ref=ref)
-                forward_seconds += time.perf_counter() - t0
-                write_table_atomic(batch_table(batch, stats), shard_paths[i])
-                scored_tokens += n_tok
-            done_seqs += len(batch)
-            done_tokens += n_tok
-            if progress:
-                progress(done_seqs, done_tokens, total_seqs)
-    except AuditError as exc:
+        for sequences in itertools.chain([first], windows):
+            n_sequences += len(sequences)
+            supervised += sum(len(s.sup_index) for s in sequences)
+            noise_tokens += sum(int(s.is_noise.sum()) for s in sequences)
+            if sequences is not first:
+                check_vocabulary(model, sequences)
+            batches = plan_batches(sequences, config.batch_tokens)
+            costs = [len(b) * max(len(sequences[j].input_ids) for j in b) for b in batches]
+            owner = assign_to_ranks(costs, world_size)
+            for local, members in enumerate(batches):
+                index = n_batches + local
+                batch = [sequences[j] for j in members]
+                n_tok = sum(len(s.sup_index) for s in batch)
+                if owner[local] != rank:
+                    continue
+                path = shards / f"batch-{index:06d}.parquet"
+                if resume and path.exists():
+                    resumed += 1
+                else:
+                    t0 = time.perf_counter()
+                    stats = score_batch(model, head, batch, device=device, chunk_rows=chunk_rows, pad_id=pad_id, ref=ref)
+                    forward_seconds += time.perf_counter() - t0
+                    write_table_atomic(batch_table(batch, stats), path)
+                    scored_tokens += n_tok
+                done_seqs += len(batch)
+                done_tokens += n_tok
+                if progress:
+                    progress(done_seqs * world_size, done_tokens * world_size, total_records)
+            n_batches += len(batches)
+    except Exception as exc:  # every rank must learn of any failure, or the others wait at the barrier
         failure = exc
     agree(failure, world_size)
+    if rank != 0:
+        return ScoreResult(output, {})
 
-    nonfinite = 0
-    if rank == 0:
-        missing = [p for p in shard_paths if not p.exists()]
-        if missing:
-            raise AuditError(f"{shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
-        rows = merge_shards(shard_paths, output)
-        supervised = sum(len(s.sup_index) for s in sequences)
-        nonfinite = supervised - rows
-        noise_tokens = int(sum(int(s.is_noise.sum()) for s in sequences))
-        manifest = {
-            "tool": "reweight-audit",
-            "version": __version__,
-            "command": "score",
-            "input": str(input_path),
-            "input_digest": identity["input_digest"],
-            "model": source.describe(),
-            "model_spec": config.model,
-            "model_digest": identity["model_digest"],
-            "ref_model": identity["ref_model"],
-            "template": template,
-            "dtype": identity["dtype"],
-            "device": device,
-            "batch_tokens": config.batch_tokens,
-            "chunk_rows": chunk_rows,
-            "max_length": config.max_length,
-            "vocab_size": vocab,
-            "head": head.describe(),
-            "noise_rule": NOISE_RULE,
-            "columns": list(STATS_COLUMNS) + (["ref_logp"] if ref else []),
-            "counts": {
-                "records": n_records,
-                "sequences": len(sequences),
-                "supervised_tokens": supervised,
-                "rows_written": rows,
-                "noise_tokens": noise_tokens,
-                "nonfinite_tokens": nonfinite,
-                "records_without_spans": read_report.get("no_spans", 0),
-                "batches": len(batches),
-                "batches_resumed": resumed,
-                **counts,
-            },
-            "timing": {
-                "seconds_total": round(time.time() - started, 3),
-                "seconds_scoring": round(forward_seconds, 3),
-                "tokens_per_second": round(scored_tokens / forward_seconds, 2) if forward_seconds > 0 else None,
-            },
-        }
-        write_json_atomic(manifest_path(output), manifest)
-        shutil.rmtree(shards, ignore_errors=True)
-        return ScoreResult(output, manifest)
-    return ScoreResult(output, {})
+    shard_paths = [shards / f"batch-{i:06d}.parquet" for i in range(n_batches)]
+    missing = [p for p in shard_paths if not p.exists()]
+    if missing:
+        raise AuditError(f"{shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
+    rows = merge_shards(shard_paths, output)
+    manifest = {
+        "tool": "reweight-audit",
+        "version": __version__,
+        "command": "score",
+        "input": str(input_path),
+        "input_digest": identity["input_digest"],
+        "model": source.describe(),
+        "model_spec": config.model,
+        "model_digest": identity["model_digest"],
+        "ref_model": identity["ref_model"],
+        "template": template,
+        "dtype": identity["dtype"],
+        "device": device,
+        "world_size": world_size,
+        "batch_tokens": config.batch_tokens,
+        "chunk_rows": chunk_rows,
+        "max_length": config.max_length,
+        "window": window,
+        "vocab_size": vocab,
+        "head": head.describe(),
+        "noise_rule": NOISE_RULE,
+        "columns": list(STATS_COLUMNS) + (["ref_logp"] if ref else []),
+        "row_order": "batches in length order; within a batch, input order then position",
+        "counts": {
+            "sequences": n_sequences,
+            "supervised_tokens": supervised,
+            "rows_written": rows,
+            "noise_tokens": noise_tokens,
+            "nonfinite_tokens": supervised - rows,
+            "records_without_spans": read_report.get("no_spans", 0),
+            "batches": n_batches,
+            "batches_resumed_rank0": resumed,
+            **counts,
+        },
+        "timing": {
+            "seconds_total": round(time.time() - started, 3),
+            "seconds_scoring_rank0": round(forward_seconds, 3),
+            "tokens_per_second_rank0": round(scored_tokens / forward_seconds, 2) if forward_seconds > 0 else None,
+        },
+    }
+    write_json_atomic(manifest_path(output), manifest)
+    shutil.rmtree(shards, ignore_errors=True)
+    return ScoreResult(output, manifest)

@@ -134,7 +134,7 @@ def test_resume_after_interruption_gives_the_same_table(tmp_path, tiny_model, no
     with pytest.raises(AuditError, match="batch_tokens"):
         run_score(src, out, ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=80, chunk_rows=5), resume=True)
     result = run_score(src, out, cfg, resume=True)
-    assert result.manifest["counts"]["batches_resumed"] == 2
+    assert result.manifest["counts"]["batches_resumed_rank0"] == 2
     pd.testing.assert_frame_equal(pd.read_parquet(full), pd.read_parquet(out))
 
 
