@@ -192,8 +192,10 @@ def default_case(model_spec: str, batch_tokens: int, device: str, dtype: str, ch
                      label=f"{source.describe()} on {device}")
 
 
-def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None, hidden: int = 64, layers: int = 2) -> BenchCase:
-    """A tiny Llama with a large vocabulary, one sequence of ``seq_len`` tokens, all supervised but the first."""
+def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None, hidden: int = 64, layers: int = 2,
+                   sequences: int = 1, dtype: str = "float32", intermediate: int | None = None, heads: int = 4,
+                   kv_heads: int = 4) -> BenchCase:
+    """A Llama from a config with a large vocabulary; ``sequences`` of ``seq_len`` tokens, all supervised but the first."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -204,15 +206,24 @@ def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None
         raise AuditError("--vocab and --seq-len must both be at least 2")
     device = resolve_device(device)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(seq_len, 2048))
-    model = LlamaForCausalLM(config).eval().to(device)
+    from reweight_audit.model import resolve_dtype
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max(seq_len, 2048))
+    torch_dtype = resolve_dtype(dtype, device)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch_dtype).eval()
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, size=seq_len).tolist()
-    seq = Encoded("synthetic", 0, ids, np.arange(1, seq_len, dtype=np.int64), [""] * (seq_len - 1),
-                  np.zeros(seq_len - 1, dtype=bool), [""] * (seq_len - 1))
-    return BenchCase(model, find_head(model), [seq], device, chunk_rows or auto_chunk_rows(vocab, device), 0,
-                     label=f"tiny llama, vocab {vocab:,}, {seq_len:,} tokens on {device}")
+    seqs = []
+    for i in range(sequences):
+        ids = rng.integers(0, vocab, size=seq_len).tolist()
+        seqs.append(Encoded(f"synthetic-{i}", i, ids, np.arange(1, seq_len, dtype=np.int64), [""] * (seq_len - 1),
+                            np.zeros(seq_len - 1, dtype=bool), [""] * (seq_len - 1)))
+    params = sum(p.numel() for p in model.parameters())
+    return BenchCase(model, find_head(model), seqs, device, chunk_rows or auto_chunk_rows(vocab, device), 0,
+                     label=f"llama from config ({params / 1e6:,.0f}M parameters), vocab {vocab:,}, "
+                           f"{sequences} x {seq_len:,} tokens on {device}")
 
 
 def run_bench(
@@ -236,6 +247,13 @@ def run_bench(
         case = synthetic_case(vocab or 151_936, seq_len or 4096, device, chunk_rows)
     else:
         case = default_case(model, batch_tokens, device, dtype, chunk_rows)
+    return run_case(case, repeats=repeats, variants=variants, check=check)
+
+
+def run_case(case: BenchCase, *, repeats: int = 2, variants: tuple[str, ...] = ("forward", "naive", "ours"), check: bool = True) -> dict:
+    """Measure every variant on one prepared case; a JSON-ready dict with the ratios."""
+    import torch
+
     functions = {"forward": forward_variant, "naive": naive_variant, "ours": ours_variant}
     results = {name: measure(case, functions[name], repeats) for name in variants}
     agreement = None
@@ -269,3 +287,19 @@ def run_bench(
         "ratios": ratios,
         "agreement": agreement,
     }
+
+
+def gpu_check(repeats: int = 2) -> list[dict]:
+    """The prepared GPU run: the default model, then a 1B-class Llama with vocabulary 151,936, both in bf16.
+
+    Sized to finish in a few minutes on one modern GPU.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise AuditError("--gpu-check needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    results = [run_bench(model="default", batch_tokens=8192, device="cuda", dtype="bfloat16", repeats=repeats)]
+    case = synthetic_case(151_936, 2048, "cuda", None, hidden=2048, layers=16, sequences=4, dtype="bfloat16",
+                          intermediate=8192, heads=32, kv_heads=8)
+    results.append(run_case(case, repeats=repeats))
+    return results

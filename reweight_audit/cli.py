@@ -269,28 +269,9 @@ def list_methods(
     out.print(table)
 
 
-@app.command()
-def bench(
-    model: str = typer.Option("default", "--model", help="Model to benchmark (ignored with --vocab/--seq-len)."),
-    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Supervised tokens in the benchmark batch."),
-    vocab: Optional[int] = typer.Option(None, "--vocab", help="Use a tiny model with this vocabulary (e.g. 151936)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens in the tiny model's sequence (default 4096)."),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows"),
-    repeats: int = typer.Option(2, "--repeats", help="Timed runs per variant (best is kept)."),
-    output: Path = typer.Option(Path("reports/bench.json"), "-o", "--output", help="JSON file for the figures."),
-) -> None:
-    """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
+def _print_bench(result: dict) -> None:
     from rich.table import Table
 
-    from reweight_audit.bench import run_bench
-    from reweight_audit.scoring import write_json_atomic
-
-    if repeats < 1:
-        raise AuditError("--repeats must be at least 1")
-    result = run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len, device=device,
-                       dtype=dtype, chunk_rows=chunk_rows, repeats=repeats)
     table = Table(title=f"bench: {result['case']} — {result['supervised_tokens']:,} supervised tokens "
                         f"({result['total_tokens']:,} in the batch), {result['threads']} threads")
     for column in ("variant", "seconds", "tokens/s", "peak MiB above baseline"):
@@ -303,8 +284,36 @@ def bench(
         out.print(f"{name}: {value:.3f}")
     if result["agreement"]:
         out.print("agreement with naive: " + ", ".join(f"{k}={v}" for k, v in result["agreement"].items()))
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("default", "--model", help="Model to benchmark (ignored with --vocab/--seq-len)."),
+    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Supervised tokens in the benchmark batch."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", help="Use a tiny model with this vocabulary (e.g. 151936)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens in the tiny model's sequence (default 4096)."),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows"),
+    repeats: int = typer.Option(2, "--repeats", help="Timed runs per variant (best is kept)."),
+    gpu_check: bool = typer.Option(False, "--gpu-check", help="The prepared GPU run: default model and a 1B-class model, vocab 151,936."),
+    output: Path = typer.Option(Path("reports/bench.json"), "-o", "--output", help="JSON file for the figures."),
+) -> None:
+    """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
+    from reweight_audit import bench as bench_module
+    from reweight_audit.scoring import write_json_atomic
+
+    if repeats < 1:
+        raise AuditError("--repeats must be at least 1")
+    if gpu_check:
+        results = bench_module.gpu_check(repeats=repeats)
+    else:
+        results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
+                                          device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats)]
+    for result in results:
+        _print_bench(result)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output, result)
+    write_json_atomic(output, results if gpu_check else results[0])
     out.print(f"wrote {output}")
 
 

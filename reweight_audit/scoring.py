@@ -385,11 +385,25 @@ def score_batch(
         reduce((head.logits(picked[i:i + chunk_rows]), targets[i:i + chunk_rows]) for i in range(0, len(targets), chunk_rows))
     else:
         reduce(_model_logits(model, sequences, device, chunk_rows))
-    out = {name: torch.cat(values).cpu().numpy() for name, values in parts.items()}
+    out = to_host({name: torch.cat(values) for name, values in parts.items()})
     if ref is not None:
         ref_model, ref_head = ref
         out["ref_logp"] = _ref_logp(ref_model, ref_head, ids, mask, rows, cols, targets, chunk_rows, sequences, device)
     return out
+
+
+def to_host(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Copy reduced statistics to numpy; on CUDA through pinned buffers, with one synchronisation per batch."""
+    import torch
+
+    first = next(iter(tensors.values()))
+    if first.device.type != "cuda":
+        return {name: value.numpy() for name, value in tensors.items()}
+    pinned = {name: torch.empty(value.shape, dtype=value.dtype, pin_memory=True) for name, value in tensors.items()}
+    for name, value in tensors.items():
+        pinned[name].copy_(value, non_blocking=True)
+    torch.cuda.current_stream(first.device).synchronize()
+    return {name: value.numpy() for name, value in pinned.items()}
 
 
 def _model_logits(model: Any, sequences: Sequence[Encoded], device: str, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
@@ -418,7 +432,7 @@ def _ref_logp(ref_model, ref_head, ids, mask, rows, cols, targets, chunk_rows, s
     for logits, tgt in chunks:
         logits = logits.float()
         values.append(logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
-    return torch.cat(values).cpu().numpy()
+    return to_host({"ref_logp": torch.cat(values)})["ref_logp"]
 
 
 # ------------------------------------------------------------------------ output
@@ -451,7 +465,8 @@ def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> A
     token = [t for s in sequences for t in s.token_text]
     is_noise = np.concatenate([s.is_noise for s in sequences])
     noise_kind = [k for s in sequences for k in s.noise_kind]
-    finite = stats["finite"]
+    # a row with no distribution at all (every logit -inf) is "finite" but has NaN statistics: drop it too
+    finite = stats["finite"] & np.isfinite(stats["logp"]) & np.isfinite(stats["entropy"]) & np.isfinite(stats["expected_rank"])
     columns = {
         "seq_id": pa.array(seq_id, pa.string()),
         "pos": pa.array(pos),
