@@ -31,26 +31,15 @@ import pyarrow.parquet as pq
 from reweight_audit import metrics as M
 from reweight_audit.errors import AuditError
 
-try:  # the registry's public names, re-exported by methods/__init__.py ...
-    from reweight_audit.methods import (  # type: ignore[attr-defined]
-        assign_batches,
-        available_methods,
-        compute_weights,
-        get_method,
-        load_method_file,
-        missing_columns,
-        parse_params,
-    )
-except ImportError:  # ... or only in methods/registry.py
-    from reweight_audit.methods.registry import (  # type: ignore[no-redef]
-        assign_batches,
-        available_methods,
-        compute_weights,
-        get_method,
-        load_method_file,
-        missing_columns,
-        parse_params,
-    )
+from reweight_audit.methods import (
+    assign_batches,
+    available_methods,
+    compute_weights,
+    get_method,
+    load_method_file,
+    missing_columns,
+    parse_params,
+)
 
 #: Columns every stats table must have (identity and labels).
 REQUIRED_COLUMNS = ("seq_id", "pos", "token", "logp", "is_noise")
