@@ -732,54 +732,59 @@ def run_score(
     except Exception as exc:  # every rank must learn of any failure, or the others wait at the barrier
         failure = exc
     agree(failure, world_size)
-    if rank != 0:
-        return ScoreResult(output, {})
-
-    shard_paths = [shards / f"batch-{i:06d}.parquet" for i in range(n_batches)]
-    missing = [p for p in shard_paths if not p.exists()]
-    if missing:
-        raise AuditError(f"{shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
-    rows = merge_shards(shard_paths, output)
-    manifest = {
-        "tool": "reweight-audit",
-        "version": __version__,
-        "command": "score",
-        "input": str(input_path),
-        "input_digest": identity["input_digest"],
-        "model": source.describe(),
-        "model_spec": config.model,
-        "model_digest": identity["model_digest"],
-        "ref_model": identity["ref_model"],
-        "template": template,
-        "dtype": identity["dtype"],
-        "device": device,
-        "world_size": world_size,
-        "batch_tokens": config.batch_tokens,
-        "chunk_rows": chunk_rows,
-        "max_length": config.max_length,
-        "window": window,
-        "vocab_size": vocab,
-        "head": head.describe(),
-        "noise_rule": NOISE_RULE,
-        "columns": list(STATS_COLUMNS) + (["ref_logp"] if ref else []),
-        "row_order": "batches in length order; within a batch, input order then position",
-        "counts": {
-            "sequences": n_sequences,
-            "supervised_tokens": supervised,
-            "rows_written": rows,
-            "noise_tokens": noise_tokens,
-            "nonfinite_tokens": supervised - rows,
-            "records_without_spans": read_report.get("no_spans", 0),
-            "batches": n_batches,
-            "batches_resumed_rank0": resumed,
-            **counts,
-        },
-        "timing": {
-            "seconds_total": round(time.time() - started, 3),
-            "seconds_scoring_rank0": round(forward_seconds, 3),
-            "tokens_per_second_rank0": round(scored_tokens / forward_seconds, 2) if forward_seconds > 0 else None,
-        },
-    }
-    write_json_atomic(manifest_path(output), manifest)
-    shutil.rmtree(shards, ignore_errors=True)
+    # rank 0 merges; the others wait for it, so no process leaves the group while another still needs it
+    failure = None
+    manifest: dict = {}
+    if rank == 0:
+        try:
+            shard_paths = [shards / f"batch-{i:06d}.parquet" for i in range(n_batches)]
+            missing = [p for p in shard_paths if not p.exists()]
+            if missing:
+                raise AuditError(f"{shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
+            rows = merge_shards(shard_paths, output)
+            manifest = {
+                "tool": "reweight-audit",
+                "version": __version__,
+                "command": "score",
+                "input": str(input_path),
+                "input_digest": identity["input_digest"],
+                "model": source.describe(),
+                "model_spec": config.model,
+                "model_digest": identity["model_digest"],
+                "ref_model": identity["ref_model"],
+                "template": template,
+                "dtype": identity["dtype"],
+                "device": device,
+                "world_size": world_size,
+                "batch_tokens": config.batch_tokens,
+                "chunk_rows": chunk_rows,
+                "max_length": config.max_length,
+                "window": window,
+                "vocab_size": vocab,
+                "head": head.describe(),
+                "noise_rule": NOISE_RULE,
+                "columns": list(STATS_COLUMNS) + (["ref_logp"] if ref else []),
+                "row_order": "batches in length order; within a batch, input order then position",
+                "counts": {
+                    "sequences": n_sequences,
+                    "supervised_tokens": supervised,
+                    "rows_written": rows,
+                    "noise_tokens": noise_tokens,
+                    "nonfinite_tokens": supervised - rows,
+                    "records_without_spans": read_report.get("no_spans", 0),
+                    "batches": n_batches,
+                    "batches_resumed_rank0": resumed,
+                    **counts,
+                },
+                "timing": {
+                    "seconds_total": round(time.time() - started, 3),
+                    "seconds_scoring_rank0": round(forward_seconds, 3),
+                    "tokens_per_second_rank0": round(scored_tokens / forward_seconds, 2) if forward_seconds > 0 else None,
+                },
+            }
+            write_json_atomic(manifest_path(output), manifest)
+            shutil.rmtree(shards, ignore_errors=True)
+        except Exception as exc:
+            failure = exc
+    agree(failure, world_size)
     return ScoreResult(output, manifest)
