@@ -140,6 +140,7 @@ def load_model(source: ModelSource, *, device: str, dtype: Any, trust_remote_cod
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **_kwargs(source, trust_remote_code))
     except Exception as exc:
