@@ -302,6 +302,7 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype"),
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows"),
     repeats: int = typer.Option(2, "--repeats", help="Timed runs per variant (best is kept)."),
+    variants: str = typer.Option("forward,naive,ours", "--variants", help="Which of forward, naive, ours to run."),
     gpu_check: bool = typer.Option(False, "--gpu-check", help="The prepared GPU run: default model and a 1B-class model, vocab 151,936."),
     output: Path = typer.Option(Path("reports/bench.json"), "-o", "--output", help="JSON file for the figures."),
 ) -> None:
@@ -311,11 +312,16 @@ def bench(
 
     if repeats < 1:
         raise AuditError("--repeats must be at least 1")
+    chosen = _split([variants])
+    unknown = sorted(set(chosen) - {"forward", "naive", "ours"})
+    if unknown or not chosen:
+        raise AuditError(f"--variants {variants}: use a comma list of forward, naive, ours")
     if gpu_check:
         results = bench_module.gpu_check(repeats=repeats)
     else:
         results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
-                                          device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats)]
+                                          device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
+                                          variants=tuple(chosen))]
     for result in results:
         _print_bench(result)
     output.parent.mkdir(parents=True, exist_ok=True)
