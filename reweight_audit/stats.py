@@ -35,8 +35,8 @@ page-fault on every chunk and cost more than the arithmetic.
 Expected rank without a sort
 ----------------------------
 ``E[R] = sum_i i p_(i)``, ``p`` sorted descending.  A full ``torch.sort`` of every row costs
-~4.6x everything this function does (timings below), about a forward pass of
-SmolLM2-135M on CPU.  We use the exact identity (ties included)
+~5x everything this function does (timings below), comparable to the model's forward pass
+on CPU (DESIGN.md).  We use the exact identity (ties included)
 
     E[R] = 1 + sum_{i<j} min(p_i, p_j)
 
@@ -125,11 +125,16 @@ log_softmax + full sort + sum_i i p_(i); token_statistics computes every column.
 randn*3 with 4 spikes at +15 / Gumbel*2 / Student-t(3)*2 / real SmolLM2 logits (49152
 only) / the first one in bf16.
 
-  [2048, 49152], 2 threads: log_softmax+entropy 0.41 s, torch.sort 3.87 s, naive 4.02 s,
-      token_statistics 0.83 / 0.83 / 0.83 / 1.00 / 0.90 s
-  [2048, 49152], 1 thread:  0.70 s, 7.53 s, 7.77 s;  1.34 / 1.35 / 1.44 / 1.45 / 1.48 s
-  [512, 151936], 2 threads: 0.35 s, 3.37 s, 3.61 s;  0.69 / 0.77 / 0.68 / - / 0.75 s
-  [512, 151936], 1 thread:  0.54 s, 6.42 s, 6.74 s;  0.93 / 1.08 / 0.95 / - / 1.02 s
+  [2048, 49152], 2 threads: log_softmax+entropy 0.40 s, torch.sort 3.82 s, naive 3.95 s,
+      token_statistics 0.75 / 0.78 / 0.73 / 0.77 / 0.81 s
+  [2048, 49152], 1 thread:  0.71 s, 7.48 s, 7.68 s;  1.26 / 1.29 / 1.21 / 1.27 / 1.27 s
+  [512, 151936], 2 threads: 0.31 s, 3.20 s, 3.39 s;  0.66 / 0.68 / 0.64 / - / 0.69 s
+  [512, 151936], 1 thread:  0.54 s, 6.28 s, 6.42 s;  0.88 / 0.86 / 0.84 / - / 0.95 s
+
+Called once per 16-row chunk instead of once for 2048 rows: 0.85 s instead of 0.82 s (the
+CPU workspace is kept between calls).  Under contention from other jobs the many short
+parallel passes suffer more than one long sort: the 2-thread ratio to the sort fell to
+~1.5x while the load average was 3-4 on this 2-core machine.
 
 Where the time goes (1 thread): scatters ~25%, the two per-element gathers ~10%, dtype
 conversions (int32 -> int64 indices, float32 -> float64 masses) ~12%, exp ~7%, the rest
@@ -140,6 +145,7 @@ run time; this module is plain eager torch.
 from __future__ import annotations
 
 import math
+import threading
 from functools import lru_cache
 
 import torch
@@ -242,6 +248,32 @@ class _Workspace:
         self.k2_f32 = torch.empty(rows, fine_budget, dtype=f32, device=device)
         self.k2_f64 = torch.empty(rows, fine_budget, dtype=f64, device=device)
         self.k2_f64b = torch.empty(rows, fine_budget, dtype=f64, device=device)
+
+
+_CPU_WORKSPACES = threading.local()
+
+
+def _workspace(rows: int, vocab: int, device: torch.device, convert: bool) -> _Workspace:
+    """A workspace for chunks of ``rows`` x ``vocab``.  On CPU the last one is kept (per
+    thread, ~25 MB at V = 49152): the engine calls once per small chunk, and a fresh
+    allocation page-faults in every call.  Off-CPU the caching allocator already reuses
+    the memory, and holding hundreds of MB between calls would be rude.
+    """
+    if device.type != "cpu":
+        return _Workspace(rows, vocab, _fine_budget(vocab), device, convert)
+    budget = _fine_budget(vocab)
+    cached: _Workspace | None = getattr(_CPU_WORKSPACES, "workspace", None)
+    fits = (
+        cached is not None
+        and cached.e.shape[1] == vocab
+        and cached.e.shape[0] >= rows  # every use slices [:rows]
+        and cached.fine_budget == budget
+        and (cached.z is not None or not convert)
+    )
+    if not fits:
+        cached = _Workspace(rows, vocab, budget, device, convert)
+        _CPU_WORKSPACES.workspace = cached
+    return cached
 
 
 def _expected_rank_buckets(e: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
@@ -502,7 +534,7 @@ def token_statistics(
     chunk_rows = max(1, min(chunk_rows, rows))
     targets = targets.to(device=device, dtype=torch.int64)
     convert = logits.dtype != torch.float32 or not logits.is_contiguous()
-    ws = _Workspace(chunk_rows, vocab, _fine_budget(vocab), device, convert)
+    ws = _workspace(chunk_rows, vocab, device, convert)
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
         z = logits[start:stop]
