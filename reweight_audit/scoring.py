@@ -495,8 +495,13 @@ def write_table_atomic(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        # a failed write (disk full, interrupt) leaves neither a truncated shard nor its temporary
+        if tmp.exists():
+            tmp.unlink()
 
 
 def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 << 17) -> int:

@@ -102,3 +102,14 @@ def test_empty_responses_are_skipped_and_counted(tmp_path):
     report = LoadReport()
     assert [r.id for r in iter_records(str(path), report=report)] == ["2"]
     assert report.empty_responses == ["1", "3"]
+
+
+def test_hf_loader_reads_a_local_dataset_directory(tmp_path):
+    # datasets resolves a local directory without the hub; the hf: path is the same code a hub id takes
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    got = [(r.id, r.prompt, r.response) for r in iter_records(f"hf:{folder}", split="train")]
+    assert got == [(r["id"], r["prompt"], r["response"]) for r in ROWS]
+    with pytest.raises(AuditError, match="split 'nope'"):
+        list(iter_records(f"hf:{folder}", split="nope"))

@@ -241,3 +241,23 @@ def test_missing_model_and_input_errors(tmp_path, noisy_rows):
     bad.write_text('{"id": 1, "response": "x"}\n{oops\n')
     with pytest.raises(AuditError, match="bad.jsonl:2: malformed JSON"):
         list(read_noisy(bad))
+
+
+def test_a_failed_shard_write_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reweight_audit.scoring import write_table_atomic
+
+    def disk_full(table, where, **kw):
+        with open(where, "wb") as f:
+            f.write(b"PAR1 half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    target = tmp_path / "batch-000001.parquet"
+    with pytest.raises(OSError):
+        write_table_atomic(pa.table({"a": [1, 2]}), target)
+    assert list(tmp_path.iterdir()) == []
