@@ -223,21 +223,15 @@ def compare(
     out.print(f"wrote {len(result.files)} files to {output}/: " + ", ".join(sorted(Path(p).name for p in result.files.values())))
 
 
-# All 270 CHAMP problems (~59k supervised tokens) take about 9 minutes to score on a 2-core CPU;
-# the first 120 keep the whole demo well under 10 minutes. --limit 0 runs them all.
-DEMO_LIMIT = 120
-
-
 @app.command()
 def demo(
     output: Path = typer.Option(Path("reports/demo"), "-o", "--output", help="Directory for everything the demo writes."),
-    limit: Optional[int] = typer.Option(DEMO_LIMIT, "--limit", help="Only the first N CHAMP problems (0: all 270)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N CHAMP problems (default: all 270)."),
     model: str = typer.Option("default", "--model"),
     device: str = typer.Option("auto", "--device"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP."""
-    limit = limit or None
     output.mkdir(parents=True, exist_ok=True)
     noisy = output / "noisy.jsonl"
     stats_path = output / "stats.parquet"
