@@ -105,17 +105,15 @@ def naive_variant(case: BenchCase) -> dict:
     """Full logits, log_softmax, and a full per-row sort for the expected rank."""
     import torch
 
-    from reweight_audit.scoring import _pad_batch
+    from reweight_audit.scoring import batch_inputs
     from reweight_audit.stats import expected_rank_sorted
 
-    ids, mask = _pad_batch(case.sequences, case.pad_id, case.device)
-    logits = case.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    batch = batch_inputs(case.sequences, case.pad_id, case.device)
+    logits = case.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    rows = torch.cat([torch.full((len(s.sup_index),), r, dtype=torch.long) for r, s in enumerate(case.sequences)]).to(case.device)
-    cols = torch.cat([torch.from_numpy(s.sup_index) for s in case.sequences]).to(case.device)
-    lp = logprobs[rows, cols - 1]
-    z = logits[rows, cols - 1]
-    targets = ids[rows, cols]
+    lp = logprobs[batch.rows, batch.cols - 1]
+    z = logits[batch.rows, batch.cols - 1]
+    targets = batch.targets
     p = lp.exp()
     out = {
         "logp": lp.gather(1, targets[:, None])[:, 0],

@@ -38,6 +38,9 @@ def dist_context() -> Iterator[tuple[int, int]]:
     dist.init_process_group(backend, timeout=timedelta(seconds=BARRIER_TIMEOUT_S))
     try:
         yield dist.get_rank(), dist.get_world_size()
+        # leave together: a rank that tears its connections down while a peer is still finishing
+        # the last collective makes gloo abort that peer
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

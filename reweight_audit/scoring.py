@@ -351,6 +351,39 @@ def _pad_batch(sequences: Sequence[Encoded], pad_id: int, device: str) -> tuple[
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class BatchInputs:
+    """A padded batch and where its supervised tokens sit."""
+
+    ids: Any
+    mask: Any
+    rows: Any
+    cols: Any  # position of each supervised token; its prediction comes from cols - 1
+    targets: Any
+
+
+def batch_inputs(sequences: Sequence[Encoded], pad_id: int, device: str) -> BatchInputs:
+    import torch
+
+    ids, mask = _pad_batch(sequences, pad_id, device)
+    rows = torch.cat([torch.full((len(s.sup_index),), r, dtype=torch.long) for r, s in enumerate(sequences)]).to(device)
+    cols = torch.cat([torch.from_numpy(s.sup_index) for s in sequences]).to(device)
+    return BatchInputs(ids, mask, rows, cols, ids[rows, cols])
+
+
+def logit_chunks(model: Any, head: Head, batch: BatchInputs, sequences: Sequence[Encoded], device: str,
+                 chunk_rows: int) -> Iterator[tuple[Any, Any]]:
+    """(logits, targets) for the supervised tokens, ``chunk_rows`` rows at a time; the body runs once."""
+    if head.mode != "linear":
+        yield from _model_logits(model, sequences, device, chunk_rows)
+        return
+    hidden = body_of(model)(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).last_hidden_state
+    picked = hidden[batch.rows, batch.cols - 1]
+    del hidden
+    for i in range(0, len(batch.targets), chunk_rows):
+        yield head.logits(picked[i:i + chunk_rows]), batch.targets[i:i + chunk_rows]
+
+
 def score_batch(
     model: Any,
     head: Head,
@@ -366,30 +399,17 @@ def score_batch(
 
     from reweight_audit.stats import token_statistics
 
-    ids, mask = _pad_batch(sequences, pad_id, device)
-    rows = torch.cat([torch.full((len(s.sup_index),), r, dtype=torch.long) for r, s in enumerate(sequences)]).to(device)
-    cols = torch.cat([torch.from_numpy(s.sup_index) for s in sequences]).to(device)
-    targets = ids[rows, cols]
+    batch = batch_inputs(sequences, pad_id, device)
     parts: dict[str, list] = {}
-
-    def reduce(logit_iter: Iterable[tuple[Any, Any]]) -> None:
-        for logits, tgt in logit_iter:
-            for name, value in token_statistics(logits, tgt).items():
-                parts.setdefault(name, []).append(value)
-
-    if head.mode == "linear":
-        # predictions for token j come from position j - 1
-        hidden = body_of(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        picked = hidden[rows, cols - 1]
-        del hidden
-        reduce((head.logits(picked[i:i + chunk_rows]), targets[i:i + chunk_rows]) for i in range(0, len(targets), chunk_rows))
-    else:
-        reduce(_model_logits(model, sequences, device, chunk_rows))
-    out = to_host({name: torch.cat(values) for name, values in parts.items()})
+    for logits, targets in logit_chunks(model, head, batch, sequences, device, chunk_rows):
+        for name, value in token_statistics(logits, targets).items():
+            parts.setdefault(name, []).append(value)
     if ref is not None:
         ref_model, ref_head = ref
-        out["ref_logp"] = _ref_logp(ref_model, ref_head, ids, mask, rows, cols, targets, chunk_rows, sequences, device)
-    return out
+        for logits, targets in logit_chunks(ref_model, ref_head, batch, sequences, device, chunk_rows):
+            logits = logits.float()
+            parts.setdefault("ref_logp", []).append(logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+    return to_host({name: torch.cat(values) for name, values in parts.items()})
 
 
 def to_host(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -417,22 +437,6 @@ def _model_logits(model: Any, sequences: Sequence[Encoded], device: str, chunk_r
             part = keep[i:i + chunk_rows]
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=part).logits[0]
             yield logits, ids[0, part + 1]
-
-
-def _ref_logp(ref_model, ref_head, ids, mask, rows, cols, targets, chunk_rows, sequences, device) -> np.ndarray:
-    import torch
-
-    values = []
-    if ref_head.mode == "linear":
-        hidden = body_of(ref_model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        picked = hidden[rows, cols - 1]
-        chunks = ((ref_head.logits(picked[i:i + chunk_rows]), targets[i:i + chunk_rows]) for i in range(0, len(targets), chunk_rows))
-    else:
-        chunks = _model_logits(ref_model, sequences, device, chunk_rows)
-    for logits, tgt in chunks:
-        logits = logits.float()
-        values.append(logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
-    return to_host({"ref_logp": torch.cat(values)})["ref_logp"]
 
 
 # ------------------------------------------------------------------------ output
