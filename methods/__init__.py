@@ -3,7 +3,9 @@
 Importing the package registers the built-in methods, one module per family:
 ``baseline`` (sft, random), ``prob`` (dft, inv-prob, talr), ``entropy``
 (entropy, eaft), ``loss`` (nll, focal), ``rank`` (ranktuner,
-ranktuner-approx, ranktuner-dft) and ``reference`` (rho1). Third-party
+ranktuner-approx, ranktuner-dft) and ``reference`` (rho1); then the
+2025-2026 objectives: ``gate`` (profit), ``deformed`` (deformed-log, deft,
+deft-cayley) and ``entropy_scaled`` (mile). Third-party
 methods come from the entry-point group ``reweight_audit.methods`` or
 ``load_method_file``.
 """
@@ -25,7 +27,7 @@ from .registry import (
 )
 
 # Import order is registration order, which is the order methods are listed.
-from . import baseline, prob, entropy, loss, rank, reference  # noqa: E402,F401  (registers built-ins)
+from . import baseline, prob, entropy, loss, rank, reference, gate, deformed, entropy_scaled  # noqa: E402,F401  (registers built-ins)
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -1,0 +1,112 @@
+"""Deformed-log losses, registered as their per-token weight on the NLL gradient.
+
+The family L_α(p) = (1 − p^α)/α (a Tsallis-style deformed log of p; α → 0 gives −log p,
+α = 1 gives 1 − p) changes the loss *shape*, not a weight. With α held fixed or detached
+(stop-gradient), L depends on the logits z only through p_t, so by the chain rule
+
+    ∂L/∂z = (dL/dp) · ∂p/∂z,    ∂(−log p)/∂z = (−1/p) · ∂p/∂z,
+    dL/dp = −p^(α−1)   ⇒   ∂L/∂z = p^α · ∂(−log p)/∂z     for every logit.
+
+So w_t = p_t · |dL/dp_t| = p_t^α is the exact multiplier on the NLL gradient (the
+"gate" of DEFT's "gate × error" form), and `--rank-by grad` shows the true gradient
+share. The methods differ only in how α is chosen:
+
+* ``deformed-log``: one fixed α for every token (Beyond Log Likelihood's family).
+* ``deft``: α_t = Σ_i p_i², the row's concentration (exp of minus its Rényi-2 entropy).
+* ``deft-cayley``: α_t from the Cayley-transform focus trajectory of the DEFT paper.
+
+Under `--rank-by weight` a fixed α ranks tokens exactly like ``dft`` (p^α is monotone
+in p); the loss and grad views differ.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ._batches import batch_codes, batch_mean
+from ._common import check_range, col, logp_col
+from .registry import register
+
+# deft-cayley clamps the focus index into [0.001, 1], as the authors' code does.
+CAYLEY_ALPHA_MIN = 0.001
+
+
+def deformed_weight(logp: np.ndarray, alpha: np.ndarray | float) -> np.ndarray:
+    """w = p^α = exp(α · log p), the NLL-gradient weight of L_α(p) = (1 − p^α)/α.
+
+    Computed from log p so a p that underflows exp() still gets p^α right for small α.
+    α = 0 gives 1 (the NLL) even where log p = −inf.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # 0 · (−inf) for α = 0 is replaced just below
+        w = np.exp(alpha * logp)
+    return np.where(alpha == 0.0, 1.0, w)
+
+
+@register(
+    "deformed-log",
+    family="prob",
+    needs=("logp",),
+    params={"alpha": 10.0},
+    formula="w = p_t^α: NLL-gradient weight of L = (1 − p_t^α)/α (α = 0: NLL, α = 1: 1 − p)",
+    source=(
+        "Beyond Log Likelihood, arXiv 2510.00526: objective family (1 − p^α)/α ('GeneralFamily-α', "
+        "github.com/GaotangLi/Beyond-Log-Likelihood); α = 10 is their −p^10 up to a constant factor"
+    ),
+)
+def deformed_log(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, alpha: float = 10.0) -> np.ndarray:
+    """w_t = p_t^α for one fixed α >= 0; larger α leans harder on the model's prior."""
+    alpha = check_range("alpha", alpha, 0.0)
+    return deformed_weight(logp_col(columns), alpha)
+
+
+@register(
+    "deft",
+    family="prob",
+    needs=("logp", "sum_p2"),
+    formula="w = p_t^α_t, α_t = sg(Σ_i p_i²): NLL-gradient weight of L = (1 − p_t^α_t)/α_t",
+    source=(
+        "DEFT, arXiv 2602.11424 (trust gate set by Rényi-2 concentration); loss −(exp(α·log p_t) − 1)/α "
+        "with α = Σp² detached, from the authors' code (github.com/luludus/DEFT, fsdp_sft_trainer.py); "
+        "we read the abstract and code, not the paper body"
+    ),
+)
+def deft(columns: Mapping[str, np.ndarray], *, batch=None, rng=None) -> np.ndarray:
+    """w_t = p_t^(Σ_i p_i²): Dynamic Entropy Fine-Tuning's gate, parameter-free.
+
+    Σp² runs from 1/V (flat row: α → 0, the NLL) to 1 (one-hot row: α = 1, DFT's
+    w = p). A confident row whose mass sits on another token ("confident conflict",
+    α ≈ 1, p_t ≈ 0) is gated to ≈ p_t ≈ 0; an unsure row keeps NLL-like weight.
+    Σp² is clipped into [0, 1] against rounding. The authors' code divides by
+    α + 1e-6 instead of α (a factor α/(α + 1e-6) on w, > 0.95 for V < 50k); the
+    loss as written in the family, without that guard, is what is scored here.
+    """
+    alpha = np.clip(col(columns, "sum_p2"), 0.0, 1.0)
+    return deformed_weight(logp_col(columns), alpha)
+
+
+@register(
+    "deft-cayley",
+    family="prob",
+    needs=("logp",),
+    formula="w = p_t^α_t, α_t = clip(f + (1 − f)·p_t/(2 − p_t), 0.001, 1), f = ½·mean_batch(p)",
+    source=(
+        "DEFT paper's Cayley-transform focus trajectory, arXiv 2602.11424; equation read from the authors' "
+        "code (github.com/luludus/DEFT, objective 'Cayley_Trans'), not from the paper body"
+    ),
+    batch_dependent=True,
+)
+def deft_cayley(columns: Mapping[str, np.ndarray], *, batch: np.ndarray | None = None, rng=None) -> np.ndarray:
+    """w_t = p_t^α_t with the focus index moved along the Cayley map of the uncertainty d = 1 − p_t.
+
+    α_local = (1 − d)/(1 + d) = p/(2 − p) runs from 0 (p = 0: NLL-like) to 1
+    (p = 1: DFT-like); a floor f = ½ · (mean p over the simulated batch) lifts it,
+    α = f + (1 − f) · α_local, clamped into [0.001, 1]. The code's 1e-8 guards are
+    left out (they move α by < 1e-7). ``batch=None`` treats all tokens as one batch.
+    """
+    logp = logp_col(columns)
+    p = np.exp(logp)
+    floor = 0.5 * batch_mean(p, batch_codes(batch, p.size))
+    alpha = np.clip(floor + (1.0 - floor) * p / (2.0 - p), CAYLEY_ALPHA_MIN, 1.0)
+    return deformed_weight(logp, alpha)
