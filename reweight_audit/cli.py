@@ -139,7 +139,7 @@ def _report_score(result: Any) -> None:
 
 
 def _report_compare(result: Any) -> None:
-    from reweight_audit.report import render_table
+    from reweight_audit.exports import render_table
 
     out.print(render_table(result))
     folder = next(iter(result.files.values())).parent if result.files else ""

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from reweight_audit.compare import CompareResult, run_compare
+from reweight_audit.compare import run_compare
 from reweight_audit.inject import InjectResult, run_inject
 from reweight_audit.io import prepare_output_dir
+from reweight_audit.results import CompareResult
 from reweight_audit.scoring import ScoreConfig, ScoreResult, run_score
 
 SOURCE = "champ"
