@@ -771,17 +771,17 @@ def claim_shards(shards: Path, identity: dict, *, resume: bool, write_state: boo
 
 @dataclass
 class _Tally:
-    """What this rank scored, over all windows."""
+    """What this rank scored, over all windows, and what the whole input holds (every rank reads it)."""
 
-    n_batches: int = 0
-    resumed: int = 0
-    scored_tokens: int = 0
-    done_seqs: int = 0
+    n_batches: int = 0  # batches planned, all ranks'
+    resumed: int = 0  # this rank's batches found finished (--resume)
+    scored_tokens: int = 0  # tokens this rank scored now, over forward_seconds
+    forward_seconds: float = 0.0
+    done_seqs: int = 0  # this rank's sequences, scored or resumed
     done_tokens: int = 0
+    n_sequences: int = 0  # the input's
     supervised: int = 0
     noise_tokens: int = 0
-    n_sequences: int = 0
-    forward_seconds: float = 0.0
 
 
 def _score_windows(setup: _Setup, resume: bool, progress: ProgressFn | None, rank: int, world_size: int) -> _Tally:
