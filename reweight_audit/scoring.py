@@ -7,7 +7,9 @@ positions are gathered, and the output head is applied to them chunk by chunk
 
 Output goes to ``<out>.shards/`` one parquet file per batch (atomic renames),
 and is merged into ``<out>`` when every batch is done, so ``--resume`` picks up
-an interrupted run where it stopped.
+an interrupted run where it stopped. :func:`run_score` is the stage; its steps,
+the engine's rules and the table's columns: ``docs/design.md``, "Scoring", and
+``docs/formats.md``.
 """
 from __future__ import annotations
 
