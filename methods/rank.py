@@ -27,8 +27,8 @@ from .registry import register
 LN2 = math.log(2.0)
 
 
-def _f(x: np.ndarray) -> np.ndarray:
-    """f(x) = 1/log2(x + 1) = ln 2 / log1p(x); f(1) = 1 exactly."""
+def rank_discount(x: np.ndarray) -> np.ndarray:
+    """The NDCG-style compression f(x) = 1/log2(x + 1) = ln 2 / log1p(x); f(1) = 1 exactly."""
     return LN2 / np.log1p(x)
 
 
@@ -41,7 +41,7 @@ def relative_scale(rank: np.ndarray, expected_rank: np.ndarray) -> np.ndarray:
     """S = 2^(f(E[R]) − f(R)), f(x) = 1/log2(x + 1); R and E[R] clamped to >= 1."""
     r = np.maximum(np.asarray(rank, dtype=np.float64), 1.0)
     er = np.maximum(np.asarray(expected_rank, dtype=np.float64), 1.0)
-    return np.exp2(_f(er) - _f(r))
+    return np.exp2(rank_discount(er) - rank_discount(r))
 
 
 @register(

@@ -94,7 +94,7 @@ def _peak_above(device: str, baseline: int | None) -> int | None:
 
 def forward_variant(case: BenchCase) -> None:
     """The plain forward pass to full [batch, seq, vocab] logits."""
-    from reweight_audit.scoring import _pad_batch
+    from reweight_audit.scoring import pad_batch as _pad_batch
 
     ids, mask = _pad_batch(case.sequences, case.pad_id, case.device)
     logits = case.model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -1,19 +1,22 @@
 """The command line: ``reweight-audit inject | score | compare | methods | demo | bench``.
 
-Printing and exit codes live here; every command calls into a module that
-does the work. A user error is one line on stderr and exit code 2.
+Each command parses its options, calls one library function and prints what
+it returned; progress bars and printing live here and nowhere else. A user
+error (:class:`AuditError`) is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 
-from reweight_audit import __version__
 from reweight_audit.errors import AuditError
+from reweight_audit.noise import DEFAULT_NOISE
 
 app = typer.Typer(
     name="reweight-audit",
@@ -26,233 +29,262 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
+# ---------------------------------------------------------------- options shared by several commands
 
-def _progress(description: str, quiet: bool):
-    """A rich progress bar with sequences, tokens, tokens/s and ETA (or nothing when quiet)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    if quiet:
-        return None
-    return Progress(
-        TextColumn(f"[bold]{description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("seqs"),
-        TextColumn("{task.fields[tokens]:,} tokens"),
-        TextColumn("{task.fields[rate]} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed gives the same files.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N records.")]
+Model = Annotated[str, typer.Option(
+    "--model", help="'default' (SmolLM2-135M-Instruct GGUF), a hub id, a local directory or a .gguf file.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16.")]
+ChunkRows = Annotated[Optional[int], typer.Option(
+    "--chunk-rows", help="Rows per output-head chunk (default: from free memory).")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub to run.")]
+MethodFiles = Annotated[list[Path], typer.Option(
+    "--method-file", help="Python file that registers extra methods (repeatable).")]
 
 
-def _vocab_pieces(noise: str, tokenizer_spec: str, trust_remote_code: bool) -> list[str] | None:
-    """Vocabulary strings for random-token, from the tokenizer of --tokenizer (default: the default model's)."""
-    from reweight_audit.noise import parse_noise_spec
+def split_list(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated option values as one list: ``-x a,b -x c`` → ``[a, b, c]``."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
 
-    if "random-token" not in parse_noise_spec(noise):
-        return None
-    from reweight_audit.model import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(tokenizer_spec), trust_remote_code=trust_remote_code)
-    return list(tokenizer.get_vocab())
+# ---------------------------------------------------------------- progress and reports, one per stage
+
+
+class _Bar:
+    """A rich progress bar (sequences, tokens, tokens/s, ETA) that appears at its first update.
+
+    Errors raised before any progress therefore print alone, as one line.
+    """
+
+    def __init__(self, description: str, quiet: bool):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.description = description
+        self.task = None
+        self.started = time.perf_counter()
+        self.bar = None if quiet else Progress(
+            TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn("seqs"),
+            TextColumn("{task.fields[tokens]:,} tokens"), TextColumn("{task.fields[rate]} tok/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+    def update(self, done: int, tokens: int = 0, total: int | None = None) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=total, tokens=0, rate="-")
+        rate = f"{tokens / max(time.perf_counter() - self.started, 1e-9):,.0f}" if tokens else "-"
+        self.bar.update(self.task, completed=done, tokens=tokens, rate=rate)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+@contextmanager
+def _inject_progress(quiet: bool) -> Iterator[Callable[[int], None]]:
+    bar = _Bar("inject", quiet)
+    try:
+        yield lambda n: bar.update(n)
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _score_progress(quiet: bool) -> Iterator[Callable[[int, int, int], None]]:
+    bar = _Bar("score", quiet)
+    try:
+        yield lambda seqs, tokens, total: bar.update(seqs, tokens, total)
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _compare_progress(quiet: bool) -> Iterator[Callable[[str], None]]:
+    def say(message: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{message}[/dim]", highlight=False)
+
+    yield say
+
+
+def _report_inject(result: Any) -> None:
+    manifest, loaded = result.manifest, result.load_report
+    out.print(f"wrote {result.output}: {manifest['records']} records, {manifest['spans']} noise spans "
+              f"({', '.join(f'{k} {v}' for k, v in manifest['spans_by_kind'].items())}), "
+              f"{manifest['noise_word_frac']:.1%} of words are noise")
+    if loaded.empty_responses:
+        out.print(f"note: skipped {len(loaded.empty_responses)} records with an empty response")
+    if loaded.bad_lines:
+        out.print(f"note: skipped {len(loaded.bad_lines)} malformed lines (first: line {loaded.bad_lines[0]})")
+
+
+def _report_score(result: Any) -> None:
+    if not result.manifest:  # a rank other than 0: rank 0 reports
+        return
+    counts = result.manifest["counts"]
+    out.print(f"wrote {result.output} ({counts['rows_written']:,} tokens, {counts['noise_tokens']:,} noise) "
+              f"and {result.output.name}.manifest.json")
+    if counts.get("records_without_spans"):
+        out.print(f"note: {counts['records_without_spans']} records had no 'spans': all their tokens were scored as clean")
+    if counts.get("nonfinite_tokens"):
+        out.print(f"note: {counts['nonfinite_tokens']} tokens had NaN/inf logits and were left out (see the manifest)")
+    if counts.get("truncated_sequences"):
+        out.print(f"note: {counts['truncated_sequences']} sequences truncated by --max-length "
+                  f"({counts.get('noise_tokens_lost_to_truncation', 0)} noise tokens lost)")
+
+
+def _report_compare(result: Any) -> None:
+    from reweight_audit.exports import render_table
+
+    out.print(render_table(result))
+    folder = next(iter(result.files.values())).parent if result.files else ""
+    out.print(f"wrote {len(result.files)} files to {folder}/: "
+              + ", ".join(sorted(Path(p).name for p in result.files.values())))
+
+
+# ---------------------------------------------------------------- commands
 
 
 @app.command()
 def inject(
-    input: str = typer.Argument(..., help="A .jsonl/.json/.csv/.parquet file, 'hf:NAME[:CONFIG]', or 'champ'."),
-    output: Path = typer.Option(..., "-o", "--output", help="Noisy JSONL to write (a manifest is written beside it)."),
-    noise: str = typer.Option("filler,hedge,random-word,repeat,typo,digit", "--noise",
-                              help="Comma list of families, optionally weighted: filler:2,hedge:1. 'all' for every family."),
-    rate: Optional[float] = typer.Option(None, "--rate", help="Probability of an injection at each eligible word boundary (default 0.1)."),
-    target_frac: Optional[float] = typer.Option(None, "--target-frac", help="Instead of --rate: the share of response words to make noise."),
-    clean_frac: float = typer.Option(0.0, "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics)."),
-    seed: int = typer.Option(0, "--seed", help="Seed; each sequence draws from (seed, id)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N records."),
-    split: str = typer.Option("train", "--split", help="Split of a Hugging Face dataset."),
-    prompt_field: str = typer.Option("prompt", "--prompt-field"),
-    response_field: str = typer.Option("response", "--response-field"),
-    id_field: str = typer.Option("id", "--id-field"),
-    tokenizer: str = typer.Option("default", "--tokenizer", help="Vocabulary source for random-token (a --model value)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count malformed JSONL lines instead of stopping."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    input: Annotated[str, typer.Argument(help="A .jsonl/.json/.csv/.parquet file, 'hf:NAME[:CONFIG]', or 'champ'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Noisy JSONL to write (a manifest is written beside it).")],
+    noise: Annotated[str, typer.Option(
+        "--noise", help="Comma list of families, optionally weighted: filler:2,hedge:1. 'all' for every family.")
+    ] = DEFAULT_NOISE,
+    rate: Annotated[Optional[float], typer.Option(
+        "--rate", help="Probability of an injection at each eligible word boundary (default 0.1).")] = None,
+    target_frac: Annotated[Optional[float], typer.Option(
+        "--target-frac", help="Instead of --rate: the share of response words to make noise.")] = None,
+    clean_frac: Annotated[float, typer.Option(
+        "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics).")] = 0.0,
+    seed: Seed = 0,
+    limit: Limit = None,
+    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = "train",
+    prompt_field: Annotated[str, typer.Option("--prompt-field")] = "prompt",
+    response_field: Annotated[str, typer.Option("--response-field")] = "response",
+    id_field: Annotated[str, typer.Option("--id-field")] = "id",
+    tokenizer: Annotated[str, typer.Option(
+        "--tokenizer", help="Vocabulary source for random-token (a --model value).")] = "default",
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Skip and count malformed JSONL lines instead of stopping.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    quiet: Quiet = False,
 ) -> None:
     """Inject labelled noise into the responses of a corpus."""
-    import itertools
+    from reweight_audit.inject import run_inject
 
-    from reweight_audit.corpus import FieldMap, LoadReport, check_source, describe_source, iter_records, source_digest
-    from reweight_audit.inject import write_injected
-    from reweight_audit.noise import NoiseConfig
-
-    if limit is not None and limit < 1:
-        raise AuditError("--limit must be a positive number of records")
-    config = NoiseConfig(noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac, seed=seed)
-    if not input.startswith("hf:") and input != "champ" and Path(input).exists() and Path(input).resolve() == output.resolve():
-        raise AuditError(f"{output}: the output would overwrite the input; choose another -o path")
-    check_source(input)
-    pieces = _vocab_pieces(noise, tokenizer, trust_remote_code)
-    report = LoadReport()
-    records = iter_records(input, FieldMap(prompt=prompt_field, response=response_field, id=id_field),
-                           split=split, skip_bad=skip_bad, report=report)
-    if limit is not None:
-        records = itertools.islice(records, limit)
-    skipped: dict = {}
-
-    def tracked():
-        # the loader's skip counts are known once the stream is exhausted, before the manifest is written
-        yield from records
-        skipped["malformed_lines"] = len(report.bad_lines)
-        if report.bad_lines:
-            skipped["first_malformed_line"] = report.bad_lines[0]
-
-    bar = _progress("inject", quiet)
-    task = bar.add_task("inject", total=None, tokens=0, rate="-") if bar else None
-
-    def progress(n: int) -> None:
-        if bar is not None:
-            bar.update(task, completed=n)
-
-    if bar is not None:
-        bar.start()
-    try:
-        manifest = write_injected(tracked(), output, config, input_digest=source_digest(input),
-                                  input_desc=describe_source(input), vocab_pieces=pieces, skipped=skipped, progress=progress)
-    finally:
-        if bar is not None:
-            bar.stop()
-    out.print(f"wrote {output}: {manifest['records']} records, {manifest['spans']} noise spans "
-              f"({', '.join(f'{k} {v}' for k, v in manifest['spans_by_kind'].items())}), "
-              f"{manifest['noise_word_frac']:.1%} of words are noise")
-    if report.empty_responses:
-        out.print(f"note: skipped {len(report.empty_responses)} records with an empty response")
-    if report.bad_lines:
-        out.print(f"note: skipped {len(report.bad_lines)} malformed lines (first: line {report.bad_lines[0]})")
+    with _inject_progress(quiet) as progress:
+        result = run_inject(input, output, noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac,
+                            seed=seed, limit=limit, split=split, prompt_field=prompt_field,
+                            response_field=response_field, id_field=id_field, tokenizer=tokenizer, skip_bad=skip_bad,
+                            trust_remote_code=trust_remote_code, progress=progress)
+    _report_inject(result)
 
 
 @app.command()
 def score(
-    input: Path = typer.Argument(..., help="Noisy JSONL written by 'inject'."),
-    output: Path = typer.Option(..., "-o", "--output", help="stats.parquet to write."),
-    model: str = typer.Option("default", "--model", help="'default' (SmolLM2-135M-Instruct GGUF), a hub id, a local directory or a .gguf file."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."),
-    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Padded tokens per forward batch."),
-    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", help="Rows per output-head chunk (default: from free memory)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate sequences to this many tokens."),
-    template: str = typer.Option("auto", "--template", help="auto, chat or plain."),
-    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="Reference model for Rho-1 (adds ref_logp)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub to run."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished shards."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="stats.parquet to write.")],
+    model: Model = "default",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 2048,
+    chunk_rows: ChunkRows = None,
+    max_length: Annotated[Optional[int], typer.Option(
+        "--max-length", help="Truncate sequences to this many tokens.")] = None,
+    template: Annotated[str, typer.Option("--template", help="auto, chat or plain.")] = "auto",
+    ref_model: Annotated[Optional[str], typer.Option(
+        "--ref-model", help="Reference model for Rho-1 (adds ref_logp).")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an interrupted run from its finished shards.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """One forward pass: per-token statistics (logp, entropy, rank, expected rank, ...)."""
-    import time
-
-    from reweight_audit.distributed import dist_context
     from reweight_audit.scoring import ScoreConfig, run_score
 
     config = ScoreConfig(model=model, device=device, dtype=dtype, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
-                         max_length=max_length, template=template, ref_model=ref_model, trust_remote_code=trust_remote_code)
-    with dist_context() as (rank, world):
-        bar = _progress("score", quiet or rank != 0)
-        started = time.perf_counter()
-        task = None
-
-        def report(seqs: int, tokens: int, total: int) -> None:
-            nonlocal task
-            if bar is None:
-                return
-            if task is None:
-                task = bar.add_task("score", total=total, tokens=0, rate="-")
-            rate = tokens / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, completed=seqs, tokens=tokens, rate=f"{rate:,.0f}")
-
-        if bar is not None:
-            bar.start()
-        try:
-            result = run_score(input, output, config, resume=resume, progress=report, rank=rank, world_size=world)
-        finally:
-            if bar is not None:
-                bar.stop()
-    if rank == 0:
-        counts = result.manifest["counts"]
-        out.print(f"wrote {output} ({counts['rows_written']:,} tokens, {counts['noise_tokens']:,} noise) "
-                  f"and {output.name}.manifest.json")
-        if counts.get("records_without_spans"):
-            out.print(f"note: {counts['records_without_spans']} records had no 'spans': all their tokens were scored as clean")
-        if counts.get("nonfinite_tokens"):
-            out.print(f"note: {counts['nonfinite_tokens']} tokens had NaN/inf logits and were left out (see the manifest)")
-        if counts.get("truncated_sequences"):
-            out.print(f"note: {counts['truncated_sequences']} sequences truncated by --max-length "
-                      f"({counts.get('noise_tokens_lost_to_truncation', 0)} noise tokens lost)")
-
-
-def _split(values: list[str]) -> list[str]:
-    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+                         max_length=max_length, template=template, ref_model=ref_model,
+                         trust_remote_code=trust_remote_code)
+    with _score_progress(quiet) as progress:
+        result = run_score(input, output, config, resume=resume, progress=progress)
+    _report_score(result)
 
 
 @app.command()
 def compare(
-    stats: list[Path] = typer.Argument(..., help="One or more stats.parquet files (several runs side by side)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Directory for the tables, plots and heatmap."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma list (default: every method whose statistics exist)."),
-    k: float = typer.Option(10.0, "--k", help="Top-k cut in percent, in (0, 100]."),
-    rank_by: list[str] = typer.Option(["weight"], "--rank-by", help="weight, loss or grad (repeat or comma list)."),
-    scope: list[str] = typer.Option(["global"], "--scope", help="global or sequence (repeat or comma list)."),
-    param: list[str] = typer.Option([], "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable)."),
-    method_file: list[Path] = typer.Option([], "--method-file", help="Python file registering extra methods (repeatable)."),
-    batch_seqs: int = typer.Option(256, "--batch-seqs", help="Sequences per simulated training batch (TALR)."),
-    bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals."),
-    seed: int = typer.Option(0, "--seed", help="Seed for batches, the random method and the bootstrap."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (several runs side by side).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the tables, plots and heatmap.")],
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma list (default: every method whose statistics exist).")] = None,
+    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent, in (0, 100].")] = 10.0,
+    rank_by: Annotated[list[str], typer.Option(
+        "--rank-by", help="weight, loss or grad (repeat or comma list).")] = ["weight"],  # noqa: B006
+    scope: Annotated[list[str], typer.Option(
+        "--scope", help="global or sequence (repeat or comma list).")] = ["global"],  # noqa: B006
+    param: Annotated[list[str], typer.Option(
+        "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
+    method_file: MethodFiles = [],  # noqa: B006
+    batch_seqs: Annotated[int, typer.Option(
+        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = 256,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = 200,
+    seed: Seed = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Every method × every metric: the Table 1 diagnostic, printed and exported."""
     from reweight_audit.compare import run_compare
-    from reweight_audit.report import render_table
 
-    def progress(message: str) -> None:
-        if not quiet:
-            console.print(f"[dim]{message}[/dim]", highlight=False)
+    with _compare_progress(quiet) as progress:
+        result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
+                             rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=param,
+                             method_files=method_file, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
+                             progress=progress)
+    _report_compare(result)
 
-    result = run_compare(list(stats), output, methods=_split([methods]) if methods else None, rank_by=_split(rank_by),
-                         k=k, scope=_split(scope), params=param, method_files=list(method_file), batch_seqs=batch_seqs,
-                         n_boot=bootstrap, seed=seed, progress=progress)
-    out.print(render_table(result))
-    out.print(f"wrote {len(result.files)} files to {output}/: " + ", ".join(sorted(Path(p).name for p in result.files.values())))
+
+def _demo_hooks(quiet: bool) -> Any:
+    from reweight_audit.demo import DemoHooks
+
+    progress = {"inject": _inject_progress, "score": _score_progress, "compare": _compare_progress}
+    report = {"inject": _report_inject, "score": _report_score, "compare": _report_compare}
+
+    class Printed(DemoHooks):
+        def stage(self, step: str, title: str):
+            out.rule(title)
+            return progress[step](quiet)
+
+        def done(self, step: str, result: Any) -> None:
+            report[step](result)
+
+    return Printed()
 
 
 @app.command()
 def demo(
-    output: Path = typer.Option(Path("reports/demo"), "-o", "--output", help="Directory for everything the demo writes."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N CHAMP problems (default: all 270)."),
-    model: str = typer.Option("default", "--model"),
-    device: str = typer.Option("auto", "--device"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Directory for everything the demo writes.")] = Path("reports/demo"),
+    limit: Limit = None,
+    model: Model = "default",
+    device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
-    """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP."""
-    output.mkdir(parents=True, exist_ok=True)
-    noisy = output / "noisy.jsonl"
-    stats_path = output / "stats.parquet"
-    out.rule("1/3 inject: CHAMP, default families, seed 0")
-    inject(input="champ", output=noisy, noise="filler,hedge,random-word,repeat,typo,digit", rate=None, target_frac=None,
-           clean_frac=0.1, seed=0, limit=limit, split="train", prompt_field="prompt", response_field="response",
-           id_field="id", tokenizer="default", skip_bad=False, trust_remote_code=False, quiet=quiet)
-    out.rule(f"2/3 score: {model} model")
-    score(input=noisy, output=stats_path, model=model, device=device, dtype="auto", batch_tokens=2048, chunk_rows=None,
-          max_length=None, template="auto", ref_model=None, trust_remote_code=False, resume=True, quiet=quiet)
-    out.rule("3/3 compare: every method")
-    compare(stats=[stats_path], output=output, methods=None, k=10.0, rank_by=["weight"], scope=["global", "sequence"],
-            param=[], method_file=[], batch_seqs=256, bootstrap=200, seed=0, quiet=quiet)
+    """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems)."""
+    from reweight_audit.demo import run_demo
+
+    result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet))
     out.print(f"\n[bold]demo done[/bold]: open {output / 'heatmap.html'} and {output / 'table.md'}; "
-              f"noisy corpus {noisy}, token statistics {stats_path}")
+              f"noisy corpus {result.noisy}, token statistics {result.stats}")
 
 
 @app.command("methods")
-def list_methods(
-    method_file: list[Path] = typer.Option([], "--method-file", help="Also load methods from this Python file."),
-) -> None:
+def list_methods(method_file: MethodFiles = []) -> None:  # noqa: B006
     """List registered weighting methods with their formulas and the statistics they need."""
     from rich.table import Table
 
@@ -288,25 +320,32 @@ def _print_bench(result: dict) -> None:
 
 @app.command()
 def bench(
-    model: str = typer.Option("default", "--model", help="Model to benchmark (ignored with --vocab/--seq-len)."),
-    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Supervised tokens in the benchmark batch."),
-    vocab: Optional[int] = typer.Option(None, "--vocab", help="Use a tiny model with this vocabulary (e.g. 151936)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens in the tiny model's sequence (default 4096)."),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows"),
-    repeats: int = typer.Option(2, "--repeats", help="Timed runs per variant (best is kept)."),
-    variants: str = typer.Option("forward,naive,ours", "--variants", help="Which of forward, naive, ours to run."),
-    gpu_check: bool = typer.Option(False, "--gpu-check", help="The prepared GPU run: default model and a 1B-class model, vocab 151,936."),
-    output: Path = typer.Option(Path("reports/bench.json"), "-o", "--output", help="JSON file for the figures."),
+    model: Annotated[str, typer.Option(
+        "--model", help="Model to benchmark (ignored with --vocab/--seq-len).")] = "default",
+    batch_tokens: Annotated[int, typer.Option(
+        "--batch-tokens", help="Supervised tokens in the benchmark batch.")] = 2048,
+    vocab: Annotated[Optional[int], typer.Option(
+        "--vocab", help="Use a tiny model with this vocabulary (e.g. 151936).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(
+        "--seq-len", help="Tokens in the tiny model's sequence (default 4096).")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    chunk_rows: ChunkRows = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per variant (best is kept).")] = 2,
+    variants: Annotated[str, typer.Option(
+        "--variants", help="Which of forward, naive, ours to run.")] = "forward,naive,ours",
+    gpu_check: Annotated[bool, typer.Option(
+        "--gpu-check", help="The prepared GPU run: default model and a 1B-class model, vocab 151,936.")] = False,
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="JSON file for the figures.")] = Path("reports/bench.json"),
 ) -> None:
     """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
     from reweight_audit import bench as bench_module
-    from reweight_audit.scoring import write_json_atomic
+    from reweight_audit.io import prepare_output_file, write_json_atomic
 
     if repeats < 1:
         raise AuditError("--repeats must be at least 1")
-    chosen = _split([variants])
+    chosen = split_list([variants])
     unknown = sorted(set(chosen) - {"forward", "naive", "ours"})
     if unknown or not chosen:
         raise AuditError(f"--variants {variants}: use a comma list of forward, naive, ours")
@@ -318,8 +357,7 @@ def bench(
                                           variants=tuple(chosen))]
     for result in results:
         _print_bench(result)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output, results if gpu_check else results[0])
+    write_json_atomic(prepare_output_file(output), results if gpu_check else results[0])
     out.print(f"wrote {output}")
 
 

@@ -1,32 +1,33 @@
-"""Run noise injection over a stream of records and write the noisy corpus.
+"""``inject``: labelled noise in the responses of a corpus, written as noisy JSONL plus a manifest.
 
-The I/O edge around ``noise.py``: records are streamed (never the whole corpus
-in memory), written to ``<output>.tmp`` and renamed into place, so an
-interrupted run never leaves a half-written file under the final name.
+The I/O edge around ``noise.py``: records are streamed from the loader
+(never the whole corpus in memory) and written atomically with their
+manifest (:mod:`reweight_audit.io`). Output format: ``docs/formats.md``.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from . import __version__
-from .corpus import Record
+from .corpus import FieldMap, LoadReport, Record, check_source, describe_source, iter_records, source_digest
 from .errors import AuditError
+from .io import atomic_files, dump_json, file_sha256, json_default, manifest_header, manifest_path, prepare_output_file
 from .noise import (
+    DEFAULT_NOISE,
     FAMILIES,
     OFFSET_UNIT,
     WORD_UNIT,
     NoiseConfig,
     Noiser,
     load_word_list,
+    vocab_noise_pieces,
 )
-
-MANIFEST_SUFFIX = ".manifest.json"
 
 
 @dataclass
@@ -112,39 +113,6 @@ def _inject_stream(records: Iterable[Record], noiser: Noiser, stats: InjectStats
         }
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    """True when both paths exist and are one file (an absent output cannot be the input)."""
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _json_default(obj):
-    """Loader meta may carry numpy scalars or dates; write them as plain JSON values."""
-    item = getattr(obj, "item", None)
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest_path(output_path: str | os.PathLike) -> Path:
-    """``<output>.manifest.json``."""
-    p = Path(output_path)
-    return p.with_name(p.name + MANIFEST_SUFFIX)
-
-
 def write_injected(
     records: Iterable[Record],
     output_path: str | os.PathLike,
@@ -158,59 +126,41 @@ def write_injected(
 ) -> dict:
     """Inject noise into ``records`` and write ``output_path`` (jsonl) plus its manifest.
 
-    Atomic: the data go to ``<output>.tmp`` and are renamed into place only
-    when complete. ``skipped`` holds the loader's own skip counts (merged
-    into the manifest). ``progress(n)`` is called after each written record.
-    Returns the manifest.
+    Atomic (:func:`reweight_audit.io.atomic_files`): data and manifest are
+    renamed into place only when both are complete. ``skipped`` holds the
+    loader's own skip counts (merged into the manifest). ``progress(n)`` is
+    called after each written record. Returns the manifest.
     """
-    out = Path(output_path)
-    if out.is_dir():
-        raise AuditError(f"{out}: output is a directory; give a file name such as {out / 'noisy.jsonl'}")
-    if input_desc and _same_path(out, Path(input_desc)):
-        raise AuditError(f"{out}: output is the input file; choose a different -o path")
+    out = prepare_output_file(output_path, source=input_desc or None)
     man_path = manifest_path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AuditError(f"{out.parent}: cannot create the output folder ({exc.strerror}); choose a writable -o path") from None
-
+    own = {out, man_path}
     stats = InjectStats()
-    tmp = out.with_name(out.name + ".tmp")
-    man_tmp = man_path.with_name(man_path.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for obj in inject_records(records, config, vocab_pieces, stats=stats, source=str(input_desc or "input")):
-                line = json.dumps(obj, ensure_ascii=False, default=_json_default)
-                try:
-                    fh.write(line + "\n")
-                except UnicodeEncodeError:
-                    raise AuditError(
-                        f"{input_desc}: record {obj['id']!r} contains an unpaired surrogate (invalid Unicode); fix its text"
-                    ) from None
-                if progress is not None:
-                    progress(stats.written)
-        output_sha = _file_sha256(tmp)
-        manifest = _manifest(config, stats, out, output_sha, input_digest, input_desc, skipped, vocab_pieces)
-        with open(man_tmp, "w", encoding="utf-8", newline="\n") as fh:
-            json.dump(manifest, fh, ensure_ascii=False, indent=2)
-            fh.write("\n")
-        # A stale manifest must never describe the new data: drop it first.
-        if man_path.exists():
-            man_path.unlink()
-        os.replace(tmp, out)
-        os.replace(man_tmp, man_path)
+        with atomic_files(out, man_path) as (tmp, man_tmp):
+            own.update((tmp, man_tmp))
+            with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+                for obj in inject_records(records, config, vocab_pieces, stats=stats, source=str(input_desc or "input")):
+                    _write_line(fh, obj, input_desc)
+                    if progress is not None:
+                        progress(stats.written)
+            manifest = _manifest(config, stats, out, file_sha256(tmp), input_digest, input_desc, skipped, vocab_pieces)
+            man_tmp.write_text(dump_json(manifest), encoding="utf-8")
     except OSError as exc:
         # Only our own files get this message; a loader's OSError passes through.
-        if exc.filename is not None and Path(exc.filename) not in (tmp, man_tmp, out, man_path):
+        if exc.filename is not None and Path(exc.filename) not in own:
             raise
         raise AuditError(f"{out}: cannot write the output ({exc.strerror}); check the path and free space") from None
-    finally:
-        for p in (tmp, man_tmp):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
     return manifest
+
+
+def _write_line(fh: Any, obj: dict, input_desc: str) -> None:
+    line = json.dumps(obj, ensure_ascii=False, default=json_default)
+    try:
+        fh.write(line + "\n")
+    except UnicodeEncodeError:
+        raise AuditError(
+            f"{input_desc}: record {obj['id']!r} contains an unpaired surrogate (invalid Unicode); fix its text"
+        ) from None
 
 
 def _manifest(
@@ -236,20 +186,13 @@ def _manifest(
             }
     vocab = None
     if "random-token" in noiser_kinds:
-        from .noise import vocab_noise_pieces
-
         pieces = vocab_noise_pieces(vocab_pieces or [])
         vocab = {"pieces": len(pieces), "sha256": hashlib.sha256("\n".join(pieces).encode("utf-8")).hexdigest()}
     skip = {"empty_response": stats.skipped_empty}
     for k, v in (skipped or {}).items():
         skip[str(k)] = v
     return {
-        "tool": "reweight-audit",
-        "version": __version__,
-        "stage": "inject",
-        "input": str(input_desc),
-        "input_digest": input_digest,
-        "output": out.name,
+        **manifest_header("inject", input=input_desc, input_digest=input_digest, output=out),
         "output_sha256": output_sha,
         "config": config.to_dict(),
         "seed": int(config.seed),
@@ -270,3 +213,78 @@ def _manifest(
         "word_lists": word_lists,
         "vocab": vocab,
     }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class InjectResult:
+    """What :func:`run_inject` wrote: the noisy JSONL, its manifest, and what the loader skipped."""
+
+    output: Path
+    manifest: dict
+    load_report: LoadReport
+
+
+def run_inject(
+    source: str,
+    output: str | os.PathLike,
+    *,
+    noise: str = DEFAULT_NOISE,
+    rate: float | None = None,
+    target_frac: float | None = None,
+    clean_frac: float = 0.0,
+    seed: int = 0,
+    limit: int | None = None,
+    split: str = "train",
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    id_field: str = "id",
+    tokenizer: str = "default",
+    skip_bad: bool = False,
+    trust_remote_code: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> InjectResult:
+    """Inject labelled noise into the responses of ``source``; write ``output`` and its manifest.
+
+    ``source``: a ``.jsonl``/``.json``/``.csv``/``.parquet`` path, ``hf:NAME[:CONFIG]``
+    (with ``split``) or ``champ``. ``noise``: families, optionally weighted
+    (``filler:2,hedge:1``). ``tokenizer`` (a ``--model`` value) gives the
+    vocabulary of the ``random-token`` family. ``limit``: the first N records
+    only. ``progress(n)`` is called after each written record.
+    """
+    if limit is not None and limit < 1:
+        raise AuditError("--limit must be a positive number of records")
+    config = NoiseConfig(noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac, seed=seed)
+    is_file = not source.startswith("hf:") and source != "champ"
+    prepare_output_file(output, source=source if is_file else None, create=False)
+    check_source(source)
+    pieces = vocab_pieces(config, tokenizer, trust_remote_code=trust_remote_code)
+    report = LoadReport()
+    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field)
+    records = iter_records(source, fields, split=split, skip_bad=skip_bad, report=report)
+    if limit is not None:
+        records = itertools.islice(records, limit)
+    skipped: dict = {}
+    manifest = write_injected(_counting_skips(records, report, skipped), output, config,
+                              input_digest=source_digest(source), input_desc=describe_source(source),
+                              vocab_pieces=pieces, skipped=skipped, progress=progress)
+    return InjectResult(Path(output), manifest, report)
+
+
+def _counting_skips(records: Iterable[Record], report: LoadReport, skipped: dict) -> Iterator[Record]:
+    """The records; once they are exhausted (before the manifest is written), the loader's skip counts."""
+    yield from records
+    skipped["malformed_lines"] = len(report.bad_lines)
+    if report.bad_lines:
+        skipped["first_malformed_line"] = report.bad_lines[0]
+
+
+def vocab_pieces(config: NoiseConfig, tokenizer: str, *, trust_remote_code: bool = False) -> list[str] | None:
+    """The vocabulary for ``random-token`` from the tokenizer of ``tokenizer`` (a ``--model`` value), else None."""
+    if "random-token" not in config.noise:
+        return None
+    from .model import load_tokenizer, resolve_model
+
+    return list(load_tokenizer(resolve_model(tokenizer), trust_remote_code=trust_remote_code).get_vocab())

@@ -1,61 +1,46 @@
-"""How well a token ranking finds the injected noise (DESIGN.md, "Metrics").
+"""How well a ranking of tokens finds the injected noise: every metric, and the one table that declares them.
 
-Pure functions: NumPy arrays in, numbers (or arrays) out; no I/O, no state.
+Pure functions: NumPy arrays in, numbers (or arrays) out; no I/O, no state
+besides :data:`METRICS`. A metric is one function plus one :class:`MetricSpec`
+in :data:`METRICS`; tables, curves, per-kind rows, bootstrap intervals and
+every export are generated from that table.
 
-Conventions shared by every function
-------------------------------------
-``scores``
-    1-D numbers, one per token; higher means ranked first (more weight).
-    NaN is an error, ±inf is allowed.
-``is_noise``
-    1-D booleans (0/1 integers are accepted); noise is the positive class.
-``seq_codes``
-    1-D non-negative integer codes, one per token, naming its sequence.
-    Any order; the tokens of a sequence need not be contiguous; unused codes
-    are harmless.
-``k``
-    The cut as a fraction in (0, 1] (the command line's ``--k`` percent / 100).
-``scope``
-    ``"global"``: one top set over the whole pool; ``"sequence"``: the top
-    fraction ``k`` of every sequence, the top set is their union.
-
-Top-set size
-    ``n_top = floor(k*n + 1/2)`` (round half up, never banker's rounding;
-    ``k*n`` is first rounded to 6 decimals so that ``0.29 * 50``, which is
-    14.499999999999998 in floating point, counts as 14.5 and gives 15),
-    with ``n`` the pool size (global) or the sequence length (sequence).
-    There is no minimum of one: ``k*n < 1/2`` gives an empty top
-    set, so the realised top share stays as close to ``k`` as rounding allows.
-
-Ties at the cut
-    Every metric is the exact expectation under uniformly random
-    tie-breaking. With ``c`` the value of the ``n_top``-th highest score,
-    ``a`` tokens strictly above ``c`` and ``g`` tokens equal to it, the ``t =
-    n_top - a`` remaining slots go to a uniformly random ``t``-subset of the
-    ``g`` tied tokens: inclusion probability 1 above ``c``, ``t/g`` at ``c``,
-    0 below. A constant score (``sft``) therefore gets exactly the base rate.
-
-Undefined values are NaN, never 0: no noise tokens -> ``tok_rec``,
-``seq_hit``, ``lift`` NaN; an empty top set -> ``tok_prec`` and ``lift`` NaN
-(``tok_rec`` and ``seq_hit`` are then 0: nothing was found).
-
-Misuse raises :class:`reweight_audit.errors.AuditError` with a one-line
-message.
+Conventions (definitions and proofs: ``docs/metrics.md``): ``scores`` are
+1-D, higher ranks first, NaN is an error; ``is_noise`` is the positive
+class; ``seq_codes`` name each token's sequence (any order, any codes);
+``k`` is the cut as a fraction in (0, 1]; ``scope`` is ``"global"`` (one top
+set over the pool) or ``"sequence"`` (the top fraction of every sequence).
+The top set has ``floor(k*n + 1/2)`` tokens (``k*n`` rounded to 6 decimals
+first); ties at the cut count fractionally, the exact expectation under
+uniformly random tie-breaking. Undefined values are NaN, never 0. Misuse
+raises a one-line :class:`reweight_audit.errors.AuditError`.
 """
 from __future__ import annotations
 
 import math
 import numbers
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 
 from reweight_audit.errors import AuditError
+from reweight_audit.formatting import fmt_interval, fmt_num
 
 __all__ = [
     "CUTS",
     "SCOPES",
-    "TOPK_KEYS",
+    "RANK_BY",
+    "METRICS",
+    "Counts",
+    "MetricSpec",
+    "ScoreIndex",
+    "add_metric",
+    "ratio",
+    "metric_specs",
+    "rank_scores",
+    "grad_norm",
     "inclusion_probability",
     "topk_metrics",
     "curve",
@@ -64,15 +49,172 @@ __all__ = [
     "rank_metrics",
     "noise_mass",
     "bootstrap_intervals",
+    "ranking_metrics",
+    "kind_metrics",
 ]
 
 CUTS = (0.01, 0.02, 0.05, 0.10, 0.20, 0.30, 0.50)
 SCOPES = ("global", "sequence")
-TOPK_KEYS = ("tok_prec", "tok_rec", "seq_hit", "lift")
+RANK_BY = ("weight", "loss", "grad")
 
 _NAN = float("nan")
 _HIT_CHUNK = 1 << 22      # hypergeometric terms evaluated per chunk
 _BOOT_CHUNK = 1 << 22     # multiplicity-matrix entries per chunk
+
+
+# --------------------------------------------------------------------------- what a metric is
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What every count metric is a function of: one ranking's top set at one cut, and its weight sums.
+
+    Scalars for one value; in the bootstrap, arrays with one entry per replicate
+    (each field summed over the resampled sequences). Top-set fields are
+    expectations under random tie-breaking; the weights are the ranking scores.
+    """
+
+    n: Any                        # tokens in the pool
+    n_noise: Any                  # noise tokens in the pool
+    n_top: Any = _NAN             # tokens in the top set
+    found: Any = _NAN             # noise tokens in the top set
+    n_noisy_seqs: Any = _NAN      # sequences with at least one noise token
+    hits: Any = _NAN              # of those, sequences with a noise token in the top set
+    w_total: Any = _NAN           # sum of the scores over the pool
+    w_noise: Any = _NAN           # sum of the scores over the noise tokens
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: how it is computed, named, shown and bootstrapped (``docs/metrics.md``).
+
+    Exactly one of ``counts`` (a function of :class:`Counts`, vectorised: it
+    also runs on the bootstrap's arrays) and ``ranking`` (a function of a
+    :class:`ScoreIndex` and a noise kind code, None for all noise).
+    """
+
+    name: str                                    # column in table.csv, curves.csv, by_kind.csv, summary.json
+    header: str | None                           # printed/Markdown heading, "{k}" -> the cut; None: exports only
+    fmt: Callable[[Any, Any, Any], str] | None   # (value, lo, hi) -> table cell
+    interval: bool                               # bootstrap interval in columns <name>_lo, <name>_hi
+    per_cut: bool                                # a value per cut and scope (curves.csv) rather than per ranking
+    counts: Callable[[Counts], Any] | None = None
+    ranking: Callable[[Any, int | None], float] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.counts is None) == (self.ranking is None):
+            raise AuditError(f"metric {self.name!r}: give exactly one of counts= and ranking=")
+        if self.ranking is not None and (self.interval or self.per_cut):
+            raise AuditError(f"metric {self.name!r}: a ranking metric has neither a cut nor a bootstrap interval")
+        if self.header is not None and self.fmt is None:
+            raise AuditError(f"metric {self.name!r}: a shown metric (header) needs fmt")
+
+
+def ratio(num: Any, den: Any) -> Any:
+    """num / den where den > 0, else NaN; elementwise."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def precision(c: Counts) -> Any:
+    """tok_prec = noise in the top set / size of the top set."""
+    return ratio(c.found, c.n_top)
+
+
+def recall(c: Counts) -> Any:
+    """tok_rec = noise in the top set / noise tokens."""
+    return ratio(c.found, c.n_noise)
+
+
+def hit_rate(c: Counts) -> Any:
+    """seq_hit = noisy sequences with a noise token in the top set / noisy sequences."""
+    return ratio(c.hits, c.n_noisy_seqs)
+
+
+def lift(c: Counts) -> Any:
+    """lift = tok_prec / (noise tokens / tokens)."""
+    return ratio(precision(c), ratio(c.n_noise, c.n))
+
+
+def mass_share(c: Counts) -> Any:
+    """noise_mass = sum of the scores over noise / sum over the pool."""
+    return ratio(c.w_noise, c.w_total)
+
+
+def mass_ratio(c: Counts) -> Any:
+    """noise_mass_ratio = noise_mass / (noise tokens / tokens); > 1: more than noise's token share."""
+    return ratio(mass_share(c), ratio(c.n_noise, c.n))
+
+
+#: Every metric, in table order. Tables, curves, per-kind rows, intervals and exports follow this list.
+METRICS: list[MetricSpec] = [
+    MetricSpec("tok_prec", "TOK PREC@{k}", fmt_interval, interval=True, per_cut=True, counts=precision),
+    MetricSpec("tok_rec", "TOK REC@{k}", fmt_interval, interval=True, per_cut=True, counts=recall),
+    MetricSpec("seq_hit", "SEQ HIT@{k}", fmt_interval, interval=True, per_cut=True, counts=hit_rate),
+    MetricSpec("lift", "LIFT@{k}", lambda x, lo, hi: fmt_num(x, 2, "×"), interval=True, per_cut=True, counts=lift),
+    MetricSpec("auroc", "AUROC", lambda x, lo, hi: fmt_num(x, 3), interval=False, per_cut=False,
+               ranking=lambda index, kind: index.auroc(kind)),
+    MetricSpec("ap", "AP", lambda x, lo, hi: fmt_num(x, 3), interval=False, per_cut=False,
+               ranking=lambda index, kind: index.average_precision(kind)),
+    MetricSpec("noise_mass", None, None, interval=True, per_cut=False, counts=mass_share),
+    MetricSpec("noise_mass_ratio", "NOISE MASS ×", lambda x, lo, hi: fmt_num(x, 2), interval=True, per_cut=False,
+               counts=mass_ratio),
+]
+
+
+def add_metric(spec: MetricSpec) -> MetricSpec:
+    """Declare one more metric (appended to :data:`METRICS`); it then appears in every table and export."""
+    if not spec.name.isidentifier() or any(s.name == spec.name for s in METRICS):
+        raise AuditError(f"metric {spec.name!r}: give a new name made of letters, digits and underscores")
+    METRICS.append(spec)
+    return spec
+
+
+def metric_specs(*, per_cut: bool | None = None, interval: bool | None = None) -> list[MetricSpec]:
+    """The declared metrics, in table order, optionally only those with the given properties."""
+    return [s for s in METRICS if (per_cut is None or s.per_cut == per_cut)
+            and (interval is None or s.interval == interval)]
+
+
+def _number(x: Any) -> float:
+    """A metric value as a float; NaN as the one module-wide NaN object, so equal results compare equal."""
+    x = float(x)
+    return _NAN if math.isnan(x) else x
+
+
+def count_values(c: Counts, *, per_cut_only: bool = False) -> dict[str, float]:
+    """Every count metric (or only the per-cut ones) of one set of counts, as floats."""
+    return {s.name: _number(s.counts(c)) for s in METRICS if s.counts is not None and (s.per_cut or not per_cut_only)}
+
+
+def ranking_values(index: "ScoreIndex", kind: int | None = None) -> dict[str, float]:
+    """Every ranking metric of the pool of ``kind`` (None: all noise) against the clean tokens."""
+    return {s.name: _number(s.ranking(index, kind)) for s in METRICS if s.ranking is not None}
+
+
+# --------------------------------------------------------------------------- what is ranked
+
+
+def grad_norm(logp: np.ndarray, sum_p2: np.ndarray) -> np.ndarray:
+    """‖∂ℓ/∂z‖ of cross-entropy: sqrt((1 − p)² + Σp² − p²), radicand clipped at 0."""
+    p = np.exp(np.asarray(logp, dtype=np.float64))
+    rad = (1.0 - p) ** 2 + np.asarray(sum_p2, dtype=np.float64) - p * p
+    return np.sqrt(np.maximum(rad, 0.0))
+
+
+def rank_scores(weights: np.ndarray, rank_by: str, logp: np.ndarray | None = None,
+                sum_p2: np.ndarray | None = None) -> np.ndarray:
+    """What "high weight" means: ``weight`` w, ``loss`` w·(−log p), ``grad`` w·‖∂ℓ/∂z‖."""
+    w = np.asarray(weights, dtype=np.float64)
+    if rank_by == "weight":
+        return w
+    if rank_by == "loss":
+        nll = -np.minimum(np.asarray(logp, dtype=np.float64), 0.0)
+        return w * nll
+    if rank_by == "grad":
+        return w * grad_norm(logp, sum_p2)
+    raise AuditError(f"--rank-by {rank_by!r} is not known; use one of {', '.join(RANK_BY)}")
 
 
 # --------------------------------------------------------------------------- validation
@@ -370,29 +512,134 @@ class _SequencePool:
         return top, cval, frac, q, hit
 
 
-def _summary(n, n_noise, n_noisy_seqs, n_top, exp_noise, hit_sum) -> dict[str, float]:
-    prec = exp_noise / n_top if n_top > 0 else _NAN
-    rec = exp_noise / n_noise if n_noise > 0 else _NAN
-    seq_hit = hit_sum / n_noisy_seqs if n_noisy_seqs > 0 else _NAN
-    lift = prec / (n_noise / n) if n_noise > 0 and n_top > 0 else _NAN
-    return {"tok_prec": float(prec), "tok_rec": float(rec), "seq_hit": float(seq_hit), "lift": float(lift)}
-
-
-def _evaluate(s, y, codes, n_codes, ks, scope) -> dict[float, dict[str, float]]:
+def _evaluate(s, y, codes, n_codes, ks, scope) -> dict[float, Counts]:
+    """The top set's counts at every cut of ``ks``: one partition (global) or one within-sequence sort serves all."""
     n, n_noise = s.size, int(np.count_nonzero(y))
     out = {}
     if scope == "global":
         pool = _GlobalPool(s, y, codes, n_codes, ks)
         for k in ks:
-            n_top, _, _, exp_noise, hit = pool.cut(k)
-            out[k] = _summary(n, n_noise, pool.noisy.size, n_top, exp_noise, hit.sum())
+            n_top, _, _, found, hit = pool.cut(k)
+            out[k] = Counts(n, n_noise, n_top, found, pool.noisy.size, hit.sum())
     else:
         pool = _SequencePool(s, y, codes, n_codes)
         n_noisy = int(np.count_nonzero(pool.nlen))
         for k in ks:
-            n_top, _, _, q, hit = pool.cut(k)
-            out[k] = _summary(n, n_noise, n_noisy, int(n_top.sum()), q.sum(), hit.sum())
+            n_top, _, _, found, hit = pool.cut(k)
+            out[k] = Counts(n, n_noise, int(n_top.sum()), found.sum(), n_noisy, hit.sum())
     return out
+
+
+class ScoreIndex:
+    """One ascending sort of a ranking, shared by AUROC, AP and the per-kind global top-k metrics.
+
+    Every quantity these need is a count of tokens by value ("how many clean
+    tokens score below v"), which a sorted copy of all scores and a sorted copy
+    of the (few) noise scores answer with binary searches. The pool for a
+    positive set P is the clean tokens plus P: all noise (``kind=None``) or the
+    noise tokens of one kind code (the other kinds leave the pool).
+    """
+
+    def __init__(self, scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray | None = None,
+                 kind_codes: np.ndarray | None = None):
+        scores = np.asarray(scores, dtype=np.float64)
+        self.asc = np.sort(scores)
+        idx = np.flatnonzero(is_noise)
+        sn = scores[idx]
+        order = np.argsort(sn, kind="stable")
+        self.noise_asc = sn[order]
+        self.noise_seq = None if seq_codes is None else np.asarray(seq_codes)[idx][order]
+        self.noise_kind = None if kind_codes is None else np.asarray(kind_codes)[idx][order]
+        self.n = int(scores.size)
+        self.n_clean = self.n - int(idx.size)
+        self._tables: dict = {}
+
+    def positives(self, kind: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sorted scores of the positive set and their sequence codes."""
+        if kind is None:
+            return self.noise_asc, self.noise_seq
+        sel = self.noise_kind == kind
+        return self.noise_asc[sel], None if self.noise_seq is None else self.noise_seq[sel]
+
+    def _clean_lt(self, v):
+        return self.asc.searchsorted(v, "left") - self.noise_asc.searchsorted(v, "left")
+
+    def _clean_le(self, v):
+        return self.asc.searchsorted(v, "right") - self.noise_asc.searchsorted(v, "right")
+
+    def _by_value(self, kind: int | None):
+        """Per distinct positive score v: its multiplicity, positives below v, clean below v, clean tied at v."""
+        if kind not in self._tables:
+            p, _ = self.positives(kind)
+            first = np.flatnonzero(np.r_[True, p[1:] != p[:-1]]) if p.size else np.zeros(0, dtype=np.int64)
+            v = p[first]
+            below = self._clean_lt(v)
+            self._tables[kind] = (np.diff(np.r_[first, p.size]), first, below, self._clean_le(v) - below)
+        return self._tables[kind]
+
+    def auroc(self, kind: int | None = None) -> float:
+        """P(s_pos > s_clean) + P(tie)/2, exactly, from the Mann-Whitney U in integers; NaN without either class."""
+        mult, _, below, tied = self._by_value(kind)
+        n_p = int(mult.sum())
+        if n_p == 0 or self.n_clean == 0:
+            return _NAN
+        return float(np.sum(mult * (2 * below + tied))) / (2.0 * n_p * self.n_clean)
+
+    def average_precision(self, kind: int | None = None) -> float:
+        """Σ_v (positives at v / n_pos) · precision at threshold v, one threshold per distinct score; NaN without positives."""
+        mult, pos_below, below, _ = self._by_value(kind)
+        n_p = int(mult.sum())
+        if n_p == 0:
+            return _NAN
+        tp = n_p - pos_below
+        return float(np.sum(mult * (tp / (tp + (self.n_clean - below))))) / n_p
+
+    def rank_metrics(self, kind: int | None = None) -> dict[str, float]:
+        """Every ranking metric (AUROC, AP, ...) of the pool of ``kind`` (None: all noise)."""
+        return ranking_values(self, kind)
+
+    def topk_global(self, k: float, kind: int | None = None) -> dict[str, float]:
+        """The per-cut metrics of the global top-k of the pool clean ∪ P (ties fractional)."""
+        return count_values(self.topk_counts(k, kind), per_cut_only=True)
+
+    def topk_counts(self, k: float, kind: int | None = None) -> Counts:
+        """The counts of the global top-k of the pool clean ∪ P (ties fractional); needs ``seq_codes``."""
+        p, p_seq = self.positives(kind)
+        n_p, n_c = int(p.size), self.n_clean
+        noisy, inv = np.unique(p_seq, return_inverse=True)
+        n_pool = n_c + n_p
+        n_top = int(_n_top(k, n_pool))
+        if n_top == 0:
+            return Counts(n_pool, n_p, 0, 0.0, noisy.size, 0.0)
+        c, tied, slots = self._cut_value(p, n_top)
+        p_lo, p_hi = int(p.searchsorted(c, "left")), int(p.searchsorted(c, "right"))
+        found = (n_p - p_hi) + (p_hi - p_lo) * (slots / tied)
+        best = np.full(noisy.size, -np.inf)
+        np.maximum.at(best, inv, p)
+        hit = (best > c).astype(np.float64)
+        at = best == c
+        if at.any():
+            b = np.bincount(inv[p_lo:p_hi], minlength=noisy.size)[at]
+            hit[at] = _hit_prob(np.full(b.size, tied), np.full(b.size, slots), b)
+        return Counts(n_pool, n_p, n_top, found, noisy.size, hit.sum())
+
+    def _cut_value(self, p: np.ndarray, n_top: int) -> tuple[float, int, int]:
+        """The cut value c of the pool clean ∪ p, the tokens tied at c and the top-set slots left for them."""
+        n_c, n_p = self.n_clean, int(p.size)
+
+        def pool_ge(v):
+            return (n_c - self._clean_lt(v)) + (n_p - int(p.searchsorted(v, "left")))
+
+        lo, hi = 0, self.n - 1  # largest i with pool_ge(asc[i]) >= n_top; asc[lo] is then a pool value
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if pool_ge(self.asc[mid]) >= n_top:
+                lo = mid
+            else:
+                hi = mid - 1
+        c = self.asc[lo]
+        above = (n_c - int(self._clean_le(c))) + (n_p - int(p.searchsorted(c, "right")))
+        return c, pool_ge(c) - above, n_top - above
 
 
 # --------------------------------------------------------------------------- public API
@@ -441,7 +688,7 @@ def topk_metrics(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray
     """
     s, y, codes, n_codes = _inputs(scores, is_noise, seq_codes)
     k = _check_k(k)
-    return _evaluate(s, y, codes, n_codes, (k,), _check_scope(scope))[k]
+    return count_values(_evaluate(s, y, codes, n_codes, (k,), _check_scope(scope))[k], per_cut_only=True)
 
 
 def curve(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray,
@@ -458,43 +705,12 @@ def curve(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray,
     if not ks:
         raise AuditError("cuts is empty; give at least one cut")
     res = _evaluate(s, y, codes, n_codes, tuple(dict.fromkeys(ks)), _check_scope(scope))
-    return {k: dict(res[k]) for k in ks}
+    return {k: count_values(res[k], per_cut_only=True) for k in ks}
 
 
-def _positive_table(scores, is_noise):
-    """Sorted scores, and per distinct noise score v: v, its noise count, #noise < v."""
+def _check_pair(scores, is_noise) -> tuple[np.ndarray, np.ndarray]:
     s = _check_scores(scores)
-    y = _check_labels(is_noise, s.size)
-    asc = np.sort(s)
-    pos = np.sort(s[y])
-    if pos.size == 0:
-        return asc, pos, pos, np.zeros(0, np.int64)
-    first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
-    mult = np.diff(np.r_[first, pos.size])
-    return asc, pos[first], mult, first
-
-
-def _auroc(asc, v, mult, pos_below) -> float:
-    n = asc.size
-    n_pos = int(mult.sum())
-    n_neg = n - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return _NAN
-    left = asc.searchsorted(v, side="left")
-    right = asc.searchsorted(v, side="right")
-    neg_below = left - pos_below
-    neg_tied = right - left - mult
-    twice_u = int(np.sum(mult * (2 * neg_below + neg_tied)))   # exact in int64
-    return twice_u / (2.0 * n_pos * n_neg)
-
-
-def _average_precision(asc, v, mult, pos_below) -> float:
-    n_pos = int(mult.sum())
-    if n_pos == 0:
-        return _NAN
-    tp = n_pos - pos_below                       # noise with score >= v
-    ranked = asc.size - asc.searchsorted(v, side="left")   # tokens with score >= v
-    return float(np.sum(mult * (tp / ranked)) / n_pos)
+    return s, _check_labels(is_noise, s.size)
 
 
 def auroc(scores: np.ndarray, is_noise: np.ndarray) -> float:
@@ -503,7 +719,7 @@ def auroc(scores: np.ndarray, is_noise: np.ndarray) -> float:
     Equals ``sklearn.metrics.roc_auc_score`` (ties as average ranks); computed
     exactly from the Mann-Whitney U in integers. NaN if either class is absent.
     """
-    return _auroc(*_positive_table(scores, is_noise))
+    return ScoreIndex(*_check_pair(scores, is_noise)).auroc()
 
 
 def average_precision(scores: np.ndarray, is_noise: np.ndarray) -> float:
@@ -512,13 +728,12 @@ def average_precision(scores: np.ndarray, is_noise: np.ndarray) -> float:
     Equals ``sklearn.metrics.average_precision_score`` (tied scores form one
     threshold, no interpolation). NaN without noise tokens; 1 without clean ones.
     """
-    return _average_precision(*_positive_table(scores, is_noise))
+    return ScoreIndex(*_check_pair(scores, is_noise)).average_precision()
 
 
 def rank_metrics(scores: np.ndarray, is_noise: np.ndarray) -> dict[str, float]:
-    """``{"auroc": ..., "ap": ...}`` from one sort (same values as :func:`auroc`, :func:`average_precision`)."""
-    table = _positive_table(scores, is_noise)
-    return {"auroc": _auroc(*table), "ap": _average_precision(*table)}
+    """Every ranking metric (``auroc``, ``ap``, ...) from one sort."""
+    return ranking_values(ScoreIndex(*_check_pair(scores, is_noise)))
 
 
 def _check_weights(weights, n: int | None = None) -> np.ndarray:
@@ -541,32 +756,26 @@ def noise_mass(weights: np.ndarray, is_noise: np.ndarray) -> tuple[float, float]
     """
     w = _check_weights(weights)
     y = _check_labels(is_noise, w.size, ref="weights")
-    total = float(w.sum())
-    n_noise = int(np.count_nonzero(y))
-    share = float(w[y].sum()) / total if total > 0 else _NAN
-    ratio = share / (n_noise / y.size) if n_noise > 0 else _NAN
-    return share, ratio
+    c = Counts(y.size, int(np.count_nonzero(y)), w_total=float(w.sum()), w_noise=float(w[y].sum()))
+    return _number(mass_share(c)), _number(mass_ratio(c))
 
 
 def bootstrap_intervals(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, k: float,
                         scope: str = "global", weights: np.ndarray | None = None, n_boot: int = 200,
                         seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals over sequences for the :func:`topk_metrics` keys.
+    """Percentile bootstrap intervals over sequences for every per-cut metric with ``interval``.
 
-    With ``weights``, also ``noise_mass`` and ``noise_mass_ratio`` (:func:`noise_mass`).
-
+    With ``weights``, also the weight metrics (``noise_mass``, ``noise_mass_ratio``).
     Sequences (the S codes that occur, in code order) are the resampling unit.
     Replicate ``b`` takes the sequences ``rng.integers(0, S, size=S)`` from
-    the ``b``-th such call on ``rng = np.random.default_rng(seed)``; each
-    statistic is a ratio of sums of per-sequence aggregates (expected noise in
-    the top set, expected top count, noise count, hit probability, length,
-    weight sums), evaluated as multiplicity-matrix products. The cut is held
-    at the full-sample cut, so in global scope the interval is conditional on
-    the cut value; in sequence scope every sequence has its own cut and the
-    replicate equals :func:`topk_metrics` on the resampled data exactly.
-    Replicates where a statistic is undefined (e.g. no noisy sequence drawn)
-    are left out of its quantiles; an interval is (NaN, NaN) when every
-    replicate is undefined.
+    the ``b``-th such call on ``rng = np.random.default_rng(seed)``; every
+    metric is a function of :class:`Counts` summed over the drawn sequences
+    (multiplicity-matrix products). The cut is held at the full-sample cut, so
+    in global scope the interval is conditional on the cut value; in sequence
+    scope every sequence has its own cut and the replicate equals
+    :func:`topk_metrics` on the resampled data exactly. Replicates where a
+    metric is undefined are left out of its quantiles; an interval is
+    (NaN, NaN) when every replicate is undefined.
     """
     s, y, codes, n_codes = _inputs(scores, is_noise, seq_codes)
     k = _check_k(k)
@@ -578,7 +787,21 @@ def bootstrap_intervals(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise AuditError(f"seed must be a non-negative integer, got {seed!r}")
     w = None if weights is None else _check_weights(weights, s.size)
+    names, per_seq = _sequence_counts(s, y, codes, n_codes, k, scope, w)
+    reps = Counts(**dict(zip(names, _resampled_sums(per_seq, n_boot, seed).T)))
+    specs = [m for m in metric_specs(interval=True) if m.counts is not None and (m.per_cut or w is not None)]
+    q = ((1 - level) / 2, 1 - (1 - level) / 2)
+    out = {}
+    for spec in specs:
+        vals = np.asarray(spec.counts(reps), dtype=np.float64)
+        vals = vals[~np.isnan(vals)]
+        lo, hi = np.quantile(vals, q) if vals.size else (_NAN, _NAN)
+        out[spec.name] = (float(lo), float(hi))
+    return out
 
+
+def _sequence_counts(s, y, codes, n_codes, k, scope, w) -> tuple[tuple[str, ...], np.ndarray]:
+    """Per sequence that occurs, its :class:`Counts` fields at the full-sample cut: (field names, [S, fields])."""
     length = np.bincount(codes, minlength=n_codes).astype(np.float64)
     n_noise = np.bincount(codes[y], minlength=n_codes).astype(np.float64)
     if scope == "global":
@@ -597,41 +820,82 @@ def bootstrap_intervals(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.
         n_top_s, _, _, found, hit = _SequencePool(s, y, codes, n_codes).cut(k)
         top = n_top_s.astype(np.float64)
     noisy = (n_noise > 0).astype(np.float64)
+    names = ("found", "n_top", "n_noise", "n", "hits", "n_noisy_seqs")
     cols = [found, top, n_noise, length, hit * noisy, noisy]
     if w is not None:
+        names += ("w_total", "w_noise")
         cols += [np.bincount(codes, weights=w, minlength=n_codes),
                  np.bincount(codes[y], weights=w[y], minlength=n_codes)]
-    present = length > 0
-    agg = np.column_stack(cols)[present]            # [S, columns]
-    n_seq = agg.shape[0]
+    return names, np.column_stack(cols)[length > 0]
 
+
+def _resampled_sums(agg: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, fields]: row b sums the rows of ``agg`` drawn by replicate b (see :func:`bootstrap_intervals`)."""
+    n_seq = agg.shape[0]
     rng = np.random.default_rng(seed)
     sums = np.empty((n_boot, agg.shape[1]))
     rows = max(1, _BOOT_CHUNK // n_seq)
     mult = np.empty((min(rows, n_boot), n_seq))
     for lo in range(0, n_boot, rows):
         hi = min(n_boot, lo + rows)
-        for r in range(hi - lo):                      # one draw per replicate (see docstring)
+        for r in range(hi - lo):                      # one draw per replicate (see bootstrap_intervals)
             mult[r] = np.bincount(rng.integers(0, n_seq, size=n_seq), minlength=n_seq)
         sums[lo:hi] = mult[: hi - lo] @ agg
+    return sums
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        base = sums[:, 2] / sums[:, 3]
-        prec = np.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1], np.nan)
-        stats = {
-            "tok_prec": prec,
-            "tok_rec": np.where(sums[:, 2] > 0, sums[:, 0] / sums[:, 2], np.nan),
-            "seq_hit": np.where(sums[:, 5] > 0, sums[:, 4] / sums[:, 5], np.nan),
-            "lift": np.where(base > 0, prec / base, np.nan),
-        }
-        if w is not None:
-            share = np.where(sums[:, 6] > 0, sums[:, 7] / sums[:, 6], np.nan)
-            stats["noise_mass"] = share
-            stats["noise_mass_ratio"] = np.where(base > 0, share / base, np.nan)
-    q = ((1 - level) / 2, 1 - (1 - level) / 2)
-    out = {}
-    for name, vals in stats.items():
-        vals = vals[~np.isnan(vals)]
-        lo, hi = np.quantile(vals, q) if vals.size else (_NAN, _NAN)
-        out[name] = (float(lo), float(hi))
-    return out
+
+# --------------------------------------------------------------------------- one ranking, as compare reports it
+
+
+def ranking_metrics(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, *, k: float,
+                    cuts: Iterable[float], scope: str, n_boot: int, seed: int,
+                    index: ScoreIndex | None = None) -> tuple[dict[str, float], dict[float, dict[str, float]]]:
+    """Every metric of one ranking in one scope: at cut ``k`` with intervals, and the per-cut ones at every cut.
+
+    Returns ``(row, curve)``: ``row`` has every metric of :data:`METRICS` and
+    ``<name>_lo``/``<name>_hi`` for those with an interval (NaN when
+    ``n_boot`` is 0); ``curve`` maps each cut of ``cuts`` ∪ {k}, ascending,
+    to the per-cut metrics. The weights of the weight metrics are the scores.
+    ``index`` (:class:`ScoreIndex` of these scores) is built when not given.
+    """
+    s, y, codes, n_codes = _inputs(scores, is_noise, seq_codes)
+    k = _check_k(k)
+    all_cuts = tuple(sorted({_check_k(c, "every cut") for c in cuts} | {k}))
+    counts = _evaluate(s, y, codes, n_codes, all_cuts, _check_scope(scope))
+    main = replace(counts[k], w_total=float(s.sum()), w_noise=float(s[y].sum()))
+    row = {**count_values(main), **ranking_values(index or ScoreIndex(s, y))}
+    bounds = bootstrap_intervals(s, y, seq_codes, k, scope, weights=s, n_boot=n_boot, seed=seed) if n_boot else {}
+    for spec in metric_specs(interval=True):
+        row[f"{spec.name}_lo"], row[f"{spec.name}_hi"] = bounds.get(spec.name, (_NAN, _NAN))
+    return row, {c: count_values(counts[c], per_cut_only=True) for c in all_cuts}
+
+
+def kind_metrics(index: ScoreIndex, scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray,
+                 kind_codes: np.ndarray, kinds: list[str], *, k: float, scope: str) -> list[dict]:
+    """Per noise kind, every metric at cut ``k`` with positives = that kind, pool = clean tokens + that kind.
+
+    ``kind_codes``: the kind's index in ``kinds`` per noise token, -1 for clean
+    ones; ``index`` is the :class:`ScoreIndex` of ``scores`` with these codes.
+    Global scope and the ranking metrics come from the shared sort; sequence
+    scope evaluates each kind's pool.
+    """
+    if not kinds:
+        return []
+    clean = ~is_noise
+    n_clean = int(clean.sum())
+    noise_idx = np.flatnonzero(is_noise)
+    kind_w = np.bincount(kind_codes[noise_idx], weights=scores[noise_idx], minlength=len(kinds))
+    clean_w = float(scores[clean].sum())
+    rows = []
+    for ki, kind in enumerate(kinds):
+        if scope == "global":
+            counts = index.topk_counts(k, ki)
+        else:
+            pos = kind_codes == ki
+            pool = clean | pos
+            s, y, codes, n_codes = _inputs(scores[pool], pos[pool], seq_codes[pool])
+            counts = _evaluate(s, y, codes, n_codes, (k,), _check_scope(scope))[k]
+        counts = replace(counts, w_total=clean_w + kind_w[ki], w_noise=kind_w[ki])
+        rows.append({"kind": kind, "n_kind": int(counts.n_noise), "n_pool": n_clean + int(counts.n_noise),
+                     **count_values(counts), **ranking_values(index, ki)})
+    return rows

@@ -1,43 +1,10 @@
 """Noise injection: the families, the protected regions, the per-sequence RNG.
 
-Pure logic: text in, noisy text and span labels out. The only file access is
-reading the word lists shipped in ``reweight_audit.data``.
-
-Conventions (recorded in the inject manifest):
-
-* A *word* is a maximal run of non-whitespace characters (``\\S+``).
-* A *slot* is one word of the clean response. Each slot gets at most one
-  injection event, chosen among the families that apply to it:
-
-  - insertion families (``filler``, ``hedge``, ``random-word``,
-    ``random-token``, ``repeat``) insert ``" " + noise`` right after the
-    word, so the text reads "... word umm next ...". They apply when the
-    whitespace gap after the word lies outside every protected region (so
-    there is a next word, and never a split word, CRLF pair or combining
-    mark: the insertion point always sits between a non-space character
-    and a whitespace character);
-  - ``typo`` rewrites the word's alphabetic core (ASCII letters, >= 3);
-  - ``digit`` rewrites one number inside the word.
-
-* ``rate``: every applicable slot gets an event with probability ``rate``,
-  so ``rate`` is exactly the per-site probability. The family is drawn from
-  the configured weights renormalised over the families that apply there
-  (``digit`` only applies at numbers, so it is rarer than its weight).
-* ``target_frac``: per non-clean sequence, events are added in a random order
-  of slots until the share of *noise words* among the words of the final
-  response is as close to ``target_frac`` as one more event allows. One
-  event moves the share by less than ``m / W`` (``W`` = words of the clean
-  response, ``m`` = most words one event adds: 1 for typo, digit, repeat,
-  random-word and random-token, the longest entry for filler (2) and hedge
-  (3)), so the achieved share is within ``m / (2 W)`` of the target unless the
-  sequence runs out of eligible slots. An inserted entry counts its own words
-  ("you know" = 2); a typo or digit change counts 1.
-* Protected, never touched: LaTeX math (``$..$``, ``$$..$$``, ``\\(..\\)``,
-  ``\\[..\\]``, ``\\begin{env}..\\end{env}``), fenced and inline code, and
-  numbers (except by ``digit``, which still leaves math and code alone). An
-  unterminated opener protects the rest of the response.
-* Span offsets are Python ``str`` indices (Unicode code points) into the
-  final response, and ``response[start:end] == text`` always holds.
+Pure logic: text in, noisy text and span labels out (``response[start:end] ==
+text`` always). The only file access is reading the word lists shipped in
+``reweight_audit.data``. The conventions (words, slots, rate and target
+modes, protected regions, offsets) are recorded in the inject manifest and
+written out in ``docs/design.md``, "Noise injection".
 """
 from __future__ import annotations
 

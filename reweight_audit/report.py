@@ -1,9 +1,10 @@
 """Rendering ``compare`` results: rich table, Markdown, PNG plots, heatmap.html.
 
-Everything here draws or formats data that :mod:`reweight_audit.compare`
-already computed; nothing is recomputed. Plots use matplotlib's Agg canvas
-through :class:`matplotlib.figure.Figure` (no pyplot, no global backend
-state, no display needed).
+Everything here draws or formats data that compare already computed; nothing
+is recomputed. Metric columns, headings and cell formats come from
+:data:`reweight_audit.metrics.METRICS`. Plots use matplotlib's Agg canvas
+through :class:`matplotlib.figure.Figure` (no pyplot, no global backend state,
+no display needed).
 """
 from __future__ import annotations
 
@@ -11,14 +12,19 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from rich.table import Table
 
-if TYPE_CHECKING:  # pragma: no cover
-    from reweight_audit.compare import CompareResult
+from reweight_audit.formatting import finite, fmt_interval, fmt_num, fmt_pct, k_label
+from reweight_audit.metrics import metric_specs
+from reweight_audit.results import CompareResult
+
+__all__ = ["fmt_pct", "fmt_interval", "fmt_num", "render_table", "table_markdown", "table_cells", "metric_headers",
+           "plot_recall_curves", "plot_rank_vs_prob", "plot_expected_rank_vs_entropy", "plot_weight_distributions",
+           "heatmap_html", "default_heatmap_method"]
 
 LN2 = math.log(2.0)
 
@@ -26,67 +32,32 @@ LN2 = math.log(2.0)
 # --------------------------------------------------------------------------- formatting
 
 
-def _finite(x: Any) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def fmt_pct(x: Any, digits: int = 2) -> str:
-    """0.0454 -> '4.54%'; NaN/None -> 'n/a'."""
-    return f"{float(x) * 100:.{digits}f}%" if _finite(x) else "n/a"
-
-
-def fmt_interval(x: Any, lo: Any, hi: Any, digits: int = 2) -> str:
-    """'4.54% (3.90–5.20)'; the interval is left out when it is undefined."""
-    s = fmt_pct(x, digits)
-    if _finite(x) and _finite(lo) and _finite(hi):
-        s += f" ({float(lo) * 100:.{digits}f}–{float(hi) * 100:.{digits}f})"
-    return s
-
-
-def fmt_num(x: Any, digits: int = 3, suffix: str = "") -> str:
-    return f"{float(x):.{digits}f}{suffix}" if _finite(x) else "n/a"
-
-
-def _k_label(k: float) -> str:
-    return f"{float(k):g}%"
-
-
 def _varying(df: pd.DataFrame, cols: tuple[str, ...] = ("run", "rank_by", "scope")) -> list[str]:
     return [c for c in cols if c in df.columns and df[c].nunique(dropna=False) > 1]
 
 
 def table_cells(row: pd.Series | dict) -> list[str]:
-    """The formatted metric cells of one table row (Table 1 order)."""
+    """The formatted metric cells of one table row, one per shown metric (Table 1 order)."""
     g = row.get
-    return [
-        fmt_interval(g("tok_prec"), g("tok_prec_lo"), g("tok_prec_hi")),
-        fmt_interval(g("tok_rec"), g("tok_rec_lo"), g("tok_rec_hi")),
-        fmt_interval(g("seq_hit"), g("seq_hit_lo"), g("seq_hit_hi")),
-        fmt_num(g("lift"), 2, "×"),
-        fmt_num(g("auroc"), 3),
-        fmt_num(g("ap"), 3),
-        fmt_num(g("noise_mass_ratio"), 2),
-    ]
+    return [spec.fmt(g(spec.name), g(f"{spec.name}_lo"), g(f"{spec.name}_hi"))
+            for spec in metric_specs() if spec.header is not None]
 
 
 def metric_headers(k: float) -> list[str]:
-    kl = _k_label(k)
-    return [f"TOK PREC@{kl}", f"TOK REC@{kl}", f"SEQ HIT@{kl}", f"LIFT@{kl}", "AUROC", "AP", "NOISE MASS ×"]
+    """The headings of the shown metrics at cut ``k`` (percent)."""
+    return [spec.header.format(k=k_label(k)) for spec in metric_specs() if spec.header is not None]
 
 
-def _title(result: "CompareResult") -> str:
+def _title(result: CompareResult) -> str:
     df = result.table
-    parts = [f"Noise in the top {_k_label(result.k)} of tokens"]
+    parts = [f"Noise in the top {k_label(result.k)} of tokens"]
     for col, name in (("run", "run"), ("rank_by", "rank by"), ("scope", "scope")):
         if col in df.columns and df[col].nunique() == 1:
             parts.append(f"{name}: {df[col].iloc[0]}")
     return parts[0] + (" (" + ", ".join(parts[1:]) + ")" if len(parts) > 1 else "")
 
 
-def _caption(result: "CompareResult") -> str:
+def _caption(result: CompareResult) -> str:
     bits = []
     for r in result.runs:
         bits.append(f"{r['label']}: {r['n_tokens']:,} tokens, noise base rate {fmt_pct(r['base_rate'])}, "
@@ -99,7 +70,7 @@ def _caption(result: "CompareResult") -> str:
     return "\n".join(bits)
 
 
-def render_table(result: "CompareResult") -> Table:
+def render_table(result: CompareResult) -> Table:
     """The paper's Table 1 shape: method, family, precision/recall/hit @k% with intervals, then lift, AUROC, AP,
     noise mass ratio. Run / rank-by / scope columns appear only when they vary."""
     df = result.table
@@ -126,10 +97,10 @@ def _md_escape(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def table_markdown(result: "CompareResult") -> str:
+def table_markdown(result: CompareResult) -> str:
     """table.md: the main table, base rates, skipped methods and recall by noise kind."""
     df = result.table
-    lines = [f"# reweight-audit compare: top {_k_label(result.k)}", ""]
+    lines = [f"# reweight-audit compare: top {k_label(result.k)}", ""]
     for r in result.runs:
         lines.append(f"- **{_md_escape(r['label'])}** (`{_md_escape(r['path'])}`): {r['n_tokens']:,} tokens, "
                      f"{r['n_noise']:,} noise (base rate {fmt_pct(r['base_rate'])}), "
@@ -154,7 +125,7 @@ def table_markdown(result: "CompareResult") -> str:
             lines.append(f"- `{_md_escape(s['method'])}` ({_md_escape(s['run'])}): {_md_escape(s['reason'])}")
     bk = result.by_kind
     if len(bk):
-        lines += ["", f"## Token recall @{_k_label(result.k)} by noise kind", "",
+        lines += ["", f"## Token recall @{k_label(result.k)} by noise kind", "",
                   "Pool per kind: clean tokens plus that kind's tokens.", ""]
         for key, grp in bk.groupby(["run", "rank_by", "scope"], sort=False):
             if len(bk.groupby(["run", "rank_by", "scope"])) > 1:
@@ -349,7 +320,7 @@ def _display_token(tok: str) -> str:
 
 
 def _fmt_stat(v: Any, digits: int = 4) -> str:
-    return f"{float(v):.{digits}g}" if _finite(v) else "n/a"
+    return f"{float(v):.{digits}g}" if finite(v) else "n/a"
 
 
 def _tooltip(seq: dict, i: int, method: str | None) -> str:
@@ -450,7 +421,7 @@ def default_heatmap_method(methods: list[str]) -> str | None:
 def heatmap_html(runs: list[dict], k: float | None = None, title: str = "reweight-audit: token weights") -> str:
     """A self-contained page (inline CSS and JS, no external assets).
 
-    ``runs``: one dict per run as built by :func:`reweight_audit.compare.heatmap_run_data` (label, methods, seqs with
+    ``runs``: one dict per run as built by :func:`reweight_audit.exports.heatmap_run_data` (label, methods, seqs with
     tokens, noise, kind, stats, w, pct). Token text is rendered server-side with :func:`html.escape`; the embedded
     JSON carries numbers, method names and noise kinds, with every ``<``, ``>`` and ``&`` as a \\u escape.
     """
@@ -464,7 +435,7 @@ def heatmap_html(runs: list[dict], k: float | None = None, title: str = "reweigh
            "weight's percentile among all tokens of its run (robust to each method's scale). Noise tokens are outlined "
            "in blue with a wavy underline; hover any token for p, entropy H, rank R, expected rank E[R], "
            "the weight and the noise kind."
-           + (f" Tables report the top {esc(_k_label(k))}." if k is not None else "") + "</p>",
+           + (f" Tables report the top {esc(k_label(k))}." if k is not None else "") + "</p>",
            '<div class="controls"><label for="method">method </label><select id="method">']
     for m in methods:
         out.append(f'<option value="{esc(m)}"{" selected" if m == default else ""}>{esc(m)}</option>')

@@ -7,25 +7,36 @@ positions are gathered, and the output head is applied to them chunk by chunk
 
 Output goes to ``<out>.shards/`` one parquet file per batch (atomic renames),
 and is merged into ``<out>`` when every batch is done, so ``--resume`` picks up
-an interrupted run where it stopped.
+an interrupted run where it stopped. :func:`run_score` is the stage; its steps,
+the engine's rules and the table's columns: ``docs/design.md``, "Scoring", and
+``docs/formats.md``.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from reweight_audit import __version__
 from reweight_audit.distributed import agree
 from reweight_audit.errors import AuditError
+from reweight_audit.io import (
+    atomic_file,
+    manifest_header,
+    manifest_path,
+    prepare_output_file,
+    read_json,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+
+T = TypeVar("T")
 
 NOISE_RULE = "a token is noise when any non-whitespace character it covers lies inside an injected span"
 STATS_COLUMNS = ("logp", "entropy", "rank", "expected_rank", "topk_entropy", "sum_p2")
@@ -339,7 +350,7 @@ def auto_chunk_rows(vocab: int, device: str) -> int:
     return int(max(16, min(4096, budget // per_row)))
 
 
-def _pad_batch(sequences: Sequence[Encoded], pad_id: int, device: str) -> tuple[Any, Any]:
+def pad_batch(sequences: Sequence[Encoded], pad_id: int, device: str) -> tuple[Any, Any]:
     import torch
 
     width = max(len(s.input_ids) for s in sequences)
@@ -365,7 +376,7 @@ class BatchInputs:
 def batch_inputs(sequences: Sequence[Encoded], pad_id: int, device: str) -> BatchInputs:
     import torch
 
-    ids, mask = _pad_batch(sequences, pad_id, device)
+    ids, mask = pad_batch(sequences, pad_id, device)
     rows = torch.cat([torch.full((len(s.sup_index),), r, dtype=torch.long) for r, s in enumerate(sequences)]).to(device)
     cols = torch.cat([torch.from_numpy(s.sup_index) for s in sequences]).to(device)
     return BatchInputs(ids, mask, rows, cols, ids[rows, cols])
@@ -446,18 +457,6 @@ def shard_dir(output: Path) -> Path:
     return output.with_name(output.name + ".shards")
 
 
-def manifest_path(output: Path) -> Path:
-    return output.with_name(output.name + ".manifest.json")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> Any:
     """One parquet table for a batch; rows with non-finite logits are dropped (counted by the caller)."""
     import pyarrow as pa
@@ -495,19 +494,6 @@ def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> A
     return table
 
 
-def write_table_atomic(table: Any, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        # a failed write (disk full, interrupt) leaves neither a truncated shard nor its temporary
-        if tmp.exists():
-            tmp.unlink()
-
-
 def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 << 17) -> int:
     """Stream shard tables into one parquet file, sorted by input order then position within each shard.
 
@@ -516,28 +502,23 @@ def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 <
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
     writer = None
     rows = 0
-    try:
-        for shard in shards:
-            table = pq.read_table(shard)
-            table = table.take(pc.sort_indices(table, sort_keys=[("seq_order", "ascending"), ("pos", "ascending")]))
-            table = table.drop_columns(["seq_order"])
+    with atomic_file(output) as tmp:
+        try:
+            for shard in shards:
+                table = pq.read_table(shard)
+                table = table.take(pc.sort_indices(table, sort_keys=[("seq_order", "ascending"), ("pos", "ascending")]))
+                table = table.drop_columns(["seq_order"])
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table, row_group_size=row_group_size)
+                rows += table.num_rows
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table, row_group_size=row_group_size)
-            rows += table.num_rows
-        if writer is None:
-            raise AuditError(f"{output}: nothing to write: no sequence had a supervised token")
-        writer.close()
-        writer = None
-        os.replace(tmp, output)
-    finally:
-        if writer is not None:
-            writer.close()
-        if tmp.exists():
-            tmp.unlink()
+                raise AuditError(f"{output}: nothing to write: no sequence had a supervised token")
+        finally:
+            if writer is not None:
+                writer.close()
     return rows
 
 
@@ -602,198 +583,295 @@ def iter_windows(
 def run_score(
     input_path: Path,
     output: Path,
-    config: ScoreConfig,
+    config: ScoreConfig | None = None,
     *,
     resume: bool = False,
     progress: ProgressFn | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
     window: int = WINDOW_SEQS,
 ) -> ScoreResult:
-    """Score every supervised token of ``input_path`` and write ``output`` plus its manifest.
+    """Score every supervised token of ``input_path``; write ``output`` (stats table) and its manifest.
 
-    With ``world_size`` > 1 (torchrun), every rank reads the corpus, scores its
-    share of each window's batches into the shared shard folder, and rank 0
-    merges once all ranks report success.
+    Without ``rank``/``world_size`` the process group comes from the
+    environment (torchrun, accelerate launch; one process otherwise). Every
+    rank scores its share of each window's batches into the shared shard
+    folder, and rank 0 merges once every rank reported success; the other
+    ranks return an empty manifest. ``progress(sequences, tokens, total)``
+    is called on rank 0 after each batch.
     """
-    import torch
+    if world_size is None or rank is None:
+        from reweight_audit.distributed import dist_context
 
-    from reweight_audit import corpus
-    from reweight_audit.model import load_model, load_tokenizer, model_digest, resolve_device, resolve_dtype, resolve_model
-
+        with dist_context() as (rank, world_size):
+            return run_score(input_path, output, config, resume=resume, progress=progress, rank=rank,
+                             world_size=world_size, window=window)
+    config = config or ScoreConfig()
     input_path, output = Path(input_path), Path(output)
-    if input_path.exists() and input_path.resolve() == output.resolve():
-        raise AuditError(f"{output}: the output would overwrite the input; choose another -o path")
+    _check_options(input_path, output, config)
+    started = time.time()
+    setup = on_every_rank(world_size, lambda: _set_up(input_path, output, config, resume, rank, world_size, window))
+    tally = on_every_rank(world_size, lambda: _score_windows(setup, resume, progress if rank == 0 else None, rank,
+                                                             world_size))
+    # rank 0 merges; the others wait for it, so no process leaves the group while another still needs it
+    manifest = on_every_rank(world_size, lambda: _merge(setup, tally, world_size, started) if rank == 0 else {})
+    return ScoreResult(output, manifest)
+
+
+def on_every_rank(world_size: int, stage: Callable[[], T]) -> T:
+    """Run one stage on this rank, then agree with the others: every rank raises when any rank failed.
+
+    Without the exchange a rank that failed would leave the others waiting at the next collective.
+    """
+    failure: BaseException | None = None
+    result = None
+    try:
+        result = stage()
+    except Exception as exc:
+        failure = exc
+    agree(failure, world_size)
+    return result
+
+
+def _check_options(input_path: Path, output: Path, config: ScoreConfig) -> None:
+    prepare_output_file(output, source=input_path, create=False)
     if config.batch_tokens < 1:
         raise AuditError("--batch-tokens must be a positive number of tokens")
     if config.max_length is not None and config.max_length < 2:
         raise AuditError("--max-length must be at least 2 tokens")
-    started = time.time()
-    read_report: dict = {}
+
+
+@dataclass
+class _Setup:
+    """What every rank holds once the input, the model(s) and the shard folder are ready."""
+
+    input_path: Path
+    output: Path
+    config: ScoreConfig
+    device: str
+    source: Any  # ModelSource
+    template: str
+    windows: Iterator[list[Encoded]]  # the windows after ``first``
+    first: list[Encoded]
+    total_records: int
+    counts: dict[str, int]
+    read_report: dict
+    model: Any
+    head: Head
+    ref: tuple[Any, Head] | None
+    pad_id: int
+    vocab: int
+    chunk_rows: int
+    identity: dict
+    shards: Path
+
+
+def _set_up(input_path: Path, output: Path, config: ScoreConfig, resume: bool, rank: int, world_size: int,
+            window: int) -> _Setup:
+    """Read the first window (input errors surface before any model loads), load the model(s), claim the shards."""
+    from reweight_audit import corpus
+    from reweight_audit.model import load_tokenizer, model_digest, resolve_device, resolve_dtype, resolve_model
+
+    if not input_path.exists():
+        raise AuditError(f"{input_path}: no such file; run 'reweight-audit inject' first or check the path")
+    prepare_output_file(output, source=input_path)
+    device = _rank_device(resolve_device(config.device), world_size)
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    template = choose_template(tokenizer, config.template)
     counts: dict[str, int] = {}
-    failure: BaseException | None = None
-    try:
-        if not input_path.exists():
-            raise AuditError(f"{input_path}: no such file; run 'reweight-audit inject' first or check the path")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        device = resolve_device(config.device)
-        if world_size > 1 and device == "cuda":
-            device = f"cuda:{torch.cuda.current_device()}"
-        dtype = resolve_dtype(config.dtype, device)
-        source = resolve_model(config.model)
-        tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
-        template = choose_template(tokenizer, config.template)
-        windows = iter_windows(input_path, tokenizer, template, config.max_length, counts, read_report, window)
-        first = next(windows, None)  # input errors surface before the model loads
-        if first is None:
-            if not counts.get("records"):
-                raise AuditError(f"{input_path}: no records; run inject on a non-empty corpus")
-            raise AuditError(f"{input_path}: no record has a supervised token left to score (see --max-length)")
-        total_records = count_records(input_path)
+    read_report: dict = {}
+    windows = iter_windows(input_path, tokenizer, template, config.max_length, counts, read_report, window)
+    first = _first_window(windows, input_path, counts)
+    model, head, vocab = _load_scorer(source, config, device, dtype, first)
+    ref, ref_source = _load_reference(config, tokenizer, device, dtype, first)
+    identity = {
+        "format": SHARD_FORMAT,
+        "input_digest": corpus.source_digest(str(input_path)),
+        "model": source.describe(),
+        "model_digest": model_digest(source),
+        "ref_model": ref_source.describe() if ref_source else None,
+        "template": template,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_tokens": config.batch_tokens,
+        "max_length": config.max_length,
+        "window": window,
+    }
+    shards = claim_shards(shard_dir(output), identity, resume=resume, write_state=rank == 0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return _Setup(input_path, output, config, device, source, template, windows, first, count_records(input_path),
+                  counts, read_report, model, head, ref, pad_id, vocab, config.chunk_rows or auto_chunk_rows(vocab, device),
+                  identity, shards)
 
-        model = load_model(source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
-        check_vocabulary(model, first)
-        head = verify_head(model, find_head(model), first[0], device)
-        vocab = int(head.weight.shape[0]) if head.mode == "linear" else int(model.config.get_text_config().vocab_size)
-        chunk_rows = config.chunk_rows or auto_chunk_rows(vocab, device)
-        ref = None
-        ref_source = None
-        if config.ref_model:
-            ref_source = resolve_model(config.ref_model)
-            ref_tok = load_tokenizer(ref_source, trust_remote_code=config.trust_remote_code)
-            if ref_tok.get_vocab() != tokenizer.get_vocab():
-                raise AuditError(f"--ref-model {config.ref_model}: its tokenizer differs from the scored model's; Rho-1 needs the same vocabulary")
-            ref_model = load_model(ref_source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
-            check_vocabulary(ref_model, first)
-            ref = (ref_model, verify_head(ref_model, find_head(ref_model), first[0], device))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-        identity = {
-            "format": SHARD_FORMAT,
-            "input_digest": corpus.source_digest(str(input_path)),
-            "model": source.describe(),
-            "model_digest": model_digest(source),
-            "ref_model": ref_source.describe() if ref_source else None,
-            "template": template,
-            "dtype": str(dtype).replace("torch.", ""),
-            "batch_tokens": config.batch_tokens,
-            "max_length": config.max_length,
-            "window": window,
-        }
-        key = fingerprint(identity)
-        shards = shard_dir(output)
-        state_file = shards / "state.json"
-        if shards.exists():
-            previous = json.loads(state_file.read_text()) if state_file.exists() else None
-            if not resume and previous is not None and any(shards.glob("batch-*.parquet")):
-                raise AuditError(
-                    f"{shards}: an earlier run left finished shards; pass --resume to continue it, or delete the folder to start over"
-                )
-            if resume and previous is not None and previous.get("key") != key:
-                changed = [k for k in identity if previous.get("identity", {}).get(k) != identity[k]]
-                raise AuditError(
-                    f"{shards}: --resume refused: the earlier run had a different {', '.join(changed) or 'configuration'}; "
-                    "rerun with the same options or delete the folder"
-                )
-        shards.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            write_json_atomic(state_file, {"key": key, "identity": identity})
-    except Exception as exc:  # every rank must learn of any failure, or the others wait at the barrier
-        failure = exc
-    agree(failure, world_size)
+def _rank_device(device: str, world_size: int) -> str:
+    """Under several ranks, plain ``cuda`` means this rank's own GPU."""
+    if world_size > 1 and device == "cuda":
+        import torch
 
-    import itertools
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
-    failure = None
-    n_batches = resumed = scored_tokens = done_seqs = done_tokens = 0
-    supervised = noise_tokens = n_sequences = 0
-    forward_seconds = 0.0
-    try:
-        for sequences in itertools.chain([first], windows):
-            n_sequences += len(sequences)
-            supervised += sum(len(s.sup_index) for s in sequences)
-            noise_tokens += sum(int(s.is_noise.sum()) for s in sequences)
-            if sequences is not first:
-                check_vocabulary(model, sequences)
-            batches = plan_batches(sequences, config.batch_tokens)
-            costs = [len(b) * max(len(sequences[j].input_ids) for j in b) for b in batches]
-            owner = assign_to_ranks(costs, world_size)
-            for local, members in enumerate(batches):
-                index = n_batches + local
-                batch = [sequences[j] for j in members]
-                n_tok = sum(len(s.sup_index) for s in batch)
-                if owner[local] != rank:
-                    continue
-                path = shards / f"batch-{index:06d}.parquet"
-                if resume and path.exists():
-                    resumed += 1
-                else:
-                    t0 = time.perf_counter()
-                    stats = score_batch(model, head, batch, device=device, chunk_rows=chunk_rows, pad_id=pad_id, ref=ref)
-                    forward_seconds += time.perf_counter() - t0
-                    write_table_atomic(batch_table(batch, stats), path)
-                    scored_tokens += n_tok
-                done_seqs += len(batch)
-                done_tokens += n_tok
+
+def _first_window(windows: Iterator[list[Encoded]], input_path: Path, counts: dict) -> list[Encoded]:
+    first = next(windows, None)
+    if first is None:
+        if not counts.get("records"):
+            raise AuditError(f"{input_path}: no records; run inject on a non-empty corpus")
+        raise AuditError(f"{input_path}: no record has a supervised token left to score (see --max-length)")
+    return first
+
+
+def _load_scorer(source: Any, config: ScoreConfig, device: str, dtype: Any, first: list[Encoded]) -> tuple[Any, Head, int]:
+    """The model, its verified head and its vocabulary size."""
+    from reweight_audit.model import load_model
+
+    model = load_model(source, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    check_vocabulary(model, first)
+    head = verify_head(model, find_head(model), first[0], device)
+    vocab = int(head.weight.shape[0]) if head.mode == "linear" else int(model.config.get_text_config().vocab_size)
+    return model, head, vocab
+
+
+def _load_reference(config: ScoreConfig, tokenizer: Any, device: str, dtype: Any,
+                    first: list[Encoded]) -> tuple[tuple[Any, Head] | None, Any]:
+    """``--ref-model`` (Rho-1) and its head, or (None, None); it must share the scored model's vocabulary."""
+    from reweight_audit.model import load_tokenizer, resolve_model
+
+    if not config.ref_model:
+        return None, None
+    ref_source = resolve_model(config.ref_model)
+    ref_tok = load_tokenizer(ref_source, trust_remote_code=config.trust_remote_code)
+    if ref_tok.get_vocab() != tokenizer.get_vocab():
+        raise AuditError(f"--ref-model {config.ref_model}: its tokenizer differs from the scored model's; "
+                         "Rho-1 needs the same vocabulary")
+    ref_model, ref_head, _ = _load_scorer(ref_source, config, device, dtype, first)
+    return (ref_model, ref_head), ref_source
+
+
+def claim_shards(shards: Path, identity: dict, *, resume: bool, write_state: bool) -> Path:
+    """Make ``shards`` this run's folder: refuse another run's finished shards unless resuming the same run.
+
+    ``state.json`` holds the run's fingerprint (``identity``); ``--resume`` is refused when it differs.
+    """
+    key = fingerprint(identity)
+    state_file = shards / "state.json"
+    previous = read_json(state_file) if state_file.exists() else None
+    if previous is not None and not resume and any(shards.glob("batch-*.parquet")):
+        raise AuditError(f"{shards}: an earlier run left finished shards; pass --resume to continue it, "
+                         "or delete the folder to start over")
+    if previous is not None and resume and previous.get("key") != key:
+        changed = [k for k in identity if previous.get("identity", {}).get(k) != identity[k]]
+        raise AuditError(f"{shards}: --resume refused: the earlier run had a different "
+                         f"{', '.join(changed) or 'configuration'}; rerun with the same options or delete the folder")
+    shards.mkdir(parents=True, exist_ok=True)
+    if write_state:
+        write_json_atomic(state_file, {"key": key, "identity": identity})
+    return shards
+
+
+@dataclass
+class _Tally:
+    """What this rank scored, over all windows, and what the whole input holds (every rank reads it)."""
+
+    n_batches: int = 0  # batches planned, all ranks'
+    resumed: int = 0  # this rank's batches found finished (--resume)
+    scored_tokens: int = 0  # tokens this rank scored now, over forward_seconds
+    forward_seconds: float = 0.0
+    done_seqs: int = 0  # this rank's sequences, scored or resumed
+    done_tokens: int = 0
+    n_sequences: int = 0  # the input's
+    supervised: int = 0
+    noise_tokens: int = 0
+
+
+def _score_windows(setup: _Setup, resume: bool, progress: ProgressFn | None, rank: int, world_size: int) -> _Tally:
+    """Every window: plan its batches, take this rank's share, score each into its shard (kept ones skipped)."""
+    tally = _Tally()
+    for sequences in itertools.chain([setup.first], setup.windows):
+        tally.n_sequences += len(sequences)
+        tally.supervised += sum(len(s.sup_index) for s in sequences)
+        tally.noise_tokens += sum(int(s.is_noise.sum()) for s in sequences)
+        if sequences is not setup.first:
+            check_vocabulary(setup.model, sequences)
+        batches = plan_batches(sequences, setup.config.batch_tokens)
+        owner = assign_to_ranks([len(b) * max(len(sequences[j].input_ids) for j in b) for b in batches], world_size)
+        for local, members in enumerate(batches):
+            if owner[local] == rank:
+                _score_shard(setup, [sequences[j] for j in members], tally.n_batches + local, resume, tally)
                 if progress:
-                    progress(done_seqs * world_size, done_tokens * world_size, total_records)
-            n_batches += len(batches)
-    except Exception as exc:  # every rank must learn of any failure, or the others wait at the barrier
-        failure = exc
-    agree(failure, world_size)
-    # rank 0 merges; the others wait for it, so no process leaves the group while another still needs it
-    failure = None
-    manifest: dict = {}
-    if rank == 0:
-        try:
-            shard_paths = [shards / f"batch-{i:06d}.parquet" for i in range(n_batches)]
-            missing = [p for p in shard_paths if not p.exists()]
-            if missing:
-                raise AuditError(f"{shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
-            rows = merge_shards(shard_paths, output)
-            manifest = {
-                "tool": "reweight-audit",
-                "version": __version__,
-                "command": "score",
-                "input": str(input_path),
-                "input_digest": identity["input_digest"],
-                "model": source.describe(),
-                "model_spec": config.model,
-                "model_digest": identity["model_digest"],
-                "ref_model": identity["ref_model"],
-                "template": template,
-                "dtype": identity["dtype"],
-                "device": device,
-                "world_size": world_size,
-                "batch_tokens": config.batch_tokens,
-                "chunk_rows": chunk_rows,
-                "max_length": config.max_length,
-                "window": window,
-                "vocab_size": vocab,
-                "head": head.describe(),
-                "noise_rule": NOISE_RULE,
-                "columns": list(STATS_COLUMNS) + (["ref_logp"] if ref else []),
-                "row_order": "batches in length order; within a batch, input order then position",
-                "counts": {
-                    "sequences": n_sequences,
-                    "supervised_tokens": supervised,
-                    "rows_written": rows,
-                    "noise_tokens": noise_tokens,
-                    "nonfinite_tokens": supervised - rows,
-                    "records_without_spans": read_report.get("no_spans", 0),
-                    "batches": n_batches,
-                    "batches_resumed_rank0": resumed,
-                    **counts,
-                },
-                "timing": {
-                    "seconds_total": round(time.time() - started, 3),
-                    "seconds_scoring_rank0": round(forward_seconds, 3),
-                    "tokens_per_second_rank0": round(scored_tokens / forward_seconds, 2) if forward_seconds > 0 else None,
-                },
-            }
-            write_json_atomic(manifest_path(output), manifest)
-            shutil.rmtree(shards, ignore_errors=True)
-        except Exception as exc:
-            failure = exc
-    agree(failure, world_size)
-    return ScoreResult(output, manifest)
+                    progress(tally.done_seqs * world_size, tally.done_tokens * world_size, setup.total_records)
+        tally.n_batches += len(batches)
+    return tally
+
+
+def _score_shard(setup: _Setup, batch: list[Encoded], index: int, resume: bool, tally: _Tally) -> None:
+    path = setup.shards / f"batch-{index:06d}.parquet"
+    n_tok = sum(len(s.sup_index) for s in batch)
+    if resume and path.exists():
+        tally.resumed += 1
+    else:
+        t0 = time.perf_counter()
+        stats = score_batch(setup.model, setup.head, batch, device=setup.device, chunk_rows=setup.chunk_rows,
+                            pad_id=setup.pad_id, ref=setup.ref)
+        tally.forward_seconds += time.perf_counter() - t0
+        write_parquet_atomic(batch_table(batch, stats), path)
+        tally.scored_tokens += n_tok
+    tally.done_seqs += len(batch)
+    tally.done_tokens += n_tok
+
+
+def _merge(setup: _Setup, tally: _Tally, world_size: int, started: float) -> dict:
+    """Rank 0: merge every shard into the output, write the manifest, remove the shard folder."""
+    shard_paths = [setup.shards / f"batch-{i:06d}.parquet" for i in range(tally.n_batches)]
+    missing = [p for p in shard_paths if not p.exists()]
+    if missing:
+        raise AuditError(f"{setup.shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
+    rows = merge_shards(shard_paths, setup.output)
+    manifest = score_manifest(setup, tally, rows, world_size, started)
+    write_json_atomic(manifest_path(setup.output), manifest)
+    shutil.rmtree(setup.shards, ignore_errors=True)
+    return manifest
+
+
+def score_manifest(setup: _Setup, tally: _Tally, rows: int, world_size: int, started: float) -> dict:
+    """The score stage's manifest (``docs/formats.md``, "Manifests")."""
+    config, identity = setup.config, setup.identity
+    return {
+        **manifest_header("score", input=setup.input_path, input_digest=identity["input_digest"], output=setup.output),
+        "model": identity["model"],
+        "model_spec": config.model,
+        "model_digest": identity["model_digest"],
+        "ref_model": identity["ref_model"],
+        "template": setup.template,
+        "dtype": identity["dtype"],
+        "device": setup.device,
+        "world_size": world_size,
+        "batch_tokens": config.batch_tokens,
+        "chunk_rows": setup.chunk_rows,
+        "max_length": config.max_length,
+        "window": identity["window"],
+        "vocab_size": setup.vocab,
+        "head": setup.head.describe(),
+        "noise_rule": NOISE_RULE,
+        "columns": list(STATS_COLUMNS) + (["ref_logp"] if setup.ref else []),
+        "row_order": "batches in length order; within a batch, input order then position",
+        "counts": {
+            "sequences": tally.n_sequences,
+            "supervised_tokens": tally.supervised,
+            "rows_written": rows,
+            "noise_tokens": tally.noise_tokens,
+            "nonfinite_tokens": tally.supervised - rows,
+            "records_without_spans": setup.read_report.get("no_spans", 0),
+            "batches": tally.n_batches,
+            "batches_resumed_rank0": tally.resumed,
+            **setup.counts,
+        },
+        "timing": {
+            "seconds_total": round(time.time() - started, 3),
+            "seconds_scoring_rank0": round(tally.forward_seconds, 3),
+            "tokens_per_second_rank0": (round(tally.scored_tokens / tally.forward_seconds, 2)
+                                        if tally.forward_seconds > 0 else None),
+        },
+    }

@@ -87,3 +87,22 @@ def test_bench_on_a_tiny_model_agrees_with_the_naive_implementation(tmp_path):
     assert result["agreement"]["expected_rank_max_rel_err"] < 1e-6
     assert result["agreement"]["logp_max_abs_err"] < 1e-4
     assert result["supervised_tokens"] == 95
+
+
+def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
+    from reweight_audit.exports import EXPORT_FILES
+
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "-o", str(out), "--limit", "3", "--model", str(tiny_model), "--device", "cpu",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    rules = [line.strip("─ ") for line in result.output.splitlines() if line.startswith("─")]
+    assert [rule[:3] for rule in rules] == ["1/3", "2/3", "3/3"]
+    assert "wrote" in result.output and "demo done" in result.output
+    assert json.loads((out / "noisy.jsonl.manifest.json").read_text())["records"] == 3
+    assert json.loads((out / "stats.parquet.manifest.json").read_text())["stage"] == "score"
+    for name in EXPORT_FILES:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["scope"] == ["global", "sequence"] and summary["config"]["n_boot"] == 200
+    assert not (out / "stats.parquet.shards").exists()

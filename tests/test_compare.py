@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reweight_audit import compare as C
-from reweight_audit import methods as R
+from reweight_audit import compare, exports, methods, metrics, report, runs
 from reweight_audit.errors import AuditError
 
 KINDS = ("filler", "hedge", "typo")
@@ -75,14 +74,14 @@ def full_run(tmp_path_factory):
     """One full compare with every export: all methods, two rank-bys, two scopes."""
     d = tmp_path_factory.mktemp("cmp")
     stats = write_stats(d / "stats.parquet", make_stats(odd_token="<script>alert('x')</script>"), model="tiny-lm")
-    res = C.run_compare([stats], d / "out", rank_by=["weight", "loss"], scope=["global", "sequence"], n_boot=20,
-                        heatmap_sequences=5)
+    res = compare.run_compare([stats], d / "out", rank_by=["weight", "loss"], scope=["global", "sequence"],
+                              n_boot=20, heatmap_sequences=5)
     return stats, d / "out", res
 
 
 def quick(paths, **kw):
     kw.setdefault("n_boot", 0)
-    return C.run_compare(paths, Path("/nonexistent-not-written"), write=False, **kw)
+    return compare.run_compare(paths, Path("/nonexistent-not-written"), write=False, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -90,7 +89,7 @@ def quick(paths, **kw):
 
 def test_all_files_written_and_parseable(full_run):
     _, out, res = full_run
-    for name in C.EXPORT_FILES:
+    for name in exports.EXPORT_FILES:
         assert (out / name).is_file(), name
         assert res.files[name] == out / name
     table = pd.read_csv(out / "table.csv")
@@ -104,7 +103,7 @@ def test_all_files_written_and_parseable(full_run):
     assert 0 < summary["base_rate"]["tiny-lm"] < 1
     assert any(s["method"] == "rho1" for s in summary["skipped"])
     curves = pd.read_csv(out / "curves.csv")
-    assert {c * 100 for c in C.M.CUTS} <= set(np.round(curves["k"], 6))
+    assert {c * 100 for c in metrics.CUTS} <= set(np.round(curves["k"], 6))
     by_kind = pd.read_csv(out / "by_kind.csv")
     assert set(by_kind["kind"]) == set(KINDS)
     assert "TOK PREC@10%" in (out / "table.md").read_text()
@@ -116,13 +115,13 @@ def test_all_files_written_and_parseable(full_run):
 def test_one_row_per_run_method_rankby_scope(full_run):
     _, out, res = full_run
     table = pd.read_csv(out / "table.csv")
-    computed = [m.name for m in R.available_methods() if m.name != "rho1"]
+    computed = [m.name for m in methods.available_methods() if m.name != "rho1"]
     assert len(table) == len(computed) * 2 * 2
     assert not table.duplicated(["run", "method", "rank_by", "scope", "k"]).any()
     assert set(table["method"]) == set(computed)
     assert (table["k"] == 10.0).all()
     curves = pd.read_csv(out / "curves.csv")
-    assert len(curves) == len(table) * len(set(C.M.CUTS) | {0.10})
+    assert len(curves) == len(table) * len(set(metrics.CUTS) | {0.10})
     by_kind = pd.read_csv(out / "by_kind.csv")
     assert len(by_kind) == len(table) * len(KINDS)
 
@@ -146,13 +145,13 @@ def test_sft_scores_the_base_rate(full_run):
 def test_weights_parquet_has_one_column_per_method(full_run):
     stats, out, res = full_run
     w = pq.read_table(out / "weights.parquet")
-    computed = [m.name for m in R.available_methods() if m.name != "rho1"]
+    computed = [m.name for m in methods.available_methods() if m.name != "rho1"]
     assert w.column_names == ["run", "seq_id", "pos", "token", "is_noise", "noise_kind", *computed]
     src = pq.read_table(stats)
     assert w.num_rows == src.num_rows
     assert w.column("seq_id").to_pylist() == src.column("seq_id").to_pylist()
     cols = {c: src.column(c).to_numpy() for c in ("logp", "entropy")}
-    expected = R.compute_weights(R.get_method("dft"), cols)
+    expected = methods.compute_weights(methods.get_method("dft"), cols)
     np.testing.assert_allclose(w.column("dft").to_numpy(), expected, rtol=1e-6)
     assert np.all(w.column("sft").to_numpy() == 1.0)
 
@@ -243,10 +242,10 @@ def test_rank_by_loss_and_grad_hand_values():
     w = np.array([2.0, 0.5, 1.0])
     logp = np.log(np.array([0.5, 0.9, 0.25]))
     sum_p2 = np.array([0.3, 0.5, 0.25])  # token 2: radicand (0.1)² + 0.5 − 0.81 < 0 -> clipped to 0
-    np.testing.assert_allclose(C.rank_scores(w, "weight", logp, sum_p2), w)
-    np.testing.assert_allclose(C.rank_scores(w, "loss", logp, sum_p2),
+    np.testing.assert_allclose(metrics.rank_scores(w, "weight", logp, sum_p2), w)
+    np.testing.assert_allclose(metrics.rank_scores(w, "loss", logp, sum_p2),
                                [2 * math.log(2), 0.5 * -math.log(0.9), math.log(4)])
-    np.testing.assert_allclose(C.rank_scores(w, "grad", logp, sum_p2),
+    np.testing.assert_allclose(metrics.rank_scores(w, "grad", logp, sum_p2),
                                [2 * math.sqrt(0.25 + 0.3 - 0.25), 0.0, math.sqrt(0.75 ** 2 + 0.25 - 0.0625)])
 
 
@@ -272,7 +271,7 @@ def test_rank_by_end_to_end_noise_mass(tmp_path):
 def test_two_runs_side_by_side(tmp_path):
     a = write_stats(tmp_path / "a" / "stats.parquet", make_stats(20, seed=1), model="model-A")
     b = write_stats(tmp_path / "b" / "stats.parquet", make_stats(25, seed=2, ref=True), model="model-B")
-    res = C.run_compare([a, b], tmp_path / "out", methods=None, n_boot=0, heatmap_sequences=2)
+    res = compare.run_compare([a, b], tmp_path / "out", methods=None, n_boot=0, heatmap_sequences=2)
     assert list(dict.fromkeys(res.table["run"])) == ["model-A", "model-B"]
     assert set(res.table[res.table["run"] == "model-B"]["method"]) >= {"rho1"}
     assert "rho1" not in set(res.table[res.table["run"] == "model-A"]["method"])
@@ -292,14 +291,14 @@ def test_two_runs_side_by_side(tmp_path):
 def test_batch_dependent_method_gets_batches(tmp_path):
     table = make_stats(30)
     stats = write_stats(tmp_path / "s.parquet", table)
-    res = C.run_compare([stats], tmp_path / "out", methods=["talr"], batch_seqs=7, seed=3, n_boot=0,
-                        heatmap_sequences=1)
-    run = C.load_run(stats)
-    batch = R.assign_batches(run.seq_codes, 7, 3)
-    expected = R.compute_weights(R.get_method("talr"), {"logp": run.column("logp")}, batch=batch, seed=3)
+    res = compare.run_compare([stats], tmp_path / "out", methods=["talr"], batch_seqs=7, seed=3, n_boot=0,
+                              heatmap_sequences=1)
+    run = runs.load_run(stats)
+    batch = methods.assign_batches(run.seq_codes, 7, 3)
+    expected = methods.compute_weights(methods.get_method("talr"), {"logp": run.column("logp")}, batch=batch, seed=3)
     got = pq.read_table(res.files["weights.parquet"]).column("talr").to_numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6)
-    unbatched = R.compute_weights(R.get_method("talr"), {"logp": run.column("logp")},
+    unbatched = methods.compute_weights(methods.get_method("talr"), {"logp": run.column("logp")},
                                   batch=np.zeros(len(expected), dtype=np.int64))
     assert not np.allclose(expected, unbatched)
 
@@ -314,7 +313,7 @@ def test_params_and_method_files(tmp_path):
         "def oracle(columns, *, batch=None, rng=None):\n"
         "    return -np.asarray(columns['logp'], dtype=float)\n"
     )
-    with R.isolated_registry():
+    with methods.isolated_registry():
         res = quick([stats], methods=["focal", "noise-oracle"], method_files=[mfile], params=["focal.gamma=0"])
         t = res.table.set_index("method")
         assert t.loc["focal", "tok_prec"] == pytest.approx(t.loc["focal", "base_rate"])  # gamma 0: constant
@@ -327,8 +326,8 @@ def test_params_and_method_files(tmp_path):
 
 def test_bad_weights_name_the_method(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(5))
-    with R.isolated_registry():
-        @R.register("broken", family="baseline", needs=("logp",), formula="-1", source="test")
+    with methods.isolated_registry():
+        @methods.register("broken", family="baseline", needs=("logp",), formula="-1", source="test")
         def _broken(columns, *, batch=None, rng=None):
             return -np.ones(len(columns["logp"]))
 
@@ -338,12 +337,12 @@ def test_bad_weights_name_the_method(tmp_path):
 
 def test_heatmap_prefers_noisy_sequences_and_is_seeded(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(40))
-    run = C.load_run(stats)
-    a = C.choose_heatmap_sequences(run, 6, seed=1)
-    assert a == C.choose_heatmap_sequences(run, 6, seed=1)
+    run = runs.load_run(stats)
+    a = exports.choose_heatmap_sequences(run, 6, seed=1)
+    assert a == exports.choose_heatmap_sequences(run, 6, seed=1)
     noisy = set(np.unique(run.seq_codes[run.is_noise]))
     assert len(a) == 6 and set(a) <= noisy
-    everything = C.choose_heatmap_sequences(run, 1000, seed=1)
+    everything = exports.choose_heatmap_sequences(run, 1000, seed=1)
     assert len(everything) == len(run.seq_names)
 
 
@@ -358,17 +357,17 @@ def test_shared_sort_matches_metrics_module(quantise):
     s = rng.gamma(1.0, 1.0, size=n) + y * 0.7
     if quantise is not None:  # heavy ties, including at every cut
         s = np.round(s * quantise) / quantise
-    index = C.ScoreIndex(s, y, codes, kinds)
+    index = metrics.ScoreIndex(s, y, codes, kinds)
     for kind in (None, 0, 1, 2):
         pool = ~y | (kinds == kind) if kind is not None else np.ones(n, bool)
         pos = y if kind is None else kinds == kind
         got = index.rank_metrics(kind)
-        assert got["auroc"] == pytest.approx(C.M.auroc(s[pool], pos[pool]), abs=1e-12)
-        assert got["ap"] == pytest.approx(C.M.average_precision(s[pool], pos[pool]), abs=1e-12)
+        assert got["auroc"] == pytest.approx(metrics.auroc(s[pool], pos[pool]), abs=1e-12)
+        assert got["ap"] == pytest.approx(metrics.average_precision(s[pool], pos[pool]), abs=1e-12)
         for k in (0.0001, 0.01, 0.1, 0.37, 1.0):
-            want = C.M.topk_metrics(s[pool], pos[pool], codes[pool], k, "global")
+            want = metrics.topk_metrics(s[pool], pos[pool], codes[pool], k, "global")
             have = index.topk_global(k, kind)
-            for name in C.TOPK_METRICS:
+            for name in ("tok_prec", "tok_rec", "seq_hit", "lift"):
                 assert have[name] == pytest.approx(want[name], abs=1e-12, nan_ok=True), (kind, k, name)
 
 
@@ -376,7 +375,7 @@ def test_constant_scores_by_kind_is_base_rate():
     n = 500
     rng = np.random.default_rng(1)
     kinds = np.where(rng.random(n) < 0.2, rng.integers(0, 2, size=n), -1)
-    index = C.ScoreIndex(np.ones(n), kinds >= 0, rng.integers(0, 20, size=n), kinds)
+    index = metrics.ScoreIndex(np.ones(n), kinds >= 0, rng.integers(0, 20, size=n), kinds)
     for kind in (0, 1):
         n_kind = int((kinds == kind).sum())
         got = index.topk_global(0.1, kind)
@@ -392,3 +391,50 @@ def test_results_do_not_depend_on_worker_threads(tmp_path):
     pd.testing.assert_frame_equal(one.table, two.table)
     pd.testing.assert_frame_equal(one.by_kind, two.by_kind)
     pd.testing.assert_frame_equal(one.curves, two.curves)
+
+
+def f1_at_k(c: metrics.Counts):
+    """F1 of the top set: 2·found / (n_top + n_noise), the harmonic mean of tok_prec and tok_rec."""
+    return metrics.ratio(2 * np.asarray(c.found, float), np.asarray(c.n_top, float) + c.n_noise)
+
+
+def test_a_new_metric_is_one_function_and_one_spec_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "METRICS", list(metrics.METRICS))
+    metrics.add_metric(metrics.MetricSpec("f1", "F1@{k}", report.fmt_interval, interval=True, per_cut=True,
+                                          counts=f1_at_k))
+    with pytest.raises(AuditError, match="f1"):
+        metrics.add_metric(metrics.MetricSpec("f1", None, None, interval=False, per_cut=True, counts=f1_at_k))
+    stats = write_stats(tmp_path / "s.parquet", make_stats(25))
+    res = compare.run_compare([stats], tmp_path / "out", methods=["sft", "entropy"], scope=["global", "sequence"],
+                              n_boot=20, heatmap_sequences=1)
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert list(table.columns[table.columns.get_loc("lift_hi") + 1:][:3]) == ["f1", "f1_lo", "f1_hi"]
+    p, r = table["tok_prec"], table["tok_rec"]
+    np.testing.assert_allclose(table["f1"], 2 * p * r / (p + r), rtol=1e-12)  # by hand: the harmonic mean
+    assert ((table["f1_lo"] <= table["f1"]) & (table["f1"] <= table["f1_hi"])).all()
+    curves = pd.read_csv(tmp_path / "out" / "curves.csv")
+    np.testing.assert_allclose(curves["f1"], 2 * curves["tok_prec"] * curves["tok_rec"]
+                               / (curves["tok_prec"] + curves["tok_rec"]), rtol=1e-12)
+    by_kind = pd.read_csv(tmp_path / "out" / "by_kind.csv")
+    np.testing.assert_allclose(by_kind["f1"], 2 * by_kind["tok_prec"] * by_kind["tok_rec"]
+                               / (by_kind["tok_prec"] + by_kind["tok_rec"]), rtol=1e-12)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {"f1", "f1_lo", "f1_hi"} <= set(summary["table"][0])
+    assert "F1@10%" in (tmp_path / "out" / "table.md").read_text()
+    assert [c.header for c in report.render_table(res).columns][-1] == "F1@10%"
+
+
+def test_a_failed_compare_leaves_the_previous_report(tmp_path, monkeypatch):
+    stats = write_stats(tmp_path / "s.parquet", make_stats(10))
+    out = tmp_path / "out"
+    compare.run_compare([stats], out, methods=["sft", "dft"], n_boot=0, heatmap_sequences=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full while drawing the heatmap")
+
+    monkeypatch.setattr(report, "heatmap_html", broken)
+    with pytest.raises(RuntimeError):
+        compare.run_compare([stats], out, methods=["entropy"], n_boot=0, heatmap_sequences=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.parquet"]  # no temporary folder left

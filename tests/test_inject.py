@@ -9,7 +9,8 @@ import pytest
 import reweight_audit
 from reweight_audit.corpus import Record
 from reweight_audit.errors import AuditError
-from reweight_audit.inject import inject_records, manifest_path, write_injected
+from reweight_audit.inject import inject_records, write_injected
+from reweight_audit.io import manifest_path
 from reweight_audit.noise import NoiseConfig, known_kinds
 
 TEXTS = [

@@ -1,6 +1,6 @@
 """Weighting methods and their registry (methods/, imported as reweight_audit.methods).
 
-Expected values are worked by hand from the formulas in DESIGN.md and written
+Expected values are worked by hand from the formulas in docs/methods.md and written
 as numbers or closed forms (2**(1/6), ln 2, ...), not by re-running the code's
 expressions.
 """

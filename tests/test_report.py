@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from reweight_audit import compare as C
-from reweight_audit import report as R
+from reweight_audit import compare, exports, report, runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -53,21 +52,21 @@ def render(table) -> str:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = small_stats(tmp_path_factory.mktemp("rep") / "stats.parquet")
-    return C.run_compare([path], Path("/nonexistent"), methods=["sft", "entropy", "ranktuner", "dft"], n_boot=30,
-                         write=False)
+    return compare.run_compare([path], Path("/nonexistent"), methods=["sft", "entropy", "ranktuner", "dft"],
+                               n_boot=30, write=False)
 
 
 def test_formatting_helpers():
-    assert R.fmt_pct(0.0454) == "4.54%"
-    assert R.fmt_pct(float("nan")) == "n/a" and R.fmt_pct(None) == "n/a"
-    assert R.fmt_interval(0.2639, 0.2, 0.3) == "26.39% (20.00–30.00)"
-    assert R.fmt_interval(0.5, float("nan"), float("nan")) == "50.00%"
-    assert R.fmt_interval(float("nan"), 0.1, 0.2) == "n/a"
-    assert R.fmt_num(1.23456, 2, "×") == "1.23×"
+    assert report.fmt_pct(0.0454) == "4.54%"
+    assert report.fmt_pct(float("nan")) == "n/a" and report.fmt_pct(None) == "n/a"
+    assert report.fmt_interval(0.2639, 0.2, 0.3) == "26.39% (20.00–30.00)"
+    assert report.fmt_interval(0.5, float("nan"), float("nan")) == "50.00%"
+    assert report.fmt_interval(float("nan"), 0.1, 0.2) == "n/a"
+    assert report.fmt_num(1.23456, 2, "×") == "1.23×"
 
 
 def test_render_table_shape(result):
-    table = R.render_table(result)
+    table = report.render_table(result)
     headers = [c.header for c in table.columns]
     assert headers == ["method", "family", "TOK PREC@10%", "TOK REC@10%", "SEQ HIT@10%", "LIFT@10%", "AUROC", "AP",
                        "NOISE MASS ×"]
@@ -81,17 +80,18 @@ def test_render_table_shape(result):
 
 def test_render_table_varying_columns_and_na(tmp_path):
     path = small_stats(tmp_path / "clean.parquet", noise=False)
-    res = C.run_compare([path], tmp_path, methods=["sft", "nll"], rank_by=["weight", "loss"], n_boot=5, write=False)
-    table = R.render_table(res)
+    res = compare.run_compare([path], tmp_path, methods=["sft", "nll"], rank_by=["weight", "loss"], n_boot=5,
+                              write=False)
+    table = report.render_table(res)
     assert [c.header for c in table.columns][:2] == ["rank-by", "method"]
     text = render(table)
     assert "n/a" in text
-    md = R.table_markdown(res)
+    md = report.table_markdown(res)
     assert "n/a" in md and "| rank-by | method |" in md
 
 
 def test_markdown_table(result):
-    md = R.table_markdown(result)
+    md = report.table_markdown(result)
     lines = md.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| method"))
     assert "TOK PREC@10%" in lines[header] and "SEQ HIT@10%" in lines[header]
@@ -101,23 +101,23 @@ def test_markdown_table(result):
 
 
 def test_plots_write_pngs(tmp_path, result):
-    run = C.load_run(small_stats(tmp_path / "s.parquet"))
+    run = runs.load_run(small_stats(tmp_path / "s.parquet"))
     run.label = "run-a"
-    samples = [C.plot_sample(run, 0)]
-    assert R.plot_recall_curves(result.curves, tmp_path / "r.png", k=10).read_bytes()[:8] == PNG
-    assert R.plot_rank_vs_prob(samples, tmp_path / "p.png").read_bytes()[:8] == PNG
-    assert R.plot_expected_rank_vs_entropy(samples, tmp_path / "e.png").read_bytes()[:8] == PNG
+    samples = [exports.plot_sample(run, 0)]
+    assert report.plot_recall_curves(result.curves, tmp_path / "r.png", k=10).read_bytes()[:8] == PNG
+    assert report.plot_rank_vs_prob(samples, tmp_path / "p.png").read_bytes()[:8] == PNG
+    assert report.plot_expected_rank_vs_entropy(samples, tmp_path / "e.png").read_bytes()[:8] == PNG
     w = {"sft": np.ones(run.n_tokens), "entropy": run.column("entropy"), "zero": np.zeros(run.n_tokens)}
-    ws = [{"label": "run-a", "methods": {m: C.weight_sample(v, run.is_noise, 0) for m, v in w.items()}}]
-    assert R.plot_weight_distributions(ws, tmp_path / "w.png").read_bytes()[:8] == PNG
+    ws = [{"label": "run-a", "methods": {m: exports.weight_sample(v, run.is_noise, 0) for m, v in w.items()}}]
+    assert report.plot_weight_distributions(ws, tmp_path / "w.png").read_bytes()[:8] == PNG
     # a table without rank / expected_rank columns still plots (a note in the panel)
     samples[0]["rank"] = None
     samples[0]["expected_rank"] = None
-    assert R.plot_rank_vs_prob(samples, tmp_path / "p2.png").read_bytes()[:8] == PNG
-    assert R.plot_expected_rank_vs_entropy(samples, tmp_path / "e2.png").read_bytes()[:8] == PNG
+    assert report.plot_rank_vs_prob(samples, tmp_path / "p2.png").read_bytes()[:8] == PNG
+    assert report.plot_expected_rank_vs_entropy(samples, tmp_path / "e2.png").read_bytes()[:8] == PNG
     # nothing computed at all
-    assert R.plot_recall_curves(result.curves.iloc[0:0], tmp_path / "r0.png").read_bytes()[:8] == PNG
-    assert R.plot_weight_distributions([], tmp_path / "w0.png").read_bytes()[:8] == PNG
+    assert report.plot_recall_curves(result.curves.iloc[0:0], tmp_path / "r0.png").read_bytes()[:8] == PNG
+    assert report.plot_weight_distributions([], tmp_path / "w0.png").read_bytes()[:8] == PNG
 
 
 def _heatmap_runs():
@@ -138,7 +138,7 @@ def _heatmap_runs():
 
 
 def test_heatmap_escapes_and_is_self_contained():
-    page = R.heatmap_html(_heatmap_runs(), k=10)
+    page = report.heatmap_html(_heatmap_runs(), k=10)
     low = page.lower()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", low)
     assert "<link" not in low and "@import" not in low and "url(" not in low
@@ -160,8 +160,8 @@ def test_heatmap_escapes_and_is_self_contained():
 
 
 def test_default_heatmap_method():
-    assert R.default_heatmap_method(["sft", "dft", "ranktuner"]) == "ranktuner"
-    assert R.default_heatmap_method(["sft", "dft"]) == "dft"
-    assert R.default_heatmap_method(["sft"]) == "sft"
-    assert R.default_heatmap_method([]) is None
-    assert "<select" in R.heatmap_html([])
+    assert report.default_heatmap_method(["sft", "dft", "ranktuner"]) == "ranktuner"
+    assert report.default_heatmap_method(["sft", "dft"]) == "dft"
+    assert report.default_heatmap_method(["sft"]) == "sft"
+    assert report.default_heatmap_method([]) is None
+    assert "<select" in report.heatmap_html([])

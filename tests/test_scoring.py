@@ -249,7 +249,7 @@ def test_a_failed_shard_write_leaves_no_file(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reweight_audit.scoring import write_table_atomic
+    from reweight_audit.io import write_parquet_atomic
 
     def disk_full(table, where, **kw):
         with open(where, "wb") as f:
@@ -259,5 +259,5 @@ def test_a_failed_shard_write_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(pq, "write_table", disk_full)
     target = tmp_path / "batch-000001.parquet"
     with pytest.raises(OSError):
-        write_table_atomic(pa.table({"a": [1, 2]}), target)
+        write_parquet_atomic(pa.table({"a": [1, 2]}), target)
     assert list(tmp_path.iterdir()) == []

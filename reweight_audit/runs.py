@@ -1,0 +1,245 @@
+"""Loading runs: a ``score`` stats table read, validated and decoded once for ``compare``.
+
+:func:`load_run` turns ``stats.parquet`` (and its manifest, when present)
+into a :class:`RunData`: sequence and noise-kind codes, the noise labels, and
+the numeric columns a weighting method may read. Any problem with the file is
+one :class:`AuditError` line naming it. Table format: ``docs/formats.md``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from reweight_audit.errors import AuditError
+from reweight_audit.io import read_manifest
+
+#: Columns every stats table must have (identity and labels).
+REQUIRED_COLUMNS = ("seq_id", "pos", "token", "logp", "is_noise")
+#: Columns never handed to a weighting method: the noise labels are what the methods are judged against.
+LABEL_COLUMNS = ("is_noise", "noise_kind")
+
+
+class StatColumns(Mapping):
+    """The run's numeric columns as float64/int64 numpy arrays, decoded on first use."""
+
+    def __init__(self, run: "RunData"):
+        self._run = run
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._run.numeric_columns:
+            raise KeyError(name)
+        return self._run.column(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._run.numeric_columns)
+
+    def __len__(self) -> int:
+        return len(self._run.numeric_columns)
+
+
+@dataclass
+class RunData:
+    """One stats table, decoded once."""
+
+    label: str
+    path: Path
+    manifest: dict | None
+    table: pa.Table
+    seq_codes: np.ndarray  # int64 code per token
+    seq_names: list[str]  # code -> seq_id
+    is_noise: np.ndarray  # bool
+    kind_codes: np.ndarray  # int32, -1 for clean tokens
+    kinds: list[str]  # code -> noise kind
+    numeric_columns: tuple[str, ...]
+    _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.table.num_rows)
+
+    @property
+    def columns(self) -> set[str]:
+        return set(self.table.column_names)
+
+    def column(self, name: str) -> np.ndarray:
+        arr = self._cache.get(name)
+        if arr is None:
+            col = self.table.column(name)
+            if pa.types.is_floating(col.type) or (pa.types.is_integer(col.type) and col.null_count):
+                # nulls become NaN, which compute_weights reports against the method and column
+                arr = col.cast(pa.float64()).to_numpy()
+            elif pa.types.is_integer(col.type):
+                arr = col.to_numpy().astype(np.int64, copy=False)
+            elif pa.types.is_boolean(col.type):
+                arr = col.fill_null(False).to_numpy()
+            else:
+                arr = col.to_numpy()
+            self._cache[name] = arr
+        return arr
+
+    def stat_columns(self) -> Mapping[str, np.ndarray]:
+        return StatColumns(self)
+
+    def summary(self) -> dict:
+        n = self.n_tokens
+        n_noise = int(self.is_noise.sum())
+        noisy_seq = np.bincount(self.seq_codes[self.is_noise], minlength=len(self.seq_names)) > 0
+        kind_counts = np.bincount(self.kind_codes[self.kind_codes >= 0], minlength=len(self.kinds))
+        return {
+            "label": self.label,
+            "path": str(self.path),
+            "model": (self.manifest or {}).get("model"),
+            "n_tokens": n,
+            "n_noise": n_noise,
+            "n_seqs": len(self.seq_names),
+            "n_noise_seqs": int(noisy_seq.sum()),
+            "base_rate": n_noise / n if n else math.nan,
+            "noise_kinds": {k: int(c) for k, c in zip(self.kinds, kind_counts)},
+            "columns": sorted(self.columns),
+        }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_run(path: Path | str, label: str | None = None) -> RunData:
+    """Read and validate one stats table. Raises AuditError on any problem."""
+    path = Path(path)
+    table = _read_table(path)
+    seq_codes, seq_names = _dictionary_codes(table.column("seq_id").cast(pa.string()))
+    is_noise = table.column("is_noise").fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+    kind_codes, kinds = _kind_codes(table, is_noise)
+    run = RunData(
+        label=label or "",
+        path=path,
+        manifest=read_manifest(path),
+        table=table,
+        seq_codes=seq_codes.astype(np.int64, copy=False),
+        seq_names=[str(s) for s in seq_names],
+        is_noise=is_noise,
+        kind_codes=kind_codes,
+        kinds=kinds,
+        numeric_columns=_method_columns(table),
+    )
+    logp = run.column("logp")
+    bad = ~np.isfinite(logp)
+    if bad.any():
+        raise AuditError(f"{path}: column logp has {int(bad.sum())} non-finite value(s); rerun `reweight-audit score`")
+    if logp.max() > 1e-3:
+        raise AuditError(f"{path}: column logp has positive values (max {logp.max():.3g}); logp must be log p ≤ 0")
+    return run
+
+
+def _read_table(path: Path) -> pa.Table:
+    """The parquet table, with the required columns and types; every failure names the file and what to do."""
+    if not path.exists():
+        raise AuditError(f"{path}: file not found; give the stats.parquet written by `reweight-audit score`")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for non-parquet input
+        detail = (str(exc).splitlines() or [""])[0]
+        raise AuditError(
+            f"{path}: not a readable parquet file ({type(exc).__name__}: {detail}); "
+            "give the stats.parquet written by `reweight-audit score`"
+        ) from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise AuditError(
+            f"{path}: not a reweight-audit stats table, missing column(s) {', '.join(missing)}; "
+            "rerun `reweight-audit score` to write the current format"
+        )
+    if table.num_rows == 0:
+        raise AuditError(f"{path}: the stats table has no rows; score a corpus with at least one response token")
+    logp_col = table.column("logp")
+    if not (pa.types.is_floating(logp_col.type) or pa.types.is_integer(logp_col.type)):
+        raise AuditError(f"{path}: column logp has type {logp_col.type}, expected float; rerun `reweight-audit score`")
+    if logp_col.null_count:
+        raise AuditError(f"{path}: column logp has {logp_col.null_count} null value(s); rerun `reweight-audit score`")
+    if table.column("seq_id").null_count:
+        raise AuditError(f"{path}: column seq_id has null values; every token needs its sequence id")
+    noise_type = table.column("is_noise").type
+    if not (pa.types.is_boolean(noise_type) or pa.types.is_integer(noise_type)):
+        raise AuditError(f"{path}: column is_noise has type {noise_type}, expected bool; "
+                         "rerun `reweight-audit score` on the labelled jsonl")
+    return table
+
+
+def _dictionary_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    enc = pc.dictionary_encode(col.combine_chunks() if col.num_chunks != 1 else col.chunk(0))
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    names = enc.dictionary.to_pylist()
+    return codes, names
+
+
+def _kind_codes(table: pa.Table, is_noise: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per token, the index of its noise kind in the sorted kind names; -1 for clean tokens.
+
+    Noise tokens without a kind are grouped as "unlabelled"; kinds only clean tokens carry are dropped.
+    """
+    if "noise_kind" in table.column_names:
+        kcodes, knames = _dictionary_codes(table.column("noise_kind").cast(pa.string()).fill_null(""))
+    else:
+        kcodes, knames = np.zeros(table.num_rows, dtype=np.int32), [""]
+    names = [n if n else "unlabelled" for n in knames]
+    kind_codes = np.where(is_noise, kcodes, -1).astype(np.int32)
+    used = np.unique(kind_codes[kind_codes >= 0])
+    remap = np.full(len(names), -1, dtype=np.int32)
+    kinds = sorted({names[i] for i in used})
+    for i in used:
+        remap[i] = kinds.index(names[i])
+    return np.where(kind_codes >= 0, remap[np.maximum(kind_codes, 0)], -1).astype(np.int32), kinds
+
+
+def _method_columns(table: pa.Table) -> tuple[str, ...]:
+    """What methods may read: every numeric column (statistics, pos, token_id, extra columns a third-party
+    method may need) except the labels."""
+    return tuple(
+        c
+        for c in table.column_names
+        if c not in LABEL_COLUMNS
+        and (pa.types.is_floating(table.schema.field(c).type) or pa.types.is_integer(table.schema.field(c).type))
+    )
+
+
+def _model_label(model: Any) -> str | None:
+    if not model or not isinstance(model, str):
+        return None
+    p = Path(model)
+    # a local path (directory or .gguf file) is labelled by its last part
+    return p.name if (p.is_absolute() or model.endswith(".gguf")) else model
+
+
+def run_labels(paths: list[Path], manifests: list[dict | None]) -> list[str]:
+    """Manifest model name, else file stem; made unique with the parent folder or an index."""
+    base = []
+    for p, m in zip(paths, manifests):
+        base.append(_model_label((m or {}).get("model")) or p.stem)
+    labels = list(base)
+    for i, lab in enumerate(base):
+        if base.count(lab) > 1:
+            where = f"{paths[i].parent.name}/{paths[i].stem}" if paths[i].parent.name else paths[i].stem
+            labels[i] = f"{lab} [{where}]"
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        if labels.count(lab) > 1:
+            seen[lab] = seen.get(lab, 0) + 1
+            labels[i] = f"{lab} #{seen[lab]}"
+    return labels
+
+
+def load_runs(paths: list[Path]) -> list[RunData]:
+    """Every table, labelled for the reports (:func:`run_labels`)."""
+    runs = [load_run(p) for p in paths]
+    for run, label in zip(runs, run_labels(paths, [r.manifest for r in runs])):
+        run.label = label
+    return runs
