@@ -43,6 +43,16 @@ ChunkRows = Annotated[Optional[int], typer.Option(
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub to run.")]
 MethodFiles = Annotated[list[Path], typer.Option(
     "--method-file", help="Python file that registers extra methods (repeatable).")]
+AfterError = Annotated[str, typer.Option(
+    "--after-error", help="After an annotated first wrong step: cut (the response ends with it) or keep "
+                          "(the rest stays, as a span of kind after-error).")]
+StepsField = Annotated[Optional[str], typer.Option(
+    "--steps-field", help="Read step-labelled rows: this field holds the list of steps (ProcessBench: steps).")]
+FirstErrorField = Annotated[str, typer.Option(
+    "--first-error-field", help="With --steps-field: the index of the first wrong step, -1 for none.")]
+SkipBad = Annotated[bool, typer.Option(
+    "--skip-bad", help="Skip and count malformed JSONL lines and records whose annotations do not fit "
+                       "their text, instead of stopping.")]
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -114,13 +124,19 @@ def _compare_progress(quiet: bool) -> Iterator[Callable[[str], None]]:
 
 def _report_inject(result: Any) -> None:
     manifest, loaded = result.manifest, result.load_report
-    out.print(f"wrote {result.output}: {manifest['records']} records, {manifest['spans']} noise spans "
-              f"({', '.join(f'{k} {v}' for k, v in manifest['spans_by_kind'].items())}), "
+    kinds = ", ".join(f"{k} {v}" for k, v in manifest["spans_by_kind"].items()) or "--noise none"
+    out.print(f"wrote {result.output}: {manifest['records']} records, {manifest['spans']} noise spans ({kinds}), "
               f"{manifest['noise_word_frac']:.1%} of words are noise")
     if loaded.empty_responses:
         out.print(f"note: skipped {len(loaded.empty_responses)} records with an empty response")
+    if manifest.get("kept_spans"):
+        out.print(f"kept {manifest['kept_spans']} spans from the input "
+                  f"({', '.join(f'{k} {v}' for k, v in manifest['kept_spans_by_kind'].items())})")
     if loaded.bad_lines:
         out.print(f"note: skipped {len(loaded.bad_lines)} malformed lines (first: line {loaded.bad_lines[0]})")
+    if loaded.bad_annotations:
+        out.print(f"note: skipped {len(loaded.bad_annotations)} records whose annotations do not fit their text "
+                  f"(first: {loaded.bad_annotations[0]})")
 
 
 def _report_score(result: Any) -> None:
@@ -152,11 +168,14 @@ def _report_compare(result: Any) -> None:
 
 @app.command()
 def inject(
-    input: Annotated[str, typer.Argument(help="A .jsonl/.json/.csv/.parquet file, 'hf:NAME[:CONFIG]', or 'champ'.")],
+    input: Annotated[str, typer.Argument(
+        help="A .jsonl/.json/.csv/.parquet file, 'hf:NAME[:CONFIG]', 'champ' or 'champ-fws' (CHAMP's model "
+             "solutions with their annotated first wrong step).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Noisy JSONL to write (a manifest is written beside it).")],
-    noise: Annotated[str, typer.Option(
-        "--noise", help="Comma list of families, optionally weighted: filler:2,hedge:1. 'all' for every family.")
-    ] = DEFAULT_NOISE,
+    noise: Annotated[Optional[str], typer.Option(
+        "--noise", help=f"Comma list of families, optionally weighted: filler:2,hedge:1. 'all' for every family, "
+                        f"'none' to pass the corpus through. Default: {DEFAULT_NOISE}.")
+    ] = None,
     rate: Annotated[Optional[float], typer.Option(
         "--rate", help="Probability of an injection at each eligible word boundary (default 0.1).")] = None,
     target_frac: Annotated[Optional[float], typer.Option(
@@ -164,26 +183,32 @@ def inject(
     clean_frac: Annotated[float, typer.Option(
         "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics).")] = 0.0,
     seed: Seed = 0,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="Named noise settings instead of --noise/--rate: table1 (filler and hedge at about "
+                         "0.8% of CHAMP's tokens, the share RankTuner's Table 1 implies).")] = None,
     limit: Limit = None,
     split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = "train",
     prompt_field: Annotated[str, typer.Option("--prompt-field")] = "prompt",
     response_field: Annotated[str, typer.Option("--response-field")] = "response",
     id_field: Annotated[str, typer.Option("--id-field")] = "id",
+    steps_field: StepsField = None,
+    first_error_field: FirstErrorField = "label",
+    after_error: AfterError = "cut",
     tokenizer: Annotated[str, typer.Option(
         "--tokenizer", help="Vocabulary source for random-token (a --model value).")] = "default",
-    skip_bad: Annotated[bool, typer.Option(
-        "--skip-bad", help="Skip and count malformed JSONL lines instead of stopping.")] = False,
+    skip_bad: SkipBad = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
-    """Inject labelled noise into the responses of a corpus."""
+    """Inject labelled noise into the responses of a corpus (spans the corpus brings are kept)."""
     from reweight_audit.inject import run_inject
 
     with _inject_progress(quiet) as progress:
         result = run_inject(input, output, noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac,
-                            seed=seed, limit=limit, split=split, prompt_field=prompt_field,
-                            response_field=response_field, id_field=id_field, tokenizer=tokenizer, skip_bad=skip_bad,
-                            trust_remote_code=trust_remote_code, progress=progress)
+                            seed=seed, preset=preset, limit=limit, split=split, prompt_field=prompt_field,
+                            response_field=response_field, id_field=id_field, steps_field=steps_field,
+                            first_error_field=first_error_field, after_error=after_error, tokenizer=tokenizer,
+                            skip_bad=skip_bad, trust_remote_code=trust_remote_code, progress=progress)
     _report_inject(result)
 
 

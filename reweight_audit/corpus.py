@@ -1,9 +1,14 @@
 """Corpus loading: one record type from every supported source.
 
 Sources: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files, ``hf:NAME[:CONFIG]``
-(a Hugging Face dataset through ``datasets``) and ``champ`` (the CHAMP corpus
-shipped in the ``champ-dataset`` package). Records are streamed so memory does
-not grow with corpus size.
+(a Hugging Face dataset through ``datasets``), ``champ`` (the CHAMP corpus
+shipped in the ``champ-dataset`` package: problems and their human-written
+solutions) and ``champ-fws`` (the 540 model-written CHAMP solutions with a
+human annotation of their first wrong step). Records are streamed so memory
+does not grow with corpus size. A record may bring its own ``spans``
+(``docs/formats.md``, "Spans"); step-labelled rows (``steps`` plus the index of
+the first wrong step, as in ProcessBench) become a response with a
+``wrong-step`` span.
 """
 from __future__ import annotations
 
@@ -14,9 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from reweight_audit.annotations import (BadAnnotation, check_after_error, check_spans, first_error_spans,
+                                        steps_first_error)
 from reweight_audit.errors import AuditError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+CHAMP, CHAMP_FWS = "champ", "champ-fws"
+BUILTIN_SOURCES = (CHAMP, CHAMP_FWS)
+_SOURCE_HINT = "give a .jsonl/.json/.csv/.parquet path, 'hf:NAME[:CONFIG]', 'champ' or 'champ-fws'"
 
 
 @dataclass
@@ -28,16 +38,19 @@ class Record:
     response: str
     messages: list[dict] | None = None
     meta: dict = field(default_factory=dict)
+    spans: list[dict] | None = None  # annotations that came with the record, checked against the response
 
 
 @dataclass
 class FieldMap:
-    """Which input fields hold the prompt, response and id."""
+    """Which input fields hold the prompt, response and id; ``steps`` set: step-labelled rows."""
 
     prompt: str = "prompt"
     response: str = "response"
     id: str = "id"
     messages: str = "messages"
+    steps: str | None = None
+    first_error: str = "label"
 
 
 @dataclass
@@ -46,6 +59,7 @@ class LoadReport:
 
     bad_lines: list[int] = field(default_factory=list)
     empty_responses: list[str] = field(default_factory=list)
+    bad_annotations: list[str] = field(default_factory=list)  # where: file:line or record id
 
 
 def content_id(prompt: str, response: str) -> str:
@@ -54,13 +68,18 @@ def content_id(prompt: str, response: str) -> str:
     return digest.hexdigest()
 
 
+def is_file_source(source: str) -> bool:
+    """True for a path, False for ``hf:...`` and the built-in corpora."""
+    return source not in BUILTIN_SOURCES and not source.startswith("hf:")
+
+
 def describe_source(source: str) -> str:
-    return source if source in ("champ",) or source.startswith("hf:") else str(Path(source))
+    return str(Path(source)) if is_file_source(source) else source
 
 
 def source_digest(source: str) -> str:
     """A digest of the input: the file's bytes, or the package/dataset name."""
-    if source == "champ":
+    if source in BUILTIN_SOURCES:
         return "sha256:" + hashlib.sha256(_champ_path().read_bytes()).hexdigest()
     if source.startswith("hf:"):
         return "hf:" + source[3:]
@@ -74,11 +93,11 @@ def source_digest(source: str) -> str:
 
 def check_source(source: str) -> None:
     """Fail early, with the loader's message, for a file source that cannot be read."""
-    if source == "champ" or source.startswith("hf:"):
+    if not is_file_source(source):
         return
     path = Path(source)
     if not path.exists():
-        raise AuditError(f"{source}: no such file; give a .jsonl/.json/.csv/.parquet path, 'hf:NAME[:CONFIG]' or 'champ'")
+        raise AuditError(f"{source}: no such file; {_SOURCE_HINT}")
     if path.is_dir():
         raise AuditError(f"{source}: is a directory; give a .jsonl/.json/.csv/.parquet file")
     if path.suffix.lower() not in SUFFIXES:
@@ -92,40 +111,65 @@ def iter_records(
     split: str = "train",
     skip_bad: bool = False,
     report: LoadReport | None = None,
+    after_error: str = "cut",
 ) -> Iterator[Record]:
-    """Yield records from ``source``; empty responses are skipped and counted in ``report``."""
+    """Yield records from ``source``; empty responses are skipped and counted in ``report``.
+
+    ``after_error`` (``cut`` or ``keep``) is what first-error annotations
+    (``champ-fws``, step-labelled rows) do with the text after the wrong step.
+    A record whose annotations do not fit its text stops the run with a line
+    naming it, or (``skip_bad``) is skipped and counted in ``report``.
+    """
     fields = fields or FieldMap()
     report = report if report is not None else LoadReport()
-    if source == "champ":
-        rows: Iterable[tuple[str, dict]] = _champ_rows()
+    check_after_error(after_error)
+    if source in BUILTIN_SOURCES:
+        if fields.steps is not None:
+            raise AuditError(f"--steps-field: {source} has no step-labelled rows; use it with a file or an hf: dataset")
+        rows: Iterable[tuple[str, dict]] = _champ_rows() if source == CHAMP else _champ_fws_rows()
         fields = FieldMap()
     elif source.startswith("hf:"):
         rows = _hf_rows(source, split)
     else:
-        check_source(source)
-        path = Path(source)
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = _jsonl_rows(path, skip_bad, report)
-        elif suffix == ".json":
-            rows = _json_rows(path)
-        elif suffix == ".csv":
-            rows = _csv_rows(path)
-        elif suffix == ".parquet":
-            rows = _parquet_rows(path)
-        else:
-            raise AuditError(f"{source}: unknown file type '{suffix}'; use one of {', '.join(SUFFIXES)}")
+        rows = _file_rows(source, skip_bad, report)
     for where, row in rows:
-        record = _to_record(row, fields, where)
+        try:
+            record = _build_record(source, row, fields, where, after_error)
+        except BadAnnotation as exc:
+            if not skip_bad:
+                raise AuditError(f"{where}: {exc}; fix the annotation or pass --skip-bad to skip such records") from None
+            report.bad_annotations.append(where)
+            continue
         if not record.response.strip():
             report.empty_responses.append(record.id)
             continue
         yield record
 
 
-def _to_record(row: Any, fields: FieldMap, where: str) -> Record:
+def _file_rows(source: str, skip_bad: bool, report: LoadReport) -> Iterable[tuple[str, dict]]:
+    check_source(source)
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, skip_bad, report)
+    if suffix == ".json":
+        return _json_rows(path)
+    if suffix == ".csv":
+        return _csv_rows(path)
+    return _parquet_rows(path)
+
+
+def _build_record(source: str, row: Any, fields: FieldMap, where: str, after_error: str) -> Record:
     if not isinstance(row, dict):
         raise AuditError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    if source == CHAMP_FWS:
+        return _champ_fws_record(row, after_error)
+    if fields.steps is not None:
+        return _steps_record(row, fields, where, after_error)
+    return _to_record(row, fields, where)
+
+
+def _to_record(row: dict, fields: FieldMap, where: str) -> Record:
     messages = row.get(fields.messages)
     if fields.response in row:
         response = row[fields.response]
@@ -142,16 +186,59 @@ def _to_record(row: Any, fields: FieldMap, where: str) -> Record:
             f"{where}: no response field '{fields.response}' and no '{fields.messages}' chat column; "
             f"fields present: {', '.join(map(str, row))}; choose one with --response-field/--prompt-field"
         )
-    if isinstance(prompt, list):  # a chat history as prompt: keep the text only
-        prompt = "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+    prompt = _prompt_text(prompt)
     if not isinstance(response, str) or not isinstance(prompt, (str, type(None))):
         raise AuditError(f"{where}: field '{fields.response}'/'{fields.prompt}' must be text, got {type(response).__name__}")
     prompt = prompt or ""
+    spans = row.get("spans")
+    if spans is not None and spans != "":  # an empty CSV cell is no spans
+        spans = check_spans(response, _json_text(spans))
+    else:
+        spans = None
+    return Record(id=_record_id(row, fields, prompt, response), prompt=prompt, response=response,
+                  messages=messages if isinstance(messages, list) else None, meta=_meta(row), spans=spans)
+
+
+def _steps_record(row: dict, fields: FieldMap, where: str, after_error: str) -> Record:
+    """A step-labelled row: response = the steps joined by a blank line, a ``wrong-step`` span over the first wrong one."""
+    for name, option in ((fields.steps, "--steps-field"), (fields.first_error, "--first-error-field"),
+                         (fields.prompt, "--prompt-field")):
+        if name not in row:
+            raise AuditError(f"{where}: no field '{name}'; fields present: {', '.join(map(str, row))}; "
+                             f"choose one with {option}")
+    prompt = _prompt_text(row[fields.prompt])
+    if not isinstance(prompt, (str, type(None))):
+        raise AuditError(f"{where}: field '{fields.prompt}' must be text, got {type(prompt).__name__}")
+    steps = _json_text(row[fields.steps])
+    response, spans, label = steps_first_error(steps, row[fields.first_error], after_error)
+    meta = {**_meta(row), "first_error_step": label, "steps": len(steps)}
+    return Record(id=_record_id(row, fields, prompt or "", response), prompt=prompt or "", response=response,
+                  meta=meta, spans=spans)
+
+
+def _prompt_text(prompt: Any) -> Any:
+    if isinstance(prompt, list):  # a chat history as prompt: keep the text only
+        return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+    return prompt
+
+
+def _json_text(value: Any) -> Any:
+    """A list written as JSON text (a CSV cell) as the list; anything else as it is."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _record_id(row: dict, fields: FieldMap, prompt: str, response: str) -> str:
     raw_id = row.get(fields.id)
-    rid = str(raw_id) if raw_id not in (None, "") else content_id(prompt, response)
-    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-    return Record(id=rid, prompt=prompt, response=response,
-                  messages=messages if isinstance(messages, list) else None, meta=dict(meta))
+    return str(raw_id) if raw_id not in (None, "") else content_id(prompt, response)
+
+
+def _meta(row: dict) -> dict:
+    return dict(row["meta"]) if isinstance(row.get("meta"), dict) else {}
 
 
 def _split_messages(messages: list, where: str) -> tuple[str, str]:
@@ -274,8 +361,7 @@ def _champ_rows() -> Iterator[tuple[str, dict]]:
     Read from the package's JSON directly; the ``@@`` markers of ``_raw_text``
     are already removed in ``_text``.
     """
-    data = json.loads(_champ_path().read_text(encoding="utf-8"))
-    for key, problem in data["problems"].items():
+    for key, problem in _champ_data()["problems"].items():
         steps = problem.get("solution", {}).get("steps", [])
         response = " ".join(step["_text"].strip() for step in steps if step.get("_text"))
         yield f"champ:{key}", {
@@ -284,3 +370,46 @@ def _champ_rows() -> Iterator[tuple[str, dict]]:
             "response": response,
             "meta": {"category": problem.get("category"), "source": "champ"},
         }
+
+
+def _champ_data() -> dict:
+    return json.loads(_champ_path().read_text(encoding="utf-8"))
+
+
+def _champ_fws_rows() -> Iterator[tuple[str, dict]]:
+    """CHAMP's first-wrong-step annotations: one row per annotated model solution (540: 444 with an error).
+
+    ``fws_annotations`` is keyed ``"<model>|<prompt setting>"``; each holds the
+    solution ``text`` and ``start_idx``/``end_idx`` of its first wrong step
+    (both null when a person found none). ``author`` is the model that wrote it.
+    """
+    for pid, problem in _champ_data()["problems"].items():
+        for key, note in (problem.get("fws_annotations") or {}).items():
+            model, _, setting = key.partition("|")
+            rid = f"{problem.get('identifier') or pid}|{key}"
+            yield f"champ-fws:{rid}", {
+                "id": rid,
+                "prompt": problem["_text"],
+                "text": note.get("text"),
+                "start_idx": note.get("start_idx"),
+                "end_idx": note.get("end_idx"),
+                "meta": {"source": CHAMP_FWS, "problem": pid, "category": problem.get("category"),
+                         "model": model, "setting": setting, "has_error": note.get("start_idx") is not None},
+            }
+
+
+def _champ_fws_record(row: dict, after_error: str) -> Record:
+    """prompt = the problem, response = the model's solution, a ``wrong-step`` span over the annotated characters."""
+    text, start, end = row["text"], row["start_idx"], row["end_idx"]
+    if not isinstance(text, str):
+        raise BadAnnotation(f"the annotated solution is {type(text).__name__}, not text")
+    if (start is None) != (end is None):
+        raise BadAnnotation(f"start_idx {start!r} and end_idx {end!r}: give both or neither")
+    wrong = None
+    if start is not None:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+            raise BadAnnotation(f"start_idx {start!r}/end_idx {end!r} are not character offsets")
+        wrong = (start, end)
+    response, spans = first_error_spans(text, wrong, after_error)
+    return Record(id=row["id"], prompt=row["prompt"], response=response, meta=dict(row["meta"]), spans=spans)
+

@@ -15,17 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .corpus import FieldMap, LoadReport, Record, check_source, describe_source, iter_records, source_digest
+from .annotations import check_after_error
+from .corpus import (CHAMP_FWS, FieldMap, LoadReport, Record, check_source, describe_source, is_file_source,
+                     iter_records, source_digest)
 from .errors import AuditError
 from .io import atomic_files, dump_json, file_sha256, json_default, manifest_header, manifest_path, prepare_output_file
 from .noise import (
-    DEFAULT_NOISE,
     FAMILIES,
     OFFSET_UNIT,
     WORD_UNIT,
     NoiseConfig,
     Noiser,
+    Span,
     load_word_list,
+    preset_settings,
     vocab_noise_pieces,
 )
 
@@ -41,6 +44,7 @@ class InjectStats:
     no_eligible: int = 0
     with_noise: int = 0
     spans_by_kind: Counter = field(default_factory=Counter)
+    kept_by_kind: Counter = field(default_factory=Counter)  # spans that came with the input
     words: int = 0
     noise_words: int = 0
 
@@ -66,6 +70,8 @@ def inject_records(
 
     Keys, in this order: ``id, prompt, response, clean_response, spans, meta``;
     ``meta`` is the record's meta plus ``clean`` and ``n_spans`` (keys sorted).
+    ``spans``: the record's own spans first, in their order, moved through the
+    edits (no noise is placed inside one), then the injected ones in text order.
     Blank responses are skipped and counted in ``stats``. The configuration
     (and the vocabulary, for ``random-token``) is checked here, before the
     first record is read.
@@ -88,7 +94,8 @@ def _inject_stream(records: Iterable[Record], noiser: Noiser, stats: InjectStats
             continue
         if not isinstance(rec.response, str):
             raise AuditError(f"{source}: record {rec.id!r} field response is {type(rec.response).__name__}, not text; fix the response column")
-        inj = noiser.inject(rec.response, rec.id)
+        kept = [Span(sp["start"], sp["end"], sp["kind"], sp["text"]) for sp in rec.spans or ()]
+        inj = noiser.inject(rec.response, rec.id, kept)
         stats.written += 1
         stats.words += inj.words
         stats.noise_words += inj.noise_words
@@ -98,17 +105,20 @@ def _inject_stream(records: Iterable[Record], noiser: Noiser, stats: InjectStats
             stats.no_eligible += 1
         if inj.spans:
             stats.with_noise += 1
-        for sp in inj.spans:
-            stats.spans_by_kind[sp.kind] += 1
+        stats.spans_by_kind.update(sp.kind for sp in inj.spans)
+        stats.kept_by_kind.update(sp.kind for sp in inj.kept)
+        # a kept span keeps its own keys (a user's extra fields too), with the moved offsets
+        spans = [{**given, "start": sp.start, "end": sp.end} for given, sp in zip(rec.spans or (), inj.kept)]
+        spans += [sp.to_dict() for sp in inj.spans]
         meta = dict(rec.meta or {})
         meta["clean"] = inj.clean
-        meta["n_spans"] = len(inj.spans)
+        meta["n_spans"] = len(spans)
         yield {
             "id": rec.id,
             "prompt": rec.prompt,
             "response": inj.response,
             "clean_response": rec.response,
-            "spans": [sp.to_dict() for sp in inj.spans],
+            "spans": spans,
             "meta": _sorted_json(meta),
         }
 
@@ -122,14 +132,16 @@ def write_injected(
     input_desc: str,
     vocab_pieces: Sequence[str] | None = None,
     skipped: dict | None = None,
+    loader: dict | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Inject noise into ``records`` and write ``output_path`` (jsonl) plus its manifest.
 
     Atomic (:func:`reweight_audit.io.atomic_files`): data and manifest are
     renamed into place only when both are complete. ``skipped`` holds the
-    loader's own skip counts (merged into the manifest). ``progress(n)`` is
-    called after each written record. Returns the manifest.
+    loader's own skip counts (merged into the manifest), ``loader`` how the
+    records were read (recorded as it is). ``progress(n)`` is called after each
+    written record. Returns the manifest.
     """
     out = prepare_output_file(output_path, source=input_desc or None)
     man_path = manifest_path(out)
@@ -144,6 +156,7 @@ def write_injected(
                     if progress is not None:
                         progress(stats.written)
             manifest = _manifest(config, stats, out, file_sha256(tmp), input_digest, input_desc, skipped, vocab_pieces)
+            manifest["loader"] = loader
             man_tmp.write_text(dump_json(manifest), encoding="utf-8")
     except OSError as exc:
         # Only our own files get this message; a loader's OSError passes through.
@@ -205,6 +218,8 @@ def _manifest(
         "skipped": skip,
         "spans": sum(stats.spans_by_kind.values()),
         "spans_by_kind": {k: stats.spans_by_kind.get(k, 0) for k in noiser_kinds},
+        "kept_spans": sum(stats.kept_by_kind.values()),
+        "kept_spans_by_kind": dict(sorted(stats.kept_by_kind.items())),
         "words": stats.words,
         "noise_words": stats.noise_words,
         "noise_word_frac": (stats.noise_words / stats.words) if stats.words else 0.0,
@@ -231,16 +246,20 @@ def run_inject(
     source: str,
     output: str | os.PathLike,
     *,
-    noise: str = DEFAULT_NOISE,
+    noise: str | None = None,
     rate: float | None = None,
     target_frac: float | None = None,
     clean_frac: float = 0.0,
     seed: int = 0,
+    preset: str | None = None,
     limit: int | None = None,
     split: str = "train",
     prompt_field: str = "prompt",
     response_field: str = "response",
     id_field: str = "id",
+    steps_field: str | None = None,
+    first_error_field: str = "label",
+    after_error: str = "cut",
     tokenizer: str = "default",
     skip_bad: bool = False,
     trust_remote_code: bool = False,
@@ -249,28 +268,45 @@ def run_inject(
     """Inject labelled noise into the responses of ``source``; write ``output`` and its manifest.
 
     ``source``: a ``.jsonl``/``.json``/``.csv``/``.parquet`` path, ``hf:NAME[:CONFIG]``
-    (with ``split``) or ``champ``. ``noise``: families, optionally weighted
-    (``filler:2,hedge:1``). ``tokenizer`` (a ``--model`` value) gives the
-    vocabulary of the ``random-token`` family. ``limit``: the first N records
-    only. ``progress(n)`` is called after each written record.
+    (with ``split``), ``champ`` or ``champ-fws``. ``noise``: families, optionally
+    weighted (``filler:2,hedge:1``; default ``DEFAULT_NOISE``; ``none`` passes the
+    corpus through), or a ``preset`` (``table1``) that sets noise and rate.
+    ``steps_field``: read step-labelled rows (``first_error_field`` = index of
+    the first wrong step, -1 for none). ``after_error``: ``cut`` or ``keep`` the
+    text after a first wrong step. Spans a record brings are kept and moved
+    through the edits. ``tokenizer`` (a ``--model`` value) gives the vocabulary of
+    the ``random-token`` family. ``limit``: the first N records only.
+    ``progress(n)`` is called after each written record.
     """
     if limit is not None and limit < 1:
         raise AuditError("--limit must be a positive number of records")
-    config = NoiseConfig(noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac, seed=seed)
-    is_file = not source.startswith("hf:") and source != "champ"
-    prepare_output_file(output, source=source if is_file else None, create=False)
+    noise, rate, target_frac = preset_settings(preset, noise, rate, target_frac)
+    config = NoiseConfig(noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac, seed=seed,
+                         preset=preset)
+    check_after_error(after_error)
+    prepare_output_file(output, source=source if is_file_source(source) else None, create=False)
     check_source(source)
     pieces = vocab_pieces(config, tokenizer, trust_remote_code=trust_remote_code)
     report = LoadReport()
-    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field)
-    records = iter_records(source, fields, split=split, skip_bad=skip_bad, report=report)
+    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field, steps=steps_field,
+                      first_error=first_error_field)
+    records = iter_records(source, fields, split=split, skip_bad=skip_bad, report=report, after_error=after_error)
     if limit is not None:
         records = itertools.islice(records, limit)
     skipped: dict = {}
     manifest = write_injected(_counting_skips(records, report, skipped), output, config,
                               input_digest=source_digest(source), input_desc=describe_source(source),
-                              vocab_pieces=pieces, skipped=skipped, progress=progress)
+                              vocab_pieces=pieces, skipped=skipped, loader=_loader(source, fields, after_error),
+                              progress=progress)
     return InjectResult(Path(output), manifest, report)
+
+
+def _loader(source: str, fields: FieldMap, after_error: str) -> dict:
+    """How the records were read, for the manifest; ``after_error`` only where first errors are annotated."""
+    annotated = source == CHAMP_FWS or fields.steps is not None
+    return {"source": describe_source(source), "steps_field": fields.steps,
+            "first_error_field": fields.first_error if fields.steps is not None else None,
+            "after_error": after_error if annotated else None}
 
 
 def _counting_skips(records: Iterable[Record], report: LoadReport, skipped: dict) -> Iterator[Record]:
@@ -279,6 +315,9 @@ def _counting_skips(records: Iterable[Record], report: LoadReport, skipped: dict
     skipped["malformed_lines"] = len(report.bad_lines)
     if report.bad_lines:
         skipped["first_malformed_line"] = report.bad_lines[0]
+    skipped["bad_annotations"] = len(report.bad_annotations)
+    if report.bad_annotations:
+        skipped["first_bad_annotation"] = report.bad_annotations[0]
 
 
 def vocab_pieces(config: NoiseConfig, tokenizer: str, *, trust_remote_code: bool = False) -> list[str] | None:

@@ -24,6 +24,8 @@ from .errors import AuditError
 DEFAULT_RATE = 0.1
 #: Every family that needs no tokenizer.
 DEFAULT_NOISE = "filler,hedge,random-word,repeat,typo,digit"
+#: The ``--noise`` value that injects nothing (spans that came with the corpus pass through).
+NO_NOISE = "none"
 
 WORD_UNIT = "whitespace-separated words of the response (\\S+ runs)"
 OFFSET_UNIT = "Python str indices (Unicode code points) into the final response"
@@ -134,6 +136,17 @@ def _numbers_outside(text: str, regions: Sequence[tuple[int, int]]) -> list[tupl
     return out
 
 
+def merge_regions(regions: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``[start, end)`` ranges covering the same characters as ``regions``."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(regions):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def protected_regions(text: str, *, numbers: bool = True) -> list[tuple[int, int]]:
     """All protected ``[start, end)`` ranges: math, code and (optionally) numbers."""
     regions = structural_regions(text)
@@ -233,10 +246,13 @@ class _Slots:
 
     __slots__ = ("text", "starts", "ends", "reg_starts", "reg_ends", "num_starts", "nums", "gap")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, keep: Sequence[tuple[int, int]] = ()) -> None:
         self.text = text
         starts, ends = word_spans(text)
+        # Spans that came with the corpus are protected like math and code: no edit lands inside one.
         regions = structural_regions(text)
+        if keep:
+            regions = merge_regions(regions + [(s, e) for s, e in keep])
         rs = np.array([s for s, _ in regions], dtype=np.int64)
         re_ = np.array([e for _, e in regions], dtype=np.int64)
         # Gap after word k is [ends[k], starts[k+1]); it is open when no region overlaps it.
@@ -458,9 +474,12 @@ def parse_noise_spec(spec: str) -> dict[str, float]:
     """Parse ``"filler:2,hedge:1"`` (weight defaults to 1; ``all`` = every family).
 
     Returns kinds in registry order so the spec's order does not change results.
+    ``none`` gives no kinds: nothing is injected.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise AuditError(f"--noise: empty noise spec; give kinds such as --noise filler:2,hedge:1 (known: {_known_list()})")
+    if spec.strip().lower() == NO_NOISE:
+        return {}  # the corpus passes through unchanged, with the spans it brought
     weights: dict[str, float] = {}
     for part in spec.split(","):
         part = part.strip()
@@ -518,12 +537,42 @@ def _check_fraction(name: str, value: object, *, allow_one: bool = True) -> None
         raise AuditError(f"{name} {value!r}: must be a number in {interval}; e.g. {name} 0.1")
 
 
+#: Named settings of ``--noise`` and its amount. ``table1``: filler and hedge at the token share of
+#: noise that RankTuner's Table 1 implies (4.54% x 10% / 55.33% = 0.82%). A share of words
+#: (target mode) rather than a rate, because it varies less between seeds; 2.3% of words gave
+#: 0.80%, 0.83% and 0.82% of CHAMP's supervised tokens under the default tokenizer at seeds
+#: 0, 1, 2 (``docs/formats.md``, "Presets").
+PRESETS: dict[str, dict] = {
+    "table1": {"noise": "filler,hedge", "target_frac": 0.023},
+}
+
+
+def preset_settings(preset: str | None, noise: str | None, rate: float | None,
+                    target_frac: float | None) -> tuple[str, float | None, float | None]:
+    """``(noise, rate, target_frac)`` after applying ``preset``; without one, ``noise`` defaults to DEFAULT_NOISE.
+
+    A preset fixes the noise and its amount, so giving those as well is an error.
+    """
+    if preset is None:
+        return (DEFAULT_NOISE if noise is None else noise), rate, target_frac
+    if preset not in PRESETS:
+        raise AuditError(f"--preset {preset!r}: unknown preset; known presets: {', '.join(PRESETS)}")
+    given = [name for name, value in (("--noise", noise), ("--rate", rate), ("--target-frac", target_frac))
+             if value is not None]
+    if given:
+        raise AuditError(f"--preset {preset} sets --noise and the amount of noise itself; drop {', '.join(given)} or the preset")
+    settings = PRESETS[preset]
+    return settings["noise"], settings.get("rate"), settings.get("target_frac")
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     """How to inject noise. Validated on construction (AuditError on bad values).
 
     ``rate`` and ``target_frac`` are alternatives; with neither, ``rate`` is
     ``DEFAULT_RATE``. ``clean_frac`` is the share of sequences left untouched.
+    ``noise="none"`` (an empty mapping) injects nothing. ``preset`` only names
+    the preset the values came from (:func:`preset_settings`), for the manifest.
     """
 
     noise: Mapping[str, float] = field(default_factory=lambda: parse_noise_spec(DEFAULT_NOISE))
@@ -531,11 +580,12 @@ class NoiseConfig:
     target_frac: float | None = None
     clean_frac: float = 0.0
     seed: int = 0
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.noise, str):
             object.__setattr__(self, "noise", parse_noise_spec(self.noise))
-        else:
+        elif self.noise:
             check_noise_weights(self.noise)
             object.__setattr__(self, "noise", {k: float(self.noise[k]) for k in FAMILIES if k in self.noise})
         if self.rate is not None and self.target_frac is not None:
@@ -545,6 +595,8 @@ class NoiseConfig:
         if self.target_frac is not None:
             _check_fraction("--target-frac", self.target_frac, allow_one=False)
         _check_fraction("--clean-frac", self.clean_frac)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise AuditError(f"--preset {self.preset!r}: unknown preset; known presets: {', '.join(PRESETS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise AuditError(f"--seed {self.seed!r}: must be a non-negative integer; e.g. --seed 0")
 
@@ -564,6 +616,7 @@ class NoiseConfig:
             "target_frac": self.target_frac,
             "clean_frac": float(self.clean_frac),
             "seed": int(self.seed),
+            "preset": self.preset,
         }
 
 
@@ -592,11 +645,12 @@ class Injection:
     """Result for one response."""
 
     response: str
-    spans: list[Span]
+    spans: list[Span]  # the injected noise
     clean: bool  # drawn as a clean (untouched) sequence
     eligible: bool  # at least one slot where a configured family applies (False when clean)
     words: int  # words in the final response
     noise_words: int  # of those, words that are noise
+    kept: list[Span] = field(default_factory=list)  # the spans given with the response, in final offsets
 
 
 def apply_edits(text: str, edits: Sequence[_Edit]) -> tuple[str, list[Span]]:
@@ -616,6 +670,24 @@ def apply_edits(text: str, edits: Sequence[_Edit]) -> tuple[str, list[Span]]:
         pos = end
     pieces.append(text[pos:])
     return "".join(pieces), spans
+
+
+def shift_spans(spans: Sequence[Span], edits: Sequence[_Edit]) -> list[Span]:
+    """``spans`` of the clean text moved into the text ``apply_edits(text, edits)`` returns.
+
+    No edit may lie inside a span (the noiser protects them), so a span keeps its
+    text and moves by d = sum of len(new) - (end - start) over the edits that end
+    at or before its start (an insertion exactly at the start goes before it).
+    """
+    ends = [ed.end for ed in edits]
+    deltas = [0]
+    for ed in edits:
+        deltas.append(deltas[-1] + len(ed.new) - (ed.end - ed.start))
+    shifted = []
+    for sp in spans:
+        d = deltas[bisect.bisect_right(ends, sp.start)]
+        shifted.append(Span(sp.start + d, sp.end + d, sp.kind, sp.text))
+    return shifted
 
 
 class Noiser:
@@ -671,8 +743,13 @@ class Noiser:
             return True
         return any(FAMILIES[kd].applies(slots, k) for k in range(len(slots)) for kd in self.kinds)
 
-    def inject(self, response: str, seq_id: str) -> Injection:
+    def inject(self, response: str, seq_id: str, keep: Sequence[Span] = ()) -> Injection:
         """Inject noise into one response, seeded by ``(seed, seq_id)``.
+
+        ``keep``: spans that came with the response (offsets into it). No edit
+        lands inside one, and they come back in ``Injection.kept`` moved to the
+        final offsets. The slots and draws do not depend on them, so a span
+        only takes away the events that would have fallen inside it.
 
         Draw order from ``sequence_rng(seed, id)``: one uniform for the clean
         decision; then (rate mode) one uniform per word selecting slots and
@@ -682,10 +759,10 @@ class Noiser:
         rng = sequence_rng(int(self.config.seed), seq_id)
         # Always consume this draw, so changing clean_frac never shifts the
         # injections of the sequences that stay noisy.
-        clean = bool(rng.random() < self.config.clean_frac)
+        clean = bool(rng.random() < self.config.clean_frac) or not self.kinds
         if clean:
-            return Injection(response, [], True, False, len(word_spans(response)[0]), 0)
-        slots = _Slots(response)
+            return Injection(response, [], True, False, len(word_spans(response)[0]), 0, list(keep))
+        slots = _Slots(response, [(sp.start, sp.end) for sp in keep])
         n = len(slots)
         edits: list[_Edit] = []
         rate = self.config.effective_rate
@@ -701,12 +778,12 @@ class Noiser:
         else:
             edits = self._target_edits(slots, rng, float(self.config.target_frac))
         if not edits:
-            return Injection(response, [], False, self._any_eligible(slots), n, 0)
+            return Injection(response, [], False, self._any_eligible(slots), n, 0, list(keep))
         edits.sort(key=lambda ed: ed.start)
         text, spans = apply_edits(response, edits)
         return Injection(
             text, spans, False, True,
-            n + sum(ed.words_added for ed in edits), sum(ed.noise_words for ed in edits),
+            n + sum(ed.words_added for ed in edits), sum(ed.noise_words for ed in edits), shift_spans(keep, edits),
         )
 
     def _target_edits(self, slots: _Slots, rng: np.random.Generator, target: float) -> list[_Edit]:
