@@ -15,8 +15,10 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
+from reweight_audit import options
 from reweight_audit.errors import AuditError
 from reweight_audit.noise import DEFAULT_NOISE
+from reweight_audit.options import split_list
 
 app = typer.Typer(
     name="reweight-audit",
@@ -53,11 +55,6 @@ FirstErrorField = Annotated[str, typer.Option(
 SkipBad = Annotated[bool, typer.Option(
     "--skip-bad", help="Skip and count malformed JSONL lines and records whose annotations do not fit "
                        "their text, instead of stopping.")]
-
-
-def split_list(values: list[str] | None) -> list[str]:
-    """Repeated and comma-separated option values as one list: ``-x a,b -x c`` → ``[a, b, c]``."""
-    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
 
 
 # ---------------------------------------------------------------- progress and reports, one per stage
@@ -175,29 +172,29 @@ def inject(
     noise: Annotated[Optional[str], typer.Option(
         "--noise", help=f"Comma list of families, optionally weighted: filler:2,hedge:1. 'all' for every family, "
                         f"'none' to pass the corpus through. Default: {DEFAULT_NOISE}.")
-    ] = None,
+    ] = options.NOISE,
     rate: Annotated[Optional[float], typer.Option(
-        "--rate", help="Probability of an injection at each eligible word boundary (default 0.1).")] = None,
+        "--rate", help="Probability of an injection at each eligible word boundary (default 0.1).")] = options.RATE,
     target_frac: Annotated[Optional[float], typer.Option(
-        "--target-frac", help="Instead of --rate: the share of response words to make noise.")] = None,
+        "--target-frac", help="Instead of --rate: the share of response words to make noise.")] = options.TARGET_FRAC,
     clean_frac: Annotated[float, typer.Option(
-        "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics).")] = 0.0,
-    seed: Seed = 0,
+        "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics).")] = options.CLEAN_FRAC,
+    seed: Seed = options.SEED,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", help="Named noise settings instead of --noise/--rate: table1 (filler and hedge at about "
-                         "0.8% of CHAMP's tokens, the share RankTuner's Table 1 implies).")] = None,
-    limit: Limit = None,
-    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = "train",
-    prompt_field: Annotated[str, typer.Option("--prompt-field")] = "prompt",
-    response_field: Annotated[str, typer.Option("--response-field")] = "response",
-    id_field: Annotated[str, typer.Option("--id-field")] = "id",
-    steps_field: StepsField = None,
-    first_error_field: FirstErrorField = "label",
-    after_error: AfterError = "cut",
+                         "0.8% of CHAMP's tokens, the share RankTuner's Table 1 implies).")] = options.PRESET,
+    limit: Limit = options.LIMIT,
+    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = options.SPLIT,
+    prompt_field: Annotated[str, typer.Option("--prompt-field")] = options.PROMPT_FIELD,
+    response_field: Annotated[str, typer.Option("--response-field")] = options.RESPONSE_FIELD,
+    id_field: Annotated[str, typer.Option("--id-field")] = options.ID_FIELD,
+    steps_field: StepsField = options.STEPS_FIELD,
+    first_error_field: FirstErrorField = options.FIRST_ERROR_FIELD,
+    after_error: AfterError = options.AFTER_ERROR,
     tokenizer: Annotated[str, typer.Option(
-        "--tokenizer", help="Vocabulary source for random-token (a --model value).")] = "default",
-    skip_bad: SkipBad = False,
-    trust_remote_code: TrustRemoteCode = False,
+        "--tokenizer", help="Vocabulary source for random-token (a --model value).")] = options.TOKENIZER,
+    skip_bad: SkipBad = options.SKIP_BAD,
+    trust_remote_code: TrustRemoteCode = options.TRUST_REMOTE_CODE,
     quiet: Quiet = False,
 ) -> None:
     """Inject labelled noise into the responses of a corpus (spans the corpus brings are kept)."""
@@ -216,19 +213,19 @@ def inject(
 def score(
     input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="stats.parquet to write.")],
-    model: Model = "default",
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 2048,
-    chunk_rows: ChunkRows = None,
+    model: Model = options.MODEL,
+    device: Device = options.DEVICE,
+    dtype: Dtype = options.DTYPE,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = options.BATCH_TOKENS,
+    chunk_rows: ChunkRows = options.CHUNK_ROWS,
     max_length: Annotated[Optional[int], typer.Option(
-        "--max-length", help="Truncate sequences to this many tokens.")] = None,
-    template: Annotated[str, typer.Option("--template", help="auto, chat or plain.")] = "auto",
+        "--max-length", help="Truncate sequences to this many tokens.")] = options.MAX_LENGTH,
+    template: Annotated[str, typer.Option("--template", help="auto, chat or plain.")] = options.TEMPLATE,
     ref_model: Annotated[Optional[str], typer.Option(
-        "--ref-model", help="Reference model for Rho-1 (adds ref_logp).")] = None,
-    trust_remote_code: TrustRemoteCode = False,
+        "--ref-model", help="Reference model for Rho-1 (adds ref_logp).")] = options.REF_MODEL,
+    trust_remote_code: TrustRemoteCode = options.TRUST_REMOTE_CODE,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue an interrupted run from its finished shards.")] = False,
+        "--resume", help="Continue an interrupted run from its finished shards.")] = options.RESUME,
     quiet: Quiet = False,
 ) -> None:
     """One forward pass: per-token statistics (logp, entropy, rank, expected rank, ...)."""
@@ -247,20 +244,20 @@ def compare(
     stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (several runs side by side).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the tables, plots and heatmap.")],
     methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma list (default: every method whose statistics exist).")] = None,
-    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent, in (0, 100].")] = 10.0,
+        "--methods", help="Comma list (default: every method whose statistics exist).")] = options.METHODS,
+    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent, in (0, 100].")] = options.K,
     rank_by: Annotated[list[str], typer.Option(
-        "--rank-by", help="weight, loss or grad (repeat or comma list).")] = ["weight"],  # noqa: B006
+        "--rank-by", help="weight, loss or grad (repeat or comma list).")] = [options.RANK_BY],  # noqa: B006
     scope: Annotated[list[str], typer.Option(
-        "--scope", help="global or sequence (repeat or comma list).")] = ["global"],  # noqa: B006
-    param: Annotated[list[str], typer.Option(
+        "--scope", help="global or sequence (repeat or comma list).")] = [options.SCOPE],  # noqa: B006
+    params: Annotated[list[str], typer.Option(
         "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
-    method_file: MethodFiles = [],  # noqa: B006
+    method_files: MethodFiles = [],  # noqa: B006
     batch_seqs: Annotated[int, typer.Option(
-        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = 256,
+        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = options.BATCH_SEQS,
     bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = 200,
-    seed: Seed = 0,
+        "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = options.BOOTSTRAP,
+    seed: Seed = options.SEED,
     quiet: Quiet = False,
 ) -> None:
     """Every method × every metric: the Table 1 diagnostic, printed and exported."""
@@ -268,8 +265,8 @@ def compare(
 
     with _compare_progress(quiet) as progress:
         result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
-                             rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=param,
-                             method_files=method_file, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
+                             rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=params,
+                             method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
                              progress=progress)
     _report_compare(result)
 
@@ -295,9 +292,9 @@ def _demo_hooks(quiet: bool) -> Any:
 def demo(
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Directory for everything the demo writes.")] = Path("reports/demo"),
-    limit: Limit = None,
-    model: Model = "default",
-    device: Device = "auto",
+    limit: Limit = options.LIMIT,
+    model: Model = options.MODEL,
+    device: Device = options.DEVICE,
     quiet: Quiet = False,
 ) -> None:
     """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems)."""

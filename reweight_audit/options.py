@@ -1,0 +1,63 @@
+"""The options of the stages, defined once: their defaults and how a list option is spelled.
+
+The command line (:mod:`reweight_audit.cli`), the Python API
+(:mod:`reweight_audit.api`) and the stage functions (``run_inject``,
+``run_score``, ``run_compare``) all take their defaults from here. An
+option's Python keyword is its command-line name with ``_`` for ``-``
+(``--batch-tokens`` is ``batch_tokens=``); a repeatable option is plural in
+Python (``--param`` is ``params=``, ``--method-file`` is ``method_files=``).
+``tests/test_api.py`` checks that the command line and the API agree on both.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# ---------------------------------------------------------------- shared
+SEED = 0
+TRUST_REMOTE_CODE = False
+LIMIT = None  # every record
+
+# ---------------------------------------------------------------- inject
+NOISE = None  # None: noise.DEFAULT_NOISE, unless a preset sets it
+RATE = None  # None: noise.DEFAULT_RATE per eligible word boundary, unless target_frac or a preset sets it
+TARGET_FRAC = None
+CLEAN_FRAC = 0.0
+PRESET = None
+SPLIT = "train"
+PROMPT_FIELD = "prompt"
+RESPONSE_FIELD = "response"
+ID_FIELD = "id"
+STEPS_FIELD = None  # None: not step-labelled rows
+FIRST_ERROR_FIELD = "label"
+AFTER_ERROR = "cut"
+TOKENIZER = "default"
+SKIP_BAD = False
+
+# ---------------------------------------------------------------- score
+MODEL = "default"
+DEVICE = "auto"
+DTYPE = "auto"
+BATCH_TOKENS = 2048
+CHUNK_ROWS = None  # None: from free memory
+MAX_LENGTH = None  # None: no truncation
+TEMPLATE = "auto"
+REF_MODEL = None
+RESUME = False
+
+# ---------------------------------------------------------------- compare
+METHODS = None  # None: every registered method whose statistics exist
+K = 10.0  # percent
+RANK_BY = "weight"
+SCOPE = "global"
+BATCH_SEQS = 256
+BOOTSTRAP = 200
+
+
+def split_list(values: str | Iterable[str] | None) -> list[str]:
+    """Repeated and comma-separated values as one list: ``["a,b", "c"]`` (``-x a,b -x c``) → ``[a, b, c]``.
+
+    One string is one value list: ``"a, b"`` → ``[a, b]``.
+    """
+    if isinstance(values, str):
+        values = [values]
+    return [item.strip() for value in values or [] for item in str(value).split(",") if item.strip()]
