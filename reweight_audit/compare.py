@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from reweight_audit import metrics
+from reweight_audit import options as defaults  # `options` names a CompareOptions here
 from reweight_audit.errors import AuditError
 from reweight_audit.exports import write_exports
 from reweight_audit.methods import (
@@ -35,7 +36,7 @@ from reweight_audit.methods import (
     parse_params,
 )
 from reweight_audit.results import CompareResult, curve_columns, kind_columns, table_columns
-from reweight_audit.runs import RunData, load_runs
+from reweight_audit.runs import RunData, StatsSource, StatsTable, load_runs
 
 TIE_RULE = "fractional (expected value under random tie-breaking)"
 NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
@@ -48,7 +49,7 @@ NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
 class CompareOptions:
     """The validated options of one compare."""
 
-    stats_paths: list[Path]
+    stats_paths: list[Path | StatsTable]
     methods: list[str] | None  # None: every registered method whose columns exist
     rank_by: list[str]
     k: float  # percent
@@ -98,7 +99,7 @@ def _known(values: list[str], known: Sequence[str], option: str, default: str) -
     return values or [default]
 
 
-def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str] | None, rank_by: Sequence[str],
+def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods: Sequence[str] | None, rank_by: Sequence[str],
                     k: float, scope: Sequence[str], params: Sequence[str], method_files: Sequence[Path],
                     batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int) -> CompareOptions:
     """Check every option before any file is read; a bad one is one AuditError line naming the option."""
@@ -112,7 +113,8 @@ def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str
         raise AuditError(f"--batch-seqs {batch_seqs}: give a positive number of sequences per batch")
     if int(n_boot) < 0:
         raise AuditError(f"--n-boot {n_boot}: give 0 (no intervals) or a positive number of resamples")
-    paths = [Path(stats_paths)] if isinstance(stats_paths, (str, Path)) else [Path(p) for p in stats_paths]
+    paths = [_source(stats_paths)] if isinstance(stats_paths, (str, Path, StatsTable)) else \
+        [_source(p) for p in stats_paths]
     if not paths:
         raise AuditError("compare: give at least one stats.parquet")
     if methods is not None and not _as_list(methods):
@@ -123,6 +125,10 @@ def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str
         scope=_known(_as_list(scope), metrics.SCOPES, "--scope", "global"), params=list(params or []),
         method_files=[Path(p) for p in method_files or []], batch_seqs=int(batch_seqs), n_boot=int(n_boot),
         seed=int(seed), heatmap_sequences=int(heatmap_sequences))
+
+
+def _source(source: StatsSource) -> Path | StatsTable:
+    return source if isinstance(source, StatsTable) else Path(source)
 
 
 def select_methods(options: CompareOptions) -> tuple[list[Method], dict]:
@@ -278,32 +284,34 @@ def _map_ordered(fn, items: list, n_workers: int) -> Iterator:
 
 
 def run_compare(
-    stats_paths: Path | Sequence[Path],
-    out_dir: Path,
+    stats_paths: StatsSource | Sequence[StatsSource],
+    out_dir: Path | None,
     *,
-    methods: Sequence[str] | None = None,
-    rank_by: Sequence[str] = ("weight",),
-    k: float = 10.0,
-    scope: Sequence[str] = ("global",),
+    methods: Sequence[str] | None = defaults.METHODS,
+    rank_by: Sequence[str] = (defaults.RANK_BY,),
+    k: float = defaults.K,
+    scope: Sequence[str] = (defaults.SCOPE,),
     params: Sequence[str] = (),
     method_files: Sequence[Path] = (),
-    batch_seqs: int = 256,
-    n_boot: int = 200,
-    seed: int = 0,
+    batch_seqs: int = defaults.BATCH_SEQS,
+    n_boot: int = defaults.BOOTSTRAP,
+    seed: int = defaults.SEED,
     heatmap_sequences: int = 12,
     write: bool = True,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CompareResult:
-    """Compare every method on every stats table and write the exports into ``out_dir``.
+    """Compare every method on every stats table (files, or :class:`StatsTable` in memory) and write the
+    exports into ``out_dir``.
 
     ``k`` is in percent, (0, 100]. ``methods=None`` takes every registered
     method whose columns exist (the others are listed in ``skipped``); a method
     named explicitly whose columns are missing is an error. ``progress`` is an
     optional callable ``progress(message)`` (called from this thread only).
     ``workers`` threads evaluate methods side by side (default: up to 4, one
-    per CPU); results do not depend on it. ``write=False`` computes without
-    writing anything.
+    per CPU); results do not depend on it. ``write=False`` (or no ``out_dir``)
+    computes without writing anything; the result keeps the runs and their
+    weights, so its exports can be written later.
     """
     t_start = time.perf_counter()
     say = progress or (lambda _message: None)
@@ -319,7 +327,8 @@ def run_compare(
     timings["weights"] = sum(o.t_weights for o in outcomes)
     timings["metrics"] = sum(o.t_metrics for o in outcomes)
     result = assemble(runs, outcomes, chosen, options, timings)
-    if write:
+    result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
+    if write and out_dir is not None:
         t0 = time.perf_counter()
         write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
                       seed=options.seed, heatmap_sequences=options.heatmap_sequences)

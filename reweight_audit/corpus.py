@@ -4,8 +4,9 @@ Sources: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files, ``hf:NAME[:CONFIG]
 (a Hugging Face dataset through ``datasets``), ``champ`` (the CHAMP corpus
 shipped in the ``champ-dataset`` package: problems and their human-written
 solutions) and ``champ-fws`` (the 540 model-written CHAMP solutions with a
-human annotation of their first wrong step). Records are streamed so memory
-does not grow with corpus size. A record may bring its own ``spans``
+human annotation of their first wrong step) and, from Python, a table in memory
+(a pandas DataFrame or a ``datasets.Dataset``, :mod:`reweight_audit.frames`).
+Records are streamed so memory does not grow with corpus size. A record may bring its own ``spans``
 (``docs/formats.md``, "Spans"); step-labelled rows (``steps`` plus the index of
 the first wrong step, as in ProcessBench) become a response with a
 ``wrong-step`` span.
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Iterator
 from reweight_audit.annotations import (BadAnnotation, check_after_error, check_spans, first_error_spans,
                                         steps_first_error)
 from reweight_audit.errors import AuditError
+from reweight_audit.frames import TABLE_KINDS, check_table, is_table, rows_digest, table_rows
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CHAMP, CHAMP_FWS = "champ", "champ-fws"
@@ -68,17 +70,21 @@ def content_id(prompt: str, response: str) -> str:
     return digest.hexdigest()
 
 
-def is_file_source(source: str) -> bool:
-    """True for a path, False for ``hf:...`` and the built-in corpora."""
-    return source not in BUILTIN_SOURCES and not source.startswith("hf:")
+def is_file_source(source: Any) -> bool:
+    """True for a path, False for ``hf:...``, the built-in corpora and a table in memory."""
+    return isinstance(source, str) and source not in BUILTIN_SOURCES and not source.startswith("hf:")
 
 
-def describe_source(source: str) -> str:
+def describe_source(source: Any) -> str:
+    if is_table(source):
+        return type(source).__name__
     return str(Path(source)) if is_file_source(source) else source
 
 
-def source_digest(source: str) -> str:
-    """A digest of the input: the file's bytes, or the package/dataset name."""
+def source_digest(source: Any) -> str:
+    """A digest of the input: the file's bytes, the table's rows, or the package/dataset name."""
+    if is_table(source):
+        return rows_digest(table_rows(source))
     if source in BUILTIN_SOURCES:
         return "sha256:" + hashlib.sha256(_champ_path().read_bytes()).hexdigest()
     if source.startswith("hf:"):
@@ -91,8 +97,11 @@ def source_digest(source: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check_source(source: str) -> None:
-    """Fail early, with the loader's message, for a file source that cannot be read."""
+def check_source(source: Any) -> None:
+    """Fail early, with the loader's message, for a source that cannot be read."""
+    check_table(source, "corpus")
+    if not isinstance(source, str) and not is_table(source):
+        raise AuditError(f"corpus: got {type(source).__name__}; {_SOURCE_HINT}, or {TABLE_KINDS}")
     if not is_file_source(source):
         return
     path = Path(source)
@@ -105,7 +114,7 @@ def check_source(source: str) -> None:
 
 
 def iter_records(
-    source: str,
+    source: Any,
     fields: FieldMap | None = None,
     *,
     split: str = "train",
@@ -123,10 +132,13 @@ def iter_records(
     fields = fields or FieldMap()
     report = report if report is not None else LoadReport()
     check_after_error(after_error)
-    if source in BUILTIN_SOURCES:
+    if is_table(source):
+        name = type(source).__name__
+        rows: Iterable[tuple[str, dict]] = ((f"{name} row {i}", row) for i, row in enumerate(table_rows(source)))
+    elif source in BUILTIN_SOURCES:
         if fields.steps is not None:
             raise AuditError(f"--steps-field: {source} has no step-labelled rows; use it with a file or an hf: dataset")
-        rows: Iterable[tuple[str, dict]] = _champ_rows() if source == CHAMP else _champ_fws_rows()
+        rows = _champ_rows() if source == CHAMP else _champ_fws_rows()
         fields = FieldMap()
     elif source.startswith("hf:"):
         rows = _hf_rows(source, split)
@@ -159,10 +171,10 @@ def _file_rows(source: str, skip_bad: bool, report: LoadReport) -> Iterable[tupl
     return _parquet_rows(path)
 
 
-def _build_record(source: str, row: Any, fields: FieldMap, where: str, after_error: str) -> Record:
+def _build_record(source: Any, row: Any, fields: FieldMap, where: str, after_error: str) -> Record:
     if not isinstance(row, dict):
         raise AuditError(f"{where}: expected an object with fields, got {type(row).__name__}")
-    if source == CHAMP_FWS:
+    if isinstance(source, str) and source == CHAMP_FWS:
         return _champ_fws_record(row, after_error)
     if fields.steps is not None:
         return _steps_record(row, fields, where, after_error)

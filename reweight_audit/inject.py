@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from . import options
 from .annotations import check_after_error
 from .corpus import (CHAMP_FWS, FieldMap, LoadReport, Record, check_source, describe_source, is_file_source,
                      iter_records, source_digest)
@@ -167,13 +168,19 @@ def write_injected(
 
 
 def _write_line(fh: Any, obj: dict, input_desc: str) -> None:
+    fh.write(record_line(obj, input_desc) + "\n")
+
+
+def record_line(obj: dict, input_desc: str) -> str:
+    """One output record as its JSONL line (without the newline); text that is not valid Unicode is refused."""
     line = json.dumps(obj, ensure_ascii=False, default=json_default)
     try:
-        fh.write(line + "\n")
+        line.encode("utf-8")
     except UnicodeEncodeError:
         raise AuditError(
             f"{input_desc}: record {obj['id']!r} contains an unpaired surrogate (invalid Unicode); fix its text"
         ) from None
+    return line
 
 
 def _manifest(
@@ -235,40 +242,42 @@ def _manifest(
 
 @dataclass
 class InjectResult:
-    """What :func:`run_inject` wrote: the noisy JSONL, its manifest, and what the loader skipped."""
+    """What :func:`run_inject` made: the noisy JSONL and its manifest (or, without an output, the
+    records themselves, as the file's lines would read back), and what the loader skipped."""
 
-    output: Path
-    manifest: dict
+    output: Path | None
+    manifest: dict | None
     load_report: LoadReport
+    records: list[dict] | None = None
 
 
 def run_inject(
-    source: str,
-    output: str | os.PathLike,
+    source: Any,
+    output: str | os.PathLike | None,
     *,
-    noise: str | None = None,
-    rate: float | None = None,
-    target_frac: float | None = None,
-    clean_frac: float = 0.0,
-    seed: int = 0,
-    preset: str | None = None,
-    limit: int | None = None,
-    split: str = "train",
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    id_field: str = "id",
-    steps_field: str | None = None,
-    first_error_field: str = "label",
-    after_error: str = "cut",
-    tokenizer: str = "default",
-    skip_bad: bool = False,
-    trust_remote_code: bool = False,
+    noise: str | None = options.NOISE,
+    rate: float | None = options.RATE,
+    target_frac: float | None = options.TARGET_FRAC,
+    clean_frac: float = options.CLEAN_FRAC,
+    seed: int = options.SEED,
+    preset: str | None = options.PRESET,
+    limit: int | None = options.LIMIT,
+    split: str = options.SPLIT,
+    prompt_field: str = options.PROMPT_FIELD,
+    response_field: str = options.RESPONSE_FIELD,
+    id_field: str = options.ID_FIELD,
+    steps_field: str | None = options.STEPS_FIELD,
+    first_error_field: str = options.FIRST_ERROR_FIELD,
+    after_error: str = options.AFTER_ERROR,
+    tokenizer: str = options.TOKENIZER,
+    skip_bad: bool = options.SKIP_BAD,
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     progress: Callable[[int], None] | None = None,
 ) -> InjectResult:
     """Inject labelled noise into the responses of ``source``; write ``output`` and its manifest.
 
     ``source``: a ``.jsonl``/``.json``/``.csv``/``.parquet`` path, ``hf:NAME[:CONFIG]``
-    (with ``split``), ``champ`` or ``champ-fws``. ``noise``: families, optionally
+    (with ``split``), ``champ``, ``champ-fws`` or a table in memory (:mod:`reweight_audit.frames`). ``noise``: families, optionally
     weighted (``filler:2,hedge:1``; default ``DEFAULT_NOISE``; ``none`` passes the
     corpus through), or a ``preset`` (``table1``) that sets noise and rate.
     ``steps_field``: read step-labelled rows (``first_error_field`` = index of
@@ -276,7 +285,8 @@ def run_inject(
     text after a first wrong step. Spans a record brings are kept and moved
     through the edits. ``tokenizer`` (a ``--model`` value) gives the vocabulary of
     the ``random-token`` family. ``limit``: the first N records only.
-    ``progress(n)`` is called after each written record.
+    ``progress(n)`` is called after each record. ``output=None`` writes nothing
+    and returns the records in memory.
     """
     if limit is not None and limit < 1:
         raise AuditError("--limit must be a positive number of records")
@@ -284,7 +294,8 @@ def run_inject(
     config = NoiseConfig(noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac, seed=seed,
                          preset=preset)
     check_after_error(after_error)
-    prepare_output_file(output, source=source if is_file_source(source) else None, create=False)
+    if output is not None:
+        prepare_output_file(output, source=source if is_file_source(source) else None, create=False)
     check_source(source)
     pieces = vocab_pieces(config, tokenizer, trust_remote_code=trust_remote_code)
     report = LoadReport()
@@ -293,6 +304,8 @@ def run_inject(
     records = iter_records(source, fields, split=split, skip_bad=skip_bad, report=report, after_error=after_error)
     if limit is not None:
         records = itertools.islice(records, limit)
+    if output is None:
+        return InjectResult(None, None, report, _in_memory(records, config, pieces, describe_source(source), progress))
     skipped: dict = {}
     manifest = write_injected(_counting_skips(records, report, skipped), output, config,
                               input_digest=source_digest(source), input_desc=describe_source(source),
@@ -301,9 +314,20 @@ def run_inject(
     return InjectResult(Path(output), manifest, report)
 
 
-def _loader(source: str, fields: FieldMap, after_error: str) -> dict:
+def _in_memory(records: Iterable[Record], config: NoiseConfig, pieces: Sequence[str] | None, input_desc: str,
+               progress: Callable[[int], None] | None) -> list[dict]:
+    """The output records, each exactly as its line of the JSONL file would read back."""
+    out = []
+    for obj in inject_records(records, config, pieces, source=input_desc):
+        out.append(json.loads(record_line(obj, input_desc)))
+        if progress is not None:
+            progress(len(out))
+    return out
+
+
+def _loader(source: Any, fields: FieldMap, after_error: str) -> dict:
     """How the records were read, for the manifest; ``after_error`` only where first errors are annotated."""
-    annotated = source == CHAMP_FWS or fields.steps is not None
+    annotated = (isinstance(source, str) and source == CHAMP_FWS) or fields.steps is not None
     return {"source": describe_source(source), "steps_field": fields.steps,
             "first_error_field": fields.first_error if fields.steps is not None else None,
             "after_error": after_error if annotated else None}

@@ -12,7 +12,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,9 +22,13 @@ from reweight_audit.formatting import finite, fmt_interval, fmt_num, fmt_pct, k_
 from reweight_audit.metrics import metric_specs
 from reweight_audit.results import CompareResult
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["fmt_pct", "fmt_interval", "fmt_num", "render_table", "table_markdown", "table_cells", "metric_headers",
            "plot_recall_curves", "plot_rank_vs_prob", "plot_expected_rank_vs_entropy", "plot_weight_distributions",
-           "heatmap_html", "default_heatmap_method"]
+           "recall_curves_figure", "rank_vs_prob_figure", "expected_rank_vs_entropy_figure",
+           "weight_distributions_figure", "heatmap_html", "default_heatmap_method"]
 
 LN2 = math.log(2.0)
 
@@ -170,6 +174,11 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_recall_curves(curves: pd.DataFrame, path: Path, k: float | None = None) -> Path:
+    """:func:`recall_curves_figure` as a PNG file."""
+    return _save(recall_curves_figure(curves, k), path)
+
+
+def recall_curves_figure(curves: pd.DataFrame, k: float | None = None) -> Figure:
     """Token recall at every cut, one line per method; one panel per run × rank-by × scope."""
     keys = list(dict.fromkeys(zip(curves["run"], curves["rank_by"], curves["scope"]))) if len(curves) else []
     fig, axes = _figure(len(keys), 3)
@@ -194,11 +203,11 @@ def plot_recall_curves(curves: pd.DataFrame, path: Path, k: float | None = None)
         ax.grid(alpha=0.3)
     if keys:
         axes[0].legend(fontsize=7, ncols=2, loc="lower right")
-    return _save(fig, path)
+    return fig
 
 
-def _scatter_panels(samples: list[dict], path: Path, *, x_of, y_of, need: tuple[str, ...], xlabel: str,
-                    ylabel: str, bound, bound_label: str, xlog: bool) -> Path:
+def _scatter_panels(samples: list[dict], *, x_of, y_of, need: tuple[str, ...], xlabel: str,
+                    ylabel: str, bound, bound_label: str, xlog: bool) -> Figure:
     fig, axes = _figure(len(samples), 2, 5.2, 4.2)
     for ax, s in zip(axes, samples):
         ax.set_title(str(s["label"]), fontsize=9)
@@ -226,25 +235,35 @@ def _scatter_panels(samples: list[dict], path: Path, *, x_of, y_of, need: tuple[
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both", lw=0.4)
         ax.legend(fontsize=7, markerscale=3)
-    return _save(fig, path)
+    return fig
 
 
 def plot_rank_vs_prob(samples: list[dict], path: Path) -> Path:
+    """:func:`rank_vs_prob_figure` as a PNG file."""
+    return _save(rank_vs_prob_figure(samples), path)
+
+
+def rank_vs_prob_figure(samples: list[dict]) -> Figure:
     """R_t against p_t (log axes) with the envelope R = 1/p; noise in red."""
     return _scatter_panels(
-        samples, path, x_of=lambda s: s["p"], y_of=lambda s: s["rank"], need=("rank",),
+        samples, x_of=lambda s: s["p"], y_of=lambda s: s["rank"], need=("rank",),
         xlabel="p (target probability)", ylabel="R (rank of the target)",
         bound=lambda xs: (xs, 1.0 / xs), bound_label="R = 1/p", xlog=True)
 
 
 def plot_expected_rank_vs_entropy(samples: list[dict], path: Path) -> Path:
+    """:func:`expected_rank_vs_entropy_figure` as a PNG file."""
+    return _save(expected_rank_vs_entropy_figure(samples), path)
+
+
+def expected_rank_vs_entropy_figure(samples: list[dict]) -> Figure:
     """E[R_t] against H_t in bits with the Massey bound 2^(H−2)+1 (H ≥ 2)."""
     def massey(xs):
         hs = np.linspace(2.0, max(float(xs.max()), 2.0), 200)
         return (hs, 2.0 ** (hs - 2.0) + 1.0) if xs.max() >= 2.0 else (np.array([]), np.array([]))
 
     return _scatter_panels(
-        samples, path, x_of=lambda s: np.asarray(s["entropy"], dtype=float) / LN2, y_of=lambda s: s["expected_rank"],
+        samples, x_of=lambda s: np.asarray(s["entropy"], dtype=float) / LN2, y_of=lambda s: s["expected_rank"],
         need=("entropy", "expected_rank"), xlabel="H (bits)", ylabel="E[R] (expected rank)",
         bound=massey, bound_label="Massey: 2^(H−2)+1", xlog=False)
 
@@ -264,6 +283,11 @@ def _weight_bins(values: np.ndarray, n_bins: int = 40) -> tuple[np.ndarray, bool
 
 
 def plot_weight_distributions(weight_samples: list[dict], path: Path) -> Path:
+    """:func:`weight_distributions_figure` as a PNG file."""
+    return _save(weight_distributions_figure(weight_samples), path)
+
+
+def weight_distributions_figure(weight_samples: list[dict]) -> Figure:
     """Noise vs clean weight distributions, one small panel per run × method.
 
     Each class is normalised to sum to 1 (share of that class's tokens per bin), so the two shapes compare
@@ -300,7 +324,7 @@ def plot_weight_distributions(weight_samples: list[dict], path: Path) -> Path:
     if handles:
         fig.legend(handles=handles, labels=["clean tokens", "noise tokens"], loc="outside upper right",
                    fontsize=8, ncols=2)
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- heatmap.html

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from reweight_audit.metrics import metric_specs
@@ -60,3 +61,7 @@ class CompareResult:
     k: float  # percent
     files: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: The loaded runs (``runs.RunData``) and, per run, each method's weight per token: what the
+    #: exports are drawn from, kept so that a report can be written after the fact.
+    run_data: list = field(default_factory=list, repr=False)
+    run_weights: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)

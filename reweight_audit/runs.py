@@ -1,7 +1,7 @@
 """Loading runs: a ``score`` stats table read, validated and decoded once for ``compare``.
 
-:func:`load_run` turns ``stats.parquet`` (and its manifest, when present)
-into a :class:`RunData`: sequence and noise-kind codes, the noise labels, and
+:func:`load_run` turns ``stats.parquet`` (and its manifest, when present),
+or a :class:`StatsTable` already in memory, into a :class:`RunData`: sequence and noise-kind codes, the noise labels, and
 the numeric columns a weighting method may read. Any problem with the file is
 one :class:`AuditError` line naming it. Table format: ``docs/formats.md``.
 """
@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import pyarrow as pa
@@ -46,11 +46,30 @@ class StatColumns(Mapping):
 
 
 @dataclass
+class StatsTable:
+    """A stats table already in memory (the Python API's DataFrame), loaded and checked like a file.
+
+    ``name`` stands where a file's path would in labels and messages.
+    """
+
+    table: pa.Table
+    name: str
+    manifest: dict | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: What ``compare`` reads: a stats.parquet path or a table in memory.
+StatsSource = Union[Path, str, StatsTable]
+
+
+@dataclass
 class RunData:
     """One stats table, decoded once."""
 
     label: str
-    path: Path
+    path: Path  # the file, or for a table in memory its name
     manifest: dict | None
     table: pa.Table
     seq_codes: np.ndarray  # int64 code per token
@@ -110,17 +129,22 @@ class RunData:
 # --------------------------------------------------------------------------- loading
 
 
-def load_run(path: Path | str, label: str | None = None) -> RunData:
+def load_run(source: StatsSource, label: str | None = None) -> RunData:
     """Read and validate one stats table. Raises AuditError on any problem."""
-    path = Path(path)
-    table = _read_table(path)
+    if isinstance(source, StatsTable):
+        path, manifest = Path(source.name), source.manifest
+        table = _check_table(source.table, path)
+    else:
+        path = Path(source)
+        table = _read_table(path)
+        manifest = read_manifest(path)
     seq_codes, seq_names = _dictionary_codes(table.column("seq_id").cast(pa.string()))
     is_noise = table.column("is_noise").fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
     kind_codes, kinds = _kind_codes(table, is_noise)
     run = RunData(
         label=label or "",
         path=path,
-        manifest=read_manifest(path),
+        manifest=manifest,
         table=table,
         seq_codes=seq_codes.astype(np.int64, copy=False),
         seq_names=[str(s) for s in seq_names],
@@ -150,6 +174,11 @@ def _read_table(path: Path) -> pa.Table:
             f"{path}: not a readable parquet file ({type(exc).__name__}: {detail}); "
             "give the stats.parquet written by `reweight-audit score`"
         ) from None
+    return _check_table(table, path)
+
+
+def _check_table(table: pa.Table, path: Path) -> pa.Table:
+    """The required columns, their types, and at least one row; ``path`` names the table in messages."""
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise AuditError(
@@ -237,9 +266,9 @@ def run_labels(paths: list[Path], manifests: list[dict | None]) -> list[str]:
     return labels
 
 
-def load_runs(paths: list[Path]) -> list[RunData]:
+def load_runs(paths: list[StatsSource]) -> list[RunData]:
     """Every table, labelled for the reports (:func:`run_labels`)."""
     runs = [load_run(p) for p in paths]
-    for run, label in zip(runs, run_labels(paths, [r.manifest for r in runs])):
+    for run, label in zip(runs, run_labels([r.path for r in runs], [r.manifest for r in runs])):
         run.label = label
     return runs

@@ -18,14 +18,17 @@ import itertools
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 
+from reweight_audit import options
 from reweight_audit.distributed import agree
 from reweight_audit.errors import AuditError
+from reweight_audit.frames import row_json, rows_digest
 from reweight_audit.io import (
     atomic_file,
     manifest_header,
@@ -54,26 +57,33 @@ class NoisyRecord:
     spans: list[dict]
 
 
-def read_noisy(path: Path, report: dict | None = None) -> Iterator[NoisyRecord]:
-    """Stream the records of an ``inject`` output (or any JSONL with id/prompt/response).
+@dataclass
+class NoisyRows:
+    """Noisy records already in memory (the Python API's DataFrame, as plain rows), scored like a file of them.
+
+    Errors name a row as ``<name> row <i>`` where a file's name ``<path>:<line>``.
+    """
+
+    rows: list[dict]
+    name: str = "noisy DataFrame"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: What ``score`` reads: a JSONL file or rows in memory.
+NoisySource = Union[Path, NoisyRows]
+
+
+def read_noisy(path: NoisySource, report: dict | None = None) -> Iterator[NoisyRecord]:
+    """Stream the records of an ``inject`` output (or any JSONL with id/prompt/response, or such rows).
 
     Records without ``spans`` are scored as all-clean; ``report["no_spans"]`` counts them.
     """
     report = report if report is not None else {}
     report.setdefault("no_spans", 0)
-    if not path.exists():
-        raise AuditError(f"{path}: no such file; run 'reweight-audit inject' first or check the path")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise AuditError(f"{where}: not UTF-8; re-encode the file as UTF-8") from None
-            except json.JSONDecodeError as exc:
-                raise AuditError(f"{where}: malformed JSON ({exc.msg}); fix the line or re-run inject") from None
+    with _opened(path) as rows:
+        for where, raw, row in rows:
             if not isinstance(row, dict) or "response" not in row:
                 fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                 raise AuditError(f"{where}: no 'response' field (fields: {fields}); score the output of 'reweight-audit inject'")
@@ -100,6 +110,36 @@ def read_noisy(path: Path, report: dict | None = None) -> Iterator[NoisyRecord]:
             rid = row.get("id")
             rid = str(rid) if rid not in (None, "") else hashlib.blake2b(raw, digest_size=8).hexdigest()
             yield NoisyRecord(id=rid, prompt=str(row.get("prompt") or ""), response=response, spans=spans)
+
+
+@contextmanager
+def _opened(source: NoisySource) -> Iterator[Iterator[tuple[str, bytes, Any]]]:
+    """The source's records as (where, raw bytes, parsed row): a file's non-blank lines, or the rows in memory.
+
+    The raw bytes give a record without an id its content hash.
+    """
+    if isinstance(source, NoisyRows):
+        yield ((f"{source.name} row {i}", row_json(row).encode("utf-8", "surrogatepass"), row)
+               for i, row in enumerate(source.rows))
+        return
+    if not source.exists():
+        raise AuditError(f"{source}: no such file; run 'reweight-audit inject' first or check the path")
+    with source.open("rb") as f:
+        yield _jsonl_rows(source, f)
+
+
+def _jsonl_rows(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[str, bytes, Any]]:
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise AuditError(f"{where}: not UTF-8; re-encode the file as UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise AuditError(f"{where}: malformed JSON ({exc.msg}); fix the line or re-run inject") from None
+        yield where, raw, row
 
 
 # ----------------------------------------------------------------- sequence building
@@ -325,15 +365,15 @@ def verify_head(model: Any, head: Head, seq: Encoded, device: str) -> Head:
 
 @dataclass
 class ScoreConfig:
-    model: str = "default"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_tokens: int = 2048
-    chunk_rows: int | None = None
-    max_length: int | None = None
-    template: str = "auto"
-    ref_model: str | None = None
-    trust_remote_code: bool = False
+    model: str = options.MODEL
+    device: str = options.DEVICE
+    dtype: str = options.DTYPE
+    batch_tokens: int = options.BATCH_TOKENS
+    chunk_rows: int | None = options.CHUNK_ROWS
+    max_length: int | None = options.MAX_LENGTH
+    template: str = options.TEMPLATE
+    ref_model: str | None = options.REF_MODEL
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE
 
 
 def auto_chunk_rows(vocab: int, device: str) -> int:
@@ -539,8 +579,10 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def count_records(path: Path) -> int:
-    """Non-empty lines, for the progress bar's total (a byte scan, no JSON parsing)."""
+def count_records(path: NoisySource) -> int:
+    """Non-empty lines (or the rows in memory), for the progress bar's total (a byte scan, no JSON parsing)."""
+    if isinstance(path, NoisyRows):
+        return len(path.rows)
     n = 0
     with path.open("rb") as f:
         for line in f:
@@ -564,7 +606,8 @@ def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[int]:
 
 
 def iter_windows(
-    input_path: Path, tokenizer: Any, template: str, max_length: int | None, counts: dict, read_report: dict, window: int
+    input_path: NoisySource, tokenizer: Any, template: str, max_length: int | None, counts: dict, read_report: dict,
+    window: int
 ) -> Iterator[list[Encoded]]:
     """Encoded sequences in windows of ``window`` records, streamed from the file."""
     current: list[Encoded] = []
@@ -581,7 +624,7 @@ def iter_windows(
 
 
 def run_score(
-    input_path: Path,
+    input_path: Path | str | NoisyRows,
     output: Path,
     config: ScoreConfig | None = None,
     *,
@@ -591,7 +634,8 @@ def run_score(
     world_size: int | None = None,
     window: int = WINDOW_SEQS,
 ) -> ScoreResult:
-    """Score every supervised token of ``input_path``; write ``output`` (stats table) and its manifest.
+    """Score every supervised token of ``input_path`` (a noisy JSONL, or :class:`NoisyRows` in memory);
+    write ``output`` (stats table) and its manifest.
 
     Without ``rank``/``world_size`` the process group comes from the
     environment (torchrun, accelerate launch; one process otherwise). Every
@@ -607,7 +651,8 @@ def run_score(
             return run_score(input_path, output, config, resume=resume, progress=progress, rank=rank,
                              world_size=world_size, window=window)
     config = config or ScoreConfig()
-    input_path, output = Path(input_path), Path(output)
+    input_path = input_path if isinstance(input_path, NoisyRows) else Path(input_path)
+    output = Path(output)
     _check_options(input_path, output, config)
     started = time.time()
     setup = on_every_rank(world_size, lambda: _set_up(input_path, output, config, resume, rank, world_size, window))
@@ -633,8 +678,8 @@ def on_every_rank(world_size: int, stage: Callable[[], T]) -> T:
     return result
 
 
-def _check_options(input_path: Path, output: Path, config: ScoreConfig) -> None:
-    prepare_output_file(output, source=input_path, create=False)
+def _check_options(input_path: NoisySource, output: Path, config: ScoreConfig) -> None:
+    prepare_output_file(output, source=_input_file(input_path), create=False)
     if config.batch_tokens < 1:
         raise AuditError("--batch-tokens must be a positive number of tokens")
     if config.max_length is not None and config.max_length < 2:
@@ -645,7 +690,7 @@ def _check_options(input_path: Path, output: Path, config: ScoreConfig) -> None:
 class _Setup:
     """What every rank holds once the input, the model(s) and the shard folder are ready."""
 
-    input_path: Path
+    input_path: NoisySource
     output: Path
     config: ScoreConfig
     device: str
@@ -666,15 +711,14 @@ class _Setup:
     shards: Path
 
 
-def _set_up(input_path: Path, output: Path, config: ScoreConfig, resume: bool, rank: int, world_size: int,
+def _set_up(input_path: NoisySource, output: Path, config: ScoreConfig, resume: bool, rank: int, world_size: int,
             window: int) -> _Setup:
     """Read the first window (input errors surface before any model loads), load the model(s), claim the shards."""
-    from reweight_audit import corpus
     from reweight_audit.model import load_tokenizer, model_digest, resolve_device, resolve_dtype, resolve_model
 
-    if not input_path.exists():
+    if isinstance(input_path, Path) and not input_path.exists():
         raise AuditError(f"{input_path}: no such file; run 'reweight-audit inject' first or check the path")
-    prepare_output_file(output, source=input_path)
+    prepare_output_file(output, source=_input_file(input_path))
     device = _rank_device(resolve_device(config.device), world_size)
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_model(config.model)
@@ -688,7 +732,7 @@ def _set_up(input_path: Path, output: Path, config: ScoreConfig, resume: bool, r
     ref, ref_source = _load_reference(config, tokenizer, device, dtype, first)
     identity = {
         "format": SHARD_FORMAT,
-        "input_digest": corpus.source_digest(str(input_path)),
+        "input_digest": input_digest(input_path),
         "model": source.describe(),
         "model_digest": model_digest(source),
         "ref_model": ref_source.describe() if ref_source else None,
@@ -705,6 +749,19 @@ def _set_up(input_path: Path, output: Path, config: ScoreConfig, resume: bool, r
                   identity, shards)
 
 
+def _input_file(source: NoisySource) -> Path | None:
+    return source if isinstance(source, Path) else None
+
+
+def input_digest(source: NoisySource) -> str:
+    """What identifies the input in the manifest and in the shards' fingerprint (``--resume``)."""
+    if isinstance(source, NoisyRows):
+        return rows_digest(source.rows)
+    from reweight_audit import corpus
+
+    return corpus.source_digest(str(source))
+
+
 def _rank_device(device: str, world_size: int) -> str:
     """Under several ranks, plain ``cuda`` means this rank's own GPU."""
     if world_size > 1 and device == "cuda":
@@ -714,7 +771,7 @@ def _rank_device(device: str, world_size: int) -> str:
     return device
 
 
-def _first_window(windows: Iterator[list[Encoded]], input_path: Path, counts: dict) -> list[Encoded]:
+def _first_window(windows: Iterator[list[Encoded]], input_path: NoisySource, counts: dict) -> list[Encoded]:
     first = next(windows, None)
     if first is None:
         if not counts.get("records"):
