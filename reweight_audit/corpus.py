@@ -38,6 +38,7 @@ class FieldMap:
     response: str = "response"
     id: str = "id"
     messages: str = "messages"
+    id_required: bool = False  # a field named by the user: a record without it is an error, not a hash
 
 
 @dataclass
@@ -74,6 +75,8 @@ def source_digest(source: str) -> str:
 
 def check_source(source: str) -> None:
     """Fail early, with the loader's message, for a file source that cannot be read."""
+    if source.startswith("hf:"):
+        _check_hub_dataset(source)
     if source == "champ" or source.startswith("hf:"):
         return
     path = Path(source)
@@ -148,6 +151,10 @@ def _to_record(row: Any, fields: FieldMap, where: str) -> Record:
         raise AuditError(f"{where}: field '{fields.response}'/'{fields.prompt}' must be text, got {type(response).__name__}")
     prompt = prompt or ""
     raw_id = row.get(fields.id)
+    if fields.id_required and raw_id in (None, ""):
+        state = "is empty" if fields.id in row else f"is missing (fields present: {', '.join(map(str, row))})"
+        raise AuditError(f"{where}: id field '{fields.id}' {state}; choose the id field with --id-field, or leave "
+                         "the option out to use 'id' where present and a content hash elsewhere")
     rid = str(raw_id) if raw_id not in (None, "") else content_id(prompt, response)
     meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
     return Record(id=rid, prompt=prompt, response=response,
@@ -174,7 +181,7 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is not part of the record
             except UnicodeDecodeError as exc:
                 if skip_bad:
                     report.bad_lines.append(lineno)
@@ -197,7 +204,7 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the data
     except UnicodeDecodeError as exc:
         raise AuditError(f"{path}: not UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8") from None
 
@@ -222,7 +229,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: with a BOM the first column would be named "\ufeffid" and silently be missing
+        with path.open(newline="", encoding="utf-8-sig") as f:
             for lineno, row in enumerate(csv.DictReader(f), start=2):
                 yield f"{path}:{lineno}", row
     except UnicodeDecodeError as exc:
@@ -243,11 +251,22 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
             index += 1
 
 
-def _hf_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
-    spec = source[3:]
-    name, _, config = spec.partition(":")
+def _check_hub_dataset(source: str) -> None:
+    """A hub dataset (not a local folder) needs the hub: fail at once, naming why, when it cannot be reached."""
+    from reweight_audit.hub import offline_reason
+
+    name = source[3:].partition(":")[0]
     if not name:
         raise AuditError(f"{source}: give a dataset name as hf:NAME[:CONFIG]")
+    reason = None if Path(name).exists() else offline_reason()
+    if reason:
+        raise AuditError(f"{source}: the hub is unreachable ({reason}) and hf: datasets are streamed from it; "
+                         "save the dataset as .jsonl or .parquet on a machine with network access and pass that file")
+
+
+def _hf_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
+    _check_hub_dataset(source)
+    name, _, config = source[3:].partition(":")
     try:
         import datasets
 
