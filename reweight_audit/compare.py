@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ import pandas as pd
 from reweight_audit import metrics
 from reweight_audit.errors import AuditError
 from reweight_audit.exports import write_exports
+from reweight_audit.io import output_lock, prepare_output_dir
 from reweight_audit.methods import (
     Method,
     assign_batches,
@@ -111,7 +113,7 @@ def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str
     if int(batch_seqs) < 1:
         raise AuditError(f"--batch-seqs {batch_seqs}: give a positive number of sequences per batch")
     if int(n_boot) < 0:
-        raise AuditError(f"--n-boot {n_boot}: give 0 (no intervals) or a positive number of resamples")
+        raise AuditError(f"--bootstrap {n_boot}: give 0 (no intervals) or a positive number of resamples")
     paths = [Path(stats_paths)] if isinstance(stats_paths, (str, Path)) else [Path(p) for p in stats_paths]
     if not paths:
         raise AuditError("compare: give at least one stats.parquet")
@@ -303,7 +305,8 @@ def run_compare(
     optional callable ``progress(message)`` (called from this thread only).
     ``workers`` threads evaluate methods side by side (default: up to 4, one
     per CPU); results do not depend on it. ``write=False`` computes without
-    writing anything.
+    writing anything. The folder is checked and locked before any table is
+    read (:func:`reweight_audit.io.output_lock`) and swapped in whole at the end.
     """
     t_start = time.perf_counter()
     say = progress or (lambda _message: None)
@@ -311,19 +314,22 @@ def run_compare(
                               method_files=method_files, batch_seqs=batch_seqs, n_boot=n_boot, seed=seed,
                               heatmap_sequences=heatmap_sequences)
     chosen, param_map = select_methods(options)
-    t0 = time.perf_counter()
-    runs = load_runs(options.stats_paths)
-    _check_grad_columns(runs, options)
-    timings = {"load": time.perf_counter() - t0}
-    outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers)) for run in runs]
-    timings["weights"] = sum(o.t_weights for o in outcomes)
-    timings["metrics"] = sum(o.t_metrics for o in outcomes)
-    result = assemble(runs, outcomes, chosen, options, timings)
-    if write:
+    # one compare at a time into a folder, refused before any table is read
+    with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
         t0 = time.perf_counter()
-        write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
-                      seed=options.seed, heatmap_sequences=options.heatmap_sequences)
-        timings["write"] = time.perf_counter() - t0
+        runs = load_runs(options.stats_paths)
+        _check_grad_columns(runs, options)
+        timings = {"load": time.perf_counter() - t0}
+        outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers))
+                    for run in runs]
+        timings["weights"] = sum(o.t_weights for o in outcomes)
+        timings["metrics"] = sum(o.t_metrics for o in outcomes)
+        result = assemble(runs, outcomes, chosen, options, timings)
+        if write:
+            t0 = time.perf_counter()
+            write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
+                          seed=options.seed, heatmap_sequences=options.heatmap_sequences)
+            timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return result
 
