@@ -171,7 +171,7 @@ def _temporary(path: Path) -> Path:
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM back for a few renames that must happen together; they arrive right after."""
     held = {signal.SIGINT, signal.SIGTERM}
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
@@ -375,14 +375,14 @@ def output_lock(output: str | os.PathLike) -> Iterator[OutputLock]:
 
 
 def _held_elsewhere(fd: int, owner: dict | None) -> bool:
-    import fcntl
-
     try:
+        import fcntl
+
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
         return True
-    except OSError:  # no flock on this filesystem: judge by the owner's pid
+    except (OSError, ImportError):  # no flock here (filesystem or OS): judge by the owner's pid
         return bool(owner) and (owner.get("host") != socket.gethostname() or _alive(owner.get("pid")))
 
 

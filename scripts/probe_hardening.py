@@ -301,11 +301,10 @@ def side_by_side(w: Path, f: dict) -> None:
         (w / sub / "stats.parquet.manifest.json").write_text(json.dumps(manifest))
     res = cli("compare", w / "a" / "stats.parquet", w / "b" / "stats.parquet", "-o", w / "rep16", "--bootstrap", "0",
               "-q", env={"COLUMNS": "160"})
-    rows = [line for line in res[1].splitlines() if "ranktuner" in line]
-    labels = {line.split("│")[1].strip() if "│" in line else line[:40] for line in rows}
-    shown = "a/stats" in res[1] and "b/stats" in res[1]
-    case("16 two runs side by side at 160 columns", res[0] == 0 and shown,
-         f"labels printed: {sorted(labels)[:2]}")
+    labels = {line.split("│")[1].strip() for line in res[1].splitlines() if line.count("│") > 3}
+    labels.discard("")
+    shown = {"SmolLM2-135M-Instruct.Q4_1.gguf [a/stats]", "SmolLM2-135M-Instruct.Q4_1.gguf [b/stats]"} <= labels
+    case("16 two runs side by side at 160 columns", res[0] == 0 and shown, f"run labels printed: {sorted(labels)}")
 
 
 def quiet_gguf(w: Path, f: dict) -> None:
