@@ -2,10 +2,16 @@
 
 Each command parses its options, calls one library function and prints what
 it returned; progress bars and printing live here and nowhere else. A user
-error (:class:`AuditError`) is one line on stderr and exit code 2.
+error (:class:`AuditError`) is one line on stderr and exit code 2; Ctrl-C (or
+SIGTERM) is one line saying what was kept and how to go on, and exit code 130
+(:func:`command`).
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -14,9 +20,11 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from reweight_audit import options
-from reweight_audit.errors import AuditError
+from reweight_audit.errors import AuditError, require_positive
+from reweight_audit.io import work_folder
 from reweight_audit.noise import DEFAULT_NOISE
 from reweight_audit.options import split_list
 
@@ -31,9 +39,53 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
+# ---------------------------------------------------------------- every command: registration and interrupts
+
+
+def command(*, on_interrupt: str | Callable[..., str] = "nothing was written", name: str | None = None) -> Callable:
+    """``app.command`` with the interrupt handling every command shares.
+
+    ``on_interrupt`` is the line printed when Ctrl-C stops the command: what
+    was kept and how to go on, formatted with the command's parameters
+    (``{output}``), or a function of them. The command then exits with code
+    130. Outputs are atomic, so whatever the command was writing is simply
+    not there.
+    """
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(**params: Any) -> Any:
+            try:
+                return fn(**params)
+            except KeyboardInterrupt:
+                note = on_interrupt(**params) if callable(on_interrupt) else on_interrupt.format(**params)
+                console.print(f"interrupted: {escape(note)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
+
+        return app.command(name)(run)
+
+    return register
+
+
+def _quiet(value: bool) -> bool:
+    """``-q`` also silences the progress bars of libraries (transformers' GGUF conversion uses plain tqdm)."""
+    if value:
+        # read when tqdm is first imported, which the commands do only after their options are parsed
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    return value
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notes (``reweight_audit`` logger, warnings) as ``note:`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[yellow]note:[/yellow] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------- options shared by several commands
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", callback=_quiet)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed gives the same files.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N records.")]
 Model = Annotated[str, typer.Option(
@@ -41,7 +93,7 @@ Model = Annotated[str, typer.Option(
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16.")]
 ChunkRows = Annotated[Optional[int], typer.Option(
-    "--chunk-rows", help="Rows per output-head chunk (default: from free memory).")]
+    "--chunk-rows", help="Rows per output-head chunk, at least 1 (default: from free memory).")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub to run.")]
 MethodFiles = Annotated[list[Path], typer.Option(
     "--method-file", help="Python file that registers extra methods (repeatable).")]
@@ -114,7 +166,7 @@ def _score_progress(quiet: bool) -> Iterator[Callable[[int, int, int], None]]:
 def _compare_progress(quiet: bool) -> Iterator[Callable[[str], None]]:
     def say(message: str) -> None:
         if not quiet:
-            console.print(f"[dim]{message}[/dim]", highlight=False)
+            console.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
     yield say
 
@@ -122,7 +174,8 @@ def _compare_progress(quiet: bool) -> Iterator[Callable[[str], None]]:
 def _report_inject(result: Any) -> None:
     manifest, loaded = result.manifest, result.load_report
     kinds = ", ".join(f"{k} {v}" for k, v in manifest["spans_by_kind"].items()) or "--noise none"
-    out.print(f"wrote {result.output}: {manifest['records']} records, {manifest['spans']} noise spans ({kinds}), "
+    out.print(f"wrote {escape(str(result.output))}: {manifest['records']} records, {manifest['spans']} noise spans "
+              f"({escape(kinds)}), "
               f"{manifest['noise_word_frac']:.1%} of words are noise")
     if loaded.empty_responses:
         out.print(f"note: skipped {len(loaded.empty_responses)} records with an empty response")
@@ -140,7 +193,8 @@ def _report_score(result: Any) -> None:
     if not result.manifest:  # a rank other than 0: rank 0 reports
         return
     counts = result.manifest["counts"]
-    out.print(f"wrote {result.output} ({counts['rows_written']:,} tokens, {counts['noise_tokens']:,} noise) "
+    out.print(f"wrote {escape(str(result.output))} ({counts['rows_written']:,} tokens, "
+              f"{counts['noise_tokens']:,} noise) "
               f"and {result.output.name}.manifest.json")
     if counts.get("records_without_spans"):
         out.print(f"note: {counts['records_without_spans']} records had no 'spans': all their tokens were scored as clean")
@@ -156,14 +210,14 @@ def _report_compare(result: Any) -> None:
 
     out.print(render_table(result))
     folder = next(iter(result.files.values())).parent if result.files else ""
-    out.print(f"wrote {len(result.files)} files to {folder}/: "
+    out.print(f"wrote {len(result.files)} files to {escape(str(folder))}/: "
               + ", ".join(sorted(Path(p).name for p in result.files.values())))
 
 
 # ---------------------------------------------------------------- commands
 
 
-@app.command()
+@command(on_interrupt="{output} was not written (an earlier version is unchanged); run the command again")
 def inject(
     input: Annotated[str, typer.Argument(
         help="A .jsonl/.json/.csv/.parquet file, 'hf:NAME[:CONFIG]', 'champ' or 'champ-fws' (CHAMP's model "
@@ -187,7 +241,9 @@ def inject(
     split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = options.SPLIT,
     prompt_field: Annotated[str, typer.Option("--prompt-field")] = options.PROMPT_FIELD,
     response_field: Annotated[str, typer.Option("--response-field")] = options.RESPONSE_FIELD,
-    id_field: Annotated[str, typer.Option("--id-field")] = options.ID_FIELD,
+    id_field: Annotated[Optional[str], typer.Option(
+        "--id-field", help="Field holding each record's id (default: 'id' where present, else a content hash).")
+    ] = options.ID_FIELD,
     steps_field: StepsField = options.STEPS_FIELD,
     first_error_field: FirstErrorField = options.FIRST_ERROR_FIELD,
     after_error: AfterError = options.AFTER_ERROR,
@@ -209,7 +265,8 @@ def inject(
     _report_inject(result)
 
 
-@app.command()
+@command(on_interrupt="finished batches (if any) are kept in {output}.shards; run the same command with "
+                      "--resume to continue")
 def score(
     input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="stats.parquet to write.")],
@@ -239,7 +296,7 @@ def score(
     _report_score(result)
 
 
-@app.command()
+@command(on_interrupt="{output} is unchanged (an earlier report stays whole); run the command again")
 def compare(
     stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (several runs side by side).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the tables, plots and heatmap.")],
@@ -288,7 +345,8 @@ def _demo_hooks(quiet: bool) -> Any:
     return Printed()
 
 
-@app.command()
+@command(on_interrupt=lambda output, **_: f"{output} is unchanged; finished stages are kept in "
+                                          f"{work_folder(output)} and the next demo continues from them")
 def demo(
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Directory for everything the demo writes.")] = Path("reports/demo"),
@@ -301,11 +359,12 @@ def demo(
     from reweight_audit.demo import run_demo
 
     result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet))
-    out.print(f"\n[bold]demo done[/bold]: open {output / 'heatmap.html'} and {output / 'table.md'}; "
+    out.print(f"\n[bold]demo done[/bold]: open {escape(str(output / 'heatmap.html'))} and "
+              f"{escape(str(output / 'table.md'))}; "
               f"noisy corpus {result.noisy}, token statistics {result.stats}")
 
 
-@app.command("methods")
+@command(name="methods")
 def list_methods(method_file: MethodFiles = []) -> None:  # noqa: B006
     """List registered weighting methods with their formulas and the statistics they need."""
     from rich.table import Table
@@ -340,7 +399,7 @@ def _print_bench(result: dict) -> None:
         out.print("agreement with naive: " + ", ".join(f"{k}={v}" for k, v in result["agreement"].items()))
 
 
-@app.command()
+@command(on_interrupt="{output} was not written; run the command again")
 def bench(
     model: Annotated[str, typer.Option(
         "--model", help="Model to benchmark (ignored with --vocab/--seq-len).")] = "default",
@@ -363,35 +422,48 @@ def bench(
 ) -> None:
     """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
     from reweight_audit import bench as bench_module
-    from reweight_audit.io import prepare_output_file, write_json_atomic
+    from reweight_audit.io import output_lock, prepare_output_file, write_json_atomic
 
-    if repeats < 1:
-        raise AuditError("--repeats must be at least 1")
+    # 0 or a negative number is an error, never "the default" (bench.py reads None as the default)
+    for option, value in (("--vocab", vocab), ("--seq-len", seq_len), ("--chunk-rows", chunk_rows),
+                          ("--batch-tokens", batch_tokens), ("--repeats", repeats)):
+        require_positive(option, value)
     chosen = split_list([variants])
     unknown = sorted(set(chosen) - {"forward", "naive", "ours"})
     if unknown or not chosen:
         raise AuditError(f"--variants {variants}: use a comma list of forward, naive, ours")
-    if gpu_check:
-        results = bench_module.gpu_check(repeats=repeats)
-    else:
-        results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
-                                          device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
-                                          variants=tuple(chosen))]
-    for result in results:
-        _print_bench(result)
-    write_json_atomic(prepare_output_file(output), results if gpu_check else results[0])
-    out.print(f"wrote {output}")
+    prepare_output_file(output)  # before the minutes of benchmarking
+    with output_lock(output):
+        if gpu_check:
+            results = bench_module.gpu_check(repeats=repeats)
+        else:
+            results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
+                                              device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
+                                              variants=tuple(chosen))]
+        for result in results:
+            _print_bench(result)
+        write_json_atomic(output, results if gpu_check else results[0])
+    out.print(f"wrote {escape(str(output))}")
+
+
+def _sigterm_is_an_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the same clean-up and one line as Ctrl-C (see command)
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; library notes print as ``note:``."""
+    notes = logging.getLogger("reweight_audit")
+    if not any(isinstance(handler, _NoteHandler) for handler in notes.handlers):
+        notes.addHandler(_NoteHandler())
+    notes.propagate = False
+    signal.signal(signal.SIGTERM, _sigterm_is_an_interrupt)
     try:
         app()
     except AuditError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: finished shards are kept; run again with --resume to continue", highlight=False)
+    except KeyboardInterrupt:  # outside any command (while typer parses): nothing started
+        console.print("interrupted: nothing was written", highlight=False)
         sys.exit(130)
 
 

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from reweight_audit import metrics
 from reweight_audit import options as defaults  # `options` names a CompareOptions here
 from reweight_audit.errors import AuditError
 from reweight_audit.exports import write_exports
+from reweight_audit.io import output_lock, prepare_output_dir
 from reweight_audit.methods import (
     Method,
     assign_batches,
@@ -112,7 +114,7 @@ def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods
     if int(batch_seqs) < 1:
         raise AuditError(f"--batch-seqs {batch_seqs}: give a positive number of sequences per batch")
     if int(n_boot) < 0:
-        raise AuditError(f"--n-boot {n_boot}: give 0 (no intervals) or a positive number of resamples")
+        raise AuditError(f"--bootstrap {n_boot}: give 0 (no intervals) or a positive number of resamples")
     paths = [_source(stats_paths)] if isinstance(stats_paths, (str, Path, StatsTable)) else \
         [_source(p) for p in stats_paths]
     if not paths:
@@ -311,7 +313,9 @@ def run_compare(
     ``workers`` threads evaluate methods side by side (default: up to 4, one
     per CPU); results do not depend on it. ``write=False`` (or no ``out_dir``)
     computes without writing anything; the result keeps the runs and their
-    weights, so its exports can be written later.
+    weights, so its exports can be written later. The folder is checked and
+    locked before any table is read (:func:`reweight_audit.io.output_lock`) and
+    swapped in whole at the end.
     """
     t_start = time.perf_counter()
     say = progress or (lambda _message: None)
@@ -319,20 +323,24 @@ def run_compare(
                               method_files=method_files, batch_seqs=batch_seqs, n_boot=n_boot, seed=seed,
                               heatmap_sequences=heatmap_sequences)
     chosen, param_map = select_methods(options)
-    t0 = time.perf_counter()
-    runs = load_runs(options.stats_paths)
-    _check_grad_columns(runs, options)
-    timings = {"load": time.perf_counter() - t0}
-    outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers)) for run in runs]
-    timings["weights"] = sum(o.t_weights for o in outcomes)
-    timings["metrics"] = sum(o.t_metrics for o in outcomes)
-    result = assemble(runs, outcomes, chosen, options, timings)
-    result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
-    if write and out_dir is not None:
+    write = write and out_dir is not None
+    # one compare at a time into a folder, refused before any table is read
+    with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
         t0 = time.perf_counter()
-        write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
-                      seed=options.seed, heatmap_sequences=options.heatmap_sequences)
-        timings["write"] = time.perf_counter() - t0
+        runs = load_runs(options.stats_paths)
+        _check_grad_columns(runs, options)
+        timings = {"load": time.perf_counter() - t0}
+        outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers))
+                    for run in runs]
+        timings["weights"] = sum(o.t_weights for o in outcomes)
+        timings["metrics"] = sum(o.t_metrics for o in outcomes)
+        result = assemble(runs, outcomes, chosen, options, timings)
+        result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
+        if write:
+            t0 = time.perf_counter()
+            write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
+                          seed=options.seed, heatmap_sequences=options.heatmap_sequences)
+            timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return result
 

@@ -53,6 +53,7 @@ class FieldMap:
     messages: str = "messages"
     steps: str | None = None
     first_error: str = "label"
+    id_required: bool = False  # a field named by the user: a record without it is an error, not a hash
 
 
 @dataclass
@@ -102,6 +103,8 @@ def check_source(source: Any) -> None:
     check_table(source, "corpus")
     if not isinstance(source, str) and not is_table(source):
         raise AuditError(f"corpus: got {type(source).__name__}; {_SOURCE_HINT}, or {TABLE_KINDS}")
+    if isinstance(source, str) and source.startswith("hf:"):
+        _check_hub_dataset(source)
     if not is_file_source(source):
         return
     path = Path(source)
@@ -207,7 +210,7 @@ def _to_record(row: dict, fields: FieldMap, where: str) -> Record:
         spans = check_spans(response, _json_text(spans))
     else:
         spans = None
-    return Record(id=_record_id(row, fields, prompt, response), prompt=prompt, response=response,
+    return Record(id=_record_id(row, fields, prompt, response, where), prompt=prompt, response=response,
                   messages=messages if isinstance(messages, list) else None, meta=_meta(row), spans=spans)
 
 
@@ -224,7 +227,7 @@ def _steps_record(row: dict, fields: FieldMap, where: str, after_error: str) -> 
     steps = _json_text(row[fields.steps])
     response, spans, label = steps_first_error(steps, row[fields.first_error], after_error)
     meta = {**_meta(row), "first_error_step": label, "steps": len(steps)}
-    return Record(id=_record_id(row, fields, prompt or "", response), prompt=prompt or "", response=response,
+    return Record(id=_record_id(row, fields, prompt or "", response, where), prompt=prompt or "", response=response,
                   meta=meta, spans=spans)
 
 
@@ -244,8 +247,12 @@ def _json_text(value: Any) -> Any:
     return value
 
 
-def _record_id(row: dict, fields: FieldMap, prompt: str, response: str) -> str:
+def _record_id(row: dict, fields: FieldMap, prompt: str, response: str, where: str) -> str:
     raw_id = row.get(fields.id)
+    if fields.id_required and raw_id in (None, ""):
+        state = "is empty" if fields.id in row else f"is missing (fields present: {', '.join(map(str, row))})"
+        raise AuditError(f"{where}: id field '{fields.id}' {state}; choose the id field with --id-field, or leave "
+                         "the option out to use 'id' where present and a content hash elsewhere")
     return str(raw_id) if raw_id not in (None, "") else content_id(prompt, response)
 
 
@@ -273,7 +280,7 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is not part of the record
             except UnicodeDecodeError as exc:
                 if skip_bad:
                     report.bad_lines.append(lineno)
@@ -296,7 +303,7 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the data
     except UnicodeDecodeError as exc:
         raise AuditError(f"{path}: not UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8") from None
 
@@ -321,7 +328,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: with a BOM the first column would be named "\ufeffid" and silently be missing
+        with path.open(newline="", encoding="utf-8-sig") as f:
             for lineno, row in enumerate(csv.DictReader(f), start=2):
                 yield f"{path}:{lineno}", row
     except UnicodeDecodeError as exc:
@@ -342,11 +350,22 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
             index += 1
 
 
-def _hf_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
-    spec = source[3:]
-    name, _, config = spec.partition(":")
+def _check_hub_dataset(source: str) -> None:
+    """A hub dataset (not a local folder) needs the hub: fail at once, naming why, when it cannot be reached."""
+    from reweight_audit.hub import offline_reason
+
+    name = source[3:].partition(":")[0]
     if not name:
         raise AuditError(f"{source}: give a dataset name as hf:NAME[:CONFIG]")
+    reason = None if Path(name).exists() else offline_reason()
+    if reason:
+        raise AuditError(f"{source}: the hub is unreachable ({reason}) and hf: datasets are streamed from it; "
+                         "save the dataset as .jsonl or .parquet on a machine with network access and pass that file")
+
+
+def _hf_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
+    _check_hub_dataset(source)
+    name, _, config = source[3:].partition(":")
     try:
         import datasets
 

@@ -20,7 +20,8 @@ from .annotations import check_after_error
 from .corpus import (CHAMP_FWS, FieldMap, LoadReport, Record, check_source, describe_source, is_file_source,
                      iter_records, source_digest)
 from .errors import AuditError
-from .io import atomic_files, dump_json, file_sha256, json_default, manifest_header, manifest_path, prepare_output_file
+from .io import (atomic_files, dump_json, file_sha256, json_default, manifest_header, manifest_path, output_lock,
+                 prepare_output_file)
 from .noise import (
     FAMILIES,
     OFFSET_UNIT,
@@ -156,6 +157,7 @@ def write_injected(
                     _write_line(fh, obj, input_desc)
                     if progress is not None:
                         progress(stats.written)
+            _require_records(stats, input_desc, skipped)
             manifest = _manifest(config, stats, out, file_sha256(tmp), input_digest, input_desc, skipped, vocab_pieces)
             manifest["loader"] = loader
             man_tmp.write_text(dump_json(manifest), encoding="utf-8")
@@ -165,6 +167,19 @@ def write_injected(
             raise
         raise AuditError(f"{out}: cannot write the output ({exc.strerror}); check the path and free space") from None
     return manifest
+
+
+def _require_records(stats: InjectStats, input_desc: str, skipped: dict | None) -> None:
+    """An output without a single record is an error, not a success: nothing is written."""
+    if stats.written:
+        return
+    skipped = skipped or {}
+    empty = stats.skipped_empty + int(skipped.get("empty_response", 0))
+    malformed = int(skipped.get("malformed_lines", 0))
+    if not stats.records_in and not empty and not malformed:
+        raise AuditError(f"{input_desc}: no records (the input is empty or blank); give a corpus with records")
+    raise AuditError(f"{input_desc}: no record has a non-empty response ({empty} empty, {malformed} malformed "
+                     "lines skipped); check --response-field")
 
 
 def _write_line(fh: Any, obj: dict, input_desc: str) -> None:
@@ -208,9 +223,8 @@ def _manifest(
     if "random-token" in noiser_kinds:
         pieces = vocab_noise_pieces(vocab_pieces or [])
         vocab = {"pieces": len(pieces), "sha256": hashlib.sha256("\n".join(pieces).encode("utf-8")).hexdigest()}
-    skip = {"empty_response": stats.skipped_empty}
-    for k, v in (skipped or {}).items():
-        skip[str(k)] = v
+    skip = {str(k): v for k, v in (skipped or {}).items()}
+    skip["empty_response"] = stats.skipped_empty + int(skip.get("empty_response", 0))  # ours and the loader's
     return {
         **manifest_header("inject", input=input_desc, input_digest=input_digest, output=out),
         "output_sha256": output_sha,
@@ -265,7 +279,7 @@ def run_inject(
     split: str = options.SPLIT,
     prompt_field: str = options.PROMPT_FIELD,
     response_field: str = options.RESPONSE_FIELD,
-    id_field: str = options.ID_FIELD,
+    id_field: str | None = options.ID_FIELD,
     steps_field: str | None = options.STEPS_FIELD,
     first_error_field: str = options.FIRST_ERROR_FIELD,
     after_error: str = options.AFTER_ERROR,
@@ -285,8 +299,10 @@ def run_inject(
     text after a first wrong step. Spans a record brings are kept and moved
     through the edits. ``tokenizer`` (a ``--model`` value) gives the vocabulary of
     the ``random-token`` family. ``limit``: the first N records only.
-    ``progress(n)`` is called after each record. ``output=None`` writes nothing
-    and returns the records in memory.
+    ``id_field``: None takes ``id`` where present and a content hash elsewhere; a
+    field named explicitly must be in every record. ``progress(n)`` is called
+    after each record. ``output=None`` writes nothing and returns the records in
+    memory. One run at a time writes ``output`` (:func:`reweight_audit.io.output_lock`).
     """
     if limit is not None and limit < 1:
         raise AuditError("--limit must be a positive number of records")
@@ -299,18 +315,19 @@ def run_inject(
     check_source(source)
     pieces = vocab_pieces(config, tokenizer, trust_remote_code=trust_remote_code)
     report = LoadReport()
-    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field, steps=steps_field,
-                      first_error=first_error_field)
+    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field or "id", steps=steps_field,
+                      first_error=first_error_field, id_required=id_field is not None)
     records = iter_records(source, fields, split=split, skip_bad=skip_bad, report=report, after_error=after_error)
     if limit is not None:
         records = itertools.islice(records, limit)
     if output is None:
         return InjectResult(None, None, report, _in_memory(records, config, pieces, describe_source(source), progress))
     skipped: dict = {}
-    manifest = write_injected(_counting_skips(records, report, skipped), output, config,
-                              input_digest=source_digest(source), input_desc=describe_source(source),
-                              vocab_pieces=pieces, skipped=skipped, loader=_loader(source, fields, after_error),
-                              progress=progress)
+    with output_lock(prepare_output_file(output)):
+        manifest = write_injected(_counting_skips(records, report, skipped), output, config,
+                                  input_digest=source_digest(source), input_desc=describe_source(source),
+                                  vocab_pieces=pieces, skipped=skipped, loader=_loader(source, fields, after_error),
+                                  progress=progress)
     return InjectResult(Path(output), manifest, report)
 
 
@@ -336,6 +353,7 @@ def _loader(source: Any, fields: FieldMap, after_error: str) -> dict:
 def _counting_skips(records: Iterable[Record], report: LoadReport, skipped: dict) -> Iterator[Record]:
     """The records; once they are exhausted (before the manifest is written), the loader's skip counts."""
     yield from records
+    skipped["empty_response"] = len(report.empty_responses)
     skipped["malformed_lines"] = len(report.bad_lines)
     if report.bad_lines:
         skipped["first_malformed_line"] = report.bad_lines[0]

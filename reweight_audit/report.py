@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from reweight_audit.formatting import finite, fmt_interval, fmt_num, fmt_pct, k_label
@@ -57,31 +58,34 @@ def _title(result: CompareResult) -> str:
     parts = [f"Noise in the top {k_label(result.k)} of tokens"]
     for col, name in (("run", "run"), ("rank_by", "rank by"), ("scope", "scope")):
         if col in df.columns and df[col].nunique() == 1:
-            parts.append(f"{name}: {df[col].iloc[0]}")
+            parts.append(f"{name}: {escape(str(df[col].iloc[0]))}")
     return parts[0] + (" (" + ", ".join(parts[1:]) + ")" if len(parts) > 1 else "")
 
 
 def _caption(result: CompareResult) -> str:
+    """Base rates, intervals, skipped methods; labels and reasons escaped (a label like "[a/stats]" is not markup)."""
     bits = []
     for r in result.runs:
-        bits.append(f"{r['label']}: {r['n_tokens']:,} tokens, noise base rate {fmt_pct(r['base_rate'])}, "
+        bits.append(f"{escape(r['label'])}: {r['n_tokens']:,} tokens, noise base rate {fmt_pct(r['base_rate'])}, "
                     f"{r['n_noise_seqs']}/{r['n_seqs']} sequences with noise")
     n_boot = result.config.get("n_boot", 0)
     if n_boot:
         bits.append(f"in parentheses: bootstrap 95% interval over sequences ({n_boot} resamples)")
     if result.skipped:
-        bits.append("skipped: " + "; ".join(f"{s['method']} ({s['run']}: {s['reason']})" for s in result.skipped))
+        bits.append("skipped: " + "; ".join(escape(f"{s['method']} ({s['run']}: {s['reason']})")
+                                            for s in result.skipped))
     return "\n".join(bits)
 
 
 def render_table(result: CompareResult) -> Table:
     """The paper's Table 1 shape: method, family, precision/recall/hit @k% with intervals, then lift, AUROC, AP,
-    noise mass ratio. Run / rank-by / scope columns appear only when they vary."""
+    noise mass ratio. Run / rank-by / scope columns appear only when they vary, their values on the first row of
+    each block, folded rather than cut when the terminal is narrow (two runs' labels may differ only at the end)."""
     df = result.table
     extra = _varying(df)
     table = Table(title=_title(result), caption=_caption(result), caption_justify="left", show_lines=False)
     for col in extra:
-        table.add_column(col.replace("_", "-"), style="cyan", no_wrap=True)
+        table.add_column(col.replace("_", "-"), style="cyan", overflow="fold")
     table.add_column("method", style="bold", no_wrap=True)
     table.add_column("family", style="dim")
     for h in metric_headers(result.k):
@@ -91,9 +95,9 @@ def render_table(result: CompareResult) -> Table:
         key = tuple(row[c] for c in extra)
         if prev is not None and key != prev:
             table.add_section()
+        block = [escape(str(v)) if key != prev else "" for v in key]
         prev = key
-        table.add_row(*[str(row[c]) for c in extra], str(row["method"]), str(row.get("family", "")),
-                      *table_cells(row))
+        table.add_row(*block, escape(str(row["method"])), escape(str(row.get("family", ""))), *table_cells(row))
     return table
 
 

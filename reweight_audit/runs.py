@@ -153,6 +153,7 @@ def load_run(source: StatsSource, label: str | None = None) -> RunData:
         kinds=kinds,
         numeric_columns=_method_columns(table),
     )
+    _check_unique_tokens(run)
     logp = run.column("logp")
     bad = ~np.isfinite(logp)
     if bad.any():
@@ -160,6 +161,21 @@ def load_run(source: StatsSource, label: str | None = None) -> RunData:
     if logp.max() > 1e-3:
         raise AuditError(f"{path}: column logp has positive values (max {logp.max():.3g}); logp must be log p ≤ 0")
     return run
+
+
+def _check_unique_tokens(run: RunData) -> None:
+    """Each ``(seq_id, pos)`` once: a table stacked twice (or scored from duplicate ids) would count tokens twice."""
+    pos = run.column("pos").astype(np.int64, copy=False)
+    if pos.size and pos.min() < 0:
+        raise AuditError(f"{run.path}: column pos has negative values; rerun `reweight-audit score`")
+    key = run.seq_codes * (int(pos.max()) + 1 if pos.size else 1) + pos
+    order = np.argsort(key, kind="stable")
+    repeated = order[1:][key[order][1:] == key[order][:-1]]
+    if repeated.size:
+        first = ", ".join(f"({run.seq_names[run.seq_codes[i]]!r}, {int(pos[i])})" for i in np.sort(repeated)[:3])
+        raise AuditError(f"{run.path}: {repeated.size} token row(s) repeat a (seq_id, pos) pair, first {first}; "
+                         "each token must appear once (a table concatenated twice, or scored from duplicate ids): "
+                         "rerun `reweight-audit score` on input with unique ids")
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -194,6 +210,10 @@ def _check_table(table: pa.Table, path: Path) -> pa.Table:
         raise AuditError(f"{path}: column logp has {logp_col.null_count} null value(s); rerun `reweight-audit score`")
     if table.column("seq_id").null_count:
         raise AuditError(f"{path}: column seq_id has null values; every token needs its sequence id")
+    pos_col = table.column("pos")
+    if not pa.types.is_integer(pos_col.type) or pos_col.null_count:
+        raise AuditError(f"{path}: column pos must be integers without nulls (it is {pos_col.type}, "
+                         f"{pos_col.null_count} null); rerun `reweight-audit score`")
     noise_type = table.column("is_noise").type
     if not (pa.types.is_boolean(noise_type) or pa.types.is_integer(noise_type)):
         raise AuditError(f"{path}: column is_noise has type {noise_type}, expected bool; "
