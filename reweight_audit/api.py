@@ -87,7 +87,7 @@ def inject(
     split: str = options.SPLIT,
     prompt_field: str = options.PROMPT_FIELD,
     response_field: str = options.RESPONSE_FIELD,
-    id_field: str = options.ID_FIELD,
+    id_field: str | None = options.ID_FIELD,
     steps_field: str | None = options.STEPS_FIELD,
     first_error_field: str = options.FIRST_ERROR_FIELD,
     after_error: str = options.AFTER_ERROR,
@@ -126,7 +126,8 @@ def inject(
         Only the first `limit` records.
     split, prompt_field, response_field, id_field
         Which split of a Hugging Face dataset, and which fields hold the
-        prompt, the response and the id.
+        prompt, the response and the id (``id_field=None``: ``id`` where
+        present, else a content hash; a field named here must be present).
     steps_field, first_error_field
         Read step-labelled rows (ProcessBench): the field with the list of
         steps, and the one with the index of the first wrong step (-1: none).
@@ -182,7 +183,7 @@ def inject(
         "noise": (noise, _TEXT, True), "rate": (rate, _NUMBER, True), "target_frac": (target_frac, _NUMBER, True),
         "clean_frac": (clean_frac, _NUMBER, False), "seed": (seed, _INT, False), "preset": (preset, _TEXT, True),
         "limit": (limit, _INT, True), "split": (split, _TEXT, False), "prompt_field": (prompt_field, _TEXT, False),
-        "response_field": (response_field, _TEXT, False), "id_field": (id_field, _TEXT, False),
+        "response_field": (response_field, _TEXT, False), "id_field": (id_field, _TEXT, True),
         "steps_field": (steps_field, _TEXT, True), "first_error_field": (first_error_field, _TEXT, False),
         "after_error": (after_error, _TEXT, False),
         "tokenizer": (tokenizer, _MODEL, False), "skip_bad": (skip_bad, _FLAG, False),
