@@ -323,6 +323,44 @@ def bench(
     out.print(f"wrote {output}")
 
 
+@app.command()
+def train(
+    input: Path = typer.Argument(..., help="Noisy JSONL written by 'inject': the training set."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for audit.csv, audit.png, absorption.md."),
+    method: Optional[str] = typer.Option(None, "--method", help="One method to train with."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma list: one seeded run per method, side by side."),
+    steps: int = typer.Option(20, "--steps", help="Optimizer steps per method."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="Injected JSONL audited while training (default: the input)."),
+    probe_records: Optional[int] = typer.Option(32, "--probe-records", help="First N probe records (0: all)."),
+    model: str = typer.Option("default", "--model", help="Model to fine-tune (a --model value of score)."),
+    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="Reference model for rho1."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (needs peft: pip install 'reweight-audit[train]')."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 5e-5, 2e-4 with --lora)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
+    every: int = typer.Option(5, "--every", help="Audit every N steps (and at the start and end)."),
+    max_length: Optional[int] = typer.Option(512, "--max-length", help="Truncate sequences to this many tokens."),
+    k: float = typer.Option(10.0, "--k", help="Top-k cut in percent for the audit metrics."),
+    param: list[str] = typer.Option([], "--param", help="Method parameter, e.g. --param focal.gamma=3 (repeatable)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    report_to: str = typer.Option("none", "--report-to", help="Trainer's report_to: none, tensorboard, wandb, ..."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Fine-tune with each method's loss, auditing the model on an injected probe as it trains."""
+    from reweight_audit.train_run import TrainConfig, parse_methods, run_train
+
+    names = parse_methods([value for value in (method, methods) if value])
+    if not names:
+        raise AuditError("train: give --method NAME or --methods a,b,c (see `reweight-audit methods`)")
+    config = TrainConfig(input=input, output=output, methods=names, steps=steps, probe=probe,
+                         probe_records=probe_records or None, model=model, ref_model=ref_model, lora=lora,
+                         learning_rate=lr, batch_size=batch_size, every=every, max_length=max_length, k=k,
+                         params=list(param), seed=seed, device=device, report_to=report_to)
+    result = run_train(config, progress=None if quiet else lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False))
+    out.print(result.files["absorption.md"].read_text(encoding="utf-8"))
+    out.print(f"wrote {output}/: " + ", ".join(p.name for p in result.files.values()))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -168,6 +168,8 @@ class CompareResult:
     k: float  # percent
     files: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # per run (in ``runs`` order): method name -> float64 weight per token, in the stats table's row order
+    weights: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- loading
@@ -901,7 +903,7 @@ def run_compare(
     }
     result = CompareResult(table=table, curves=curves, by_kind=by_kind, skipped=skipped,
                            runs=[{**r.summary(), "manifest": r.manifest} for r in runs], config=config, k=k,
-                           timings=timings)
+                           timings=timings, weights=run_weights)
     if write:
         t0 = time.perf_counter()
         write_exports(result, Path(out_dir), runs=runs, run_weights=run_weights, plot_samples=plot_samples,
