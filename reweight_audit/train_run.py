@@ -148,6 +148,7 @@ def _load_trainable(source: Any, device: str, lora: bool) -> Any:
     model = load_model(source, device=device, dtype=torch.float32)
     torch.set_grad_enabled(True)  # load_model switches autograd off for scoring
     model.train()
+    _drop_stale_quantizer(model)
     if lora:
         try:
             from peft import LoraConfig, get_peft_model
@@ -155,6 +156,21 @@ def _load_trainable(source: Any, device: str, lora: bool) -> Any:
             raise AuditError("--lora needs peft: pip install 'reweight-audit[train]'") from None
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM"))
     return model
+
+
+def _drop_stale_quantizer(model: Any) -> None:
+    """Forget the GGUF mark of a model whose GGUF blocks were unpacked into float weights at load.
+
+    transformers' legacy GGUF loader (the default model's) unpacks every weight into a plain float
+    tensor but keeps the quantizer's mark, and ``Trainer`` then refuses to fine-tune the model. The
+    quantizer's own ``remove_quantization_config`` (what transformers does for a dequantized load)
+    clears it. Weights still packed in GGUF blocks (integer tensors) keep the mark, and Trainer's error.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in str(getattr(quantizer.quantization_config, "quant_method", "")).lower():
+        return
+    if all(t.is_floating_point() for t in list(model.parameters()) + list(model.buffers())):
+        quantizer.remove_quantization_config(model)
 
 
 def train_one(method: str, config: TrainConfig, data: dict) -> dict:

@@ -295,3 +295,28 @@ def test_train_config_errors(tmp_path, noisy_file):
         run_train(TrainConfig(input=noisy_file, output=tmp_path / "o", methods=["dft"], params=["focal.gamma=1"]))
     with pytest.raises(AuditError, match="no such file"):
         run_train(TrainConfig(input=tmp_path / "missing.jsonl", output=tmp_path / "o", methods=["dft"]))
+
+
+def test_an_unpacked_gguf_model_can_be_fine_tuned_a_packed_one_cannot(tiny_model):
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.trainer_utils import validate_quantization_for_training
+    from transformers.utils.quantization_config import GgufConfig
+
+    from reweight_audit.train_run import _drop_stale_quantizer
+
+    def marked(model):  # the state transformers' legacy GGUF loader leaves (the default model's)
+        quantizer = GgufHfQuantizer(GgufConfig())
+        model.hf_quantizer, model.is_quantized = quantizer, True
+        model.config.quantization_config = quantizer.quantization_config
+        return model
+
+    model = marked(AutoModelForCausalLM.from_pretrained(tiny_model))
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)
+    _drop_stale_quantizer(model)
+    validate_quantization_for_training(model)  # every weight is a float tensor: trainable
+    packed = marked(AutoModelForCausalLM.from_pretrained(tiny_model))
+    packed.model.register_buffer("blocks", torch.zeros(4, dtype=torch.uint8))
+    _drop_stale_quantizer(packed)
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(packed)
