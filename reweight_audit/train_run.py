@@ -214,6 +214,7 @@ def _prepare(config: TrainConfig) -> dict:
     from reweight_audit.methods import get_method
     from reweight_audit.model import load_model, load_tokenizer, resolve_device, resolve_model
     from reweight_audit.scoring import choose_template
+    from reweight_audit.training import load_probe
 
     params = _check(config)
     device = resolve_device(config.device)
@@ -221,6 +222,9 @@ def _prepare(config: TrainConfig) -> dict:
     tokenizer = load_tokenizer(source)
     template = choose_template(tokenizer, config.template)
     examples = training_examples(Path(config.input), tokenizer, template, config.max_length)
+    probe = Path(config.probe) if config.probe else Path(config.input)
+    load_probe(probe, tokenizer, template=template, max_length=config.max_length,
+               max_records=config.probe_records)  # a probe without noise fails now, not after a model load
     reference = None
     if any("ref_logp" in get_method(m).needs for m in config.methods):
         reference = load_model(resolve_model(config.ref_model), device=device, dtype=torch.float32)
@@ -229,8 +233,7 @@ def _prepare(config: TrainConfig) -> dict:
     # the probe table has no reference statistics, so Rho-1 is trained but not audited
     audited = [m for m in config.methods if "ref_logp" not in get_method(m).needs]
     return {"params": params, "device": device, "source": source, "tokenizer": tokenizer, "examples": examples,
-            "reference": reference, "pad_id": int(pad_id), "audited": audited,
-            "probe": Path(config.probe) if config.probe else Path(config.input)}
+            "reference": reference, "pad_id": int(pad_id), "audited": audited, "probe": probe}
 
 
 def run_train(config: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
