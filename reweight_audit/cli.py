@@ -450,6 +450,52 @@ def _sigterm_is_an_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # the same clean-up and one line as Ctrl-C (see command)
 
 
+@app.command()
+@command(on_interrupt="{output} was not written (an earlier version is unchanged); run the command again")
+def train(
+    input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject': the training set.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for audit.csv, audit.png, absorption.md.")],
+    method: Annotated[Optional[str], typer.Option("--method", help="One method to train with.")] = None,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma list: one seeded run per method, side by side.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per method.")] = 20,
+    probe: Annotated[Optional[Path], typer.Option(
+        "--probe", help="Injected JSONL audited while training (default: the input).")] = None,
+    probe_records: Annotated[Optional[int], typer.Option("--probe-records", help="First N probe records (0: all).")] = 32,
+    model: Model = options.MODEL,
+    ref_model: Annotated[Optional[str], typer.Option("--ref-model", help="Reference model for rho1.")] = options.REF_MODEL,
+    lora: Annotated[bool, typer.Option(
+        "--lora", help="Train LoRA adapters (needs peft: pip install 'reweight-audit[train]').")] = False,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 5e-5, 2e-4 with --lora).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
+    every: Annotated[int, typer.Option("--every", help="Audit every N steps (and at the start and end).")] = 5,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Truncate sequences to this many tokens.")] = 512,
+    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent for the audit metrics.")] = options.K,
+    param: Annotated[list[str], typer.Option(
+        "--param", help="Method parameter, e.g. --param focal.gamma=3 (repeatable).")] = [],  # noqa: B006
+    seed: Seed = options.SEED,
+    device: Device = options.DEVICE,
+    report_to: Annotated[str, typer.Option("--report-to", help="Trainer's report_to: none, tensorboard, wandb, ...")] = "none",
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune with each method's loss, auditing the model on an injected probe as it trains."""
+    from reweight_audit.train_run import TrainConfig, run_train
+
+    names = split_list([value for value in (method, methods) if value])
+    if not names:
+        raise AuditError("train: give --method NAME or --methods a,b,c (see `reweight-audit methods`)")
+    for option, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every)):
+        require_positive(option, value)
+    config = TrainConfig(input=input, output=output, methods=names, steps=steps, probe=probe,
+                         probe_records=probe_records or None, model=model, ref_model=ref_model, lora=lora,
+                         learning_rate=lr, batch_size=batch_size, every=every, max_length=max_length, k=k,
+                         params=list(param), seed=seed, device=device, report_to=report_to)
+    result = run_train(config, progress=None if quiet else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]",
+                                                                                     highlight=False))
+    out.print(escape(result.files["absorption.md"].read_text(encoding="utf-8")))
+    out.print(f"wrote {escape(str(output))}/: " + ", ".join(p.name for p in result.files.values()))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; library notes print as ``note:``."""
     notes = logging.getLogger("reweight_audit")

@@ -505,9 +505,16 @@ def score_batch(
     if ref is not None:
         ref_model, ref_head = ref
         for logits, targets in logit_chunks(ref_model, ref_head, batch, sequences, device, chunk_rows):
-            logits = logits.float()
-            parts.setdefault("ref_logp", []).append(logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+            parts.setdefault("ref_logp", []).append(target_logp(logits, targets))
     return to_host({name: torch.cat(values) for name, values in parts.items()})
+
+
+def target_logp(logits: Any, targets: Any) -> Any:
+    """log p(target) = z_target − logsumexp(z), in float32: the reference model's one statistic."""
+    import torch
+
+    logits = logits.float()
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def to_host(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
