@@ -145,15 +145,19 @@ run time; this module is plain eager torch.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BACKEND_ENV",
     "EXPECTED_RANK_RTOL",
     "TOPK",
+    "backend",
     "expected_rank_bucketed",
     "expected_rank_sorted",
     "token_statistics",
@@ -183,6 +187,10 @@ _TOPK_BLOCK = 64  # block size of the top-k prefilter
 _CPU_CHUNK_ELEMENTS = 1 << 19  # rows per chunk on CPU (10 at V = 49152): measured best
 _DEVICE_CHUNK_ELEMENTS = 1 << 23  # off-CPU: large kernels, a ~380 MB workspace
 _SYNC_FREE_FALLBACK_FRACTION = 16  # the sync-free path sorts ceil(rows / 16) rows
+_KERNEL_BLOCK_ELEMENTS = 1 << 22  # non-float32 input is upcast for the kernel this many logits at a time
+
+BACKEND_ENV = "REWEIGHT_AUDIT_STATS"
+"""``auto`` (default: the numba kernel on CPU when numba imports, else torch), ``torch`` or ``numba``."""
 
 
 def _fine_budget(vocab: int) -> int:
@@ -527,6 +535,8 @@ def token_statistics(
             raise ValueError("logits have an empty vocabulary")
         return out
     on_cpu = device.type == "cpu"
+    if on_cpu and not exact_expected_rank and not sync_free and backend(vocab) == "numba":
+        return _kernel_statistics(logits, targets, out, topk, chunk_rows)
     if sync_free is None:
         sync_free = not on_cpu
     if chunk_rows is None:
@@ -543,4 +553,64 @@ def token_statistics(
         part = _chunk_statistics(z, targets[start:stop], topk, exact_expected_rank, sync_free, ws)
         for name, value in part.items():
             out[name][start:stop] = value
+    return out
+
+
+_KERNEL: dict[str, ModuleType | None] = {}
+
+
+def _kernel() -> ModuleType | None:
+    """The numba kernel module (compiled or loaded from numba's cache on first use), or None without numba."""
+    if "module" not in _KERNEL:
+        try:
+            from reweight_audit import stats_kernel
+        except ImportError:  # numba missing or unusable: the torch path does everything
+            stats_kernel = None
+        _KERNEL["module"] = stats_kernel
+    return _KERNEL["module"]
+
+
+def backend(vocab: int = 0) -> str:
+    """The CPU implementation ``token_statistics`` uses for this vocabulary: ``"numba"`` or ``"torch"``.
+
+    Chosen by the environment variable ``REWEIGHT_AUDIT_STATS`` (``auto``, ``torch`` or
+    ``numba``); ``auto`` takes the kernel when numba imports and the vocabulary fits it.
+    Off-CPU devices, ``exact_expected_rank`` and ``sync_free=True`` always use torch.
+    """
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "numba"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: use auto, torch or numba")
+    if choice == "torch":
+        return "torch"
+    kernel = _kernel()
+    if kernel is None:
+        if choice == "numba":
+            raise ImportError(f"{BACKEND_ENV}=numba but numba cannot be imported; pip install numba")
+        return "torch"
+    return "numba" if vocab <= kernel.MAX_VOCAB else "torch"
+
+
+def _kernel_statistics(logits: Tensor, targets: Tensor, out: dict[str, Tensor], topk: int,
+                       chunk_rows: int | None) -> dict[str, Tensor]:
+    """``token_statistics`` on CPU through the fused kernel; ``out`` holds the empty columns."""
+    kernel = _kernel()
+    rows, vocab = logits.shape
+    targets = targets.to(dtype=torch.int64).contiguous()
+    if rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise IndexError(f"targets must lie in [0, {vocab}); got values from {int(targets.min())} to {int(targets.max())}")
+    logits = logits.detach()
+    ready = logits.dtype == torch.float32 and logits.is_contiguous()
+    step = rows if ready else max(1, chunk_rows or _KERNEL_BLOCK_ELEMENTS // vocab)
+    budget = kernel.fine_budget(vocab)
+    threads = torch.get_num_threads()
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        z = logits[start:stop] if ready else logits[start:stop].float().contiguous()  # upcast a block at a time
+        values, finite = kernel.row_statistics(z.numpy(), targets[start:stop].numpy(), min(topk, vocab),
+                                               EXPECTED_RANK_RTOL, budget, threads)
+        values = torch.from_numpy(values)
+        out["finite"][start:stop] = torch.from_numpy(finite)
+        out["rank"][start:stop] = values[6].long()
+        for i, name in enumerate(("logp", "entropy", "topk_entropy", "sum_p2", "expected_rank", "expected_rank_error_bound")):
+            out[name][start:stop] = values[i]  # float32 columns are rounded once, here
     return out
