@@ -24,7 +24,7 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["row_statistics"]
+__all__ = ["MAX_VOCAB", "exp_weights", "fine_budget", "row_statistics"]
 
 # The layout constants are the torch path's (reweight_audit.stats); they are repeated here as
 # plain ints because numba freezes globals at compile time.
@@ -252,48 +252,55 @@ def _slot_sums(vocab, counts, ebits, nsub, offset, acc, top, unit):
     return 1.0 + (cross - 0.25 * correction) / total, 0.25 * slack / total
 
 
-@njit(nogil=True, cache=True)
-def _sorted_expected_rank(ebits, scratch):
-    """Exact ``sum_i i p_(i)`` by a sort of the row (the fallback for rows above tolerance)."""
-    vocab = ebits.shape[0]
-    for i in range(vocab):
-        scratch[i] = _bits_f32(ebits[i])
-    ordered = np.sort(scratch[:vocab])  # ascending: position i has rank vocab - i
-    num = 0.0
-    den = 0.0
-    for i in range(vocab):
-        v = np.float64(ordered[i])
-        num += (vocab - i) * v
-        den += v
-    return num / den
+@njit(inline="always")
+def _keep_largest(best, n, k, value):
+    """Insert ``value`` into ``best[:n]`` (descending, at most k kept); returns the new n.
+
+    A value equal to the k-th largest is not inserted: equal values are interchangeable.
+    (numba's np.partition would do, but costs ~6 s of compilation.)
+    """
+    if n == k:
+        if not value > best[k - 1]:
+            return n
+        j = k - 1
+    else:
+        j = n
+        n += 1
+    while j > 0 and best[j - 1] < value:
+        best[j] = best[j - 1]
+        j -= 1
+    best[j] = value
+    return n
 
 
 @njit(nogil=True, cache=True)
-def _topk_entropy(z, row_max, block_max, k, scratch):
-    """Entropy of the softmax of the k largest logits, from the blocks whose maximum reaches the k-th largest block maximum."""
+def _topk_entropy(z, row_max, block_max, k, best):
+    """Entropy of the softmax of the k largest logits.
+
+    The k largest logits all lie in the blocks (of 64) whose maximum reaches the k-th largest
+    block maximum, and are >= it: only those are looked at.
+    """
     vocab = z.shape[0]
     nblocks = vocab // _BLOCK
-    if nblocks <= k:
-        threshold = -np.inf
-    else:
-        threshold = np.partition(block_max[:nblocks], nblocks - k)[nblocks - k]
-    # at least k logits are >= threshold, so the k largest all are: collect those only
+    threshold = -np.inf
+    if nblocks > k:
+        n = 0
+        for b in range(nblocks):
+            n = _keep_largest(best, n, k, block_max[b])
+        threshold = best[k - 1]
     n = 0
     for b in range(nblocks):
         if block_max[b] >= threshold:
             for i in range(b * _BLOCK, (b + 1) * _BLOCK):
                 if z[i] >= threshold:
-                    scratch[n] = z[i]
-                    n += 1
+                    n = _keep_largest(best, n, k, z[i])
     for i in range(nblocks * _BLOCK, vocab):
         if z[i] >= threshold:
-            scratch[n] = z[i]
-            n += 1
-    top = np.partition(scratch[:n], n - k)[n - k:]
+            n = _keep_largest(best, n, k, z[i])
     s = 0.0
     st = 0.0
     for j in range(k):
-        t = np.float64(max(top[j] - row_max, np.float32(_T_MIN)))
+        t = np.float64(max(best[j] - row_max, np.float32(_T_MIN)))
         w = math.exp(t)
         s += w
         st += w * t
@@ -301,7 +308,7 @@ def _topk_entropy(z, row_max, block_max, k, scratch):
 
 
 @njit(nogil=True, cache=True)
-def _rows(z, targets, k, rtol, start, stop, out, finite, ebits, scratch, block_max, counts, share, nsub, offset,
+def _rows(z, targets, k, start, stop, out, finite, ebits, best, block_max, counts, share, nsub, offset,
           slot_of, acc, top, tables):
     """All statistics of rows ``start:stop``; ``out[:, row]`` as in ``_N_OUT``, NaN where undefined."""
     vocab = z.shape[1]
@@ -322,15 +329,28 @@ def _rows(z, targets, k, rtol, start, stop, out, finite, ebits, scratch, block_m
         log_s = math.log(s)
         out[0, row] = np.float64(z_target - row_max) - log_s
         out[1, row] = log_s - st / s
-        out[2, row] = _topk_entropy(zr, row_max, block_max, min(k, vocab), scratch)
+        out[2, row] = _topk_entropy(zr, row_max, block_max, min(k, vocab), best)
         out[3, row] = s2 / (s * s)
         used = _allocate(ebits, counts, share, tables[0], nsub, offset, fine_budget)
         _fine_pass(ebits, nsub, offset, slot_of, acc, top, used)
-        expected_rank, bound = _slot_sums(vocab, counts, ebits, nsub, offset, acc, top, tables[1])
-        if not bound <= rtol * expected_rank:
-            expected_rank, bound = _sorted_expected_rank(ebits, scratch), 0.0
-        out[4, row] = expected_rank
-        out[5, row] = bound
+        out[4, row], out[5, row] = _slot_sums(vocab, counts, ebits, nsub, offset, acc, top, tables[1])
+
+
+@njit(nogil=True, cache=True)
+def _weights(z, out):
+    block_max = np.empty(z.shape[1] // _BLOCK + 1, np.float32)
+    for row in range(z.shape[0]):
+        row_max, _, _ = _scan(z[row], z[row, 0], block_max)
+        _exp_pass(z[row], row_max, out[row])
+
+
+def exp_weights(z: np.ndarray) -> np.ndarray:
+    """The kernel's float32 ``e = exp(max(z - max z, -87))`` of each row of a finite float32 ``z``
+    (what its expected rank and bound refer to; for tests)."""
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    out = np.empty(z.shape, np.int32)
+    _weights(z, out)
+    return out.view(np.float32)
 
 
 def fine_budget(vocab: int) -> int:
@@ -363,7 +383,7 @@ class _Workspace:
     def __init__(self, vocab: int, budget: int) -> None:
         self.arrays = (
             np.empty(vocab, np.int32),  # ebits: exp(t) as float32 bit patterns
-            np.empty(max(vocab, 1), np.float32),  # scratch: top-k candidates, the fallback sort
+            np.empty(max(vocab, 1), np.float32),  # the k largest logits
             np.empty(vocab // _BLOCK + 1, np.float32),  # block maxima
             np.empty(_K1, np.int32),  # coarse counts
             np.empty(_K1, np.float64),  # allocation shares
@@ -402,6 +422,7 @@ def row_statistics(z: np.ndarray, targets: np.ndarray, topk: int, rtol: float, b
     Returns float64 ``[7, rows]`` (logp, entropy, topk_entropy, sum_p2, expected_rank, its
     bound, rank) and the boolean ``finite [rows]``.  Rows go out a task at a time to
     ``threads`` threads (the caller's among them): a slow thread never holds up the others.
+    Rows whose bound exceeds ``rtol * expected_rank`` get the exact value of a sort, bound 0.
     """
     rows, vocab = z.shape
     out = np.empty((_N_OUT, rows))
@@ -416,10 +437,21 @@ def row_statistics(z: np.ndarray, targets: np.ndarray, topk: int, rtol: float, b
             for start in tasks:
                 if start >= rows:
                     return
-                _rows(z, targets, topk, rtol, start, min(rows, start + step), out, finite, *space.arrays, _TABLES)
+                _rows(z, targets, topk, start, min(rows, start + step), out, finite, *space.arrays, _TABLES)
 
         futures = [pool.submit(work, space) for space in spaces[1:]] if workers > 1 else []
         work(spaces[0])
         for future in futures:
             future.result()
+    flagged = np.flatnonzero(out[5] > rtol * out[4])  # NaN rows compare False
+    if flagged.size:  # rare: the sort runs here, in numpy (numba's sort costs seconds to compile)
+        out[4, flagged] = sorted_expected_rank(exp_weights(z[flagged]))
+        out[5, flagged] = 0.0
     return out, finite
+
+
+def sorted_expected_rank(weights: np.ndarray) -> np.ndarray:
+    """Exact ``sum_i i p_(i)`` of each row of non-negative float32 ``weights`` (normalised here), float64."""
+    ordered = np.sort(weights, axis=1)[:, ::-1].astype(np.float64)
+    positions = np.arange(1, weights.shape[1] + 1, dtype=np.float64)
+    return (ordered @ positions) / ordered.sum(axis=1)
