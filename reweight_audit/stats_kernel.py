@@ -7,8 +7,9 @@ docs/statistics.md); only the schedule differs: rows are handed out one task at 
 ``torch.get_num_threads()`` Python threads that run the kernel without the GIL, so a thread
 that the OS deschedules delays nothing but its own row (no barrier per pass).
 
-Importing this module compiles the kernel, or loads it from numba's on-disk cache
-(``cache=True``, next to this file or in ``NUMBA_CACHE_DIR``).
+The first call in a process compiles the kernel (~3.5 s of CPU time) or loads it from
+numba's on-disk cache (``cache=True``: next to this file, else in ``NUMBA_CACHE_DIR`` or the
+user's cache directory; ~0.5 s).
 """
 
 from __future__ import annotations
@@ -396,16 +397,19 @@ class _Workspace:
 
 
 _LOCK = threading.Lock()  # one call at a time uses the shared workspaces and pool
-_STATE: dict = {"pid": None, "pool": None, "spaces": {}}
+_STATE: dict = {"pid": None, "pool": None, "pool_size": 0, "spaces": {}}
 
 
 def _resources(vocab: int, budget: int, workers: int) -> tuple[ThreadPoolExecutor | None, list[_Workspace]]:
     """The thread pool (re-created after a fork: threads do not survive one) and one workspace per worker."""
     if _STATE["pid"] != os.getpid():
-        _STATE.update(pid=os.getpid(), pool=None, spaces={})
+        _STATE.update(pid=os.getpid(), pool=None, pool_size=0, spaces={})
+    if workers - 1 > _STATE["pool_size"]:
+        if _STATE["pool"] is not None:
+            _STATE["pool"].shutdown(wait=False)
+        _STATE["pool"] = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="reweight-audit-stats")
+        _STATE["pool_size"] = workers - 1
     pool = _STATE["pool"]
-    if workers > 1 and (pool is None or pool._max_workers < workers - 1):
-        pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="reweight-audit-stats")
     spaces = _STATE["spaces"]
     if (vocab, budget) not in spaces:
         spaces.clear()  # one vocabulary at a time: do not hoard memory
