@@ -469,7 +469,7 @@ def _kernel_statistics(logits: Tensor, targets: Tensor, out: dict[str, Tensor], 
     """``token_statistics`` on CPU through the fused kernel; ``out`` holds the empty columns."""
     kernel = _kernel()
     rows, vocab = logits.shape
-    targets = targets.to(dtype=torch.int64).contiguous()
+    targets = targets.to(device=logits.device, dtype=torch.int64).contiguous()
     if rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         raise IndexError(f"targets must lie in [0, {vocab}); got values from {int(targets.min())} to {int(targets.max())}")
     logits = logits.detach()
