@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from functools import lru_cache
 from types import ModuleType
 
@@ -438,7 +439,10 @@ def _kernel() -> ModuleType | None:
     if "module" not in _KERNEL:
         try:
             from reweight_audit import stats_kernel
-        except ImportError:  # numba missing or unusable: the torch path does everything
+        except ImportError:  # numba missing: the torch path does everything
+            stats_kernel = None
+        except Exception as exc:  # numba present but unusable here (e.g. no writable cache location)
+            warnings.warn(f"the numba statistics kernel is unavailable ({exc}); using the slower torch path", stacklevel=3)
             stats_kernel = None
         _KERNEL["module"] = stats_kernel
     return _KERNEL["module"]
