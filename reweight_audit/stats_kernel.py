@@ -7,9 +7,9 @@ docs/statistics.md); only the schedule differs: rows are handed out one task at 
 ``torch.get_num_threads()`` Python threads that run the kernel without the GIL, so a thread
 that the OS deschedules delays nothing but its own row (no barrier per pass).
 
-The first call in a process compiles the kernel (~3.5 s of CPU time) or loads it from
+The first call in a process compiles the kernel (~4 s of CPU time) or loads it from
 numba's on-disk cache (``cache=True``: next to this file, else in ``NUMBA_CACHE_DIR`` or the
-user's cache directory; ~0.5 s).
+user's cache directory; ~0.8 s with the import of numba).
 """
 
 from __future__ import annotations
