@@ -9,17 +9,27 @@ All three run in one process on the same model, batch and machine:
 Throughput is supervised tokens per second (best of ``repeats``). Peak memory is
 the high-water mark above the memory held before the variant ran: on CUDA
 ``torch.cuda.max_memory_allocated``; on Linux CPUs the process's VmHWM, reset
-through ``/proc/self/clear_refs`` before each variant.
+through ``/proc/self/clear_refs`` before each variant. A variant whose estimated
+memory does not fit what is available is skipped with the reason, never started.
+
+``stats_only`` times the statistics alone on one chunk of the model's real logits
+(ns per logit: ours, ``log_softmax``, and softmax + sort + E[R]); ``contended`` runs
+the timings while one CPU-bound process per core (started and stopped here) competes.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import importlib.util
+import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -87,6 +97,79 @@ def _peak_above(device: str, baseline: int | None) -> int | None:
         return int(torch.cuda.max_memory_allocated()) - baseline
     peak = _rss_bytes("VmHWM")
     return None if peak is None else peak - baseline
+
+
+# ------------------------------------------------------------- memory estimates
+
+
+def available_bytes(device: str) -> int:
+    """Memory a variant may still take: free GPU memory, or the OS's available RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def estimate_bytes(case: BenchCase, variant: str) -> int:
+    """Upper estimate of a variant's peak memory above the model, from the case's shapes.
+
+    forward: fp32 logits [batch, seq, vocab] plus eager attention scores; naive: twice that
+    (logits and log_softmax) plus six [supervised, vocab] temporaries (gathers, p, products;
+    measured ~5 on a vocabulary of 151,936); ours: hidden states and a head chunk with its
+    workspaces (at most six fp32 copies of [chunk_rows, vocab]).
+    """
+    config = case.model.config.get_text_config()
+    vocab = int(config.vocab_size)
+    batch, width = len(case.sequences), max(len(s.input_ids) for s in case.sequences)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    activations = batch * width * hidden * 4 * 8 + batch * heads * width * width * 4
+    logits = batch * width * vocab * 4
+    if variant == "forward":
+        return activations + logits
+    if variant == "naive":
+        return activations + 2 * logits + 6 * case.supervised_tokens * vocab * 4
+    return activations + 6 * min(case.chunk_rows, case.supervised_tokens) * vocab * 4
+
+
+def skip_reason(case: BenchCase, variant: str, headroom: float = 0.85) -> str | None:
+    """Why ``variant`` cannot run on this machine (one line), or None when it fits."""
+    need, have = estimate_bytes(case, variant), available_bytes(case.device)
+    if need <= headroom * have:
+        return None
+    return f"skipped: needs about {need / 2**30:,.1f} GiB, {have / 2**30:,.1f} GiB available"
+
+
+# a busy loop that also ends by itself if bench dies without cleaning up (its parent changes)
+_BUSY_LOOP = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def competing_load(processes: int) -> Iterator[dict]:
+    """``processes`` CPU-bound busy loops for the duration of the block, started and stopped here."""
+    procs = [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL) for _ in range(processes)]
+    try:
+        time.sleep(0.5)  # let them reach the scheduler before timing starts
+        yield {"competing_processes": processes, "loadavg_before": os.getloadavg()}
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------ variants
@@ -200,8 +283,7 @@ def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None
     from reweight_audit.model import resolve_device
     from reweight_audit.scoring import Encoded, auto_chunk_rows, find_head
 
-    if vocab < 2 or seq_len < 2:
-        raise AuditError("--vocab and --seq-len must both be at least 2")
+    check_options(batch_tokens=1, vocab=vocab, seq_len=seq_len, chunk_rows=chunk_rows, repeats=1)
     device = resolve_device(device)
     torch.manual_seed(0)
     from reweight_audit.model import resolve_dtype
@@ -236,26 +318,42 @@ def run_bench(
     repeats: int = 2,
     variants: tuple[str, ...] = ("forward", "naive", "ours"),
     check: bool = True,
+    stats_only: bool = False,
+    contended: bool = False,
 ) -> dict:
-    """Measure every variant on one case; return a JSON-ready dict with the ratios."""
+    """Measure every variant (or, with ``stats_only``, the statistics alone) on one case; a JSON-ready dict."""
     import torch
 
+    check_options(batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len, chunk_rows=chunk_rows, repeats=repeats)
     torch.set_grad_enabled(False)
     if vocab is not None or seq_len is not None:
-        case = synthetic_case(vocab or 151_936, seq_len or 4096, device, chunk_rows)
+        case = synthetic_case(151_936 if vocab is None else vocab, 4096 if seq_len is None else seq_len, device, chunk_rows)
     else:
         case = default_case(model, batch_tokens, device, dtype, chunk_rows)
-    return run_case(case, repeats=repeats, variants=variants, check=check)
+    if stats_only:
+        return run_stats_only(case, repeats=repeats, contended=contended)
+    return run_case(case, repeats=repeats, variants=variants, check=check, contended=contended)
 
 
-def run_case(case: BenchCase, *, repeats: int = 2, variants: tuple[str, ...] = ("forward", "naive", "ours"), check: bool = True) -> dict:
+def check_options(*, batch_tokens: int, vocab: int | None, seq_len: int | None, chunk_rows: int | None,
+                  repeats: int) -> None:
+    """Reject sizes that make no sense (0 or negative) instead of quietly using a default."""
+    for flag, value, least in (("--batch-tokens", batch_tokens, 1), ("--vocab", vocab, 2), ("--seq-len", seq_len, 2),
+                               ("--chunk-rows", chunk_rows, 1), ("--repeats", repeats, 1)):
+        if value is not None and value < least:
+            raise AuditError(f"{flag} {value}: must be at least {least}")
+
+
+def run_case(case: BenchCase, *, repeats: int = 2, variants: tuple[str, ...] = ("forward", "naive", "ours"),
+             check: bool = True, contended: bool = False) -> dict:
     """Measure every variant on one prepared case; a JSON-ready dict with the ratios."""
-    import torch
-
     functions = {"forward": forward_variant, "naive": naive_variant, "ours": ours_variant}
-    results = {name: measure(case, functions[name], repeats) for name in variants}
+    skipped = {name: reason for name in variants if (reason := skip_reason(case, name))}
+    load = competing_load(cores()) if contended else contextlib.nullcontext({})
+    with load as contention:
+        results = {name: measure(case, functions[name], repeats) for name in variants if name not in skipped}
     agreement = None
-    if check and "naive" in variants and "ours" in variants:
+    if check and "naive" in results and "ours" in results:
         ours, naive = ours_variant(case), naive_variant(case)
         naive = {k: v.double().cpu().numpy() for k, v in naive.items()}
         agreement = {
@@ -270,6 +368,17 @@ def run_case(case: BenchCase, *, repeats: int = 2, variants: tuple[str, ...] = (
         ratios["ours_over_naive"] = results["ours"]["tokens_per_s"] / results["naive"]["tokens_per_s"]
         if results["ours"]["peak_bytes"] and results["naive"]["peak_bytes"]:
             ratios["peak_ours_over_naive"] = results["ours"]["peak_bytes"] / results["naive"]["peak_bytes"]
+    return {**_describe(case, contention), "results": results, "skipped": skipped, "ratios": ratios,
+            "agreement": agreement}
+
+
+def _describe(case: BenchCase, contention: dict) -> dict:
+    """The case and the machine state, for the JSON."""
+    import torch
+
+    from reweight_audit.stats import backend
+
+    vocab = int(case.model.config.get_text_config().vocab_size)
     return {
         "case": case.label,
         "supervised_tokens": case.supervised_tokens,
@@ -277,26 +386,74 @@ def run_case(case: BenchCase, *, repeats: int = 2, variants: tuple[str, ...] = (
         "sequences": len(case.sequences),
         "chunk_rows": case.chunk_rows,
         "device": case.device,
+        "statistics_backend": backend(vocab) if case.device == "cpu" else "torch",
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "contended": contention or None,
         "torch": torch.__version__,
-        "results": results,
-        "ratios": ratios,
-        "agreement": agreement,
     }
 
 
+def stats_chunk(case: BenchCase) -> tuple[Any, Any]:
+    """The first head chunk of the case's supervised positions: float32 logits [rows, vocab] and targets."""
+    from reweight_audit.scoring import batch_inputs, logit_chunks
+
+    batch = batch_inputs(case.sequences, case.pad_id, case.device)
+    logits, targets = next(iter(logit_chunks(case.model, case.head, batch, case.sequences, case.device, case.chunk_rows)))
+    return logits.float().contiguous(), targets
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
+    fn()  # warm-up: workspaces, kernel cache load
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _sync(device, fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_stats_only(case: BenchCase, *, repeats: int = 2, contended: bool = False) -> dict:
+    """ns per logit of our statistics, of ``log_softmax`` and of softmax + sort + E[R] on one real logits chunk."""
+    import torch
+
+    from reweight_audit.stats import expected_rank_sorted, token_statistics
+
+    logits, targets = stats_chunk(case)
+    rows, vocab = logits.shape
+    timed = {
+        "ours": lambda: token_statistics(logits, targets)["expected_rank"],
+        "log_softmax": lambda: torch.log_softmax(logits, dim=-1),
+        "sort_expected_rank": lambda: expected_rank_sorted(torch.log_softmax(logits, dim=-1).exp_()),
+    }
+    load = competing_load(cores()) if contended else contextlib.nullcontext({})
+    with load as contention, torch.no_grad():
+        seconds = {name: _best_seconds(fn, repeats, case.device) for name, fn in timed.items()}
+    ns = {name: value * 1e9 / (rows * vocab) for name, value in seconds.items()}
+    return {**_describe(case, contention), "stats_only": {"rows": rows, "vocab": vocab, "ns_per_logit": ns},
+            "ratios": {"ours_over_log_softmax": ns["ours"] / ns["log_softmax"],
+                       "sort_over_ours": ns["sort_expected_rank"] / ns["ours"]}}
+
+
 def gpu_check(repeats: int = 2) -> list[dict]:
-    """The prepared GPU run: the default model, then a 1B-class Llama with vocabulary 151,936, both in bf16.
+    """The prepared GPU run: the default model, gemma3-270m when its package is installed (full
+    bench and statistics alone), then a 1B-class Llama with vocabulary 151,936, all in bf16.
 
     Sized to finish in a few minutes on one modern GPU.
     """
     import torch
 
+    from reweight_audit.model import GEMMA_MODEL, GEMMA_PACKAGE
+
     if not torch.cuda.is_available():
         raise AuditError("--gpu-check needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
     results = [run_bench(model="default", batch_tokens=8192, device="cuda", dtype="bfloat16", repeats=repeats)]
+    if importlib.util.find_spec(GEMMA_PACKAGE) is not None:
+        for stats_only in (False, True):
+            results.append(run_bench(model=GEMMA_MODEL, batch_tokens=8192, device="cuda", dtype="bfloat16",
+                                     repeats=repeats, stats_only=stats_only))
     case = synthetic_case(151_936, 2048, "cuda", None, hidden=2048, layers=16, sequences=4, dtype="bfloat16",
                           intermediate=8192, heads=32, kv_heads=8)
     results.append(run_case(case, repeats=repeats))

@@ -385,24 +385,37 @@ def list_methods(method_file: MethodFiles = []) -> None:  # noqa: B006
 def _print_bench(result: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"bench: {result['case']} — {result['supervised_tokens']:,} supervised tokens "
-                        f"({result['total_tokens']:,} in the batch), {result['threads']} threads")
-    for column in ("variant", "seconds", "tokens/s", "peak MiB above baseline"):
-        table.add_column(column, justify="right" if column != "variant" else "left")
-    for name, r in result["results"].items():
-        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.1f}"
-        table.add_row(name, f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.1f}", peak)
+    if "stats_only" in result:
+        part = result["stats_only"]
+        table = Table(title=f"bench --stats-only: {result['case']} — {part['rows']:,} rows x {part['vocab']:,} logits, "
+                            f"{result['threads']} threads, statistics on {result['statistics_backend']}")
+        table.add_column("computation")
+        table.add_column("ns per logit", justify="right")
+        for name, value in part["ns_per_logit"].items():
+            table.add_row(name, f"{value:.2f}")
+    else:
+        table = Table(title=f"bench: {result['case']} — {result['supervised_tokens']:,} supervised tokens "
+                            f"({result['total_tokens']:,} in the batch), {result['threads']} threads")
+        for column in ("variant", "seconds", "tokens/s", "peak MiB above baseline"):
+            table.add_column(column, justify="right" if column != "variant" else "left")
+        for name, r in result["results"].items():
+            peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.1f}"
+            table.add_row(name, f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.1f}", peak)
+        for name, reason in result["skipped"].items():
+            table.add_row(name, reason, "", "")
     out.print(table)
+    if result["contended"]:
+        out.print(f"contended: {result['contended']['competing_processes']} competing CPU-bound processes")
     for name, value in result["ratios"].items():
         out.print(f"{name}: {value:.3f}")
-    if result["agreement"]:
+    if result.get("agreement"):
         out.print("agreement with naive: " + ", ".join(f"{k}={v}" for k, v in result["agreement"].items()))
 
 
 @command(on_interrupt="{output} was not written; run the command again")
 def bench(
     model: Annotated[str, typer.Option(
-        "--model", help="Model to benchmark (ignored with --vocab/--seq-len).")] = "default",
+        "--model", help="Model to benchmark: default, gemma3-270m, ... (ignored with --vocab/--seq-len).")] = "default",
     batch_tokens: Annotated[int, typer.Option(
         "--batch-tokens", help="Supervised tokens in the benchmark batch.")] = 2048,
     vocab: Annotated[Optional[int], typer.Option(
@@ -415,8 +428,15 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per variant (best is kept).")] = 2,
     variants: Annotated[str, typer.Option(
         "--variants", help="Which of forward, naive, ours to run.")] = "forward,naive,ours",
+    stats_only: Annotated[bool, typer.Option(
+        "--stats-only", help="Time the statistics alone on one chunk of real logits (ns/logit vs log_softmax and sort).")
+    ] = False,
+    contended: Annotated[bool, typer.Option(
+        "--contended", help="Time while one CPU-bound process per core competes (started and stopped by bench).")
+    ] = False,
     gpu_check: Annotated[bool, typer.Option(
-        "--gpu-check", help="The prepared GPU run: default model and a 1B-class model, vocab 151,936.")] = False,
+        "--gpu-check", help="The prepared GPU run: default model, gemma3-270m if installed, a 1B-class model with "
+                            "vocab 151,936.")] = False,
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="JSON file for the figures.")] = Path("reports/bench.json"),
 ) -> None:
@@ -424,10 +444,7 @@ def bench(
     from reweight_audit import bench as bench_module
     from reweight_audit.io import output_lock, prepare_output_file, write_json_atomic
 
-    # 0 or a negative number is an error, never "the default" (bench.py reads None as the default)
-    for option, value in (("--vocab", vocab), ("--seq-len", seq_len), ("--chunk-rows", chunk_rows),
-                          ("--batch-tokens", batch_tokens), ("--repeats", repeats)):
-        require_positive(option, value)
+    # sizes (0 or a negative number is an error, never "the default") are checked by bench.run_bench itself
     chosen = split_list([variants])
     unknown = sorted(set(chosen) - {"forward", "naive", "ours"})
     if unknown or not chosen:
@@ -439,7 +456,7 @@ def bench(
         else:
             results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
                                               device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
-                                              variants=tuple(chosen))]
+                                              variants=tuple(chosen), stats_only=stats_only, contended=contended)]
         for result in results:
             _print_bench(result)
         write_json_atomic(output, results if gpu_check else results[0])
@@ -450,7 +467,6 @@ def _sigterm_is_an_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # the same clean-up and one line as Ctrl-C (see command)
 
 
-@app.command()
 @command(on_interrupt="{output} was not written (an earlier version is unchanged); run the command again")
 def train(
     input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject': the training set.")],

@@ -1,159 +1,37 @@
 """Per-token statistics of a next-token distribution, from one chunk of logits.
 
 ``token_statistics(logits, targets)`` reduces a ``[rows, vocab]`` chunk of logits (any float
-dtype, any device) to the per-row columns of the ``score`` table (DESIGN.md, "Token
-statistics"): ``logp``, ``entropy``, ``rank``, ``expected_rank``, ``topk_entropy``,
-``sum_p2``, ``finite``, plus ``expected_rank_error_bound`` (certified, see below).
+dtype, any device) to the per-row columns of the ``score`` table: ``logp``, ``entropy``,
+``rank`` (``#{i: z_i >= z_target}``, exact, ties count against the target),
+``expected_rank`` (``sum_i i p_(i)`` without a sort: a slot histogram of the float32
+``exp(z - max)`` with a certified ``expected_rank_error_bound <= 1e-7 * expected_rank``,
+rows above it sorted), ``topk_entropy``, ``sum_p2`` and ``finite``.  Every reduction is
+float32 or wider.  Non-finite rows get NaN statistics and rank 0.
 
-The cheap statistics: a few passes over the chunk
---------------------------------------------------
-Per row, with ``M = max z`` and ``t = z - M`` clamped at -87:
-
-* ``e = exp(t)`` is computed once, in float32, and reused by every statistic below;
-* ``S = sum e`` (accumulated in float64: for a peaked row ``S = 1 + tiny`` and ``log S``
-  must not carry float32's 6e-8); ``logp = (z_target - M) - log S``;
-  ``entropy = log S - sum(e t) / S``; ``sum_p2 = sum(e^2) / S^2``;
-* ``rank = #{i : z_i >= z_target}``: one comparison of the float32 logits (ties count
-  against the target, so a flat row has rank V);
-* ``topk_entropy``: entropy of the softmax of the top-k logits.  ``torch.topk`` on a whole
-  row costs about as much as ``exp``; the k largest values always lie in the k blocks (of
-  64) with the largest block maxima, so topk only sees k*64 candidates (exact, ties too),
-  and the block maxima give ``M`` for free.
-
-The clamp at -87 exists because ``exp`` of a more negative float32 (a subnormal or zero
-result) is ~15x slower on CPU.  Masked logits (``-inf``) become ``e = exp(-87) = 1.6e-38``
-instead of 0, which moves ``S`` by < V * 1.6e-38 and ``E[R]`` by < V^2 * 1.6e-38: nothing a
-float32 (or float64 near E >= 1) can see; it also keeps ``0 * -inf = NaN`` out of
-``sum(e t)``.  ``logp`` uses the unclamped logit, so a masked target gets ``-inf``.
-
-Every reduction runs in float32 or float64 whatever the input dtype (bf16/fp16 chunks are
-upcast a row-chunk at a time).  Rows are processed in chunks of ~2^19 elements on CPU
-(measured best) and ~2^23 elsewhere; all big temporaries (~45 bytes per element of one
-chunk) live in one workspace reused across chunks, because fresh multi-MB allocations
-page-fault on every chunk and cost more than the arithmetic.
-
-Expected rank without a sort
-----------------------------
-``E[R] = sum_i i p_(i)``, ``p`` sorted descending.  A full ``torch.sort`` of every row costs
-~5x everything this function does (timings below), comparable to the model's forward pass
-on CPU (DESIGN.md).  We use the exact identity (ties included)
-
-    E[R] = 1 + sum_{i<j} min(p_i, p_j)
-
-with the values ``e_i`` put in *slots* ordered by value.  Pairs in two different slots are
-ordered by their slots, so with per-slot count ``c``, mass ``m`` and maximum ``M_s``
-
-    sum_{i<j} min = sum_s m_s N_{>s}  +  sum_s W_s,   N_{>s} = elements in higher slots,
-
-the first term exact (counts < 2^24 are exact in float32; masses are float64 sums of
-float32 values of one binade, which are exact).  For the in-slot term,
-``(c - 1)/2 m = sum_{i<j in s}(p_i + p_j)/2 = W_s + G/2`` with ``G = sum_{i<j} |p_i - p_j|``.
-Writing ``d_i = M_s - p_i >= 0`` and ``D = sum d_i = c M_s - m`` (exact in float64):
-at least one ``d_i`` is 0, so ``G >= D``, and ``|d_i - d_j| <= d_i + d_j``, so
-``G <= (c - 1) D``.  We use the midpoint
-
-    W_s ~ (c - 1)/2 m - c D / 4,   error <= (c - 2) D / 4,
-
-which is exact for slots holding one element, two elements (``G = D``), or equal values
-(``D = 0``: ties, e.g. from bf16/fp16 logits, where most slots hold ties).  The sum of the
-errors, divided by ``S``, is ``expected_rank_error_bound``: a rigorous bound computed from
-the data, whatever the slot boundaries.  (A width-based bound, ``w floor(c^2/4) / 4``
-centred, was ~5x looser on real float32 rows and flagged 72% of bf16 rows: it cannot
-tell ties from spread values.)
-
-Slots come from the float32 bit pattern of ``e`` (in [0, 1]; for non-negative floats the
-int32 pattern is monotone in the value), in two passes:
-
-1. coarse keys ``bits >> 17``: 64 buckets per octave from 2^-64 to 1 (4096 buckets, plus
-   one for ``e == 1`` and a floor for everything below 2^-64, scattered into 16 lanes by
-   position so that a row whose tail is mostly in the floor does not serialise the
-   scatter on one address), and their counts;
-2. coarse bucket ``B`` is cut into ``n_B`` equal slices of its mantissa range, with
-   ``n_B ~ (w_B floor(c_B^2/4))^(1/3)`` scaled to a fixed total of ``K2 = 4112 + V/4``
-   slots (the Lagrange optimum of ``sum_B w_B c_B^2 / n_B^2``, the width-based error if the
-   content is smooth).  The scale has a closed form and rounding up adds at most one slot
-   per bucket, so the layout fits ``K2`` with no data-dependent size: no host
-   synchronisation, the same code on any device.
-3. one ``scatter_add_`` of counts, one of float64 masses and one ``scatter_reduce_``
-   (amax, on the int32 pattern) into the ``[rows, K2]`` slots; a cumulative count and a
-   few float64 dot products give ``E[R]`` and its bound.
-
-A fixed resolution does not work: on real SmolLM2 logits the error is spread evenly over
-~30 octaves (2^-3 .. 2^-30), and 1e-7 needs ~12 bits per octave, ~200k buckets per row
-(4x the vocabulary), whose cumulative sums cost more than the sort saves.  With the
-adaptive slots the certified bound, relative to ``E[R]``, was <= 1.5e-8 on real SmolLM2
-rows and on randn*3, spiky, Gumbel and Student-t rows at V = 49152 (<= 2e-9 at V = 151936),
-and <= 5e-9 for bf16/fp16-rounded logits: 7x under the tolerance, no row needed the
-fallback.  (K2 = 4112 + V/2 gives ~5x less, V/8 ~5x more: V/4 balances it against the
-per-slot work.)
-
-Fallback and guarantee
-----------------------
-Rows whose certified bound exceeds ``EXPECTED_RANK_RTOL * E[R]`` (1e-7: many distinct values
-in slots that are still too wide, because the slot budget is exhausted by competing dense
-buckets or a bucket hit the 2^15 slices cap; we found no such row with the default
-budget, the tests starve it) get the exact sorted value (``expected_rank_sorted``) and a
-bound of 0:
-
-* on CPU (``sync_free=False``, the default there) exactly the flagged rows are found with
-  ``nonzero`` (a host sync costs nothing on CPU) and sorted;
-* elsewhere (``sync_free=True``, the default off-CPU) the ``ceil(rows/16)`` rows with the
-  largest bound/tolerance ratio are always sorted (``topk`` + ``where``, static shapes, no
-  sync; a GPU sort of a few rows is cheap) and keep the sorted value where flagged.  Only if
-  more rows than that are flagged does a row keep a bucket value above tolerance, and its
-  ``expected_rank_error_bound`` then says by how much it may be off.
-
-So for every finite row: ``|expected_rank - E_exact| <= expected_rank_error_bound <= 1e-7 *
-expected_rank`` (always on CPU), ``E_exact`` being the exact expected rank of the float32
-probabilities ``e / S`` (float64 rounding adds < 1e-13 relative).  Against a float64
-softmax of the same logits, float32 ``exp`` adds ~1e-8 (at most a few 1e-7); the tests hold
-``expected_rank`` to 1e-6 relative of a float64 brute-force reference.
-
-``expected_rank`` is float64: it is assembled in float64, and a float32 store (half an ulp
-is 6e-8 relative) would by itself use most of the 1e-7 error budget; it is one number per
-row.
-
-Non-finite rows (a NaN or ``+inf`` logit) get ``finite = False``, NaN float statistics and
-``rank = 0`` (never a valid rank); they cannot disturb other rows.  A row whose logits are
-all ``-inf`` has no distribution: it is ``finite`` by the definition above, with NaN
-statistics.
-
-Timings
--------
-2-core AMD EPYC VM, torch 2.13 CPU, shared with other jobs: min of 3 runs, +-15%.  naive =
-log_softmax + full sort + sum_i i p_(i); token_statistics computes every column.  Inputs:
-randn*3 with 4 spikes at +15 / Gumbel*2 / Student-t(3)*2 / real SmolLM2 logits (49152
-only) / the first one in bf16.
-
-  [2048, 49152], 2 threads: log_softmax+entropy 0.40 s, torch.sort 3.82 s, naive 3.95 s,
-      token_statistics 0.75 / 0.78 / 0.73 / 0.77 / 0.81 s
-  [2048, 49152], 1 thread:  0.71 s, 7.48 s, 7.68 s;  1.26 / 1.29 / 1.21 / 1.27 / 1.27 s
-  [512, 151936], 2 threads: 0.31 s, 3.20 s, 3.39 s;  0.66 / 0.68 / 0.64 / - / 0.69 s
-  [512, 151936], 1 thread:  0.54 s, 6.28 s, 6.42 s;  0.88 / 0.86 / 0.84 / - / 0.95 s
-
-Called once per 16-row chunk instead of once for 2048 rows: 0.85 s instead of 0.82 s (the
-CPU workspace is kept between calls).  Under contention from other jobs the many short
-parallel passes suffer more than one long sort: the 2-thread ratio to the sort fell to
-~1.5x while the load average was 3-4 on this 2-core machine.
-
-Where the time goes (1 thread): scatters ~25%, the two per-element gathers ~10%, dtype
-conversions (int32 -> int64 indices, float32 -> float64 masses) ~12%, exp ~7%, the rest
-is many cheap passes.  torch.compile could fuse most of them but needs a C++ toolchain at
-run time; this module is plain eager torch.
+Two implementations of the same mathematics: on CPU the fused numba kernel
+(:mod:`reweight_audit.stats_kernel`), and this module's torch path everywhere else and as
+the tests' reference; ``REWEIGHT_AUDIT_STATS=auto|torch|numba`` chooses.  The derivation
+of the bound, the slot layout, the fallback and the measured accuracy are in
+docs/statistics.md.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
+import warnings
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BACKEND_ENV",
     "EXPECTED_RANK_RTOL",
     "TOPK",
+    "backend",
     "expected_rank_bucketed",
     "expected_rank_sorted",
     "token_statistics",
@@ -183,6 +61,10 @@ _TOPK_BLOCK = 64  # block size of the top-k prefilter
 _CPU_CHUNK_ELEMENTS = 1 << 19  # rows per chunk on CPU (10 at V = 49152): measured best
 _DEVICE_CHUNK_ELEMENTS = 1 << 23  # off-CPU: large kernels, a ~380 MB workspace
 _SYNC_FREE_FALLBACK_FRACTION = 16  # the sync-free path sorts ceil(rows / 16) rows
+_KERNEL_BLOCK_ELEMENTS = 1 << 22  # non-float32 input is upcast for the kernel this many logits at a time
+
+BACKEND_ENV = "REWEIGHT_AUDIT_STATS"
+"""``auto`` (default: the numba kernel on CPU when numba imports, else torch), ``torch`` or ``numba``."""
 
 
 def _fine_budget(vocab: int) -> int:
@@ -279,7 +161,7 @@ def _workspace(rows: int, vocab: int, device: torch.device, convert: bool) -> _W
 def _expected_rank_buckets(e: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
     """Slotted E[R] and its certified bound for float32 weights ``e`` in [0, 1], [r, V].
 
-    Returns float64 ``(expected_rank, bound)`` (see the module docstring).  Overwrites the
+    Returns float64 ``(expected_rank, bound)`` (docs/statistics.md).  Overwrites the
     workspace buffers ``a``, ``b``, ``coarse``, ``fine`` and the histograms.
     """
     rows, vocab = e.shape
@@ -444,7 +326,7 @@ def _chunk_statistics(
     # rank: one comparison pass; a float 0/1 buffer sums faster than a bool one, and exactly
     rank = torch.ge(z, z_target, out=ws.a[:rows]).sum(-1).long()
 
-    t = torch.sub(z, row_max, out=ws.a[:rows]).clamp_(min=_T_MIN)  # see the module docstring
+    t = torch.sub(z, row_max, out=ws.a[:rows]).clamp_(min=_T_MIN)  # see docs/statistics.md
     e = torch.exp(t, out=ws.e[:rows])
     # S in float64: for a peaked row S = 1 + tiny, and a float32 S would put an absolute
     # error of ~6e-8 into log S, i.e. into an entropy that may itself be ~1e-6.
@@ -499,8 +381,9 @@ def token_statistics(
 
     ``exact_expected_rank=True`` sorts every row (the naive reference, bound 0).
     ``chunk_rows`` overrides the internal row chunking.  ``sync_free`` (default: True
-    off-CPU) avoids every host synchronisation; see the module docstring for what that
-    changes in the fallback.
+    off-CPU) avoids every host synchronisation; see docs/statistics.md for what that
+    changes in the fallback.  On CPU the numba kernel runs unless ``exact_expected_rank``,
+    ``sync_free=True`` or ``REWEIGHT_AUDIT_STATS=torch`` asks for the torch path.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
@@ -527,6 +410,8 @@ def token_statistics(
             raise ValueError("logits have an empty vocabulary")
         return out
     on_cpu = device.type == "cpu"
+    if on_cpu and not exact_expected_rank and not sync_free and backend(vocab) == "numba":
+        return _kernel_statistics(logits, targets, out, topk, chunk_rows)
     if sync_free is None:
         sync_free = not on_cpu
     if chunk_rows is None:
@@ -543,4 +428,67 @@ def token_statistics(
         part = _chunk_statistics(z, targets[start:stop], topk, exact_expected_rank, sync_free, ws)
         for name, value in part.items():
             out[name][start:stop] = value
+    return out
+
+
+_KERNEL: dict[str, ModuleType | None] = {}
+
+
+def _kernel() -> ModuleType | None:
+    """The numba kernel module (compiled or loaded from numba's cache on first use), or None without numba."""
+    if "module" not in _KERNEL:
+        try:
+            from reweight_audit import stats_kernel
+        except ImportError:  # numba missing: the torch path does everything
+            stats_kernel = None
+        except Exception as exc:  # numba present but unusable here (e.g. no writable cache location)
+            warnings.warn(f"the numba statistics kernel is unavailable ({exc}); using the slower torch path", stacklevel=3)
+            stats_kernel = None
+        _KERNEL["module"] = stats_kernel
+    return _KERNEL["module"]
+
+
+def backend(vocab: int = 0) -> str:
+    """The CPU implementation ``token_statistics`` uses for this vocabulary: ``"numba"`` or ``"torch"``.
+
+    Chosen by the environment variable ``REWEIGHT_AUDIT_STATS`` (``auto``, ``torch`` or
+    ``numba``); ``auto`` takes the kernel when numba imports and the vocabulary fits it.
+    Off-CPU devices, ``exact_expected_rank`` and ``sync_free=True`` always use torch.
+    """
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "numba"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: use auto, torch or numba")
+    if choice == "torch":
+        return "torch"
+    kernel = _kernel()
+    if kernel is None:
+        if choice == "numba":
+            raise ImportError(f"{BACKEND_ENV}=numba but numba cannot be imported; pip install numba")
+        return "torch"
+    return "numba" if vocab <= kernel.MAX_VOCAB else "torch"
+
+
+def _kernel_statistics(logits: Tensor, targets: Tensor, out: dict[str, Tensor], topk: int,
+                       chunk_rows: int | None) -> dict[str, Tensor]:
+    """``token_statistics`` on CPU through the fused kernel; ``out`` holds the empty columns."""
+    kernel = _kernel()
+    rows, vocab = logits.shape
+    targets = targets.to(device=logits.device, dtype=torch.int64).contiguous()
+    if rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise IndexError(f"targets must lie in [0, {vocab}); got values from {int(targets.min())} to {int(targets.max())}")
+    logits = logits.detach()
+    ready = logits.dtype == torch.float32 and logits.is_contiguous()
+    step = rows if ready else max(1, chunk_rows or _KERNEL_BLOCK_ELEMENTS // vocab)
+    budget = kernel.fine_budget(vocab)
+    threads = torch.get_num_threads()
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        z = logits[start:stop] if ready else logits[start:stop].float().contiguous()  # upcast a block at a time
+        values, finite = kernel.row_statistics(z.numpy(), targets[start:stop].numpy(), min(topk, vocab),
+                                               EXPECTED_RANK_RTOL, budget, threads)
+        values = torch.from_numpy(values)
+        out["finite"][start:stop] = torch.from_numpy(finite)
+        out["rank"][start:stop] = values[6].long()
+        for i, name in enumerate(("logp", "entropy", "topk_entropy", "sum_p2", "expected_rank", "expected_rank_error_bound")):
+            out[name][start:stop] = values[i]  # float32 columns are rounded once, here
     return out

@@ -53,9 +53,9 @@ def score_args(noisy: Path, out: Path, *extra) -> tuple:
 
 
 @pytest.mark.parametrize("case, args, needle", [
-    ("7 bench --seq-len 0", ("bench", "--seq-len", "0", "--vocab", "300"), "--seq-len 0: give a positive number"),
-    ("7 bench --vocab 0", ("bench", "--vocab", "0", "--seq-len", "16"), "--vocab 0: give a positive number"),
-    ("7 bench --vocab -3", ("bench", "--vocab", "-3"), "--vocab -3: give a positive number"),
+    ("7 bench --seq-len 0", ("bench", "--seq-len", "0", "--vocab", "300"), "--seq-len 0: must be at least 2"),
+    ("7 bench --vocab 0", ("bench", "--vocab", "0", "--seq-len", "16"), "--vocab 0: must be at least 2"),
+    ("7 bench --vocab -3", ("bench", "--vocab", "-3"), "--vocab -3: must be at least 2"),
     ("7 bench --chunk-rows 0", ("bench", "--chunk-rows", "0"), "--chunk-rows 0"),
     ("15 compare --bootstrap -1", ("compare", "{stats}", "--bootstrap", "-1"), "--bootstrap -1: give 0"),
 ])

@@ -1,5 +1,8 @@
 """Tests of reweight_audit.stats against a plain float64 brute-force reference.
 
+Every test of ``token_statistics`` runs on both CPU implementations (the ``backend`` fixture):
+the torch path, which is also the fallback off-CPU, and the fused numba kernel.
+
 Tolerances (float32 arithmetic against float64 truth):
   logp, entropy, topk_entropy: 1e-5 absolute + 1e-5 relative (entropy and logp of nearly
   deterministic rows: 1e-5 relative);  sum_p2: 1e-5 relative;  rank: exact;  expected_rank: 1e-6 relative (the function certifies 1e-7 with respect to
@@ -23,6 +26,16 @@ from reweight_audit.stats import (
 )
 
 FLOAT_KEYS = ("logp", "entropy", "topk_entropy", "sum_p2")
+
+
+@pytest.fixture(params=["torch", "numba"])
+def backend(request, monkeypatch) -> str:
+    """Run the test on one CPU implementation (skipped for numba where numba is not installed)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv(stats.BACKEND_ENV, request.param)
+    assert stats.backend(1000) == request.param
+    return request.param
 
 
 def reference(logits: torch.Tensor, targets: torch.Tensor, topk: int = TOPK) -> dict[str, torch.Tensor]:
@@ -53,7 +66,7 @@ def reference(logits: torch.Tensor, targets: torch.Tensor, topk: int = TOPK) -> 
         out["rank"][i] = int((z >= z[t]).sum())
         ordered = torch.sort(p, descending=True).values
         out["expected_rank"][i] = (torch.arange(1, vocab + 1, dtype=torch.float64) * ordered).sum()
-        top = torch.sort(z, descending=True).values[: min(topk, vocab)]
+        top = torch.topk(z, min(topk, vocab)).values  # sorted, largest first
         q = torch.exp(top - top[0])
         q = q / q.sum()
         qnz = q > 0
@@ -89,7 +102,7 @@ def student_t(rows: int, vocab: int, g: torch.Generator, df: float = 3.0) -> tor
     return (normal / torch.sqrt(chi2 / df) * 2.0).float()
 
 
-def test_output_contract():
+def test_output_contract(backend):
     g = gen(0)
     logits = torch.randn(5, 300, generator=g)
     out = token_statistics(logits, torch.randint(0, 300, (5,), generator=g))
@@ -108,14 +121,14 @@ def test_output_contract():
 
 
 @pytest.mark.parametrize("vocab", [1000, 5003])  # plain topk; block prefilter with a ragged tail
-def test_random_logits(vocab):
+def test_random_logits(vocab, backend):
     g = gen(vocab)
     logits = torch.randn(12, vocab, generator=g) * 3
     targets = torch.randint(0, vocab, (12,), generator=g)
     assert_matches(token_statistics(logits, targets), reference(logits, targets))
 
 
-def test_heavy_tailed_and_spiky_logits():
+def test_heavy_tailed_and_spiky_logits(backend):
     g = gen(1)
     vocab = 4096
     spiky = torch.randn(6, vocab, generator=g) * 3
@@ -126,7 +139,7 @@ def test_heavy_tailed_and_spiky_logits():
     assert_matches(token_statistics(logits, targets), reference(logits, targets))
 
 
-def test_peaked_row():
+def test_peaked_row(backend):
     g = gen(2)
     logits = torch.randn(4, 2000, generator=g)
     logits[:, 7] += 60.0  # one huge logit: p ~ 1 - 1e-22, E[R] ~ 1
@@ -138,7 +151,7 @@ def test_peaked_row():
     assert (got["entropy"] < 1e-18).all()
 
 
-def test_entropy_of_nearly_deterministic_rows_is_relatively_accurate():
+def test_entropy_of_nearly_deterministic_rows_is_relatively_accurate(backend):
     # H ~ 1e-5 .. 1e-3 nats: an absolute error of float32's 6e-8 in log S would show here
     g = gen(14)
     logits = torch.randn(6, 3000, generator=g)
@@ -149,7 +162,7 @@ def test_entropy_of_nearly_deterministic_rows_is_relatively_accurate():
     torch.testing.assert_close(got["logp"].double(), ref["logp"], rtol=1e-5, atol=0)
 
 
-def test_flat_row():
+def test_flat_row(backend):
     vocab = 3000
     logits = torch.zeros(3, vocab)
     logits[1] = 4.25  # any constant
@@ -165,7 +178,7 @@ def test_flat_row():
     assert (got["expected_rank_error_bound"] == 0).all()  # ties are exact
 
 
-def test_exact_ties_target_tied():
+def test_exact_ties_target_tied(backend):
     g = gen(3)
     vocab = 4000
     levels = torch.tensor([-3.0, -1.0, 0.5, 2.0, 2.0625])
@@ -179,7 +192,7 @@ def test_exact_ties_target_tied():
     assert (got["expected_rank_error_bound"] <= 1e-12 * got["expected_rank"]).all()
 
 
-def test_masked_vocabulary():
+def test_masked_vocabulary(backend):
     g = gen(4)
     vocab = 2500
     logits = torch.randn(6, vocab, generator=g) * 2
@@ -202,7 +215,7 @@ def test_masked_vocabulary():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs(dtype):
+def test_low_precision_inputs(dtype, backend):
     g = gen(5)
     vocab = 5000
     logits = (torch.randn(10, vocab, generator=g) * 3).to(dtype)
@@ -215,7 +228,7 @@ def test_low_precision_inputs(dtype):
     assert (got["expected_rank_error_bound"] <= 0.3 * EXPECTED_RANK_RTOL * got["expected_rank"]).all()
 
 
-def test_non_finite_rows_are_isolated():
+def test_non_finite_rows_are_isolated(backend):
     g = gen(6)
     vocab = 1500
     logits = torch.randn(6, vocab, generator=g) * 2
@@ -237,7 +250,7 @@ def test_non_finite_rows_are_isolated():
     assert_matches(got, reference(bad, targets))
 
 
-def test_known_bounds():
+def test_known_bounds(backend):
     g = gen(7)
     vocab = 3000
     temps = torch.tensor([0.05, 0.3, 1.0, 2.0, 4.0, 10.0]).repeat_interleave(3).unsqueeze(1)
@@ -331,6 +344,7 @@ def starved_budget(monkeypatch):
     starves the budget to exercise the fallback.
     """
     monkeypatch.setattr(stats, "_fine_budget", lambda vocab: stats._K1)
+    monkeypatch.setenv(stats.BACKEND_ENV, "torch")  # the kernel's own fallback: tests/test_stats_kernel.py
 
 
 def test_fallback_sorts_flagged_rows(starved_budget):
@@ -368,7 +382,7 @@ def test_sync_free_fallback(starved_budget):
     assert int((got["expected_rank_error_bound"] > EXPECTED_RANK_RTOL * got["expected_rank"]).sum()) == 1
 
 
-def test_paths_and_chunking_agree():
+def test_paths_and_chunking_agree(backend):
     g = gen(12)
     vocab = 3001
     logits = torch.randn(9, vocab, generator=g) * 2.5
@@ -388,7 +402,7 @@ def test_paths_and_chunking_agree():
     torch.testing.assert_close(view["expected_rank"], base["expected_rank"], rtol=1e-9, atol=0)
 
 
-def test_reused_workspace_gives_the_same_answers():
+def test_reused_workspace_gives_the_same_answers(backend):
     # CPU calls keep their workspace between calls: shapes and dtypes change under it
     g = gen(15)
     a = torch.randn(9, 700, generator=g) * 3
@@ -402,7 +416,7 @@ def test_reused_workspace_gives_the_same_answers():
             torch.testing.assert_close(again[key], first[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_topk_edge_cases():
+def test_topk_edge_cases(backend):
     g = gen(13)
     logits = torch.randn(3, 50, generator=g)
     targets = torch.zeros(3, dtype=torch.int64)
@@ -415,7 +429,7 @@ def test_topk_edge_cases():
     assert all(v.numel() == 0 for v in empty.values())
 
 
-def test_input_validation():
+def test_input_validation(backend):
     with pytest.raises(ValueError):
         token_statistics(torch.randn(3, 4, 5), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError):
