@@ -190,19 +190,20 @@ def evaluate_method(ctx: _MethodContext, method: Method) -> _RunOutcome:
     t0 = time.perf_counter()
     logp = run.column("logp")
     sum_p2 = run.column("sum_p2") if "grad" in opts.rank_by else None
+    pool = run.pool  # weights were computed on every row; excluded rows (after-error) leave the metrics here
     for rank_by in opts.rank_by:
-        scores = metrics.rank_scores(out.weights[method.name], rank_by, logp, sum_p2)
-        index = metrics.ScoreIndex(scores, run.is_noise, run.seq_codes, run.kind_codes)
+        scores = pool.take(metrics.rank_scores(out.weights[method.name], rank_by, logp, sum_p2))
+        index = metrics.ScoreIndex(scores, pool.is_noise, pool.seq_codes, pool.kind_codes)
         for scope in opts.scope:
             ident = {"run": run.label, "method": method.name, "family": getattr(method, "family", ""),
                      "rank_by": rank_by, "scope": scope}
-            row, curve = metrics.ranking_metrics(scores, run.is_noise, run.seq_codes, k=opts.k_frac,
+            row, curve = metrics.ranking_metrics(scores, pool.is_noise, pool.seq_codes, k=opts.k_frac,
                                                  cuts=metrics.CUTS, scope=scope, n_boot=opts.n_boot,
                                                  seed=opts.seed, index=index)
             out.table.append({**ident, "k": opts.k, **row, **ctx.counts})
             out.curves += [{**ident, "k": round(cut * 100.0, 10), **vals} for cut, vals in curve.items()]
             out.by_kind += [{**ident, "k": opts.k, **kind_row} for kind_row in metrics.kind_metrics(
-                index, scores, run.is_noise, run.seq_codes, run.kind_codes, run.kinds, k=opts.k_frac, scope=scope)]
+                index, scores, pool.is_noise, pool.seq_codes, pool.kind_codes, run.kinds, k=opts.k_frac, scope=scope)]
     out.t_metrics = time.perf_counter() - t0
     return out
 

@@ -77,7 +77,8 @@ def write_plots(result: CompareResult, folder: Path, *, runs: list[RunData],
     """The four PNG plots and heatmap.html, from seeded samples of every run."""
     plot_samples = [plot_sample(run, seed) for run in runs]
     weight_samples = [{"label": run.label,
-                       "methods": {m: weight_sample(w, run.is_noise, seed) for m, w in weights.items()}}
+                       "methods": {m: weight_sample(run.pool.take(w), run.pool.is_noise, seed)
+                                   for m, w in weights.items()}}
                       for run, weights in zip(runs, run_weights)]
     heatmap_runs = [heatmap_run_data(run, choose_heatmap_sequences(run, int(heatmap_sequences), seed), weights, seed)
                     for run, weights in zip(runs, run_weights)]
@@ -96,6 +97,7 @@ def summary(result: CompareResult) -> dict:
         "runs": [{key: v for key, v in r.items() if key != "columns"} for r in result.runs],
         "base_rate": {r["label"]: r["base_rate"] for r in result.runs},
         "skipped": result.skipped,
+        "notes": report.label_notes(result.runs),
         "table": [json_safe(rec) for rec in result.table.to_dict(orient="records")],
         "files": {name: p.name for name, p in result.files.items()},
     }
@@ -214,13 +216,22 @@ def heatmap_run_data(run: RunData, seq_codes: list[int], weights: Mapping[str, n
             "truncated": bool(truncated),
             "tokens": [tokens[i] if tokens[i] is not None else "" for i in chunk],
             "noise": [bool(x) for x in run.is_noise[rows]],
-            "kind": [run.kinds[c] if c >= 0 else "" for c in run.kind_codes[rows]],
+            "kind": shown_kinds(run, rows),
             "stats": {key: [_json_num(v) for v in arr[chunk]] for key, arr in stats.items()},
             "w": {m: [_json_num(v) for v in w[rows]] for m, w in weights.items()},
             "pct": {m: [round(float(v), 4) for v in percentile_of(w[rows], refs[m])] for m, w in weights.items()},
         }
         seqs.append(seq)
     return {"label": run.label, "methods": list(weights), "seqs": seqs}
+
+
+def shown_kinds(run: RunData, rows: np.ndarray) -> list[str]:
+    """Per row, its noise kind, or for a row left out of the metrics (after-error) that kind; "" for clean."""
+    kinds = [run.kinds[c] if c >= 0 else "" for c in run.kind_codes[rows]]
+    if run.excluded is None or not run.excluded[rows].any():
+        return kinds
+    raw = run.table.column("noise_kind").take(pa.array(rows)).to_pylist()
+    return [raw[i] if run.excluded[r] else kind for i, (r, kind) in enumerate(zip(rows, kinds))]
 
 
 def _json_num(v: Any) -> float | None:
