@@ -1,4 +1,4 @@
-"""The command line: ``reweight-audit inject | score | compare | methods | demo | bench``.
+"""The command line: ``reweight-audit inject | score | compare | sweep | methods | demo | bench``.
 
 Each command parses its options, calls one library function and prints what
 it returned; progress bars and printing live here and nowhere else. A user
@@ -272,6 +272,61 @@ def compare(
                              method_files=method_file, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
                              progress=progress)
     _report_compare(result)
+
+
+@app.command()
+def sweep(
+    stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (each is a run).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for sweep.csv, robustness.md, ...")],
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma list (default: every method whose statistics exist).")] = None,
+    k: Annotated[list[str], typer.Option(
+        "--k", help="Cuts in percent (repeat or comma list).")] = ["1,2,5,10,20,30"],  # noqa: B006
+    rank_by: Annotated[list[str], typer.Option(
+        "--rank-by", help="weight, loss, grad (repeat or comma list).")] = ["weight,loss,grad"],  # noqa: B006
+    scope: Annotated[list[str], typer.Option(
+        "--scope", help="global, sequence (repeat or comma list).")] = ["global,sequence"],  # noqa: B006
+    metric: Annotated[str, typer.Option(
+        "--metric", help="The per-cut metric that orders the methods: tok_rec, tok_prec, seq_hit or lift.")
+    ] = "tok_rec",
+    claim: Annotated[Optional[str], typer.Option(
+        "--claim", help='A claimed order, lowest first: "ranktuner-approx < eaft < inv-prob"; exit code 0 only '
+                        "when it holds in every setting.")] = None,
+    param: Annotated[list[str], typer.Option(
+        "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
+    method_file: MethodFiles = [],  # noqa: B006
+    batch_seqs: Annotated[int, typer.Option(
+        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = 256,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", help="Bootstrap resamples over sequences per setting (0: none).")] = 100,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Every method over rank-by × scope × k × noise kind × run: which orders survive every convention."""
+    from reweight_audit.sweep import run_sweep
+    from reweight_audit.sweep_report import claim_lines
+
+    try:
+        cuts = [float(c) for c in split_list(k)]
+    except ValueError:
+        raise AuditError(f"--k {','.join(k)}: give cuts in percent, e.g. --k 1,2,5,10") from None
+    with _compare_progress(quiet) as progress:
+        result = run_sweep(stats, output, methods=split_list([methods]) if methods else None,
+                           rank_by=split_list(rank_by), scope=split_list(scope), cuts=cuts, params=param,
+                           method_files=method_file, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
+                           metric=metric, claim=claim, progress=progress)
+    for note in result.notes:
+        out.print(f"note: {note}", highlight=False)
+    out.print(f"wrote {len(result.files)} files to {output}/: " + ", ".join(result.files), highlight=False)
+    if result.claim is not None:
+        holds, fails = claim_lines(result)
+        out.print(f"claim {' < '.join(result.config['claim'])} ({metric}) holds in {len(holds)} of "
+                  f"{len(holds) + len(fails)} settings", highlight=False)
+        for title, lines in (("holds", holds), ("fails", fails)):
+            for line in lines:
+                out.print(f"  {title}: {line}", highlight=False, soft_wrap=True)
+        if fails:
+            raise typer.Exit(1)
 
 
 def _demo_hooks(quiet: bool) -> Any:

@@ -232,15 +232,8 @@ def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: 
     say(f"{run.label}: {base['n_tokens']:,} tokens, {base['n_noise']:,} noise")
     outcome = _RunOutcome()
     todo = _computable(run, methods, options.methods is not None, outcome.skipped)
-    # shared inputs, decoded once before the workers start
-    columns = run.stat_columns()
-    for name in columns:
-        columns[name]
-    batch = None
-    if any(getattr(m, "batch_dependent", False) for m in todo):
-        batch = np.asarray(assign_batches(run.seq_codes, options.batch_seqs, options.seed))
     counts = {key: base[key] for key in ("n_tokens", "n_noise", "n_seqs", "n_noise_seqs", "base_rate")}
-    ctx = _MethodContext(run=run, columns=columns, batch=batch, param_map=param_map, options=options, counts=counts)
+    ctx = _context(run, todo, param_map, options, counts)
     for method, one in zip(todo, _map_ordered(lambda m: evaluate_method(ctx, m), todo, n_workers)):
         say(f"{run.label}: {method.name} done")
         outcome.weights.update(one.weights)
@@ -250,6 +243,27 @@ def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: 
         outcome.t_weights += one.t_weights
         outcome.t_metrics += one.t_metrics
     return outcome
+
+
+def _context(run: RunData, todo: list[Method], param_map: dict, options: CompareOptions,
+             counts: dict) -> _MethodContext:
+    """The inputs every method of the run shares, decoded once before any worker starts."""
+    columns = run.stat_columns()
+    for name in columns:
+        columns[name]
+    batch = None
+    if any(getattr(m, "batch_dependent", False) for m in todo):
+        batch = np.asarray(assign_batches(run.seq_codes, options.batch_seqs, options.seed))
+    return _MethodContext(run=run, columns=columns, batch=batch, param_map=param_map, options=options, counts=counts)
+
+
+def run_weights(run: RunData, methods: list[Method], param_map: dict, options: CompareOptions,
+                skipped: list[dict]) -> dict[str, np.ndarray]:
+    """Each computable method's weight per token of the run, exactly as compare computes it (the whole table
+    is the batch); the methods whose columns are missing are appended to ``skipped``."""
+    todo = _computable(run, methods, options.methods is not None, skipped)
+    ctx = _context(run, todo, param_map, options, counts={})
+    return {method.name: _method_weights(ctx, method) for method in todo}
 
 
 def _workers(workers: int | None) -> int:
