@@ -158,9 +158,32 @@ def _report_compare(result: Any) -> None:
     from reweight_audit.exports import render_table
 
     out.print(render_table(result))
+    _print_table1(result)
     folder = next(iter(result.files.values())).parent if result.files else ""
     out.print(f"wrote {len(result.files)} files to {folder}/: "
               + ", ".join(sorted(Path(p).name for p in result.files.values())))
+
+
+def _print_table1(result: Any) -> None:
+    """The Table 1 view, one line per row: our figures beside the paper's."""
+    from rich.table import Table
+
+    from reweight_audit.formatting import fmt_interval, fmt_pct, k_label
+    from reweight_audit.table1 import HEADERS, PAPER_K, TABLE1_METRICS
+
+    frame = getattr(result, "table1", None)
+    if frame is None or not len(frame):
+        return
+    table = Table(title=f"Table 1 view: ours at the top {k_label(result.k)}, the paper's at {k_label(PAPER_K)}")
+    for column in ("run", "rank-by", "scope", "row", "method", *(f"{HEADERS[m]} ours | paper" for m in TABLE1_METRICS),
+                   "base rate ours | paper"):
+        table.add_column(column, justify="left" if column in ("run", "rank-by", "scope", "row", "method") else "right")
+    for row in frame.to_dict(orient="records"):
+        cells = [f"{fmt_interval(row[m], row[m + '_lo'], row[m + '_hi'])} | {fmt_pct(row['paper_' + m])}"
+                 for m in TABLE1_METRICS]
+        table.add_row(str(row["run"]), row["rank_by"], row["scope"], row["row"], row["method"], *cells,
+                      f"{fmt_pct(row['base_rate'])} | {fmt_pct(row['paper_base_rate'])}")
+    out.print(table)
 
 
 # ---------------------------------------------------------------- commands
@@ -260,6 +283,14 @@ def compare(
         "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = 256,
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = 200,
+    table1_map: Annotated[Optional[str], typer.Option(
+        "--table1-map", help="The method each Table 1 row stands for (default "
+                             "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")] = None,
+    by_meta: Annotated[Optional[str], typer.Option(
+        "--by-meta", help="Also every metric per value of this record meta field (e.g. model), read from the "
+                          "noisy JSONL the table was scored from.")] = None,
+    records: Annotated[Optional[Path], typer.Option(
+        "--records", help="With --by-meta: that noisy JSONL (default: the score manifest's input).")] = None,
     seed: Seed = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -270,7 +301,7 @@ def compare(
         result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
                              rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=param,
                              method_files=method_file, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
-                             progress=progress)
+                             table1_map=table1_map, by_meta=by_meta, records=records, progress=progress)
     _report_compare(result)
 
 

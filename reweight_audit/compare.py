@@ -21,7 +21,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from reweight_audit import metrics
+from reweight_audit import groups, metrics, table1
+from reweight_audit.agreement import order_agreement
 from reweight_audit.errors import AuditError
 from reweight_audit.exports import write_exports
 from reweight_audit.methods import (
@@ -34,7 +35,7 @@ from reweight_audit.methods import (
     missing_columns,
     parse_params,
 )
-from reweight_audit.results import CompareResult, curve_columns, kind_columns, table_columns
+from reweight_audit.results import CompareResult, curve_columns, group_columns, kind_columns, table_columns
 from reweight_audit.runs import RunData, load_runs
 
 TIE_RULE = "fractional (expected value under random tie-breaking)"
@@ -59,6 +60,9 @@ class CompareOptions:
     n_boot: int
     seed: int
     heatmap_sequences: int
+    table1_map: dict[str, str] = field(default_factory=lambda: dict(table1.DEFAULT_MAP))
+    by_meta: str | None = None  # a record meta field: every metric per value (by_group.csv)
+    records: Path | None = None  # the noisy JSONL with the records' meta (default: the score manifest's input)
 
     @property
     def k_frac(self) -> float:
@@ -78,6 +82,9 @@ class CompareOptions:
             "n_boot": self.n_boot,
             "seed": self.seed,
             "heatmap_sequences": self.heatmap_sequences,
+            "table1_map": self.table1_map,
+            "by_meta": self.by_meta,
+            "records": None if self.records is None else str(self.records),
             "cuts": [c * 100.0 for c in metrics.CUTS],
             "tie_rule": TIE_RULE,
             "noise_mass_of": NOISE_MASS_OF,
@@ -100,7 +107,9 @@ def _known(values: list[str], known: Sequence[str], option: str, default: str) -
 
 def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str] | None, rank_by: Sequence[str],
                     k: float, scope: Sequence[str], params: Sequence[str], method_files: Sequence[Path],
-                    batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int) -> CompareOptions:
+                    batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int,
+                    table1_map: str | Mapping[str, str] | None = None, by_meta: str | None = None,
+                    records: Path | None = None) -> CompareOptions:
     """Check every option before any file is read; a bad one is one AuditError line naming the option."""
     try:
         k = float(k)
@@ -122,7 +131,8 @@ def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str
         rank_by=_known(_as_list(rank_by), metrics.RANK_BY, "--rank-by", "weight"), k=k,
         scope=_known(_as_list(scope), metrics.SCOPES, "--scope", "global"), params=list(params or []),
         method_files=[Path(p) for p in method_files or []], batch_seqs=int(batch_seqs), n_boot=int(n_boot),
-        seed=int(seed), heatmap_sequences=int(heatmap_sequences))
+        seed=int(seed), heatmap_sequences=int(heatmap_sequences), table1_map=table1.parse_map(table1_map),
+        by_meta=by_meta or None, records=None if records is None else Path(records))
 
 
 def select_methods(options: CompareOptions) -> tuple[list[Method], dict]:
@@ -306,6 +316,9 @@ def run_compare(
     n_boot: int = 200,
     seed: int = 0,
     heatmap_sequences: int = 12,
+    table1_map: str | Mapping[str, str] | None = None,
+    by_meta: str | None = None,
+    records: Path | None = None,
     write: bool = True,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -324,7 +337,8 @@ def run_compare(
     say = progress or (lambda _message: None)
     options = compare_options(stats_paths, methods=methods, rank_by=rank_by, k=k, scope=scope, params=params,
                               method_files=method_files, batch_seqs=batch_seqs, n_boot=n_boot, seed=seed,
-                              heatmap_sequences=heatmap_sequences)
+                              heatmap_sequences=heatmap_sequences, table1_map=table1_map, by_meta=by_meta,
+                              records=records)
     chosen, param_map = select_methods(options)
     t0 = time.perf_counter()
     runs = load_runs(options.stats_paths)
@@ -334,6 +348,9 @@ def run_compare(
     timings["weights"] = sum(o.t_weights for o in outcomes)
     timings["metrics"] = sum(o.t_metrics for o in outcomes)
     result = assemble(runs, outcomes, chosen, options, timings)
+    result.by_group = by_group(runs, outcomes, chosen, options)
+    result.agreement = order_agreement(result.table)
+    result.table1 = table1.table1_frame(result.table, result.runs, options.table1_map, options.k)
     if write:
         t0 = time.perf_counter()
         write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
@@ -367,6 +384,21 @@ def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Meth
         skipped=[s for o in outcomes for s in o.skipped],
         runs=[{**r.summary(), "manifest": r.manifest} for r in runs],
         config=options.record(), k=options.k, timings=timings)
+
+
+def by_group(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method],
+             options: CompareOptions) -> pd.DataFrame | None:
+    """by_group.csv (``--by-meta``): every metric per value of the records' meta field; None without it."""
+    if not options.by_meta:
+        return None
+    families = {m.name: getattr(m, "family", "") for m in chosen}
+    rows = []
+    for run, outcome in zip(runs, outcomes):
+        path = groups.records_path(run, options.records)
+        grouping = groups.sequence_groups(run, groups.read_meta(path), options.by_meta, path)
+        rows += groups.group_rows(run, outcome.weights, families, options.by_meta, grouping, rank_by=options.rank_by,
+                                  scope=options.scope, k=options.k, n_boot=options.n_boot, seed=options.seed)
+    return pd.DataFrame(rows, columns=group_columns())
 
 
 def _block_sorted(rows: list[dict], order: dict[str, list[str]]) -> list[dict]:

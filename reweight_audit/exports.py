@@ -17,10 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reweight_audit import report
+from reweight_audit.agreement import agreement_markdown, verdicts
+from reweight_audit.groups import by_group_markdown
 from reweight_audit.io import atomic_directory, dump_json, json_safe
 from reweight_audit.report import render_table  # the command line prints it
 from reweight_audit.results import CompareResult
 from reweight_audit.runs import RunData
+from reweight_audit.table1 import table1_markdown
 
 __all__ = ["EXPORT_FILES", "write_exports", "render_table", "summary", "weights_table"]
 
@@ -36,8 +39,12 @@ EXPORT_FILES = (
     "expected_rank_vs_entropy.png",
     "weight_distributions.png",
     "heatmap.html",
+    "table1.md",
+    "table1.csv",
     "summary.json",
 )
+#: Files written only when they have content: several runs (agreement.csv), --by-meta (by_group.csv).
+OPTIONAL_FILES = ("agreement.csv", "by_group.csv")
 #: Points per scatter / per distribution in the plots.
 PLOT_POINTS = 50_000
 #: Tokens of one sequence shown in heatmap.html.
@@ -59,17 +66,35 @@ def write_exports(result: CompareResult, out_dir: Path, *, runs: list[RunData],
                        use_dictionary=["run", "seq_id", "token", "noise_kind"])
         write_plots(result, tmp, runs=runs, run_weights=run_weights, seed=seed,
                     heatmap_sequences=heatmap_sequences)
-        result.files = {name: out_dir / name for name in EXPORT_FILES}
+        result.files = {name: out_dir / name for name in EXPORT_FILES + OPTIONAL_FILES
+                        if (tmp / name).exists() or name == "summary.json"}
         (tmp / "summary.json").write_text(dump_json(summary(result), ensure_ascii=True), encoding="utf-8")
     return result.files
 
 
 def write_tables(result: CompareResult, folder: Path) -> None:
-    """table.csv, curves.csv, by_kind.csv and table.md."""
+    """table.csv, curves.csv, by_kind.csv and table.md; the views: table1.md/.csv, agreement.csv, by_group.csv."""
     result.table.to_csv(folder / "table.csv", index=False)
     result.curves.to_csv(folder / "curves.csv", index=False)
     result.by_kind.to_csv(folder / "by_kind.csv", index=False)
-    (folder / "table.md").write_text(report.table_markdown(result), encoding="utf-8")
+    sections = [agreement_markdown(result.agreement, result.k) if result.agreement is not None else "",
+                by_group_markdown(result.by_group, result.k)]
+    (folder / "table.md").write_text("\n".join([report.table_markdown(result), *filter(None, sections)]),
+                                     encoding="utf-8")
+    write_views(result, folder)
+
+
+def write_views(result: CompareResult, folder: Path) -> None:
+    """table1.md and table1.csv always; agreement.csv with several runs; by_group.csv with --by-meta."""
+    if result.table1 is not None:
+        result.table1.to_csv(folder / "table1.csv", index=False)
+        (folder / "table1.md").write_text(table1_markdown(result.table1, result.runs, result.config["table1_map"],
+                                                          result.k, report.label_notes(result.runs)),
+                                          encoding="utf-8")
+    if result.agreement is not None and len(result.agreement):
+        result.agreement.to_csv(folder / "agreement.csv", index=False)
+    if result.by_group is not None:
+        result.by_group.to_csv(folder / "by_group.csv", index=False)
 
 
 def write_plots(result: CompareResult, folder: Path, *, runs: list[RunData],
@@ -99,8 +124,21 @@ def summary(result: CompareResult) -> dict:
         "skipped": result.skipped,
         "notes": report.label_notes(result.runs),
         "table": [json_safe(rec) for rec in result.table.to_dict(orient="records")],
+        **_view_records(result),
         "files": {name: p.name for name, p in result.files.items()},
     }
+
+
+def _view_records(result: CompareResult) -> dict:
+    """summary.json's views: table1 (always), agreement verdicts (several runs), by_group (--by-meta)."""
+    views = {}
+    for key, frame in (("table1", result.table1),
+                       ("agreement", verdicts(result.agreement) if result.agreement is not None
+                        and len(result.agreement) else None),
+                       ("by_group", result.by_group)):
+        if frame is not None:
+            views[key] = [json_safe(rec) for rec in frame.to_dict(orient="records")]
+    return views
 
 
 def weights_table(runs: list[RunData], run_weights: list[dict[str, np.ndarray]]) -> pa.Table:
