@@ -384,14 +384,21 @@ def demo(
     limit: Limit = None,
     model: Model = "default",
     device: Device = "auto",
+    real_errors: Annotated[int, typer.Option(
+        "--real-errors", help="champ-fws solutions in the real-error part (0 skips it).")] = 80,
     quiet: Quiet = False,
 ) -> None:
-    """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems)."""
+    """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems), then the
+    real-error diagnostic on the first 80 annotated model solutions of champ-fws."""
     from reweight_audit.demo import run_demo
 
-    result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet))
+    result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet),
+                      real_errors=real_errors)
     out.print(f"\n[bold]demo done[/bold]: open {output / 'heatmap.html'} and {output / 'table.md'}; "
               f"noisy corpus {result.noisy}, token statistics {result.stats}")
+    if result.real is not None:
+        out.print(f"real errors: {result.real.folder / 'table.md'} (by model: by_group.csv), "
+                  f"{result.real.folder / 'table1.md'}")
 
 
 @app.command("methods")
