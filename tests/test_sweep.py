@@ -194,18 +194,19 @@ def test_command_line_exit_codes(hand_runs, tmp_path):
     import subprocess
     import sys
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "reweight_audit", "sweep", *map(str, hand_runs), "-o",
-                               str(tmp_path / "out"), "--methods", "sft,dft,inv-prob,entropy", "--k", "25,50",
-                               "--rank-by", "weight", "--bootstrap", "0", "-q", *args],
-                              capture_output=True, text=True, timeout=600)
+    from typer.testing import CliRunner
 
-    ok = cli("--claim", "dft < sft < inv-prob")
-    assert ok.returncode == 0, ok.stderr
-    assert "holds in 8 of 8 settings" in ok.stdout
-    bad = cli("--claim", "dft < entropy < inv-prob")
-    assert bad.returncode == 1 and "holds in 4 of 8 settings" in bad.stdout
-    assert bad.stdout.count("  fails: ") == 4 and bad.stdout.count("  holds: ") == 4
-    unknown = cli("--claim", "dft < nope")
+    from reweight_audit.cli import app
+
+    args = ["sweep", *map(str, hand_runs), "-o", str(tmp_path / "out"), "--methods", "sft,dft,inv-prob,entropy",
+            "--k", "25,50", "--rank-by", "weight", "--bootstrap", "0", "-q"]
+    ok = CliRunner().invoke(app, [*args, "--claim", "dft < sft < inv-prob"])
+    assert ok.exit_code == 0, ok.output
+    assert "holds in 8 of 8 settings" in ok.output
+    bad = CliRunner().invoke(app, [*args, "--claim", "dft < entropy < inv-prob"])
+    assert bad.exit_code == 1 and "holds in 4 of 8 settings" in bad.output
+    assert bad.output.count("  fails: ") == 4 and bad.output.count("  holds: ") == 4
+    unknown = subprocess.run([sys.executable, "-m", "reweight_audit", *args, "--claim", "dft < nope"],
+                             capture_output=True, text=True, timeout=600)
     assert unknown.returncode == 2 and "registered: sft, random, dft" in unknown.stderr
     assert len([line for line in unknown.stderr.splitlines() if line.strip()]) == 1

@@ -40,8 +40,8 @@ def test_map_defaults_overrides_and_errors():
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("views")
-    a = write_stats(d / "a.parquet", make_stats(30, seed=1), model="model-A")
-    b = write_stats(d / "b.parquet", make_stats(30, seed=2), model="model-B")
+    a = write_stats(d / "a.parquet", make_stats(15, seed=1), model="model-A")
+    b = write_stats(d / "b.parquet", make_stats(15, seed=2), model="model-B")
     res = compare.run_compare([a, b], d / "out", methods=["sft", "dft", "inv-prob", "eaft", "ranktuner-approx"],
                               n_boot=20, heatmap_sequences=1, table1_map="prob=inv-prob")
     return d, res
@@ -66,9 +66,10 @@ def test_table1_view_beside_the_paper(two_runs):
 
 def test_table1_method_not_computed_is_na(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(10))
-    res = compare.run_compare([stats], tmp_path / "out", methods=["sft"], n_boot=0, heatmap_sequences=0)
-    assert res.table1["tok_rec"].isna().all()
-    assert "n/a" in (tmp_path / "out" / "table1.md").read_text()
+    res = compare.run_compare([stats], None, methods=["sft"], n_boot=0, write=False)
+    assert res.table1["tok_rec"].isna().all() and len(res.table1) == 3
+    md = table1.table1_markdown(res.table1, res.runs, table1.DEFAULT_MAP, 10.0)
+    assert "| Entropy-Dominant | `eaft` | n/a | 4.54% |" in md
 
 
 # ------------------------------------------------------------------------------------------------ across runs
