@@ -28,15 +28,17 @@ def order_metrics() -> list[str]:
     return [s.name for s in metric_specs() if s.header is not None]
 
 
-def _order(a: float, b: float) -> str:
-    if np.isnan(a) or np.isnan(b):
-        return ""
-    return "<" if a < b else (">" if a > b else "=")
-
-
-def _separated(a: float, a_lo: float, a_hi: float, b: float, b_lo: float, b_hi: float) -> bool:
-    """The two intervals do not overlap (False without intervals)."""
-    return bool(np.isfinite([a_lo, a_hi, b_lo, b_hi]).all() and (a_hi < b_lo or b_hi < a_lo))
+def _grids(block: pd.DataFrame, columns: list[str], methods: list[str], runs: list[str]) -> dict[str, np.ndarray]:
+    """Per column, [methods, runs] (NaN where a method was not computed in a run, or the column is absent)."""
+    present = [c for c in columns if c in block.columns]
+    wide = block.drop_duplicates(["method", "run"]).set_index(["method", "run"])[present].unstack("run")
+    out = {}
+    for column in columns:
+        if column in present:
+            out[column] = wide[column].reindex(index=methods, columns=runs).to_numpy(dtype=float)
+        else:
+            out[column] = np.full((len(methods), len(runs)), np.nan)
+    return out
 
 
 def order_agreement(table: pd.DataFrame) -> pd.DataFrame:
@@ -45,38 +47,39 @@ def order_agreement(table: pd.DataFrame) -> pd.DataFrame:
     runs = list(dict.fromkeys(table["run"])) if len(table) else []
     if len(runs) < 2:
         return pd.DataFrame(columns=list(COLUMNS))
-    rows = []
+    frames = []
     for (rank_by, scope), block in table.groupby(["rank_by", "scope"], sort=False):
         methods = list(dict.fromkeys(block["method"]))
-        values = block.set_index(["method", "run"])
+        ia, ib = (np.array(x, dtype=np.int64).reshape(-1) for x in zip(*itertools.combinations(range(len(methods)), 2))) \
+            if len(methods) > 1 else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        grids = _grids(block, [m + suffix for m in order_metrics() for suffix in ("", "_lo", "_hi")], methods, runs)
         for metric in order_metrics():
-            def get(method: str, run: str, suffix: str = "") -> float:
-                col = metric + suffix
-                key = (method, run)
-                return float(values.at[key, col]) if key in values.index and col in values.columns else np.nan
-
-            for a, b in itertools.combinations(methods, 2):
-                pair = []
-                for run in runs:
-                    va, vb = get(a, run), get(b, run)
-                    order = _order(va, vb)
-                    if not order:
-                        continue
-                    bounds = (get(a, run, "_lo"), get(a, run, "_hi"), get(b, run, "_lo"), get(b, run, "_hi"))
-                    pair.append({"rank_by": rank_by, "scope": scope, "metric": metric, "a": a, "b": b, "run": run,
-                                 "a_value": va, "a_lo": bounds[0], "a_hi": bounds[1], "b_value": vb,
-                                 "b_lo": bounds[2], "b_hi": bounds[3], "order": order,
-                                 "separated": _separated(va, bounds[0], bounds[1], vb, bounds[2], bounds[3])})
-                rows += _with_verdict(pair)
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+            v, lo, hi = (grids[metric + suffix] for suffix in ("", "_lo", "_hi"))
+            frames.append(_pair_frame(rank_by, scope, metric, methods, runs, ia, ib, v, lo, hi))
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
+    return out[list(COLUMNS)]
 
 
-def _with_verdict(pair: list[dict]) -> list[dict]:
-    orders = {row["order"] for row in pair}
-    verdict = orders.pop() if len(orders) == 1 else "changes"
-    separated = sum(row["separated"] for row in pair)
-    return [{**row, "runs": len(pair), "same_order": verdict != "changes", "verdict": verdict,
-             "separated_runs": separated} for row in pair]
+def _pair_frame(rank_by, scope, metric, methods, runs, ia, ib, v, lo, hi) -> pd.DataFrame:
+    """Every pair (ia[i], ib[i]) × run where both values are numbers, with each pair's verdict over its runs."""
+    a, b = v[ia], v[ib]  # [pairs, runs]
+    ok = ~np.isnan(a) & ~np.isnan(b)
+    order = np.where(a < b, "<", np.where(a > b, ">", "="))
+    bounds = np.isfinite(lo[ia]) & np.isfinite(hi[ia]) & np.isfinite(lo[ib]) & np.isfinite(hi[ib])
+    separated = bounds & ((hi[ia] < lo[ib]) | (hi[ib] < lo[ia]))
+    n_runs = ok.sum(axis=1)
+    kinds = [((order == sym) & ok).sum(axis=1) for sym in ("<", ">", "=")]
+    verdict = np.select([k == n_runs for k in kinds], ["<", ">", "="], "changes")
+    verdict = np.where(n_runs > 0, verdict, "")
+    pair, run = np.nonzero(ok)
+    return pd.DataFrame({
+        "rank_by": rank_by, "scope": scope, "metric": metric,
+        "a": np.asarray(methods, dtype=object)[ia[pair]], "b": np.asarray(methods, dtype=object)[ib[pair]],
+        "run": np.asarray(runs, dtype=object)[run], "a_value": a[pair, run], "a_lo": lo[ia][pair, run],
+        "a_hi": hi[ia][pair, run], "b_value": b[pair, run], "b_lo": lo[ib][pair, run], "b_hi": hi[ib][pair, run],
+        "order": order[pair, run], "separated": separated[pair, run], "runs": n_runs[pair],
+        "same_order": verdict[pair] != "changes", "verdict": verdict[pair],
+        "separated_runs": (separated & ok).sum(axis=1)[pair]})
 
 
 def verdicts(agreement: pd.DataFrame) -> pd.DataFrame:
@@ -104,15 +107,11 @@ def agreement_markdown(agreement: pd.DataFrame, k: float) -> str:
                   f"{headers.get(tok['metric'].iloc[0], '')} order in every run", "",
                   "| A | B | " + " | ".join(headers[m] for m in metrics_shown) + " |",
                   "|---|---|" + "---|" * len(metrics_shown)]
-        cells = block.set_index(["a", "b", "metric"])
-        for a, b in dict.fromkeys(zip(block["a"], block["b"])):
-            row = []
-            for m in metrics_shown:
-                if (a, b, m) in cells.index:
-                    c = cells.loc[(a, b, m)]
-                    row.append(f"{c['verdict']} [{c['separated_runs']}/{c['runs']}]")
-                else:
-                    row.append("n/a")
+        text = block["verdict"] + " [" + block["separated_runs"].astype(str) + "/" + block["runs"].astype(str) + "]"
+        cells = text.set_axis(pd.MultiIndex.from_frame(block[["a", "b", "metric"]])).unstack("metric")
+        pairs = list(dict.fromkeys(zip(block["a"], block["b"])))
+        cells = cells.reindex(index=pd.MultiIndex.from_tuples(pairs), columns=metrics_shown).fillna("n/a")
+        for (a, b), row in zip(pairs, cells.to_numpy()):
             lines.append(f"| {a} | {b} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
