@@ -165,24 +165,29 @@ def _report_compare(result: Any) -> None:
 
 
 def _print_table1(result: Any) -> None:
-    """The Table 1 view, one line per row: our figures beside the paper's."""
+    """The Table 1 view: our figures beside the paper's (intervals in table1.md)."""
     from rich.table import Table
 
-    from reweight_audit.formatting import fmt_interval, fmt_pct, k_label
+    from reweight_audit.formatting import fmt_pct, k_label
     from reweight_audit.table1 import HEADERS, PAPER_K, TABLE1_METRICS
 
     frame = getattr(result, "table1", None)
     if frame is None or not len(frame):
         return
-    table = Table(title=f"Table 1 view: ours at the top {k_label(result.k)}, the paper's at {k_label(PAPER_K)}")
-    for column in ("run", "rank-by", "scope", "row", "method", *(f"{HEADERS[m]} ours | paper" for m in TABLE1_METRICS),
-                   "base rate ours | paper"):
-        table.add_column(column, justify="left" if column in ("run", "rank-by", "scope", "row", "method") else "right")
+    blocks = [c for c in ("run", "rank_by", "scope") if frame[c].nunique() > 1]
+    table = Table(title=f"Table 1 view: ours at the top {k_label(result.k)} (intervals in table1.md), "
+                        f"the paper's at {k_label(PAPER_K)}")
+    for column in (*(c.replace("_", "-") for c in blocks), "Table 1 row", "method"):
+        table.add_column(column)
+    for metric in TABLE1_METRICS:
+        table.add_column(HEADERS[metric], justify="right")
+        table.add_column("paper", justify="right", style="dim")
+    table.add_column("base rate", justify="right")
+    table.add_column("paper (implied)", justify="right", style="dim")
     for row in frame.to_dict(orient="records"):
-        cells = [f"{fmt_interval(row[m], row[m + '_lo'], row[m + '_hi'])} | {fmt_pct(row['paper_' + m])}"
-                 for m in TABLE1_METRICS]
-        table.add_row(str(row["run"]), row["rank_by"], row["scope"], row["row"], row["method"], *cells,
-                      f"{fmt_pct(row['base_rate'])} | {fmt_pct(row['paper_base_rate'])}")
+        cells = [fmt for m in TABLE1_METRICS for fmt in (fmt_pct(row[m]), fmt_pct(row["paper_" + m]))]
+        table.add_row(*(str(row[c]) for c in blocks), row["row"], row["method"], *cells, fmt_pct(row["base_rate"]),
+                      fmt_pct(row["paper_base_rate"]))
     out.print(table)
 
 

@@ -67,7 +67,7 @@ def label_notes(runs: list[dict]) -> list[str]:
         if where:
             counts = ", ".join(f"{label}: {n:,} tokens" for label, n in where)
             notes.append(f"{kind} is real errors, not injected noise: the first wrong step of a model-written "
-                         f"solution as a person marked it (human annotation) ({counts})")
+                         f"solution as a person marked it (human annotation); {counts}")
     for r in runs:
         for kind, n in (r.get("excluded_kinds") or {}).items():
             notes.append(f"{r['label']}: {n:,} {kind} tokens (after the first wrong step, of unknown correctness) "
