@@ -41,15 +41,17 @@ def real_run(tmp_path_factory):
     kept = table.filter(pc.not_equal(table.column("noise_kind"), "after-error"))
     full = write_stats(d / "full.parquet", table, model="m")
     cut = write_stats(d / "cut.parquet", kept, model="m")
-    return d, table, full, cut
+    with_rows = compare.run_compare([full], d / "out", methods=CHOSEN, heatmap_sequences=3, **KW)
+    return d, table, full, cut, with_rows
+
+
+CHOSEN = ["entropy", "inv-prob", "ranktuner-approx", "sft"]
+KW = dict(rank_by=["weight", "loss"], scope=["global", "sequence"], n_boot=30, seed=1)
 
 
 def test_after_error_rows_leave_every_metric_but_not_the_weights(real_run):
-    d, table, full, cut = real_run
-    chosen = ["entropy", "inv-prob", "ranktuner-approx", "sft"]
-    kw = dict(rank_by=["weight", "loss"], scope=["global", "sequence"], n_boot=30, seed=1)
-    with_rows = compare.run_compare([full], d / "out", methods=chosen, heatmap_sequences=3, **kw)
-    without = compare.run_compare([cut], d / "x", methods=chosen, write=False, **kw)
+    d, table, full, cut, with_rows = real_run
+    without = compare.run_compare([cut], d / "x", methods=CHOSEN, write=False, **KW)
     # per-token methods: leaving the rows out of the metrics is the same as the table without them
     a, b = with_rows.table.drop(columns="run"), without.table.drop(columns="run")
     pd.testing.assert_frame_equal(a, b)
@@ -67,7 +69,7 @@ def test_after_error_rows_leave_every_metric_but_not_the_weights(real_run):
 
 
 def test_batch_dependent_methods_see_the_whole_batch(real_run):
-    d, table, full, _ = real_run
+    d, table, full, _, _ = real_run
     res = compare.run_compare([full], d / "talr", methods=["talr"], batch_seqs=5, seed=2, n_boot=0,
                               heatmap_sequences=1)
     run = runs.load_run(full)
@@ -84,7 +86,7 @@ def test_batch_dependent_methods_see_the_whole_batch(real_run):
 
 
 def test_reports_say_what_the_labels_are(real_run):
-    d, *_ = real_run
+    d = real_run[0]
     md = (d / "out" / "table.md").read_text()
     assert "wrong-step is real errors, not injected noise" in md and "human annotation" in md
     assert "after-error tokens" in md and "left out of both classes" in md
