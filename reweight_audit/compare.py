@@ -124,6 +124,8 @@ def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str
     paths = [Path(stats_paths)] if isinstance(stats_paths, (str, Path)) else [Path(p) for p in stats_paths]
     if not paths:
         raise AuditError("compare: give at least one stats.parquet")
+    if records is not None and not by_meta:
+        raise AuditError(f"--records {records}: it is read only with --by-meta FIELD; add that or drop --records")
     if methods is not None and not _as_list(methods):
         raise AuditError("--methods is empty; give method names (see `reweight-audit methods`) or leave it out")
     return CompareOptions(

@@ -167,4 +167,6 @@ def test_by_meta_errors(tmp_path):
     full = write_records(tmp_path / "f.jsonl", ids, ["m"] * len(ids))
     with pytest.raises(AuditError, match="no record of .* has this meta field"):
         compare.run_compare([stats], None, write=False, methods=["sft"], n_boot=0, by_meta="author", records=full)
+    with pytest.raises(AuditError, match="only with --by-meta"):
+        compare.run_compare([stats], None, write=False, methods=["sft"], n_boot=0, records=full)
     assert pq.read_table(stats).num_rows == table.num_rows
