@@ -2,10 +2,16 @@
 
 Each command parses its options, calls one library function and prints what
 it returned; progress bars and printing live here and nowhere else. A user
-error (:class:`AuditError`) is one line on stderr and exit code 2.
+error (:class:`AuditError`) is one line on stderr and exit code 2; Ctrl-C (or
+SIGTERM) is one line saying what was kept and how to go on, and exit code 130
+(:func:`command`).
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -14,9 +20,13 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from reweight_audit.errors import AuditError
+from reweight_audit import options
+from reweight_audit.errors import AuditError, require_positive
+from reweight_audit.io import work_folder
 from reweight_audit.noise import DEFAULT_NOISE
+from reweight_audit.options import split_list
 
 app = typer.Typer(
     name="reweight-audit",
@@ -29,9 +39,53 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
+# ---------------------------------------------------------------- every command: registration and interrupts
+
+
+def command(*, on_interrupt: str | Callable[..., str] = "nothing was written", name: str | None = None) -> Callable:
+    """``app.command`` with the interrupt handling every command shares.
+
+    ``on_interrupt`` is the line printed when Ctrl-C stops the command: what
+    was kept and how to go on, formatted with the command's parameters
+    (``{output}``), or a function of them. The command then exits with code
+    130. Outputs are atomic, so whatever the command was writing is simply
+    not there.
+    """
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(**params: Any) -> Any:
+            try:
+                return fn(**params)
+            except KeyboardInterrupt:
+                note = on_interrupt(**params) if callable(on_interrupt) else on_interrupt.format(**params)
+                console.print(f"interrupted: {escape(note)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
+
+        return app.command(name)(run)
+
+    return register
+
+
+def _quiet(value: bool) -> bool:
+    """``-q`` also silences the progress bars of libraries (transformers' GGUF conversion uses plain tqdm)."""
+    if value:
+        # read when tqdm is first imported, which the commands do only after their options are parsed
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    return value
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notes (``reweight_audit`` logger, warnings) as ``note:`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[yellow]note:[/yellow] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------- options shared by several commands
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", callback=_quiet)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed gives the same files.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N records.")]
 Model = Annotated[str, typer.Option(
@@ -39,7 +93,7 @@ Model = Annotated[str, typer.Option(
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16.")]
 ChunkRows = Annotated[Optional[int], typer.Option(
-    "--chunk-rows", help="Rows per output-head chunk (default: from free memory).")]
+    "--chunk-rows", help="Rows per output-head chunk, at least 1 (default: from free memory).")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub to run.")]
 MethodFiles = Annotated[list[Path], typer.Option(
     "--method-file", help="Python file that registers extra methods (repeatable).")]
@@ -53,11 +107,6 @@ FirstErrorField = Annotated[str, typer.Option(
 SkipBad = Annotated[bool, typer.Option(
     "--skip-bad", help="Skip and count malformed JSONL lines and records whose annotations do not fit "
                        "their text, instead of stopping.")]
-
-
-def split_list(values: list[str] | None) -> list[str]:
-    """Repeated and comma-separated option values as one list: ``-x a,b -x c`` → ``[a, b, c]``."""
-    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
 
 
 # ---------------------------------------------------------------- progress and reports, one per stage
@@ -117,7 +166,7 @@ def _score_progress(quiet: bool) -> Iterator[Callable[[int, int, int], None]]:
 def _compare_progress(quiet: bool) -> Iterator[Callable[[str], None]]:
     def say(message: str) -> None:
         if not quiet:
-            console.print(f"[dim]{message}[/dim]", highlight=False)
+            console.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
     yield say
 
@@ -125,7 +174,8 @@ def _compare_progress(quiet: bool) -> Iterator[Callable[[str], None]]:
 def _report_inject(result: Any) -> None:
     manifest, loaded = result.manifest, result.load_report
     kinds = ", ".join(f"{k} {v}" for k, v in manifest["spans_by_kind"].items()) or "--noise none"
-    out.print(f"wrote {result.output}: {manifest['records']} records, {manifest['spans']} noise spans ({kinds}), "
+    out.print(f"wrote {escape(str(result.output))}: {manifest['records']} records, {manifest['spans']} noise spans "
+              f"({escape(kinds)}), "
               f"{manifest['noise_word_frac']:.1%} of words are noise")
     if loaded.empty_responses:
         out.print(f"note: skipped {len(loaded.empty_responses)} records with an empty response")
@@ -143,7 +193,8 @@ def _report_score(result: Any) -> None:
     if not result.manifest:  # a rank other than 0: rank 0 reports
         return
     counts = result.manifest["counts"]
-    out.print(f"wrote {result.output} ({counts['rows_written']:,} tokens, {counts['noise_tokens']:,} noise) "
+    out.print(f"wrote {escape(str(result.output))} ({counts['rows_written']:,} tokens, "
+              f"{counts['noise_tokens']:,} noise) "
               f"and {result.output.name}.manifest.json")
     if counts.get("records_without_spans"):
         out.print(f"note: {counts['records_without_spans']} records had no 'spans': all their tokens were scored as clean")
@@ -160,7 +211,7 @@ def _report_compare(result: Any) -> None:
     out.print(render_table(result))
     _print_table1(result)
     folder = next(iter(result.files.values())).parent if result.files else ""
-    out.print(f"wrote {len(result.files)} files to {folder}/: "
+    out.print(f"wrote {len(result.files)} files to {escape(str(folder))}/: "
               + ", ".join(sorted(Path(p).name for p in result.files.values())))
 
 
@@ -194,7 +245,7 @@ def _print_table1(result: Any) -> None:
 # ---------------------------------------------------------------- commands
 
 
-@app.command()
+@command(on_interrupt="{output} was not written (an earlier version is unchanged); run the command again")
 def inject(
     input: Annotated[str, typer.Argument(
         help="A .jsonl/.json/.csv/.parquet file, 'hf:NAME[:CONFIG]', 'champ' or 'champ-fws' (CHAMP's model "
@@ -203,29 +254,31 @@ def inject(
     noise: Annotated[Optional[str], typer.Option(
         "--noise", help=f"Comma list of families, optionally weighted: filler:2,hedge:1. 'all' for every family, "
                         f"'none' to pass the corpus through. Default: {DEFAULT_NOISE}.")
-    ] = None,
+    ] = options.NOISE,
     rate: Annotated[Optional[float], typer.Option(
-        "--rate", help="Probability of an injection at each eligible word boundary (default 0.1).")] = None,
+        "--rate", help="Probability of an injection at each eligible word boundary (default 0.1).")] = options.RATE,
     target_frac: Annotated[Optional[float], typer.Option(
-        "--target-frac", help="Instead of --rate: the share of response words to make noise.")] = None,
+        "--target-frac", help="Instead of --rate: the share of response words to make noise.")] = options.TARGET_FRAC,
     clean_frac: Annotated[float, typer.Option(
-        "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics).")] = 0.0,
-    seed: Seed = 0,
+        "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics).")] = options.CLEAN_FRAC,
+    seed: Seed = options.SEED,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", help="Named noise settings instead of --noise/--rate: table1 (filler and hedge at about "
-                         "0.8% of CHAMP's tokens, the share RankTuner's Table 1 implies).")] = None,
-    limit: Limit = None,
-    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = "train",
-    prompt_field: Annotated[str, typer.Option("--prompt-field")] = "prompt",
-    response_field: Annotated[str, typer.Option("--response-field")] = "response",
-    id_field: Annotated[str, typer.Option("--id-field")] = "id",
-    steps_field: StepsField = None,
-    first_error_field: FirstErrorField = "label",
-    after_error: AfterError = "cut",
+                         "0.8% of CHAMP's tokens, the share RankTuner's Table 1 implies).")] = options.PRESET,
+    limit: Limit = options.LIMIT,
+    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = options.SPLIT,
+    prompt_field: Annotated[str, typer.Option("--prompt-field")] = options.PROMPT_FIELD,
+    response_field: Annotated[str, typer.Option("--response-field")] = options.RESPONSE_FIELD,
+    id_field: Annotated[Optional[str], typer.Option(
+        "--id-field", help="Field holding each record's id (default: 'id' where present, else a content hash).")
+    ] = options.ID_FIELD,
+    steps_field: StepsField = options.STEPS_FIELD,
+    first_error_field: FirstErrorField = options.FIRST_ERROR_FIELD,
+    after_error: AfterError = options.AFTER_ERROR,
     tokenizer: Annotated[str, typer.Option(
-        "--tokenizer", help="Vocabulary source for random-token (a --model value).")] = "default",
-    skip_bad: SkipBad = False,
-    trust_remote_code: TrustRemoteCode = False,
+        "--tokenizer", help="Vocabulary source for random-token (a --model value).")] = options.TOKENIZER,
+    skip_bad: SkipBad = options.SKIP_BAD,
+    trust_remote_code: TrustRemoteCode = options.TRUST_REMOTE_CODE,
     quiet: Quiet = False,
 ) -> None:
     """Inject labelled noise into the responses of a corpus (spans the corpus brings are kept)."""
@@ -240,23 +293,24 @@ def inject(
     _report_inject(result)
 
 
-@app.command()
+@command(on_interrupt="finished batches (if any) are kept in {output}.shards; run the same command with "
+                      "--resume to continue")
 def score(
     input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="stats.parquet to write.")],
-    model: Model = "default",
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 2048,
-    chunk_rows: ChunkRows = None,
+    model: Model = options.MODEL,
+    device: Device = options.DEVICE,
+    dtype: Dtype = options.DTYPE,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = options.BATCH_TOKENS,
+    chunk_rows: ChunkRows = options.CHUNK_ROWS,
     max_length: Annotated[Optional[int], typer.Option(
-        "--max-length", help="Truncate sequences to this many tokens.")] = None,
-    template: Annotated[str, typer.Option("--template", help="auto, chat or plain.")] = "auto",
+        "--max-length", help="Truncate sequences to this many tokens.")] = options.MAX_LENGTH,
+    template: Annotated[str, typer.Option("--template", help="auto, chat or plain.")] = options.TEMPLATE,
     ref_model: Annotated[Optional[str], typer.Option(
-        "--ref-model", help="Reference model for Rho-1 (adds ref_logp).")] = None,
-    trust_remote_code: TrustRemoteCode = False,
+        "--ref-model", help="Reference model for Rho-1 (adds ref_logp).")] = options.REF_MODEL,
+    trust_remote_code: TrustRemoteCode = options.TRUST_REMOTE_CODE,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue an interrupted run from its finished shards.")] = False,
+        "--resume", help="Continue an interrupted run from its finished shards.")] = options.RESUME,
     quiet: Quiet = False,
 ) -> None:
     """One forward pass: per-token statistics (logp, entropy, rank, expected rank, ...)."""
@@ -270,33 +324,33 @@ def score(
     _report_score(result)
 
 
-@app.command()
+@command(on_interrupt="{output} is unchanged (an earlier report stays whole); run the command again")
 def compare(
     stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (several runs side by side).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the tables, plots and heatmap.")],
     methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma list (default: every method whose statistics exist).")] = None,
-    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent, in (0, 100].")] = 10.0,
+        "--methods", help="Comma list (default: every method whose statistics exist).")] = options.METHODS,
+    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent, in (0, 100].")] = options.K,
     rank_by: Annotated[list[str], typer.Option(
-        "--rank-by", help="weight, loss or grad (repeat or comma list).")] = ["weight"],  # noqa: B006
+        "--rank-by", help="weight, loss or grad (repeat or comma list).")] = [options.RANK_BY],  # noqa: B006
     scope: Annotated[list[str], typer.Option(
-        "--scope", help="global or sequence (repeat or comma list).")] = ["global"],  # noqa: B006
-    param: Annotated[list[str], typer.Option(
+        "--scope", help="global or sequence (repeat or comma list).")] = [options.SCOPE],  # noqa: B006
+    params: Annotated[list[str], typer.Option(
         "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
-    method_file: MethodFiles = [],  # noqa: B006
+    method_files: MethodFiles = [],  # noqa: B006
     batch_seqs: Annotated[int, typer.Option(
-        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = 256,
+        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = options.BATCH_SEQS,
     bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = 200,
+        "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = options.BOOTSTRAP,
+    seed: Seed = options.SEED,
     table1_map: Annotated[Optional[str], typer.Option(
         "--table1-map", help="The method each Table 1 row stands for (default "
-                             "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")] = None,
+                             "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")] = options.TABLE1_MAP,
     by_meta: Annotated[Optional[str], typer.Option(
         "--by-meta", help="Also every metric per value of this record meta field (e.g. model), read from the "
-                          "noisy JSONL the table was scored from.")] = None,
+                          "noisy JSONL the table was scored from.")] = options.BY_META,
     records: Annotated[Optional[Path], typer.Option(
-        "--records", help="With --by-meta: that noisy JSONL (default: the score manifest's input).")] = None,
-    seed: Seed = 0,
+        "--records", help="With --by-meta: that noisy JSONL (default: the score manifest's input).")] = options.RECORDS,
     quiet: Quiet = False,
 ) -> None:
     """Every method × every metric: the Table 1 diagnostic, printed and exported."""
@@ -304,38 +358,38 @@ def compare(
 
     with _compare_progress(quiet) as progress:
         result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
-                             rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=param,
-                             method_files=method_file, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
+                             rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=params,
+                             method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
                              table1_map=table1_map, by_meta=by_meta, records=records, progress=progress)
     _report_compare(result)
 
 
-@app.command()
+@command(on_interrupt="{output} is unchanged (an earlier sweep stays whole); run the command again")
 def sweep(
     stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (each is a run).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for sweep.csv, robustness.md, ...")],
     methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma list (default: every method whose statistics exist).")] = None,
+        "--methods", help="Comma list (default: every method whose statistics exist).")] = options.METHODS,
     k: Annotated[list[str], typer.Option(
-        "--k", help="Cuts in percent (repeat or comma list).")] = ["1,2,5,10,20,30"],  # noqa: B006
+        "--k", help="Cuts in percent (repeat or comma list).")] = [",".join(f"{c:g}" for c in options.SWEEP_K)],  # noqa: B006
     rank_by: Annotated[list[str], typer.Option(
-        "--rank-by", help="weight, loss, grad (repeat or comma list).")] = ["weight,loss,grad"],  # noqa: B006
+        "--rank-by", help="weight, loss, grad (repeat or comma list).")] = [",".join(options.SWEEP_RANK_BY)],  # noqa: B006
     scope: Annotated[list[str], typer.Option(
-        "--scope", help="global, sequence (repeat or comma list).")] = ["global,sequence"],  # noqa: B006
+        "--scope", help="global, sequence (repeat or comma list).")] = [",".join(options.SWEEP_SCOPE)],  # noqa: B006
     metric: Annotated[str, typer.Option(
         "--metric", help="The per-cut metric that orders the methods: tok_rec, tok_prec, seq_hit or lift.")
-    ] = "tok_rec",
+    ] = options.SWEEP_METRIC,
     claim: Annotated[Optional[str], typer.Option(
         "--claim", help='A claimed order, lowest first: "ranktuner-approx < eaft < inv-prob"; exit code 0 only '
-                        "when it holds in every setting.")] = None,
-    param: Annotated[list[str], typer.Option(
+                        "when it holds in every setting.")] = options.CLAIM,
+    params: Annotated[list[str], typer.Option(
         "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
-    method_file: MethodFiles = [],  # noqa: B006
+    method_files: MethodFiles = [],  # noqa: B006
     batch_seqs: Annotated[int, typer.Option(
-        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = 256,
+        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = options.BATCH_SEQS,
     bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", help="Bootstrap resamples over sequences per setting (0: none).")] = 100,
-    seed: Seed = 0,
+        "--bootstrap", help="Bootstrap resamples over sequences per setting (0: none).")] = options.SWEEP_BOOTSTRAP,
+    seed: Seed = options.SEED,
     quiet: Quiet = False,
 ) -> None:
     """Every method over rank-by × scope × k × noise kind × run: which orders survive every convention."""
@@ -346,14 +400,16 @@ def sweep(
         cuts = [float(c) for c in split_list(k)]
     except ValueError:
         raise AuditError(f"--k {','.join(k)}: give cuts in percent, e.g. --k 1,2,5,10") from None
+    require_positive("--batch-seqs", batch_seqs, "number of sequences per batch")
     with _compare_progress(quiet) as progress:
         result = run_sweep(stats, output, methods=split_list([methods]) if methods else None,
-                           rank_by=split_list(rank_by), scope=split_list(scope), cuts=cuts, params=param,
-                           method_files=method_file, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
+                           rank_by=split_list(rank_by), scope=split_list(scope), cuts=cuts, params=params,
+                           method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
                            metric=metric, claim=claim, progress=progress)
     for note in result.notes:
-        out.print(f"note: {note}", highlight=False)
-    out.print(f"wrote {len(result.files)} files to {output}/: " + ", ".join(result.files), highlight=False)
+        out.print(f"note: {escape(note)}", highlight=False)
+    out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
+              highlight=False)
     if result.claim is not None:
         holds, fails = claim_lines(result)
         out.print(f"claim {' < '.join(result.config['claim'])} ({metric}) holds in {len(holds)} of "
@@ -382,15 +438,16 @@ def _demo_hooks(quiet: bool) -> Any:
     return Printed()
 
 
-@app.command()
+@command(on_interrupt=lambda output, **_: f"{output} is unchanged; finished stages are kept in "
+                                          f"{work_folder(output)} and the next demo continues from them")
 def demo(
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Directory for everything the demo writes.")] = Path("reports/demo"),
-    limit: Limit = None,
-    model: Model = "default",
-    device: Device = "auto",
+    limit: Limit = options.LIMIT,
+    model: Model = options.MODEL,
+    device: Device = options.DEVICE,
     real_errors: Annotated[int, typer.Option(
-        "--real-errors", help="champ-fws solutions in the real-error part (0 skips it).")] = 80,
+        "--real-errors", help="champ-fws solutions in the real-error part (0 skips it).")] = options.REAL_ERRORS,
     quiet: Quiet = False,
 ) -> None:
     """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems), then the
@@ -399,14 +456,15 @@ def demo(
 
     result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet),
                       real_errors=real_errors)
-    out.print(f"\n[bold]demo done[/bold]: open {output / 'heatmap.html'} and {output / 'table.md'}; "
+    out.print(f"\n[bold]demo done[/bold]: open {escape(str(output / 'heatmap.html'))} and "
+              f"{escape(str(output / 'table.md'))}; "
               f"noisy corpus {result.noisy}, token statistics {result.stats}")
     if result.real is not None:
-        out.print(f"real errors: {result.real.folder / 'table.md'} (by model: by_group.csv), "
-                  f"{result.real.folder / 'table1.md'}")
+        out.print(f"real errors: {escape(str(result.real.folder / 'table.md'))} (by model: by_group.csv), "
+                  f"{escape(str(result.real.folder / 'table1.md'))}")
 
 
-@app.command("methods")
+@command(name="methods")
 def list_methods(method_file: MethodFiles = []) -> None:  # noqa: B006
     """List registered weighting methods with their formulas and the statistics they need."""
     from rich.table import Table
@@ -441,7 +499,7 @@ def _print_bench(result: dict) -> None:
         out.print("agreement with naive: " + ", ".join(f"{k}={v}" for k, v in result["agreement"].items()))
 
 
-@app.command()
+@command(on_interrupt="{output} was not written; run the command again")
 def bench(
     model: Annotated[str, typer.Option(
         "--model", help="Model to benchmark (ignored with --vocab/--seq-len).")] = "default",
@@ -464,35 +522,94 @@ def bench(
 ) -> None:
     """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
     from reweight_audit import bench as bench_module
-    from reweight_audit.io import prepare_output_file, write_json_atomic
+    from reweight_audit.io import output_lock, prepare_output_file, write_json_atomic
 
-    if repeats < 1:
-        raise AuditError("--repeats must be at least 1")
+    # 0 or a negative number is an error, never "the default" (bench.py reads None as the default)
+    for option, value in (("--vocab", vocab), ("--seq-len", seq_len), ("--chunk-rows", chunk_rows),
+                          ("--batch-tokens", batch_tokens), ("--repeats", repeats)):
+        require_positive(option, value)
     chosen = split_list([variants])
     unknown = sorted(set(chosen) - {"forward", "naive", "ours"})
     if unknown or not chosen:
         raise AuditError(f"--variants {variants}: use a comma list of forward, naive, ours")
-    if gpu_check:
-        results = bench_module.gpu_check(repeats=repeats)
-    else:
-        results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
-                                          device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
-                                          variants=tuple(chosen))]
-    for result in results:
-        _print_bench(result)
-    write_json_atomic(prepare_output_file(output), results if gpu_check else results[0])
-    out.print(f"wrote {output}")
+    prepare_output_file(output)  # before the minutes of benchmarking
+    with output_lock(output):
+        if gpu_check:
+            results = bench_module.gpu_check(repeats=repeats)
+        else:
+            results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
+                                              device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
+                                              variants=tuple(chosen))]
+        for result in results:
+            _print_bench(result)
+        write_json_atomic(output, results if gpu_check else results[0])
+    out.print(f"wrote {escape(str(output))}")
+
+
+def _sigterm_is_an_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the same clean-up and one line as Ctrl-C (see command)
+
+
+@app.command()
+@command(on_interrupt="{output} was not written (an earlier version is unchanged); run the command again")
+def train(
+    input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject': the training set.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for audit.csv, audit.png, absorption.md.")],
+    method: Annotated[Optional[str], typer.Option("--method", help="One method to train with.")] = None,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma list: one seeded run per method, side by side.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per method.")] = 20,
+    probe: Annotated[Optional[Path], typer.Option(
+        "--probe", help="Injected JSONL audited while training (default: the input).")] = None,
+    probe_records: Annotated[Optional[int], typer.Option("--probe-records", help="First N probe records (0: all).")] = 32,
+    model: Model = options.MODEL,
+    ref_model: Annotated[Optional[str], typer.Option("--ref-model", help="Reference model for rho1.")] = options.REF_MODEL,
+    lora: Annotated[bool, typer.Option(
+        "--lora", help="Train LoRA adapters (needs peft: pip install 'reweight-audit[train]').")] = False,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 5e-5, 2e-4 with --lora).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
+    every: Annotated[int, typer.Option("--every", help="Audit every N steps (and at the start and end).")] = 5,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Truncate sequences to this many tokens.")] = 512,
+    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent for the audit metrics.")] = options.K,
+    param: Annotated[list[str], typer.Option(
+        "--param", help="Method parameter, e.g. --param focal.gamma=3 (repeatable).")] = [],  # noqa: B006
+    seed: Seed = options.SEED,
+    device: Device = options.DEVICE,
+    report_to: Annotated[str, typer.Option("--report-to", help="Trainer's report_to: none, tensorboard, wandb, ...")] = "none",
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune with each method's loss, auditing the model on an injected probe as it trains."""
+    from reweight_audit.train_run import TrainConfig, run_train
+
+    names = split_list([value for value in (method, methods) if value])
+    if not names:
+        raise AuditError("train: give --method NAME or --methods a,b,c (see `reweight-audit methods`)")
+    for option, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every)):
+        require_positive(option, value)
+    config = TrainConfig(input=input, output=output, methods=names, steps=steps, probe=probe,
+                         probe_records=probe_records or None, model=model, ref_model=ref_model, lora=lora,
+                         learning_rate=lr, batch_size=batch_size, every=every, max_length=max_length, k=k,
+                         params=list(param), seed=seed, device=device, report_to=report_to)
+    result = run_train(config, progress=None if quiet else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]",
+                                                                                     highlight=False))
+    out.print(escape(result.files["absorption.md"].read_text(encoding="utf-8")))
+    out.print(f"wrote {escape(str(output))}/: " + ", ".join(p.name for p in result.files.values()))
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; library notes print as ``note:``."""
+    notes = logging.getLogger("reweight_audit")
+    if not any(isinstance(handler, _NoteHandler) for handler in notes.handlers):
+        notes.addHandler(_NoteHandler())
+    notes.propagate = False
+    signal.signal(signal.SIGTERM, _sigterm_is_an_interrupt)
     try:
         app()
     except AuditError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: finished shards are kept; run again with --resume to continue", highlight=False)
+    except KeyboardInterrupt:  # outside any command (while typer parses): nothing started
+        console.print("interrupted: nothing was written", highlight=False)
         sys.exit(130)
 
 

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +23,11 @@ import numpy as np
 import pandas as pd
 
 from reweight_audit import groups, metrics, table1
+from reweight_audit import options as defaults  # `options` names a CompareOptions here
 from reweight_audit.agreement import order_agreement
 from reweight_audit.errors import AuditError
 from reweight_audit.exports import write_exports
+from reweight_audit.io import output_lock, prepare_output_dir
 from reweight_audit.methods import (
     Method,
     assign_batches,
@@ -36,7 +39,7 @@ from reweight_audit.methods import (
     parse_params,
 )
 from reweight_audit.results import CompareResult, curve_columns, group_columns, kind_columns, table_columns
-from reweight_audit.runs import RunData, load_runs
+from reweight_audit.runs import RunData, StatsSource, StatsTable, load_runs
 
 TIE_RULE = "fractional (expected value under random tie-breaking)"
 NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
@@ -49,7 +52,7 @@ NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
 class CompareOptions:
     """The validated options of one compare."""
 
-    stats_paths: list[Path]
+    stats_paths: list[Path | StatsTable]
     methods: list[str] | None  # None: every registered method whose columns exist
     rank_by: list[str]
     k: float  # percent
@@ -105,7 +108,7 @@ def _known(values: list[str], known: Sequence[str], option: str, default: str) -
     return values or [default]
 
 
-def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str] | None, rank_by: Sequence[str],
+def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods: Sequence[str] | None, rank_by: Sequence[str],
                     k: float, scope: Sequence[str], params: Sequence[str], method_files: Sequence[Path],
                     batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int,
                     table1_map: str | Mapping[str, str] | None = None, by_meta: str | None = None,
@@ -120,8 +123,9 @@ def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str
     if int(batch_seqs) < 1:
         raise AuditError(f"--batch-seqs {batch_seqs}: give a positive number of sequences per batch")
     if int(n_boot) < 0:
-        raise AuditError(f"--n-boot {n_boot}: give 0 (no intervals) or a positive number of resamples")
-    paths = [Path(stats_paths)] if isinstance(stats_paths, (str, Path)) else [Path(p) for p in stats_paths]
+        raise AuditError(f"--bootstrap {n_boot}: give 0 (no intervals) or a positive number of resamples")
+    paths = [_source(stats_paths)] if isinstance(stats_paths, (str, Path, StatsTable)) else \
+        [_source(p) for p in stats_paths]
     if not paths:
         raise AuditError("compare: give at least one stats.parquet")
     if records is not None and not by_meta:
@@ -135,6 +139,10 @@ def compare_options(stats_paths: Path | Sequence[Path], *, methods: Sequence[str
         method_files=[Path(p) for p in method_files or []], batch_seqs=int(batch_seqs), n_boot=int(n_boot),
         seed=int(seed), heatmap_sequences=int(heatmap_sequences), table1_map=table1.parse_map(table1_map),
         by_meta=by_meta or None, records=None if records is None else Path(records))
+
+
+def _source(source: StatsSource) -> Path | StatsTable:
+    return source if isinstance(source, StatsTable) else Path(source)
 
 
 def select_methods(options: CompareOptions) -> tuple[list[Method], dict]:
@@ -305,35 +313,39 @@ def _map_ordered(fn, items: list, n_workers: int) -> Iterator:
 
 
 def run_compare(
-    stats_paths: Path | Sequence[Path],
-    out_dir: Path,
+    stats_paths: StatsSource | Sequence[StatsSource],
+    out_dir: Path | None,
     *,
-    methods: Sequence[str] | None = None,
-    rank_by: Sequence[str] = ("weight",),
-    k: float = 10.0,
-    scope: Sequence[str] = ("global",),
+    methods: Sequence[str] | None = defaults.METHODS,
+    rank_by: Sequence[str] = (defaults.RANK_BY,),
+    k: float = defaults.K,
+    scope: Sequence[str] = (defaults.SCOPE,),
     params: Sequence[str] = (),
     method_files: Sequence[Path] = (),
-    batch_seqs: int = 256,
-    n_boot: int = 200,
-    seed: int = 0,
+    batch_seqs: int = defaults.BATCH_SEQS,
+    n_boot: int = defaults.BOOTSTRAP,
+    seed: int = defaults.SEED,
     heatmap_sequences: int = 12,
-    table1_map: str | Mapping[str, str] | None = None,
-    by_meta: str | None = None,
-    records: Path | None = None,
+    table1_map: str | Mapping[str, str] | None = defaults.TABLE1_MAP,
+    by_meta: str | None = defaults.BY_META,
+    records: Path | None = defaults.RECORDS,
     write: bool = True,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CompareResult:
-    """Compare every method on every stats table and write the exports into ``out_dir``.
+    """Compare every method on every stats table (files, or :class:`StatsTable` in memory) and write the
+    exports into ``out_dir``.
 
     ``k`` is in percent, (0, 100]. ``methods=None`` takes every registered
     method whose columns exist (the others are listed in ``skipped``); a method
     named explicitly whose columns are missing is an error. ``progress`` is an
     optional callable ``progress(message)`` (called from this thread only).
     ``workers`` threads evaluate methods side by side (default: up to 4, one
-    per CPU); results do not depend on it. ``write=False`` computes without
-    writing anything.
+    per CPU); results do not depend on it. ``write=False`` (or no ``out_dir``)
+    computes without writing anything; the result keeps the runs and their
+    weights, so its exports can be written later. The folder is checked and
+    locked before any table is read (:func:`reweight_audit.io.output_lock`) and
+    swapped in whole at the end.
     """
     t_start = time.perf_counter()
     say = progress or (lambda _message: None)
@@ -342,22 +354,27 @@ def run_compare(
                               heatmap_sequences=heatmap_sequences, table1_map=table1_map, by_meta=by_meta,
                               records=records)
     chosen, param_map = select_methods(options)
-    t0 = time.perf_counter()
-    runs = load_runs(options.stats_paths)
-    _check_grad_columns(runs, options)
-    timings = {"load": time.perf_counter() - t0}
-    outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers)) for run in runs]
-    timings["weights"] = sum(o.t_weights for o in outcomes)
-    timings["metrics"] = sum(o.t_metrics for o in outcomes)
-    result = assemble(runs, outcomes, chosen, options, timings)
-    result.by_group = by_group(runs, outcomes, chosen, options)
-    result.agreement = order_agreement(result.table)
-    result.table1 = table1.table1_frame(result.table, result.runs, options.table1_map, options.k)
-    if write:
+    write = write and out_dir is not None
+    # one compare at a time into a folder, refused before any table is read
+    with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
         t0 = time.perf_counter()
-        write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
-                      seed=options.seed, heatmap_sequences=options.heatmap_sequences)
-        timings["write"] = time.perf_counter() - t0
+        runs = load_runs(options.stats_paths)
+        _check_grad_columns(runs, options)
+        timings = {"load": time.perf_counter() - t0}
+        outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers))
+                    for run in runs]
+        timings["weights"] = sum(o.t_weights for o in outcomes)
+        timings["metrics"] = sum(o.t_metrics for o in outcomes)
+        result = assemble(runs, outcomes, chosen, options, timings)
+        result.by_group = by_group(runs, outcomes, chosen, options)
+        result.agreement = order_agreement(result.table)
+        result.table1 = table1.table1_frame(result.table, result.runs, options.table1_map, options.k)
+        result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
+        if write:
+            t0 = time.perf_counter()
+            write_exports(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
+                          seed=options.seed, heatmap_sequences=options.heatmap_sequences)
+            timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return result
 

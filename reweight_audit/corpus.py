@@ -4,8 +4,9 @@ Sources: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files, ``hf:NAME[:CONFIG]
 (a Hugging Face dataset through ``datasets``), ``champ`` (the CHAMP corpus
 shipped in the ``champ-dataset`` package: problems and their human-written
 solutions) and ``champ-fws`` (the 540 model-written CHAMP solutions with a
-human annotation of their first wrong step). Records are streamed so memory
-does not grow with corpus size. A record may bring its own ``spans``
+human annotation of their first wrong step) and, from Python, a table in memory
+(a pandas DataFrame or a ``datasets.Dataset``, :mod:`reweight_audit.frames`).
+Records are streamed so memory does not grow with corpus size. A record may bring its own ``spans``
 (``docs/formats.md``, "Spans"); step-labelled rows (``steps`` plus the index of
 the first wrong step, as in ProcessBench) become a response with a
 ``wrong-step`` span.
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Iterator
 from reweight_audit.annotations import (BadAnnotation, check_after_error, check_spans, first_error_spans,
                                         steps_first_error)
 from reweight_audit.errors import AuditError
+from reweight_audit.frames import TABLE_KINDS, check_table, is_table, rows_digest, table_rows
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CHAMP, CHAMP_FWS = "champ", "champ-fws"
@@ -51,6 +53,7 @@ class FieldMap:
     messages: str = "messages"
     steps: str | None = None
     first_error: str = "label"
+    id_required: bool = False  # a field named by the user: a record without it is an error, not a hash
 
 
 @dataclass
@@ -68,17 +71,21 @@ def content_id(prompt: str, response: str) -> str:
     return digest.hexdigest()
 
 
-def is_file_source(source: str) -> bool:
-    """True for a path, False for ``hf:...`` and the built-in corpora."""
-    return source not in BUILTIN_SOURCES and not source.startswith("hf:")
+def is_file_source(source: Any) -> bool:
+    """True for a path, False for ``hf:...``, the built-in corpora and a table in memory."""
+    return isinstance(source, str) and source not in BUILTIN_SOURCES and not source.startswith("hf:")
 
 
-def describe_source(source: str) -> str:
+def describe_source(source: Any) -> str:
+    if is_table(source):
+        return type(source).__name__
     return str(Path(source)) if is_file_source(source) else source
 
 
-def source_digest(source: str) -> str:
-    """A digest of the input: the file's bytes, or the package/dataset name."""
+def source_digest(source: Any) -> str:
+    """A digest of the input: the file's bytes, the table's rows, or the package/dataset name."""
+    if is_table(source):
+        return rows_digest(table_rows(source))
     if source in BUILTIN_SOURCES:
         return "sha256:" + hashlib.sha256(_champ_path().read_bytes()).hexdigest()
     if source.startswith("hf:"):
@@ -91,8 +98,13 @@ def source_digest(source: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check_source(source: str) -> None:
-    """Fail early, with the loader's message, for a file source that cannot be read."""
+def check_source(source: Any) -> None:
+    """Fail early, with the loader's message, for a source that cannot be read."""
+    check_table(source, "corpus")
+    if not isinstance(source, str) and not is_table(source):
+        raise AuditError(f"corpus: got {type(source).__name__}; {_SOURCE_HINT}, or {TABLE_KINDS}")
+    if isinstance(source, str) and source.startswith("hf:"):
+        _check_hub_dataset(source)
     if not is_file_source(source):
         return
     path = Path(source)
@@ -105,7 +117,7 @@ def check_source(source: str) -> None:
 
 
 def iter_records(
-    source: str,
+    source: Any,
     fields: FieldMap | None = None,
     *,
     split: str = "train",
@@ -123,10 +135,13 @@ def iter_records(
     fields = fields or FieldMap()
     report = report if report is not None else LoadReport()
     check_after_error(after_error)
-    if source in BUILTIN_SOURCES:
+    if is_table(source):
+        name = type(source).__name__
+        rows: Iterable[tuple[str, dict]] = ((f"{name} row {i}", row) for i, row in enumerate(table_rows(source)))
+    elif source in BUILTIN_SOURCES:
         if fields.steps is not None:
             raise AuditError(f"--steps-field: {source} has no step-labelled rows; use it with a file or an hf: dataset")
-        rows: Iterable[tuple[str, dict]] = _champ_rows() if source == CHAMP else _champ_fws_rows()
+        rows = _champ_rows() if source == CHAMP else _champ_fws_rows()
         fields = FieldMap()
     elif source.startswith("hf:"):
         rows = _hf_rows(source, split)
@@ -159,10 +174,10 @@ def _file_rows(source: str, skip_bad: bool, report: LoadReport) -> Iterable[tupl
     return _parquet_rows(path)
 
 
-def _build_record(source: str, row: Any, fields: FieldMap, where: str, after_error: str) -> Record:
+def _build_record(source: Any, row: Any, fields: FieldMap, where: str, after_error: str) -> Record:
     if not isinstance(row, dict):
         raise AuditError(f"{where}: expected an object with fields, got {type(row).__name__}")
-    if source == CHAMP_FWS:
+    if isinstance(source, str) and source == CHAMP_FWS:
         return _champ_fws_record(row, after_error)
     if fields.steps is not None:
         return _steps_record(row, fields, where, after_error)
@@ -195,7 +210,7 @@ def _to_record(row: dict, fields: FieldMap, where: str) -> Record:
         spans = check_spans(response, _json_text(spans))
     else:
         spans = None
-    return Record(id=_record_id(row, fields, prompt, response), prompt=prompt, response=response,
+    return Record(id=_record_id(row, fields, prompt, response, where), prompt=prompt, response=response,
                   messages=messages if isinstance(messages, list) else None, meta=_meta(row), spans=spans)
 
 
@@ -212,7 +227,7 @@ def _steps_record(row: dict, fields: FieldMap, where: str, after_error: str) -> 
     steps = _json_text(row[fields.steps])
     response, spans, label = steps_first_error(steps, row[fields.first_error], after_error)
     meta = {**_meta(row), "first_error_step": label, "steps": len(steps)}
-    return Record(id=_record_id(row, fields, prompt or "", response), prompt=prompt or "", response=response,
+    return Record(id=_record_id(row, fields, prompt or "", response, where), prompt=prompt or "", response=response,
                   meta=meta, spans=spans)
 
 
@@ -232,8 +247,12 @@ def _json_text(value: Any) -> Any:
     return value
 
 
-def _record_id(row: dict, fields: FieldMap, prompt: str, response: str) -> str:
+def _record_id(row: dict, fields: FieldMap, prompt: str, response: str, where: str) -> str:
     raw_id = row.get(fields.id)
+    if fields.id_required and raw_id in (None, ""):
+        state = "is empty" if fields.id in row else f"is missing (fields present: {', '.join(map(str, row))})"
+        raise AuditError(f"{where}: id field '{fields.id}' {state}; choose the id field with --id-field, or leave "
+                         "the option out to use 'id' where present and a content hash elsewhere")
     return str(raw_id) if raw_id not in (None, "") else content_id(prompt, response)
 
 
@@ -261,7 +280,7 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is not part of the record
             except UnicodeDecodeError as exc:
                 if skip_bad:
                     report.bad_lines.append(lineno)
@@ -284,7 +303,7 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the data
     except UnicodeDecodeError as exc:
         raise AuditError(f"{path}: not UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8") from None
 
@@ -309,7 +328,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: with a BOM the first column would be named "\ufeffid" and silently be missing
+        with path.open(newline="", encoding="utf-8-sig") as f:
             for lineno, row in enumerate(csv.DictReader(f), start=2):
                 yield f"{path}:{lineno}", row
     except UnicodeDecodeError as exc:
@@ -330,11 +350,22 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
             index += 1
 
 
-def _hf_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
-    spec = source[3:]
-    name, _, config = spec.partition(":")
+def _check_hub_dataset(source: str) -> None:
+    """A hub dataset (not a local folder) needs the hub: fail at once, naming why, when it cannot be reached."""
+    from reweight_audit.hub import offline_reason
+
+    name = source[3:].partition(":")[0]
     if not name:
         raise AuditError(f"{source}: give a dataset name as hf:NAME[:CONFIG]")
+    reason = None if Path(name).exists() else offline_reason()
+    if reason:
+        raise AuditError(f"{source}: the hub is unreachable ({reason}) and hf: datasets are streamed from it; "
+                         "save the dataset as .jsonl or .parquet on a machine with network access and pass that file")
+
+
+def _hf_rows(source: str, split: str) -> Iterator[tuple[str, dict]]:
+    _check_hub_dataset(source)
+    name, _, config = source[3:].partition(":")
     try:
         import datasets
 

@@ -20,12 +20,13 @@ from reweight_audit import report
 from reweight_audit.agreement import agreement_markdown, verdicts
 from reweight_audit.groups import by_group_markdown
 from reweight_audit.io import atomic_directory, dump_json, json_safe
-from reweight_audit.report import render_table  # the command line prints it
+from reweight_audit.report import render_table, table_markdown  # the command line and the API show them
 from reweight_audit.results import CompareResult
 from reweight_audit.runs import RunData
 from reweight_audit.table1 import table1_markdown
 
-__all__ = ["EXPORT_FILES", "write_exports", "render_table", "summary", "weights_table"]
+__all__ = ["EXPORT_FILES", "PLOTS", "write_exports", "figures", "render_table", "table_markdown", "summary",
+           "weights_table"]
 
 #: Every file of a report, in the order summary.json lists them.
 EXPORT_FILES = (
@@ -45,6 +46,8 @@ EXPORT_FILES = (
 )
 #: Files written only when they have content: several runs (agreement.csv), --by-meta (by_group.csv).
 OPTIONAL_FILES = ("agreement.csv", "by_group.csv")
+#: The plots, by name; each is written as ``<name>.png``.
+PLOTS = ("recall_curves", "rank_vs_prob", "expected_rank_vs_entropy", "weight_distributions")
 #: Points per scatter / per distribution in the plots.
 PLOT_POINTS = 50_000
 #: Tokens of one sequence shown in heatmap.html.
@@ -99,19 +102,29 @@ def write_views(result: CompareResult, folder: Path) -> None:
 
 def write_plots(result: CompareResult, folder: Path, *, runs: list[RunData],
                 run_weights: list[dict[str, np.ndarray]], seed: int, heatmap_sequences: int) -> None:
-    """The four PNG plots and heatmap.html, from seeded samples of every run."""
-    plot_samples = [plot_sample(run, seed) for run in runs]
-    weight_samples = [{"label": run.label,
-                       "methods": {m: weight_sample(run.pool.take(w), run.pool.is_noise, seed)
-                                   for m, w in weights.items()}}
-                      for run, weights in zip(runs, run_weights)]
+    """The PNG plots (:data:`PLOTS`) and heatmap.html, from seeded samples of every run."""
+    for name, figure in figures(result, runs=runs, run_weights=run_weights, seed=seed).items():
+        figure.savefig(folder / f"{name}.png", format="png")
     heatmap_runs = [heatmap_run_data(run, choose_heatmap_sequences(run, int(heatmap_sequences), seed), weights, seed)
                     for run, weights in zip(runs, run_weights)]
-    report.plot_recall_curves(result.curves, folder / "recall_curves.png", k=result.k)
-    report.plot_rank_vs_prob(plot_samples, folder / "rank_vs_prob.png")
-    report.plot_expected_rank_vs_entropy(plot_samples, folder / "expected_rank_vs_entropy.png")
-    report.plot_weight_distributions(weight_samples, folder / "weight_distributions.png")
     (folder / "heatmap.html").write_text(report.heatmap_html(heatmap_runs, k=result.k), encoding="utf-8")
+
+
+def figures(result: CompareResult, *, runs: list[RunData], run_weights: list[dict[str, np.ndarray]], seed: int,
+            names: tuple[str, ...] = PLOTS) -> dict[str, Any]:
+    """The plots ``names`` (of :data:`PLOTS`) as matplotlib figures, drawn from seeded samples of every run."""
+    plot_samples = [plot_sample(run, seed) for run in runs] if {"rank_vs_prob", "expected_rank_vs_entropy"} & set(names) \
+        else []
+    draw = {
+        "recall_curves": lambda: report.recall_curves_figure(result.curves, k=result.k),
+        "rank_vs_prob": lambda: report.rank_vs_prob_figure(plot_samples),
+        "expected_rank_vs_entropy": lambda: report.expected_rank_vs_entropy_figure(plot_samples),
+        "weight_distributions": lambda: report.weight_distributions_figure(
+            [{"label": run.label,  # the pool: tokens after an annotated error are in neither class
+              "methods": {m: weight_sample(run.pool.take(w), run.pool.is_noise, seed) for m, w in weights.items()}}
+             for run, weights in zip(runs, run_weights)]),
+    }
+    return {name: draw[name]() for name in names}
 
 
 def summary(result: CompareResult) -> dict:

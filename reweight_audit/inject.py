@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from . import options
 from .annotations import check_after_error
 from .corpus import (CHAMP_FWS, FieldMap, LoadReport, Record, check_source, describe_source, is_file_source,
                      iter_records, source_digest)
 from .errors import AuditError
-from .io import atomic_files, dump_json, file_sha256, json_default, manifest_header, manifest_path, prepare_output_file
+from .io import (atomic_files, dump_json, file_sha256, json_default, manifest_header, manifest_path, output_lock,
+                 prepare_output_file)
 from .noise import (
     FAMILIES,
     OFFSET_UNIT,
@@ -155,6 +157,7 @@ def write_injected(
                     _write_line(fh, obj, input_desc)
                     if progress is not None:
                         progress(stats.written)
+            _require_records(stats, input_desc, skipped)
             manifest = _manifest(config, stats, out, file_sha256(tmp), input_digest, input_desc, skipped, vocab_pieces)
             manifest["loader"] = loader
             man_tmp.write_text(dump_json(manifest), encoding="utf-8")
@@ -166,14 +169,33 @@ def write_injected(
     return manifest
 
 
+def _require_records(stats: InjectStats, input_desc: str, skipped: dict | None) -> None:
+    """An output without a single record is an error, not a success: nothing is written."""
+    if stats.written:
+        return
+    skipped = skipped or {}
+    empty = stats.skipped_empty + int(skipped.get("empty_response", 0))
+    malformed = int(skipped.get("malformed_lines", 0))
+    if not stats.records_in and not empty and not malformed:
+        raise AuditError(f"{input_desc}: no records (the input is empty or blank); give a corpus with records")
+    raise AuditError(f"{input_desc}: no record has a non-empty response ({empty} empty, {malformed} malformed "
+                     "lines skipped); check --response-field")
+
+
 def _write_line(fh: Any, obj: dict, input_desc: str) -> None:
+    fh.write(record_line(obj, input_desc) + "\n")
+
+
+def record_line(obj: dict, input_desc: str) -> str:
+    """One output record as its JSONL line (without the newline); text that is not valid Unicode is refused."""
     line = json.dumps(obj, ensure_ascii=False, default=json_default)
     try:
-        fh.write(line + "\n")
+        line.encode("utf-8")
     except UnicodeEncodeError:
         raise AuditError(
             f"{input_desc}: record {obj['id']!r} contains an unpaired surrogate (invalid Unicode); fix its text"
         ) from None
+    return line
 
 
 def _manifest(
@@ -201,9 +223,8 @@ def _manifest(
     if "random-token" in noiser_kinds:
         pieces = vocab_noise_pieces(vocab_pieces or [])
         vocab = {"pieces": len(pieces), "sha256": hashlib.sha256("\n".join(pieces).encode("utf-8")).hexdigest()}
-    skip = {"empty_response": stats.skipped_empty}
-    for k, v in (skipped or {}).items():
-        skip[str(k)] = v
+    skip = {str(k): v for k, v in (skipped or {}).items()}
+    skip["empty_response"] = stats.skipped_empty + int(skip.get("empty_response", 0))  # ours and the loader's
     return {
         **manifest_header("inject", input=input_desc, input_digest=input_digest, output=out),
         "output_sha256": output_sha,
@@ -235,40 +256,42 @@ def _manifest(
 
 @dataclass
 class InjectResult:
-    """What :func:`run_inject` wrote: the noisy JSONL, its manifest, and what the loader skipped."""
+    """What :func:`run_inject` made: the noisy JSONL and its manifest (or, without an output, the
+    records themselves, as the file's lines would read back), and what the loader skipped."""
 
-    output: Path
-    manifest: dict
+    output: Path | None
+    manifest: dict | None
     load_report: LoadReport
+    records: list[dict] | None = None
 
 
 def run_inject(
-    source: str,
-    output: str | os.PathLike,
+    source: Any,
+    output: str | os.PathLike | None,
     *,
-    noise: str | None = None,
-    rate: float | None = None,
-    target_frac: float | None = None,
-    clean_frac: float = 0.0,
-    seed: int = 0,
-    preset: str | None = None,
-    limit: int | None = None,
-    split: str = "train",
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    id_field: str = "id",
-    steps_field: str | None = None,
-    first_error_field: str = "label",
-    after_error: str = "cut",
-    tokenizer: str = "default",
-    skip_bad: bool = False,
-    trust_remote_code: bool = False,
+    noise: str | None = options.NOISE,
+    rate: float | None = options.RATE,
+    target_frac: float | None = options.TARGET_FRAC,
+    clean_frac: float = options.CLEAN_FRAC,
+    seed: int = options.SEED,
+    preset: str | None = options.PRESET,
+    limit: int | None = options.LIMIT,
+    split: str = options.SPLIT,
+    prompt_field: str = options.PROMPT_FIELD,
+    response_field: str = options.RESPONSE_FIELD,
+    id_field: str | None = options.ID_FIELD,
+    steps_field: str | None = options.STEPS_FIELD,
+    first_error_field: str = options.FIRST_ERROR_FIELD,
+    after_error: str = options.AFTER_ERROR,
+    tokenizer: str = options.TOKENIZER,
+    skip_bad: bool = options.SKIP_BAD,
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     progress: Callable[[int], None] | None = None,
 ) -> InjectResult:
     """Inject labelled noise into the responses of ``source``; write ``output`` and its manifest.
 
     ``source``: a ``.jsonl``/``.json``/``.csv``/``.parquet`` path, ``hf:NAME[:CONFIG]``
-    (with ``split``), ``champ`` or ``champ-fws``. ``noise``: families, optionally
+    (with ``split``), ``champ``, ``champ-fws`` or a table in memory (:mod:`reweight_audit.frames`). ``noise``: families, optionally
     weighted (``filler:2,hedge:1``; default ``DEFAULT_NOISE``; ``none`` passes the
     corpus through), or a ``preset`` (``table1``) that sets noise and rate.
     ``steps_field``: read step-labelled rows (``first_error_field`` = index of
@@ -276,7 +299,10 @@ def run_inject(
     text after a first wrong step. Spans a record brings are kept and moved
     through the edits. ``tokenizer`` (a ``--model`` value) gives the vocabulary of
     the ``random-token`` family. ``limit``: the first N records only.
-    ``progress(n)`` is called after each written record.
+    ``id_field``: None takes ``id`` where present and a content hash elsewhere; a
+    field named explicitly must be in every record. ``progress(n)`` is called
+    after each record. ``output=None`` writes nothing and returns the records in
+    memory. One run at a time writes ``output`` (:func:`reweight_audit.io.output_lock`).
     """
     if limit is not None and limit < 1:
         raise AuditError("--limit must be a positive number of records")
@@ -284,26 +310,41 @@ def run_inject(
     config = NoiseConfig(noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac, seed=seed,
                          preset=preset)
     check_after_error(after_error)
-    prepare_output_file(output, source=source if is_file_source(source) else None, create=False)
+    if output is not None:
+        prepare_output_file(output, source=source if is_file_source(source) else None, create=False)
     check_source(source)
     pieces = vocab_pieces(config, tokenizer, trust_remote_code=trust_remote_code)
     report = LoadReport()
-    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field, steps=steps_field,
-                      first_error=first_error_field)
+    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field or "id", steps=steps_field,
+                      first_error=first_error_field, id_required=id_field is not None)
     records = iter_records(source, fields, split=split, skip_bad=skip_bad, report=report, after_error=after_error)
     if limit is not None:
         records = itertools.islice(records, limit)
+    if output is None:
+        return InjectResult(None, None, report, _in_memory(records, config, pieces, describe_source(source), progress))
     skipped: dict = {}
-    manifest = write_injected(_counting_skips(records, report, skipped), output, config,
-                              input_digest=source_digest(source), input_desc=describe_source(source),
-                              vocab_pieces=pieces, skipped=skipped, loader=_loader(source, fields, after_error),
-                              progress=progress)
+    with output_lock(prepare_output_file(output)):
+        manifest = write_injected(_counting_skips(records, report, skipped), output, config,
+                                  input_digest=source_digest(source), input_desc=describe_source(source),
+                                  vocab_pieces=pieces, skipped=skipped, loader=_loader(source, fields, after_error),
+                                  progress=progress)
     return InjectResult(Path(output), manifest, report)
 
 
-def _loader(source: str, fields: FieldMap, after_error: str) -> dict:
+def _in_memory(records: Iterable[Record], config: NoiseConfig, pieces: Sequence[str] | None, input_desc: str,
+               progress: Callable[[int], None] | None) -> list[dict]:
+    """The output records, each exactly as its line of the JSONL file would read back."""
+    out = []
+    for obj in inject_records(records, config, pieces, source=input_desc):
+        out.append(json.loads(record_line(obj, input_desc)))
+        if progress is not None:
+            progress(len(out))
+    return out
+
+
+def _loader(source: Any, fields: FieldMap, after_error: str) -> dict:
     """How the records were read, for the manifest; ``after_error`` only where first errors are annotated."""
-    annotated = source == CHAMP_FWS or fields.steps is not None
+    annotated = (isinstance(source, str) and source == CHAMP_FWS) or fields.steps is not None
     return {"source": describe_source(source), "steps_field": fields.steps,
             "first_error_field": fields.first_error if fields.steps is not None else None,
             "after_error": after_error if annotated else None}
@@ -312,6 +353,7 @@ def _loader(source: str, fields: FieldMap, after_error: str) -> dict:
 def _counting_skips(records: Iterable[Record], report: LoadReport, skipped: dict) -> Iterator[Record]:
     """The records; once they are exhausted (before the manifest is written), the loader's skip counts."""
     yield from records
+    skipped["empty_response"] = len(report.empty_responses)
     skipped["malformed_lines"] = len(report.bad_lines)
     if report.bad_lines:
         skipped["first_malformed_line"] = report.bad_lines[0]

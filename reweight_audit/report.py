@@ -12,10 +12,11 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from reweight_audit.formatting import finite, fmt_interval, fmt_num, fmt_pct, k_label
@@ -23,9 +24,13 @@ from reweight_audit.metrics import metric_specs
 from reweight_audit.results import CompareResult
 from reweight_audit.runs import REAL_ERROR_KINDS
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["fmt_pct", "fmt_interval", "fmt_num", "render_table", "table_markdown", "table_cells", "metric_headers",
            "plot_recall_curves", "plot_rank_vs_prob", "plot_expected_rank_vs_entropy", "plot_weight_distributions",
-           "heatmap_html", "default_heatmap_method", "label_notes"]
+           "recall_curves_figure", "rank_vs_prob_figure", "expected_rank_vs_entropy_figure",
+           "weight_distributions_figure", "heatmap_html", "default_heatmap_method", "label_notes"]
 
 LN2 = math.log(2.0)
 
@@ -54,7 +59,7 @@ def _title(result: CompareResult) -> str:
     parts = [f"Noise in the top {k_label(result.k)} of tokens"]
     for col, name in (("run", "run"), ("rank_by", "rank by"), ("scope", "scope")):
         if col in df.columns and df[col].nunique() == 1:
-            parts.append(f"{name}: {df[col].iloc[0]}")
+            parts.append(f"{name}: {escape(str(df[col].iloc[0]))}")
     return parts[0] + (" (" + ", ".join(parts[1:]) + ")" if len(parts) > 1 else "")
 
 
@@ -76,27 +81,30 @@ def label_notes(runs: list[dict]) -> list[str]:
 
 
 def _caption(result: CompareResult) -> str:
+    """Base rates, intervals, skipped methods; labels and reasons escaped (a label like "[a/stats]" is not markup)."""
     bits = []
     for r in result.runs:
-        bits.append(f"{r['label']}: {r['n_tokens']:,} tokens, noise base rate {fmt_pct(r['base_rate'])}, "
+        bits.append(f"{escape(r['label'])}: {r['n_tokens']:,} tokens, noise base rate {fmt_pct(r['base_rate'])}, "
                     f"{r['n_noise_seqs']}/{r['n_seqs']} sequences with noise")
     n_boot = result.config.get("n_boot", 0)
     if n_boot:
         bits.append(f"in parentheses: bootstrap 95% interval over sequences ({n_boot} resamples)")
     bits += label_notes(result.runs)
     if result.skipped:
-        bits.append("skipped: " + "; ".join(f"{s['method']} ({s['run']}: {s['reason']})" for s in result.skipped))
+        bits.append("skipped: " + "; ".join(escape(f"{s['method']} ({s['run']}: {s['reason']})")
+                                            for s in result.skipped))
     return "\n".join(bits)
 
 
 def render_table(result: CompareResult) -> Table:
     """The paper's Table 1 shape: method, family, precision/recall/hit @k% with intervals, then lift, AUROC, AP,
-    noise mass ratio. Run / rank-by / scope columns appear only when they vary."""
+    noise mass ratio. Run / rank-by / scope columns appear only when they vary, their values on the first row of
+    each block, folded rather than cut when the terminal is narrow (two runs' labels may differ only at the end)."""
     df = result.table
     extra = _varying(df)
     table = Table(title=_title(result), caption=_caption(result), caption_justify="left", show_lines=False)
     for col in extra:
-        table.add_column(col.replace("_", "-"), style="cyan", no_wrap=True)
+        table.add_column(col.replace("_", "-"), style="cyan", overflow="fold")
     table.add_column("method", style="bold", no_wrap=True)
     table.add_column("family", style="dim")
     for h in metric_headers(result.k):
@@ -106,9 +114,9 @@ def render_table(result: CompareResult) -> Table:
         key = tuple(row[c] for c in extra)
         if prev is not None and key != prev:
             table.add_section()
+        block = [escape(str(v)) if key != prev else "" for v in key]
         prev = key
-        table.add_row(*[str(row[c]) for c in extra], str(row["method"]), str(row.get("family", "")),
-                      *table_cells(row))
+        table.add_row(*block, escape(str(row["method"])), escape(str(row.get("family", ""))), *table_cells(row))
     return table
 
 
@@ -191,6 +199,11 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_recall_curves(curves: pd.DataFrame, path: Path, k: float | None = None) -> Path:
+    """:func:`recall_curves_figure` as a PNG file."""
+    return _save(recall_curves_figure(curves, k), path)
+
+
+def recall_curves_figure(curves: pd.DataFrame, k: float | None = None) -> Figure:
     """Token recall at every cut, one line per method; one panel per run × rank-by × scope."""
     keys = list(dict.fromkeys(zip(curves["run"], curves["rank_by"], curves["scope"]))) if len(curves) else []
     fig, axes = _figure(len(keys), 3)
@@ -215,11 +228,11 @@ def plot_recall_curves(curves: pd.DataFrame, path: Path, k: float | None = None)
         ax.grid(alpha=0.3)
     if keys:
         axes[0].legend(fontsize=7, ncols=2, loc="lower right")
-    return _save(fig, path)
+    return fig
 
 
-def _scatter_panels(samples: list[dict], path: Path, *, x_of, y_of, need: tuple[str, ...], xlabel: str,
-                    ylabel: str, bound, bound_label: str, xlog: bool) -> Path:
+def _scatter_panels(samples: list[dict], *, x_of, y_of, need: tuple[str, ...], xlabel: str,
+                    ylabel: str, bound, bound_label: str, xlog: bool) -> Figure:
     fig, axes = _figure(len(samples), 2, 5.2, 4.2)
     for ax, s in zip(axes, samples):
         ax.set_title(str(s["label"]), fontsize=9)
@@ -247,25 +260,35 @@ def _scatter_panels(samples: list[dict], path: Path, *, x_of, y_of, need: tuple[
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both", lw=0.4)
         ax.legend(fontsize=7, markerscale=3)
-    return _save(fig, path)
+    return fig
 
 
 def plot_rank_vs_prob(samples: list[dict], path: Path) -> Path:
+    """:func:`rank_vs_prob_figure` as a PNG file."""
+    return _save(rank_vs_prob_figure(samples), path)
+
+
+def rank_vs_prob_figure(samples: list[dict]) -> Figure:
     """R_t against p_t (log axes) with the envelope R = 1/p; noise in red."""
     return _scatter_panels(
-        samples, path, x_of=lambda s: s["p"], y_of=lambda s: s["rank"], need=("rank",),
+        samples, x_of=lambda s: s["p"], y_of=lambda s: s["rank"], need=("rank",),
         xlabel="p (target probability)", ylabel="R (rank of the target)",
         bound=lambda xs: (xs, 1.0 / xs), bound_label="R = 1/p", xlog=True)
 
 
 def plot_expected_rank_vs_entropy(samples: list[dict], path: Path) -> Path:
+    """:func:`expected_rank_vs_entropy_figure` as a PNG file."""
+    return _save(expected_rank_vs_entropy_figure(samples), path)
+
+
+def expected_rank_vs_entropy_figure(samples: list[dict]) -> Figure:
     """E[R_t] against H_t in bits with the Massey bound 2^(H−2)+1 (H ≥ 2)."""
     def massey(xs):
         hs = np.linspace(2.0, max(float(xs.max()), 2.0), 200)
         return (hs, 2.0 ** (hs - 2.0) + 1.0) if xs.max() >= 2.0 else (np.array([]), np.array([]))
 
     return _scatter_panels(
-        samples, path, x_of=lambda s: np.asarray(s["entropy"], dtype=float) / LN2, y_of=lambda s: s["expected_rank"],
+        samples, x_of=lambda s: np.asarray(s["entropy"], dtype=float) / LN2, y_of=lambda s: s["expected_rank"],
         need=("entropy", "expected_rank"), xlabel="H (bits)", ylabel="E[R] (expected rank)",
         bound=massey, bound_label="Massey: 2^(H−2)+1", xlog=False)
 
@@ -285,6 +308,11 @@ def _weight_bins(values: np.ndarray, n_bins: int = 40) -> tuple[np.ndarray, bool
 
 
 def plot_weight_distributions(weight_samples: list[dict], path: Path) -> Path:
+    """:func:`weight_distributions_figure` as a PNG file."""
+    return _save(weight_distributions_figure(weight_samples), path)
+
+
+def weight_distributions_figure(weight_samples: list[dict]) -> Figure:
     """Noise vs clean weight distributions, one small panel per run × method.
 
     Each class is normalised to sum to 1 (share of that class's tokens per bin), so the two shapes compare
@@ -321,7 +349,7 @@ def plot_weight_distributions(weight_samples: list[dict], path: Path) -> Path:
     if handles:
         fig.legend(handles=handles, labels=["clean tokens", "noise tokens"], loc="outside upper right",
                    fontsize=8, ncols=2)
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- heatmap.html

@@ -1,7 +1,7 @@
 """Loading runs: a ``score`` stats table read, validated and decoded once for ``compare``.
 
-:func:`load_run` turns ``stats.parquet`` (and its manifest, when present)
-into a :class:`RunData`: sequence and noise-kind codes, the noise labels, and
+:func:`load_run` turns ``stats.parquet`` (and its manifest, when present),
+or a :class:`StatsTable` already in memory, into a :class:`RunData`: sequence and noise-kind codes, the noise labels, and
 the numeric columns a weighting method may read. Any problem with the file is
 one :class:`AuditError` line naming it. Table format: ``docs/formats.md``.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import pyarrow as pa
@@ -80,11 +80,30 @@ class Pool:
 
 
 @dataclass
+class StatsTable:
+    """A stats table already in memory (the Python API's DataFrame), loaded and checked like a file.
+
+    ``name`` stands where a file's path would in labels and messages.
+    """
+
+    table: pa.Table
+    name: str
+    manifest: dict | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: What ``compare`` reads: a stats.parquet path or a table in memory.
+StatsSource = Union[Path, str, StatsTable]
+
+
+@dataclass
 class RunData:
     """One stats table, decoded once."""
 
     label: str
-    path: Path
+    path: Path  # the file, or for a table in memory its name
     manifest: dict | None
     table: pa.Table
     seq_codes: np.ndarray  # int64 code per token
@@ -159,10 +178,15 @@ class RunData:
 # --------------------------------------------------------------------------- loading
 
 
-def load_run(path: Path | str, label: str | None = None) -> RunData:
+def load_run(source: StatsSource, label: str | None = None) -> RunData:
     """Read and validate one stats table. Raises AuditError on any problem."""
-    path = Path(path)
-    table = _read_table(path)
+    if isinstance(source, StatsTable):
+        path, manifest = Path(source.name), source.manifest
+        table = _check_table(source.table, path)
+    else:
+        path = Path(source)
+        table = _read_table(path)
+        manifest = read_manifest(path)
     seq_codes, seq_names = _dictionary_codes(table.column("seq_id").cast(pa.string()))
     is_noise = table.column("is_noise").fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
     excluded, excluded_kinds = _excluded_rows(table)
@@ -172,7 +196,7 @@ def load_run(path: Path | str, label: str | None = None) -> RunData:
     run = RunData(
         label=label or "",
         path=path,
-        manifest=read_manifest(path),
+        manifest=manifest,
         table=table,
         seq_codes=seq_codes.astype(np.int64, copy=False),
         seq_names=[str(s) for s in seq_names],
@@ -183,6 +207,7 @@ def load_run(path: Path | str, label: str | None = None) -> RunData:
         excluded=excluded,
         excluded_kinds=excluded_kinds,
     )
+    _check_unique_tokens(run)
     logp = run.column("logp")
     bad = ~np.isfinite(logp)
     if bad.any():
@@ -190,6 +215,21 @@ def load_run(path: Path | str, label: str | None = None) -> RunData:
     if logp.max() > 1e-3:
         raise AuditError(f"{path}: column logp has positive values (max {logp.max():.3g}); logp must be log p ≤ 0")
     return run
+
+
+def _check_unique_tokens(run: RunData) -> None:
+    """Each ``(seq_id, pos)`` once: a table stacked twice (or scored from duplicate ids) would count tokens twice."""
+    pos = run.column("pos").astype(np.int64, copy=False)
+    if pos.size and pos.min() < 0:
+        raise AuditError(f"{run.path}: column pos has negative values; rerun `reweight-audit score`")
+    key = run.seq_codes * (int(pos.max()) + 1 if pos.size else 1) + pos
+    order = np.argsort(key, kind="stable")
+    repeated = order[1:][key[order][1:] == key[order][:-1]]
+    if repeated.size:
+        first = ", ".join(f"({run.seq_names[run.seq_codes[i]]!r}, {int(pos[i])})" for i in np.sort(repeated)[:3])
+        raise AuditError(f"{run.path}: {repeated.size} token row(s) repeat a (seq_id, pos) pair, first {first}; "
+                         "each token must appear once (a table concatenated twice, or scored from duplicate ids): "
+                         "rerun `reweight-audit score` on input with unique ids")
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -204,6 +244,11 @@ def _read_table(path: Path) -> pa.Table:
             f"{path}: not a readable parquet file ({type(exc).__name__}: {detail}); "
             "give the stats.parquet written by `reweight-audit score`"
         ) from None
+    return _check_table(table, path)
+
+
+def _check_table(table: pa.Table, path: Path) -> pa.Table:
+    """The required columns, their types, and at least one row; ``path`` names the table in messages."""
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise AuditError(
@@ -219,6 +264,10 @@ def _read_table(path: Path) -> pa.Table:
         raise AuditError(f"{path}: column logp has {logp_col.null_count} null value(s); rerun `reweight-audit score`")
     if table.column("seq_id").null_count:
         raise AuditError(f"{path}: column seq_id has null values; every token needs its sequence id")
+    pos_col = table.column("pos")
+    if not pa.types.is_integer(pos_col.type) or pos_col.null_count:
+        raise AuditError(f"{path}: column pos must be integers without nulls (it is {pos_col.type}, "
+                         f"{pos_col.null_count} null); rerun `reweight-audit score`")
     noise_type = table.column("is_noise").type
     if not (pa.types.is_boolean(noise_type) or pa.types.is_integer(noise_type)):
         raise AuditError(f"{path}: column is_noise has type {noise_type}, expected bool; "
@@ -306,9 +355,9 @@ def run_labels(paths: list[Path], manifests: list[dict | None]) -> list[str]:
     return labels
 
 
-def load_runs(paths: list[Path]) -> list[RunData]:
+def load_runs(paths: list[StatsSource]) -> list[RunData]:
     """Every table, labelled for the reports (:func:`run_labels`)."""
     runs = [load_run(p) for p in paths]
-    for run, label in zip(runs, run_labels(paths, [r.manifest for r in runs])):
+    for run, label in zip(runs, run_labels([r.path for r in runs], [r.manifest for r in runs])):
         run.label = label
     return runs

@@ -13,21 +13,27 @@ the engine's rules and the table's columns: ``docs/design.md``, "Scoring", and
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 
+from reweight_audit import options
 from reweight_audit.distributed import agree
-from reweight_audit.errors import AuditError
+from reweight_audit.errors import AuditError, require_positive
+from reweight_audit.frames import row_json, rows_digest
 from reweight_audit.io import (
-    atomic_file,
+    acquire_lock,
+    atomic_files,
+    dump_json,
     manifest_header,
     manifest_path,
     prepare_output_file,
@@ -52,31 +58,44 @@ class NoisyRecord:
     prompt: str
     response: str
     spans: list[dict]
+    line: int = 0  # line number in the input file (for messages)
 
 
-def read_noisy(path: Path, report: dict | None = None) -> Iterator[NoisyRecord]:
-    """Stream the records of an ``inject`` output (or any JSONL with id/prompt/response).
+#: What a file that is not inject's output is told.
+NOT_JSONL = "score reads the JSONL written by 'reweight-audit inject'; run inject on this file first"
 
-    Records without ``spans`` are scored as all-clean; ``report["no_spans"]`` counts them.
+
+@dataclass
+class NoisyRows:
+    """Noisy records already in memory (the Python API's DataFrame, as plain rows), scored like a file of them.
+
+    Errors name a row as ``<name> row <i>`` where a file's name ``<path>:<line>``.
+    """
+
+    rows: list[dict]
+    name: str = "noisy DataFrame"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: What ``score`` reads: a JSONL file or rows in memory.
+NoisySource = Union[Path, NoisyRows]
+
+
+def read_noisy(path: NoisySource, report: dict | None = None) -> Iterator[NoisyRecord]:
+    """Stream the records of an ``inject`` output (or any JSONL with id/prompt/response, or such rows).
+
+    Records without ``spans`` are scored as all-clean; ``report["no_spans"]`` counts them. A record
+    without an id gets the hash of its line (a UTF-8 BOM is not part of the line).
     """
     report = report if report is not None else {}
     report.setdefault("no_spans", 0)
-    if not path.exists():
-        raise AuditError(f"{path}: no such file; run 'reweight-audit inject' first or check the path")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise AuditError(f"{where}: not UTF-8; re-encode the file as UTF-8") from None
-            except json.JSONDecodeError as exc:
-                raise AuditError(f"{where}: malformed JSON ({exc.msg}); fix the line or re-run inject") from None
+    with _opened(path) as rows:
+        for where, raw, row, lineno in rows:
             if not isinstance(row, dict) or "response" not in row:
                 fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise AuditError(f"{where}: no 'response' field (fields: {fields}); score the output of 'reweight-audit inject'")
+                raise AuditError(f"{where}: no 'response' field (fields: {fields}); {NOT_JSONL}")
             response = row["response"]
             if not isinstance(response, str):
                 raise AuditError(f"{where}: field 'response' must be text")
@@ -84,22 +103,90 @@ def read_noisy(path: Path, report: dict | None = None) -> Iterator[NoisyRecord]:
             if spans is None:
                 report["no_spans"] += 1
                 spans = []
-            if not isinstance(spans, list):
-                raise AuditError(f"{where}: field 'spans' must be a list of {{start, end, kind, text}}")
-            for span in spans:
-                try:
-                    start, end = int(span["start"]), int(span["end"])
-                except (KeyError, TypeError, ValueError):
-                    raise AuditError(f"{where}: a span lacks integer 'start'/'end'; re-run inject") from None
-                if not 0 <= start < end <= len(response):
-                    raise AuditError(
-                        f"{where}: span [{start}, {end}) lies outside the response (length {len(response)}); re-run inject on the source corpus"
-                    )
-                if "text" in span and response[start:end] != span["text"]:
-                    raise AuditError(f"{where}: span [{start}, {end}) text does not match the response; the file was edited after inject")
+            _check_spans(spans, response, where)
             rid = row.get("id")
             rid = str(rid) if rid not in (None, "") else hashlib.blake2b(raw, digest_size=8).hexdigest()
-            yield NoisyRecord(id=rid, prompt=str(row.get("prompt") or ""), response=response, spans=spans)
+            yield NoisyRecord(id=rid, prompt=str(row.get("prompt") or ""), response=response, spans=spans,
+                              line=lineno)
+
+
+def _decode_line(raw: bytes, where: str, *, first: bool) -> Any:
+    """One JSON value; a first line that is not JSON says what score reads."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        hint = NOT_JSONL if first else "re-encode the file as UTF-8"
+        raise AuditError(f"{where}: not UTF-8 text; {hint}") from None
+    except json.JSONDecodeError as exc:
+        hint = NOT_JSONL if first else "fix the line or re-run inject"
+        raise AuditError(f"{where}: malformed JSON ({exc.msg}); {hint}") from None
+
+
+def _check_spans(spans: Any, response: str, where: str) -> None:
+    if not isinstance(spans, list):
+        raise AuditError(f"{where}: field 'spans' must be a list of {{start, end, kind, text}}")
+    for span in spans:
+        try:
+            start, end = int(span["start"]), int(span["end"])
+        except (KeyError, TypeError, ValueError):
+            raise AuditError(f"{where}: a span lacks integer 'start'/'end'; re-run inject") from None
+        if not 0 <= start < end <= len(response):
+            raise AuditError(f"{where}: span [{start}, {end}) lies outside the response (length {len(response)}); "
+                             "re-run inject on the source corpus")
+        if "text" in span and response[start:end] != span["text"]:
+            raise AuditError(f"{where}: span [{start}, {end}) text does not match the response; "
+                             "the file was edited after inject")
+
+
+def scan_input(path: NoisySource) -> int:
+    """Read the whole input once, before anything loads: every record valid, every id unique.
+
+    Returns the number of records. Duplicate ids (two inject outputs concatenated) would give
+    duplicate ``(seq_id, pos)`` rows that compare counts twice; the first ones are named.
+    """
+    first_seen: dict[str, int] = {}
+    duplicates: list[str] = []
+    n_duplicates = n = 0
+    for record in read_noisy(path):
+        n += 1
+        if record.id in first_seen:
+            n_duplicates += 1
+            if len(duplicates) < 3:
+                duplicates.append(f"{record.id!r} (lines {first_seen[record.id]} and {record.line})")
+        else:
+            first_seen[record.id] = record.line
+    if n_duplicates:
+        raise AuditError(f"{path}: {n_duplicates} record(s) repeat an id, first {', '.join(duplicates)}; ids key "
+                         "the scores, so each must appear once (were two inject outputs concatenated?)")
+    return n
+
+
+@contextmanager
+def _opened(source: NoisySource) -> Iterator[Iterator[tuple[str, bytes, Any, int]]]:
+    """The source's records as (where, raw bytes, parsed row, line): a file's non-blank lines, or the rows in memory.
+
+    The raw bytes give a record without an id its content hash (a UTF-8 BOM is not part of the line).
+    """
+    if isinstance(source, NoisyRows):
+        yield ((f"{source.name} row {i}", row_json(row).encode("utf-8", "surrogatepass"), row, i + 1)
+               for i, row in enumerate(source.rows))
+        return
+    if not source.exists():
+        raise AuditError(f"{source}: no such file; run 'reweight-audit inject' first or check the path")
+    with source.open("rb") as f:
+        if f.read(4) == b"PAR1" or source.suffix.lower() in (".parquet", ".csv"):
+            raise AuditError(f"{source}: a {source.suffix.lstrip('.') or 'parquet'} file; {NOT_JSONL}")
+        f.seek(0)
+        yield _jsonl_rows(source, f)
+
+
+def _jsonl_rows(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[str, bytes, Any, int]]:
+    for lineno, raw in enumerate(lines, start=1):
+        raw = raw.removeprefix(codecs.BOM_UTF8) if lineno == 1 else raw
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        yield where, raw, _decode_line(raw, where, first=lineno == 1), lineno
 
 
 # ----------------------------------------------------------------- sequence building
@@ -325,15 +412,15 @@ def verify_head(model: Any, head: Head, seq: Encoded, device: str) -> Head:
 
 @dataclass
 class ScoreConfig:
-    model: str = "default"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_tokens: int = 2048
-    chunk_rows: int | None = None
-    max_length: int | None = None
-    template: str = "auto"
-    ref_model: str | None = None
-    trust_remote_code: bool = False
+    model: str = options.MODEL
+    device: str = options.DEVICE
+    dtype: str = options.DTYPE
+    batch_tokens: int = options.BATCH_TOKENS
+    chunk_rows: int | None = options.CHUNK_ROWS
+    max_length: int | None = options.MAX_LENGTH
+    template: str = options.TEMPLATE
+    ref_model: str | None = options.REF_MODEL
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE
 
 
 def auto_chunk_rows(vocab: int, device: str) -> int:
@@ -418,9 +505,16 @@ def score_batch(
     if ref is not None:
         ref_model, ref_head = ref
         for logits, targets in logit_chunks(ref_model, ref_head, batch, sequences, device, chunk_rows):
-            logits = logits.float()
-            parts.setdefault("ref_logp", []).append(logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+            parts.setdefault("ref_logp", []).append(target_logp(logits, targets))
     return to_host({name: torch.cat(values) for name, values in parts.items()})
+
+
+def target_logp(logits: Any, targets: Any) -> Any:
+    """log p(target) = z_target − logsumexp(z), in float32: the reference model's one statistic."""
+    import torch
+
+    logits = logits.float()
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def to_host(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -497,28 +591,28 @@ def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> A
 def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 << 17) -> int:
     """Stream shard tables into one parquet file, sorted by input order then position within each shard.
 
-    Memory holds one shard at a time; the file is renamed into place when complete.
+    Memory holds one shard at a time. ``output`` is written directly: the caller gives a temporary
+    (:func:`reweight_audit.io.atomic_files`, which moves it into place with its manifest).
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     writer = None
     rows = 0
-    with atomic_file(output) as tmp:
-        try:
-            for shard in shards:
-                table = pq.read_table(shard)
-                table = table.take(pc.sort_indices(table, sort_keys=[("seq_order", "ascending"), ("pos", "ascending")]))
-                table = table.drop_columns(["seq_order"])
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table, row_group_size=row_group_size)
-                rows += table.num_rows
+    try:
+        for shard in shards:
+            table = pq.read_table(shard)
+            table = table.take(pc.sort_indices(table, sort_keys=[("seq_order", "ascending"), ("pos", "ascending")]))
+            table = table.drop_columns(["seq_order"])
             if writer is None:
-                raise AuditError(f"{output}: nothing to write: no sequence had a supervised token")
-        finally:
-            if writer is not None:
-                writer.close()
+                writer = pq.ParquetWriter(output, table.schema)
+            writer.write_table(table, row_group_size=row_group_size)
+            rows += table.num_rows
+        if writer is None:
+            raise AuditError("nothing to merge: no sequence had a supervised token; check --max-length")
+    finally:
+        if writer is not None:
+            writer.close()
     return rows
 
 
@@ -539,8 +633,10 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def count_records(path: Path) -> int:
-    """Non-empty lines, for the progress bar's total (a byte scan, no JSON parsing)."""
+def count_records(path: NoisySource) -> int:
+    """Non-empty lines (or the rows in memory), for the progress bar's total (a byte scan, no JSON parsing)."""
+    if isinstance(path, NoisyRows):
+        return len(path.rows)
     n = 0
     with path.open("rb") as f:
         for line in f:
@@ -564,7 +660,8 @@ def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[int]:
 
 
 def iter_windows(
-    input_path: Path, tokenizer: Any, template: str, max_length: int | None, counts: dict, read_report: dict, window: int
+    input_path: NoisySource, tokenizer: Any, template: str, max_length: int | None, counts: dict, read_report: dict,
+    window: int
 ) -> Iterator[list[Encoded]]:
     """Encoded sequences in windows of ``window`` records, streamed from the file."""
     current: list[Encoded] = []
@@ -581,7 +678,7 @@ def iter_windows(
 
 
 def run_score(
-    input_path: Path,
+    input_path: Path | str | NoisyRows,
     output: Path,
     config: ScoreConfig | None = None,
     *,
@@ -591,14 +688,17 @@ def run_score(
     world_size: int | None = None,
     window: int = WINDOW_SEQS,
 ) -> ScoreResult:
-    """Score every supervised token of ``input_path``; write ``output`` (stats table) and its manifest.
+    """Score every supervised token of ``input_path`` (a noisy JSONL, or :class:`NoisyRows` in memory);
+    write ``output`` (stats table) and its manifest.
 
     Without ``rank``/``world_size`` the process group comes from the
     environment (torchrun, accelerate launch; one process otherwise). Every
     rank scores its share of each window's batches into the shared shard
     folder, and rank 0 merges once every rank reported success; the other
     ranks return an empty manifest. ``progress(sequences, tokens, total)``
-    is called on rank 0 after each batch.
+    is called on rank 0 after each batch. Rank 0 holds the output's lock
+    (:func:`reweight_audit.io.acquire_lock`) from before the input is read
+    until the merge is done.
     """
     if world_size is None or rank is None:
         from reweight_audit.distributed import dist_context
@@ -607,14 +707,22 @@ def run_score(
             return run_score(input_path, output, config, resume=resume, progress=progress, rank=rank,
                              world_size=world_size, window=window)
     config = config or ScoreConfig()
-    input_path, output = Path(input_path), Path(output)
+    input_path = input_path if isinstance(input_path, NoisyRows) else Path(input_path)
+    output = Path(output)
     _check_options(input_path, output, config)
     started = time.time()
-    setup = on_every_rank(world_size, lambda: _set_up(input_path, output, config, resume, rank, world_size, window))
-    tally = on_every_rank(world_size, lambda: _score_windows(setup, resume, progress if rank == 0 else None, rank,
-                                                             world_size))
-    # rank 0 merges; the others wait for it, so no process leaves the group while another still needs it
-    manifest = on_every_rank(world_size, lambda: _merge(setup, tally, world_size, started) if rank == 0 else {})
+    # one run per output: rank 0 holds the lock for the whole run, and a refusal reaches every rank
+    lock = on_every_rank(world_size, lambda: acquire_lock(prepare_output_file(output)) if rank == 0 else None)
+    try:
+        setup = on_every_rank(world_size, lambda: _set_up(input_path, output, config, resume, rank, world_size,
+                                                          window))
+        tally = on_every_rank(world_size, lambda: _score_windows(setup, resume, progress if rank == 0 else None,
+                                                                 rank, world_size))
+        # rank 0 merges; the others wait for it, so no process leaves the group while another still needs it
+        manifest = on_every_rank(world_size, lambda: _merge(setup, tally, world_size, started) if rank == 0 else {})
+    finally:
+        if lock is not None:
+            lock.release()
     return ScoreResult(output, manifest)
 
 
@@ -633,19 +741,22 @@ def on_every_rank(world_size: int, stage: Callable[[], T]) -> T:
     return result
 
 
-def _check_options(input_path: Path, output: Path, config: ScoreConfig) -> None:
-    prepare_output_file(output, source=input_path, create=False)
-    if config.batch_tokens < 1:
-        raise AuditError("--batch-tokens must be a positive number of tokens")
+def _check_options(input_path: NoisySource, output: Path, config: ScoreConfig) -> None:
+    """Options and paths, before anything is read or loaded (0 or a negative count is never "the default")."""
+    if isinstance(input_path, Path) and not input_path.exists():
+        raise AuditError(f"{input_path}: no such file; run 'reweight-audit inject' first or check the path")
+    prepare_output_file(output, source=_input_file(input_path), create=False)
+    require_positive("--batch-tokens", config.batch_tokens, "number of tokens")
+    require_positive("--chunk-rows", config.chunk_rows, "number of rows")
     if config.max_length is not None and config.max_length < 2:
-        raise AuditError("--max-length must be at least 2 tokens")
+        raise AuditError(f"--max-length {config.max_length}: give at least 2 tokens")
 
 
 @dataclass
 class _Setup:
     """What every rank holds once the input, the model(s) and the shard folder are ready."""
 
-    input_path: Path
+    input_path: NoisySource
     output: Path
     config: ScoreConfig
     device: str
@@ -666,29 +777,45 @@ class _Setup:
     shards: Path
 
 
-def _set_up(input_path: Path, output: Path, config: ScoreConfig, resume: bool, rank: int, world_size: int,
+def _set_up(input_path: NoisySource, output: Path, config: ScoreConfig, resume: bool, rank: int, world_size: int,
             window: int) -> _Setup:
-    """Read the first window (input errors surface before any model loads), load the model(s), claim the shards."""
-    from reweight_audit import corpus
-    from reweight_audit.model import load_tokenizer, model_digest, resolve_device, resolve_dtype, resolve_model
+    """What can fail cheaply comes first: the whole input, the tokenizer(s), the shards; then the model(s).
 
-    if not input_path.exists():
-        raise AuditError(f"{input_path}: no such file; run 'reweight-audit inject' first or check the path")
-    prepare_output_file(output, source=input_path)
+    A bad record, a duplicate id, a refused ``--resume`` or another run's shards are reported
+    before any model loads; the shard folder is claimed only once the model(s) loaded.
+    """
+    from reweight_audit.model import load_tokenizer, resolve_device, resolve_dtype, resolve_model
+
+    total_records = scan_input(input_path)
     device = _rank_device(resolve_device(config.device), world_size)
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     template = choose_template(tokenizer, config.template)
+    ref_source = _reference_source(config, tokenizer)
+    identity = run_identity(input_path, source, ref_source, template, dtype, config, window)
+    shards = check_shards(shard_dir(output), identity, resume=resume)
     counts: dict[str, int] = {}
     read_report: dict = {}
     windows = iter_windows(input_path, tokenizer, template, config.max_length, counts, read_report, window)
     first = _first_window(windows, input_path, counts)
     model, head, vocab = _load_scorer(source, config, device, dtype, first)
-    ref, ref_source = _load_reference(config, tokenizer, device, dtype, first)
-    identity = {
+    ref = _load_scorer(ref_source, config, device, dtype, first)[:2] if ref_source else None
+    claim_shards(shards, identity, resume=resume, write_state=rank == 0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    chunk_rows = config.chunk_rows if config.chunk_rows is not None else auto_chunk_rows(vocab, device)
+    return _Setup(input_path, output, config, device, source, template, windows, first, total_records, counts,
+                  read_report, model, head, ref, pad_id, vocab, chunk_rows, identity, shards)
+
+
+def run_identity(input_path: NoisySource, source: Any, ref_source: Any, template: str, dtype: Any, config: ScoreConfig,
+                 window: int) -> dict:
+    """What makes two runs the same run (``state.json``'s fingerprint; ``--resume`` needs it equal)."""
+    from reweight_audit.model import model_digest
+
+    return {
         "format": SHARD_FORMAT,
-        "input_digest": corpus.source_digest(str(input_path)),
+        "input_digest": input_digest(input_path),
         "model": source.describe(),
         "model_digest": model_digest(source),
         "ref_model": ref_source.describe() if ref_source else None,
@@ -698,11 +825,19 @@ def _set_up(input_path: Path, output: Path, config: ScoreConfig, resume: bool, r
         "max_length": config.max_length,
         "window": window,
     }
-    shards = claim_shards(shard_dir(output), identity, resume=resume, write_state=rank == 0)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return _Setup(input_path, output, config, device, source, template, windows, first, count_records(input_path),
-                  counts, read_report, model, head, ref, pad_id, vocab, config.chunk_rows or auto_chunk_rows(vocab, device),
-                  identity, shards)
+
+
+def _input_file(source: NoisySource) -> Path | None:
+    return source if isinstance(source, Path) else None
+
+
+def input_digest(source: NoisySource) -> str:
+    """What identifies the input in the manifest and in the shards' fingerprint (``--resume``)."""
+    if isinstance(source, NoisyRows):
+        return rows_digest(source.rows)
+    from reweight_audit import corpus
+
+    return corpus.source_digest(str(source))
 
 
 def _rank_device(device: str, world_size: int) -> str:
@@ -714,7 +849,7 @@ def _rank_device(device: str, world_size: int) -> str:
     return device
 
 
-def _first_window(windows: Iterator[list[Encoded]], input_path: Path, counts: dict) -> list[Encoded]:
+def _first_window(windows: Iterator[list[Encoded]], input_path: NoisySource, counts: dict) -> list[Encoded]:
     first = next(windows, None)
     if first is None:
         if not counts.get("records"):
@@ -734,40 +869,47 @@ def _load_scorer(source: Any, config: ScoreConfig, device: str, dtype: Any, firs
     return model, head, vocab
 
 
-def _load_reference(config: ScoreConfig, tokenizer: Any, device: str, dtype: Any,
-                    first: list[Encoded]) -> tuple[tuple[Any, Head] | None, Any]:
-    """``--ref-model`` (Rho-1) and its head, or (None, None); it must share the scored model's vocabulary."""
+def _reference_source(config: ScoreConfig, tokenizer: Any) -> Any:
+    """``--ref-model`` (Rho-1), resolved and its tokenizer checked against the scored model's, or None."""
     from reweight_audit.model import load_tokenizer, resolve_model
 
     if not config.ref_model:
-        return None, None
+        return None
     ref_source = resolve_model(config.ref_model)
     ref_tok = load_tokenizer(ref_source, trust_remote_code=config.trust_remote_code)
     if ref_tok.get_vocab() != tokenizer.get_vocab():
         raise AuditError(f"--ref-model {config.ref_model}: its tokenizer differs from the scored model's; "
                          "Rho-1 needs the same vocabulary")
-    ref_model, ref_head, _ = _load_scorer(ref_source, config, device, dtype, first)
-    return (ref_model, ref_head), ref_source
+    return ref_source
 
 
-def claim_shards(shards: Path, identity: dict, *, resume: bool, write_state: bool) -> Path:
-    """Make ``shards`` this run's folder: refuse another run's finished shards unless resuming the same run.
+def check_shards(shards: Path, identity: dict, *, resume: bool) -> Path:
+    """Refuse another run's finished shards (unless resuming) and a ``--resume`` of a different run.
 
-    ``state.json`` holds the run's fingerprint (``identity``); ``--resume`` is refused when it differs.
+    ``state.json`` holds the run's fingerprint (``identity``). Nothing is written: this runs before any
+    model loads. The lock on the output (rank 0's) means no other run is writing here now.
     """
     key = fingerprint(identity)
     state_file = shards / "state.json"
     previous = read_json(state_file) if state_file.exists() else None
     if previous is not None and not resume and any(shards.glob("batch-*.parquet")):
-        raise AuditError(f"{shards}: an earlier run left finished shards; pass --resume to continue it, "
-                         "or delete the folder to start over")
+        raise AuditError(f"{shards}: an earlier, interrupted run left finished shards; pass --resume to continue "
+                         "it, or delete the folder to start over")
     if previous is not None and resume and previous.get("key") != key:
         changed = [k for k in identity if previous.get("identity", {}).get(k) != identity[k]]
         raise AuditError(f"{shards}: --resume refused: the earlier run had a different "
                          f"{', '.join(changed) or 'configuration'}; rerun with the same options or delete the folder")
+    return shards
+
+
+def claim_shards(shards: Path, identity: dict, *, resume: bool, write_state: bool) -> Path:
+    """:func:`check_shards`, then make ``shards`` this run's folder (``write_state``: rank 0 records the run)."""
+    check_shards(shards, identity, resume=resume)
     shards.mkdir(parents=True, exist_ok=True)
     if write_state:
-        write_json_atomic(state_file, {"key": key, "identity": identity})
+        for leftover in shards.glob("*.tmp"):  # a killed run's half-written shards; no other writer runs now
+            leftover.unlink(missing_ok=True)
+        write_json_atomic(shards / "state.json", {"key": fingerprint(identity), "identity": identity})
     return shards
 
 
@@ -823,14 +965,15 @@ def _score_shard(setup: _Setup, batch: list[Encoded], index: int, resume: bool, 
 
 
 def _merge(setup: _Setup, tally: _Tally, world_size: int, started: float) -> dict:
-    """Rank 0: merge every shard into the output, write the manifest, remove the shard folder."""
+    """Rank 0: merge every shard into the output and write its manifest, together; remove the shard folder."""
     shard_paths = [setup.shards / f"batch-{i:06d}.parquet" for i in range(tally.n_batches)]
     missing = [p for p in shard_paths if not p.exists()]
     if missing:
         raise AuditError(f"{setup.shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
-    rows = merge_shards(shard_paths, setup.output)
-    manifest = score_manifest(setup, tally, rows, world_size, started)
-    write_json_atomic(manifest_path(setup.output), manifest)
+    with atomic_files(setup.output, manifest_path(setup.output)) as (data_tmp, manifest_tmp):
+        rows = merge_shards(shard_paths, data_tmp)
+        manifest = score_manifest(setup, tally, rows, world_size, started)
+        manifest_tmp.write_text(dump_json(manifest), encoding="utf-8")
     shutil.rmtree(setup.shards, ignore_errors=True)
     return manifest
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,17 +23,19 @@ import numpy as np
 import pandas as pd
 
 from reweight_audit import metrics
+from reweight_audit import options as defaults  # `options` names a SweepOptions here
 from reweight_audit.compare import compare_options, run_weights, select_methods
 from reweight_audit.errors import AuditError
+from reweight_audit.io import output_lock, prepare_output_dir
 from reweight_audit.methods import available_methods
 from reweight_audit.runs import Pool, RunData, load_runs
 
 #: The cuts of a sweep (fractions): Table 1's 10% and the range around it.
-SWEEP_CUTS = (0.01, 0.02, 0.05, 0.10, 0.20, 0.30)
+SWEEP_CUTS = tuple(k / 100.0 for k in defaults.SWEEP_K)
 #: The columns that name a setting.
 SETTING = ("run", "rank_by", "scope", "k", "noise")
 #: Bootstrap resamples per setting: enough for a 95% interval's ends to settle to about a point.
-DEFAULT_BOOT = 100
+DEFAULT_BOOT = defaults.SWEEP_BOOTSTRAP
 #: The noise of a setting when every kind counts.
 ALL_NOISE = "all"
 LEVEL = 0.95
@@ -318,14 +321,18 @@ def sweep_notes(runs: list[RunData], options: SweepOptions) -> list[str]:
 # --------------------------------------------------------------------------- the stage
 
 
-def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, *, methods: Sequence[str] | None = None,
-              rank_by: Sequence[str] = metrics.RANK_BY, scope: Sequence[str] = metrics.SCOPES,
-              cuts: Sequence[float] = tuple(c * 100 for c in SWEEP_CUTS), params: Sequence[str] = (),
-              method_files: Sequence[Path] = (), batch_seqs: int = 256, n_boot: int = DEFAULT_BOOT, seed: int = 0,
-              metric: str = "tok_rec", claim: str | None = None, write: bool = True,
+def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, *,
+              methods: Sequence[str] | None = defaults.METHODS, rank_by: Sequence[str] = defaults.SWEEP_RANK_BY,
+              scope: Sequence[str] = defaults.SWEEP_SCOPE, cuts: Sequence[float] = defaults.SWEEP_K,
+              params: Sequence[str] = (), method_files: Sequence[Path] = (), batch_seqs: int = defaults.BATCH_SEQS,
+              n_boot: int = defaults.SWEEP_BOOTSTRAP, seed: int = defaults.SEED, metric: str = defaults.SWEEP_METRIC,
+              claim: str | None = defaults.CLAIM, write: bool = True,
               progress: Callable[[str], None] | None = None) -> SweepResult:
     """Every method over every setting of every stats table; writes sweep.csv, pairs.csv, robustness.md,
-    robustness.png (and claim.csv with a claim) into ``out_dir``, all or none. ``cuts`` in percent."""
+    robustness.png (and claim.csv with a claim) into ``out_dir``, all or none. ``cuts`` in percent.
+
+    The folder is checked and locked before any table is read (:func:`reweight_audit.io.output_lock`) and
+    swapped in whole at the end (:func:`reweight_audit.io.atomic_directory`)."""
     t0 = time.perf_counter()
     say = progress or (lambda _message: None)
     options = sweep_options(rank_by=rank_by, scope=scope, cuts=cuts, n_boot=n_boot, seed=seed, metric=metric,
@@ -336,27 +343,30 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, *, metho
                           method_files=method_files, batch_seqs=batch_seqs, n_boot=0, seed=seed,
                           heatmap_sequences=0)
     chosen, param_map = select_methods(cmp)
-    runs = load_runs(cmp.stats_paths)
-    skipped: list[dict] = []
-    blocks = []
-    for run in runs:
-        weights = run_weights(run, chosen, param_map, cmp, skipped)
-        blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
-    names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
-    _check_claim_computed(options.claim, names, skipped)
-    families = {m.name: m.family for m in chosen}
-    result = SweepResult(
-        table=sweep_table(blocks, options.cuts, families), pairs=pair_counts(blocks, names, options.metric),
-        claim=None if options.claim is None else claim_table(blocks, options.claim, options.metric, options.cuts),
-        methods=names, runs=[{k: v for k, v in r.summary().items() if k != "columns"} for r in runs],
-        notes=sweep_notes(runs, options), skipped=skipped,
-        config={**options.record(), "stats_paths": [str(p) for p in cmp.stats_paths], "methods": methods,
-                "params": list(params), "batch_seqs": batch_seqs})
-    result.timings["compute"] = time.perf_counter() - t0
-    if write and out_dir is not None:
-        from reweight_audit.sweep_report import write_sweep
+    write = write and out_dir is not None
+    # one sweep at a time into a folder, refused before any table is read
+    with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
+        runs = load_runs(cmp.stats_paths)
+        skipped: list[dict] = []
+        blocks = []
+        for run in runs:
+            weights = run_weights(run, chosen, param_map, cmp, skipped)
+            blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
+        names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
+        _check_claim_computed(options.claim, names, skipped)
+        families = {m.name: m.family for m in chosen}
+        result = SweepResult(
+            table=sweep_table(blocks, options.cuts, families), pairs=pair_counts(blocks, names, options.metric),
+            claim=None if options.claim is None else claim_table(blocks, options.claim, options.metric, options.cuts),
+            methods=names, runs=[{k: v for k, v in r.summary().items() if k != "columns"} for r in runs],
+            notes=sweep_notes(runs, options), skipped=skipped,
+            config={**options.record(), "stats_paths": [str(p) for p in cmp.stats_paths], "methods": methods,
+                    "params": list(params), "batch_seqs": batch_seqs})
+        result.timings["compute"] = time.perf_counter() - t0
+        if write:
+            from reweight_audit.sweep_report import write_sweep
 
-        write_sweep(result, Path(out_dir))
+            write_sweep(result, Path(out_dir))
     result.timings["total"] = time.perf_counter() - t0
     return result
 

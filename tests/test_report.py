@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from reweight_audit import compare, exports, report, runs
+from reweight_audit import exports, report, runs
+from reweight_audit.compare import run_compare
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +53,7 @@ def render(table) -> str:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = small_stats(tmp_path_factory.mktemp("rep") / "stats.parquet")
-    return compare.run_compare([path], Path("/nonexistent"), methods=["sft", "entropy", "ranktuner", "dft"],
+    return run_compare([path], Path("/nonexistent"), methods=["sft", "entropy", "ranktuner", "dft"],
                                n_boot=30, write=False)
 
 
@@ -80,7 +81,7 @@ def test_render_table_shape(result):
 
 def test_render_table_varying_columns_and_na(tmp_path):
     path = small_stats(tmp_path / "clean.parquet", noise=False)
-    res = compare.run_compare([path], tmp_path, methods=["sft", "nll"], rank_by=["weight", "loss"], n_boot=5,
+    res = run_compare([path], tmp_path, methods=["sft", "nll"], rank_by=["weight", "loss"], n_boot=5,
                               write=False)
     table = report.render_table(res)
     assert [c.header for c in table.columns][:2] == ["rank-by", "method"]

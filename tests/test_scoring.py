@@ -110,7 +110,8 @@ def test_noise_rule_for_tokens_straddling_a_span_edge(tiny_model):
 
 
 def test_resume_after_interruption_gives_the_same_table(tmp_path, tiny_model, noisy_rows):
-    src = write_noisy(tmp_path / "noisy.jsonl", noisy_rows * 3)
+    # unique ids: duplicates are refused (they would give duplicate (seq_id, pos) rows)
+    src = write_noisy(tmp_path / "noisy.jsonl", [dict(r, id=f"{r['id']}-{i}") for i in range(3) for r in noisy_rows])
     full = tmp_path / "full.parquet"
     cfg = ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=40, chunk_rows=5)
     run_score(src, full, cfg)

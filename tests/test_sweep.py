@@ -1,6 +1,7 @@
 """sweep: every method over rank-by × scope × k × noise × run; pair shares, claims, provenance notes."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -11,9 +12,12 @@ import pyarrow as pa
 import pytest
 from test_compare import make_stats, write_stats
 
-from reweight_audit import compare, metrics, runs, sweep
+from reweight_audit import metrics, runs, sweep
 from reweight_audit.errors import AuditError
 from reweight_audit.methods import get_method
+
+# the module: `reweight_audit.compare` as an attribute is the API function
+compare = importlib.import_module("reweight_audit.compare")
 
 # Two sequences of four tokens; the noise is s1's 2nd and s2's 3rd token. Probabilities and entropies are chosen so
 # that every method's token recall can be counted by hand (see test_pair_shares_hand_counted).
@@ -210,3 +214,55 @@ def test_command_line_exit_codes(hand_runs, tmp_path):
                              capture_output=True, text=True, timeout=600)
     assert unknown.returncode == 2 and "registered: sft, random, dft" in unknown.stderr
     assert len([line for line in unknown.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_a_sweep_is_refused_while_another_writes_its_folder(hand_runs, tmp_path):
+    """One sweep at a time into a folder, refused before any table is read; the earlier folder stays as it was."""
+    import subprocess
+    import sys
+
+    from reweight_audit.io import lock_path
+
+    out = tmp_path / "out"
+    sweep.run_sweep(hand_runs, out, methods=["sft", "dft"], n_boot=0)
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom reweight_audit.io import acquire_lock\n"
+                               "lock = acquire_lock(sys.argv[1])\nprint('held', flush=True)\nsys.stdin.read()\n"
+                               "lock.release()",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AuditError, match=rf"^{out}: another run is writing it \(pid {holder.pid} on host"):
+            sweep.run_sweep(hand_runs, out, methods=["sft", "inv-prob"], n_boot=0)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
+    assert not lock_path(out).exists()
+
+
+def test_an_interrupted_sweep_says_so_and_leaves_the_earlier_folder(hand_runs, tmp_path, monkeypatch, capsys):
+    import signal
+    import sys
+
+    from reweight_audit import cli, sweep_report
+    from reweight_audit.io import lock_path
+
+    out = tmp_path / "out"
+    sweep.run_sweep(hand_runs, out, methods=["sft", "dft"], n_boot=0)
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    def interrupted(*args, **kwargs):  # mid-write: the CSV files are in the temporary folder, the plot not yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_report, "plot_pair_matrix", interrupted)
+    around = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # main's SIGTERM handler stays out of pytest
+    monkeypatch.setattr(sys, "argv", ["reweight-audit", "sweep", *map(str, hand_runs), "-o", str(out), "-q"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    err = capsys.readouterr().err
+    assert ended.value.code == 130
+    assert err.strip() == f"interrupted: {out} is unchanged (an earlier sweep stays whole); run the command again"
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before and not lock_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == around  # no temporary folder left
