@@ -357,6 +357,9 @@ def compare(
     batch_seqs: int = options.BATCH_SEQS,
     bootstrap: int = options.BOOTSTRAP,
     seed: int = options.SEED,
+    table1_map: str | Mapping[str, str] | None = options.TABLE1_MAP,
+    by_meta: str | None = options.BY_META,
+    records: PathLike | None = options.RECORDS,
     output: PathLike | None = None,
 ) -> Comparison:
     """Every weighting method × every metric on one or more stats tables (``reweight-audit compare``).
@@ -387,6 +390,17 @@ def compare(
         Bootstrap resamples over sequences for the 95% intervals (0: none).
     seed
         Seed of the bootstrap, the random baseline and the simulated batches.
+    table1_map
+        The method each row of RankTuner's Table 1 stands for, as
+        ``{"entropy": "eaft", "prob": "dft", "ranktuner": "ranktuner-approx"}``
+        or the comma list ``"entropy=eaft,prob=dft,ranktuner=ranktuner-approx"``
+        (None: that default); read by the Table 1 view (``.table1``).
+    by_meta
+        A record meta field (e.g. ``model``): every metric also per value of
+        it (``.by_group``, by_group.csv), read from the noisy JSONL the
+        table was scored from. None: no per-group table.
+    records
+        With ``by_meta``: that noisy JSONL (None: the score manifest's input).
     output
         A folder to write the report into (tables, plots, heatmap, summary);
         None writes nothing (:meth:`Comparison.save` can later).
@@ -431,13 +445,18 @@ def compare(
     sources = _stats_sources(stats)
     _check_all({
         "k": (k, _NUMBER, False), "batch_seqs": (batch_seqs, _INT, False), "bootstrap": (bootstrap, _INT, False),
-        "seed": (seed, _INT, False), "output": (output, _PATH, True)})
+        "seed": (seed, _INT, False), "by_meta": (by_meta, _TEXT, True), "records": (records, _PATH, True),
+        "output": (output, _PATH, True)})
+    if not (table1_map is None or isinstance(table1_map, (str, Mapping))):
+        raise AuditError(f"--table1-map {table1_map!r}: give a comma list row=method or a dict, or None")
     for path in method_files:
         _check("method-file", path, _PATH)
     result = run_compare(sources, None if output is None else Path(output), methods=_methods(methods),
                          rank_by=_names("rank-by", rank_by), k=k, scope=_names("scope", scope),
                          params=_params(params), method_files=[Path(p) for p in method_files],
-                         batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed, write=output is not None)
+                         batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed, table1_map=table1_map,
+                         by_meta=by_meta, records=None if records is None else Path(records),
+                         write=output is not None)
     return Comparison(result)
 
 
@@ -539,6 +558,21 @@ class Comparison:
     def by_kind(self) -> pd.DataFrame:
         """Every metric per noise kind, each kind against the clean tokens (by_kind.csv)."""
         return self.result.by_kind
+
+    @property
+    def table1(self) -> pd.DataFrame | None:
+        """The Table 1 view: each Table 1 row's method (``table1_map``) beside the paper's figures (table1.csv)."""
+        return self.result.table1
+
+    @property
+    def by_group(self) -> pd.DataFrame | None:
+        """Every metric per value of the ``by_meta`` field (by_group.csv); None without ``by_meta``."""
+        return self.result.by_group
+
+    @property
+    def agreement(self) -> pd.DataFrame | None:
+        """With several runs: each pair of methods' order per metric and run (agreement.csv)."""
+        return self.result.agreement
 
     @property
     def skipped(self) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The command line: ``reweight-audit inject | score | compare | methods | demo | bench``.
+"""The command line: ``reweight-audit inject | score | compare | sweep | methods | demo | bench``.
 
 Each command parses its options, calls one library function and prints what
 it returned; progress bars and printing live here and nowhere else. A user
@@ -209,9 +209,37 @@ def _report_compare(result: Any) -> None:
     from reweight_audit.exports import render_table
 
     out.print(render_table(result))
+    _print_table1(result)
     folder = next(iter(result.files.values())).parent if result.files else ""
     out.print(f"wrote {len(result.files)} files to {escape(str(folder))}/: "
               + ", ".join(sorted(Path(p).name for p in result.files.values())))
+
+
+def _print_table1(result: Any) -> None:
+    """The Table 1 view: our figures beside the paper's (intervals in table1.md)."""
+    from rich.table import Table
+
+    from reweight_audit.formatting import fmt_pct, k_label
+    from reweight_audit.table1 import HEADERS, PAPER_K, TABLE1_METRICS
+
+    frame = getattr(result, "table1", None)
+    if frame is None or not len(frame):
+        return
+    blocks = [c for c in ("run", "rank_by", "scope") if frame[c].nunique() > 1]
+    table = Table(title=f"Table 1 view: ours at the top {k_label(result.k)} (intervals in table1.md), "
+                        f"the paper's at {k_label(PAPER_K)}")
+    for column in (*(c.replace("_", "-") for c in blocks), "Table 1 row", "method"):
+        table.add_column(column)
+    for metric in TABLE1_METRICS:
+        table.add_column(HEADERS[metric], justify="right")
+        table.add_column("paper", justify="right", style="dim")
+    table.add_column("base rate", justify="right")
+    table.add_column("paper (implied)", justify="right", style="dim")
+    for row in frame.to_dict(orient="records"):
+        cells = [fmt for m in TABLE1_METRICS for fmt in (fmt_pct(row[m]), fmt_pct(row["paper_" + m]))]
+        table.add_row(*(str(row[c]) for c in blocks), row["row"], row["method"], *cells, fmt_pct(row["base_rate"]),
+                      fmt_pct(row["paper_base_rate"]))
+    out.print(table)
 
 
 # ---------------------------------------------------------------- commands
@@ -315,6 +343,14 @@ def compare(
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = options.BOOTSTRAP,
     seed: Seed = options.SEED,
+    table1_map: Annotated[Optional[str], typer.Option(
+        "--table1-map", help="The method each Table 1 row stands for (default "
+                             "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")] = options.TABLE1_MAP,
+    by_meta: Annotated[Optional[str], typer.Option(
+        "--by-meta", help="Also every metric per value of this record meta field (e.g. model), read from the "
+                          "noisy JSONL the table was scored from.")] = options.BY_META,
+    records: Annotated[Optional[Path], typer.Option(
+        "--records", help="With --by-meta: that noisy JSONL (default: the score manifest's input).")] = options.RECORDS,
     quiet: Quiet = False,
 ) -> None:
     """Every method × every metric: the Table 1 diagnostic, printed and exported."""
@@ -324,8 +360,65 @@ def compare(
         result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
                              rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=params,
                              method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
-                             progress=progress)
+                             table1_map=table1_map, by_meta=by_meta, records=records, progress=progress)
     _report_compare(result)
+
+
+@command(on_interrupt="{output} is unchanged (an earlier sweep stays whole); run the command again")
+def sweep(
+    stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (each is a run).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for sweep.csv, robustness.md, ...")],
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma list (default: every method whose statistics exist).")] = options.METHODS,
+    k: Annotated[list[str], typer.Option(
+        "--k", help="Cuts in percent (repeat or comma list).")] = [",".join(f"{c:g}" for c in options.SWEEP_K)],  # noqa: B006
+    rank_by: Annotated[list[str], typer.Option(
+        "--rank-by", help="weight, loss, grad (repeat or comma list).")] = [",".join(options.SWEEP_RANK_BY)],  # noqa: B006
+    scope: Annotated[list[str], typer.Option(
+        "--scope", help="global, sequence (repeat or comma list).")] = [",".join(options.SWEEP_SCOPE)],  # noqa: B006
+    metric: Annotated[str, typer.Option(
+        "--metric", help="The per-cut metric that orders the methods: tok_rec, tok_prec, seq_hit or lift.")
+    ] = options.SWEEP_METRIC,
+    claim: Annotated[Optional[str], typer.Option(
+        "--claim", help='A claimed order, lowest first: "ranktuner-approx < eaft < inv-prob"; exit code 0 only '
+                        "when it holds in every setting.")] = options.CLAIM,
+    params: Annotated[list[str], typer.Option(
+        "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
+    method_files: MethodFiles = [],  # noqa: B006
+    batch_seqs: Annotated[int, typer.Option(
+        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = options.BATCH_SEQS,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", help="Bootstrap resamples over sequences per setting (0: none).")] = options.SWEEP_BOOTSTRAP,
+    seed: Seed = options.SEED,
+    quiet: Quiet = False,
+) -> None:
+    """Every method over rank-by × scope × k × noise kind × run: which orders survive every convention."""
+    from reweight_audit.sweep import run_sweep
+    from reweight_audit.sweep_report import claim_lines
+
+    try:
+        cuts = [float(c) for c in split_list(k)]
+    except ValueError:
+        raise AuditError(f"--k {','.join(k)}: give cuts in percent, e.g. --k 1,2,5,10") from None
+    require_positive("--batch-seqs", batch_seqs, "number of sequences per batch")
+    with _compare_progress(quiet) as progress:
+        result = run_sweep(stats, output, methods=split_list([methods]) if methods else None,
+                           rank_by=split_list(rank_by), scope=split_list(scope), cuts=cuts, params=params,
+                           method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
+                           metric=metric, claim=claim, progress=progress)
+    for note in result.notes:
+        out.print(f"note: {escape(note)}", highlight=False)
+    out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
+              highlight=False)
+    if result.claim is not None:
+        holds, fails = claim_lines(result)
+        out.print(f"claim {' < '.join(result.config['claim'])} ({metric}) holds in {len(holds)} of "
+                  f"{len(holds) + len(fails)} settings", highlight=False)
+        for title, lines in (("holds", holds), ("fails", fails)):
+            for line in lines:
+                out.print(f"  {title}: {line}", highlight=False, soft_wrap=True)
+        if fails:
+            raise typer.Exit(1)
 
 
 def _demo_hooks(quiet: bool) -> Any:
@@ -353,15 +446,22 @@ def demo(
     limit: Limit = options.LIMIT,
     model: Model = options.MODEL,
     device: Device = options.DEVICE,
+    real_errors: Annotated[int, typer.Option(
+        "--real-errors", help="champ-fws solutions in the real-error part (0 skips it).")] = options.REAL_ERRORS,
     quiet: Quiet = False,
 ) -> None:
-    """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems)."""
+    """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems), then the
+    real-error diagnostic on the first 80 annotated model solutions of champ-fws."""
     from reweight_audit.demo import run_demo
 
-    result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet))
+    result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet),
+                      real_errors=real_errors)
     out.print(f"\n[bold]demo done[/bold]: open {escape(str(output / 'heatmap.html'))} and "
               f"{escape(str(output / 'table.md'))}; "
               f"noisy corpus {result.noisy}, token statistics {result.stats}")
+    if result.real is not None:
+        out.print(f"real errors: {escape(str(result.real.folder / 'table.md'))} (by model: by_group.csv), "
+                  f"{escape(str(result.real.folder / 'table1.md'))}")
 
 
 @command(name="methods")

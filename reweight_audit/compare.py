@@ -22,8 +22,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from reweight_audit import metrics
+from reweight_audit import groups, metrics, table1
 from reweight_audit import options as defaults  # `options` names a CompareOptions here
+from reweight_audit.agreement import order_agreement
 from reweight_audit.errors import AuditError
 from reweight_audit.exports import write_exports
 from reweight_audit.io import output_lock, prepare_output_dir
@@ -37,7 +38,7 @@ from reweight_audit.methods import (
     missing_columns,
     parse_params,
 )
-from reweight_audit.results import CompareResult, curve_columns, kind_columns, table_columns
+from reweight_audit.results import CompareResult, curve_columns, group_columns, kind_columns, table_columns
 from reweight_audit.runs import RunData, StatsSource, StatsTable, load_runs
 
 TIE_RULE = "fractional (expected value under random tie-breaking)"
@@ -62,6 +63,9 @@ class CompareOptions:
     n_boot: int
     seed: int
     heatmap_sequences: int
+    table1_map: dict[str, str] = field(default_factory=lambda: dict(table1.DEFAULT_MAP))
+    by_meta: str | None = None  # a record meta field: every metric per value (by_group.csv)
+    records: Path | None = None  # the noisy JSONL with the records' meta (default: the score manifest's input)
 
     @property
     def k_frac(self) -> float:
@@ -81,6 +85,9 @@ class CompareOptions:
             "n_boot": self.n_boot,
             "seed": self.seed,
             "heatmap_sequences": self.heatmap_sequences,
+            "table1_map": self.table1_map,
+            "by_meta": self.by_meta,
+            "records": None if self.records is None else str(self.records),
             "cuts": [c * 100.0 for c in metrics.CUTS],
             "tie_rule": TIE_RULE,
             "noise_mass_of": NOISE_MASS_OF,
@@ -103,7 +110,9 @@ def _known(values: list[str], known: Sequence[str], option: str, default: str) -
 
 def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods: Sequence[str] | None, rank_by: Sequence[str],
                     k: float, scope: Sequence[str], params: Sequence[str], method_files: Sequence[Path],
-                    batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int) -> CompareOptions:
+                    batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int,
+                    table1_map: str | Mapping[str, str] | None = None, by_meta: str | None = None,
+                    records: Path | None = None) -> CompareOptions:
     """Check every option before any file is read; a bad one is one AuditError line naming the option."""
     try:
         k = float(k)
@@ -119,6 +128,8 @@ def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods
         [_source(p) for p in stats_paths]
     if not paths:
         raise AuditError("compare: give at least one stats.parquet")
+    if records is not None and not by_meta:
+        raise AuditError(f"--records {records}: it is read only with --by-meta FIELD; add that or drop --records")
     if methods is not None and not _as_list(methods):
         raise AuditError("--methods is empty; give method names (see `reweight-audit methods`) or leave it out")
     return CompareOptions(
@@ -126,7 +137,8 @@ def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods
         rank_by=_known(_as_list(rank_by), metrics.RANK_BY, "--rank-by", "weight"), k=k,
         scope=_known(_as_list(scope), metrics.SCOPES, "--scope", "global"), params=list(params or []),
         method_files=[Path(p) for p in method_files or []], batch_seqs=int(batch_seqs), n_boot=int(n_boot),
-        seed=int(seed), heatmap_sequences=int(heatmap_sequences))
+        seed=int(seed), heatmap_sequences=int(heatmap_sequences), table1_map=table1.parse_map(table1_map),
+        by_meta=by_meta or None, records=None if records is None else Path(records))
 
 
 def _source(source: StatsSource) -> Path | StatsTable:
@@ -198,19 +210,20 @@ def evaluate_method(ctx: _MethodContext, method: Method) -> _RunOutcome:
     t0 = time.perf_counter()
     logp = run.column("logp")
     sum_p2 = run.column("sum_p2") if "grad" in opts.rank_by else None
+    pool = run.pool  # weights were computed on every row; excluded rows (after-error) leave the metrics here
     for rank_by in opts.rank_by:
-        scores = metrics.rank_scores(out.weights[method.name], rank_by, logp, sum_p2)
-        index = metrics.ScoreIndex(scores, run.is_noise, run.seq_codes, run.kind_codes)
+        scores = pool.take(metrics.rank_scores(out.weights[method.name], rank_by, logp, sum_p2))
+        index = metrics.ScoreIndex(scores, pool.is_noise, pool.seq_codes, pool.kind_codes)
         for scope in opts.scope:
             ident = {"run": run.label, "method": method.name, "family": getattr(method, "family", ""),
                      "rank_by": rank_by, "scope": scope}
-            row, curve = metrics.ranking_metrics(scores, run.is_noise, run.seq_codes, k=opts.k_frac,
+            row, curve = metrics.ranking_metrics(scores, pool.is_noise, pool.seq_codes, k=opts.k_frac,
                                                  cuts=metrics.CUTS, scope=scope, n_boot=opts.n_boot,
                                                  seed=opts.seed, index=index)
             out.table.append({**ident, "k": opts.k, **row, **ctx.counts})
             out.curves += [{**ident, "k": round(cut * 100.0, 10), **vals} for cut, vals in curve.items()]
             out.by_kind += [{**ident, "k": opts.k, **kind_row} for kind_row in metrics.kind_metrics(
-                index, scores, run.is_noise, run.seq_codes, run.kind_codes, run.kinds, k=opts.k_frac, scope=scope)]
+                index, scores, pool.is_noise, pool.seq_codes, pool.kind_codes, run.kinds, k=opts.k_frac, scope=scope)]
     out.t_metrics = time.perf_counter() - t0
     return out
 
@@ -239,15 +252,8 @@ def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: 
     say(f"{run.label}: {base['n_tokens']:,} tokens, {base['n_noise']:,} noise")
     outcome = _RunOutcome()
     todo = _computable(run, methods, options.methods is not None, outcome.skipped)
-    # shared inputs, decoded once before the workers start
-    columns = run.stat_columns()
-    for name in columns:
-        columns[name]
-    batch = None
-    if any(getattr(m, "batch_dependent", False) for m in todo):
-        batch = np.asarray(assign_batches(run.seq_codes, options.batch_seqs, options.seed))
     counts = {key: base[key] for key in ("n_tokens", "n_noise", "n_seqs", "n_noise_seqs", "base_rate")}
-    ctx = _MethodContext(run=run, columns=columns, batch=batch, param_map=param_map, options=options, counts=counts)
+    ctx = _context(run, todo, param_map, options, counts)
     for method, one in zip(todo, _map_ordered(lambda m: evaluate_method(ctx, m), todo, n_workers)):
         say(f"{run.label}: {method.name} done")
         outcome.weights.update(one.weights)
@@ -257,6 +263,27 @@ def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: 
         outcome.t_weights += one.t_weights
         outcome.t_metrics += one.t_metrics
     return outcome
+
+
+def _context(run: RunData, todo: list[Method], param_map: dict, options: CompareOptions,
+             counts: dict) -> _MethodContext:
+    """The inputs every method of the run shares, decoded once before any worker starts."""
+    columns = run.stat_columns()
+    for name in columns:
+        columns[name]
+    batch = None
+    if any(getattr(m, "batch_dependent", False) for m in todo):
+        batch = np.asarray(assign_batches(run.seq_codes, options.batch_seqs, options.seed))
+    return _MethodContext(run=run, columns=columns, batch=batch, param_map=param_map, options=options, counts=counts)
+
+
+def run_weights(run: RunData, methods: list[Method], param_map: dict, options: CompareOptions,
+                skipped: list[dict]) -> dict[str, np.ndarray]:
+    """Each computable method's weight per token of the run, exactly as compare computes it (the whole table
+    is the batch); the methods whose columns are missing are appended to ``skipped``."""
+    todo = _computable(run, methods, options.methods is not None, skipped)
+    ctx = _context(run, todo, param_map, options, counts={})
+    return {method.name: _method_weights(ctx, method) for method in todo}
 
 
 def _workers(workers: int | None) -> int:
@@ -299,6 +326,9 @@ def run_compare(
     n_boot: int = defaults.BOOTSTRAP,
     seed: int = defaults.SEED,
     heatmap_sequences: int = 12,
+    table1_map: str | Mapping[str, str] | None = defaults.TABLE1_MAP,
+    by_meta: str | None = defaults.BY_META,
+    records: Path | None = defaults.RECORDS,
     write: bool = True,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -321,7 +351,8 @@ def run_compare(
     say = progress or (lambda _message: None)
     options = compare_options(stats_paths, methods=methods, rank_by=rank_by, k=k, scope=scope, params=params,
                               method_files=method_files, batch_seqs=batch_seqs, n_boot=n_boot, seed=seed,
-                              heatmap_sequences=heatmap_sequences)
+                              heatmap_sequences=heatmap_sequences, table1_map=table1_map, by_meta=by_meta,
+                              records=records)
     chosen, param_map = select_methods(options)
     write = write and out_dir is not None
     # one compare at a time into a folder, refused before any table is read
@@ -335,6 +366,9 @@ def run_compare(
         timings["weights"] = sum(o.t_weights for o in outcomes)
         timings["metrics"] = sum(o.t_metrics for o in outcomes)
         result = assemble(runs, outcomes, chosen, options, timings)
+        result.by_group = by_group(runs, outcomes, chosen, options)
+        result.agreement = order_agreement(result.table)
+        result.table1 = table1.table1_frame(result.table, result.runs, options.table1_map, options.k)
         result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
         if write:
             t0 = time.perf_counter()
@@ -369,6 +403,21 @@ def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Meth
         skipped=[s for o in outcomes for s in o.skipped],
         runs=[{**r.summary(), "manifest": r.manifest} for r in runs],
         config=options.record(), k=options.k, timings=timings)
+
+
+def by_group(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method],
+             options: CompareOptions) -> pd.DataFrame | None:
+    """by_group.csv (``--by-meta``): every metric per value of the records' meta field; None without it."""
+    if not options.by_meta:
+        return None
+    families = {m.name: getattr(m, "family", "") for m in chosen}
+    rows = []
+    for run, outcome in zip(runs, outcomes):
+        path = groups.records_path(run, options.records)
+        grouping = groups.sequence_groups(run, groups.read_meta(path), options.by_meta, path)
+        rows += groups.group_rows(run, outcome.weights, families, options.by_meta, grouping, rank_by=options.rank_by,
+                                  scope=options.scope, k=options.k, n_boot=options.n_boot, seed=options.seed)
+    return pd.DataFrame(rows, columns=group_columns())
 
 
 def _block_sorted(rows: list[dict], order: dict[str, list[str]]) -> list[dict]:

@@ -1,9 +1,13 @@
-"""``demo``: the whole pipeline on the built-in defaults, inject → score → compare on CHAMP.
+"""``demo``: the whole pipeline on the built-in defaults, inject → score → compare on CHAMP, then on real errors.
 
 Everything goes into one folder: ``noisy.jsonl``, ``stats.parquet`` (scored
 with ``--resume``, so a run after an interrupted one reuses finished shards)
-and compare's report, swapped in whole when all three stages are done. What
-the caller sees of each stage comes through :class:`DemoHooks`.
+and compare's report; then ``real-errors/``: the same three steps on the
+first :data:`REAL_ERROR_SOLUTIONS` model-written solutions of ``champ-fws``
+(no injected noise: the noise is each solution's first wrong step as a
+person marked it), compared by source model too. The folder is swapped in
+whole when all six stages are done. What the caller sees of each stage
+comes through :class:`DemoHooks`.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
+from reweight_audit import options as defaults
 from reweight_audit.compare import run_compare
+from reweight_audit.errors import AuditError
 from reweight_audit.inject import InjectResult, run_inject
 from reweight_audit.io import atomic_directory, output_lock, prepare_output_dir, read_json, write_json_atomic
 from reweight_audit.results import CompareResult
@@ -23,6 +29,10 @@ SOURCE = "champ"
 CLEAN_FRAC = 0.1  # clean sequences are the negatives of the sequence hit rate
 SEED = 0
 SCOPES = ("global", "sequence")
+#: champ-fws solutions in the demo's real-error slice: the first 80 are 40 problems, 20 solutions per model,
+#: about 17,000 tokens, which keeps the whole demo under 6 minutes on an idle 2-core CPU (README).
+REAL_ERROR_SOLUTIONS = defaults.REAL_ERRORS
+REAL_ERRORS_DIR = "real-errors"
 
 
 class DemoHooks:
@@ -43,39 +53,89 @@ class DemoResult:
     injected: InjectResult
     scored: ScoreResult
     compared: CompareResult
+    real: "RealErrors | None" = None
 
 
-def run_demo(output: str | os.PathLike = Path("reports/demo"), *, limit: int | None = None, model: str = "default",
-             device: str = "auto", hooks: DemoHooks | None = None) -> DemoResult:
-    """Inject noise into CHAMP (first ``limit`` problems), score it with ``model``, compare every method.
+@dataclass
+class RealErrors:
+    """The real-error part of the demo: its folder and the three stages' results."""
+
+    folder: Path
+    injected: InjectResult
+    scored: ScoreResult
+    compared: CompareResult
+
+
+def run_demo(output: str | os.PathLike = Path("reports/demo"), *, limit: int | None = defaults.LIMIT,
+             model: str = defaults.MODEL, device: str = defaults.DEVICE, hooks: DemoHooks | None = None,
+             real_errors: int = REAL_ERROR_SOLUTIONS) -> DemoResult:
+    """Inject noise into CHAMP (first ``limit`` problems), score it with ``model``, compare every method; then the
+    real-error diagnostic on the first ``real_errors`` champ-fws solutions (at most ``limit``; 0 skips it).
 
     The stages run in the work folder ``.<name>.partial`` beside ``output``
     (:func:`reweight_audit.io.atomic_directory`), which is swapped in once
-    all three finished: an interrupted or failed demo leaves the previous
+    all six finished: an interrupted or failed demo leaves the previous
     ``output`` as it was, and the next demo continues in the work folder
     (scoring resumes from its finished shards).
     """
+    if real_errors < 0:
+        raise AuditError(f"--real-errors {real_errors}: give 0 (no real-error part) or a number of solutions")
     hooks = hooks or DemoHooks()
     output = prepare_output_dir(output)
+    n_real = min(real_errors, limit) if limit is not None else real_errors
     with output_lock(output), atomic_directory(output, keep_work=True) as work:
         noisy, stats = work / "noisy.jsonl", work / "stats.parquet"
-        with hooks.stage("inject", f"1/3 inject: CHAMP, default families, seed {SEED}") as progress:
+        with hooks.stage("inject", f"1/6 inject: CHAMP, default families, seed {SEED}") as progress:
             injected = run_inject(SOURCE, noisy, clean_frac=CLEAN_FRAC, seed=SEED, limit=limit, progress=progress)
         hooks.done("inject", injected)
-        with hooks.stage("score", f"2/3 score: {model} model") as progress:
+        with hooks.stage("score", f"2/6 score: {model} model") as progress:
             scored = run_score(noisy, stats, ScoreConfig(model=model, device=device), resume=True, progress=progress)
         hooks.done("score", scored)
-        with hooks.stage("compare", "3/3 compare: every method") as progress:
+        with hooks.stage("compare", "3/6 compare: every method") as progress:
             compared = run_compare([stats], work, scope=SCOPES, seed=SEED, progress=progress)
         hooks.done("compare", compared)
-        _records_name(output, work)
-    injected.output, scored.output = output / noisy.name, output / stats.name
-    compared.files = {name: output / path.name for name, path in compared.files.items()}
-    return DemoResult(output / noisy.name, output / stats.name, injected, scored, compared)
+        real = run_real_errors(work / REAL_ERRORS_DIR, n_real, model=model, device=device, hooks=hooks) \
+            if n_real else None
+        _records_name(output, work, work)
+        if real is not None:
+            _records_name(output, work, real.folder)
+    _moved(injected, scored, compared, work, output)
+    if real is not None:
+        _moved(real.injected, real.scored, real.compared, work, output)
+        real.folder = output / REAL_ERRORS_DIR
+    return DemoResult(output / noisy.name, output / stats.name, injected, scored, compared, real)
 
 
-def _records_name(output: Path, work: Path) -> None:
-    """What the stages recorded about their paths names ``output``, where the files end up, not the work folder."""
+def run_real_errors(folder: Path, n_solutions: int, *, model: str, device: str, hooks: DemoHooks) -> RealErrors:
+    """champ-fws (first ``n_solutions``, no injected noise, --after-error cut) → score → compare, by model too."""
+    folder = prepare_output_dir(folder)
+    noisy, stats = folder / "fws.jsonl", folder / "stats.parquet"
+    with hooks.stage("inject", f"4/6 real errors: champ-fws, first {n_solutions} annotated solutions, "
+                               "no injected noise") as progress:
+        injected = run_inject("champ-fws", noisy, noise="none", limit=n_solutions, progress=progress)
+    hooks.done("inject", injected)
+    with hooks.stage("score", f"5/6 real errors: score with {model} model") as progress:
+        scored = run_score(noisy, stats, ScoreConfig(model=model, device=device), resume=True, progress=progress)
+    hooks.done("score", scored)
+    with hooks.stage("compare", "6/6 real errors: compare every method, by source model too") as progress:
+        compared = run_compare([stats], folder, scope=SCOPES, seed=SEED, by_meta="model", records=noisy,
+                               progress=progress)
+    hooks.done("compare", compared)
+    return RealErrors(folder, injected, scored, compared)
+
+
+def _moved(injected: InjectResult, scored: ScoreResult, compared: CompareResult, work: Path, output: Path) -> None:
+    """The results name the files where the swap put them: under ``output``, not the work folder."""
+    def where(path: Path) -> Path:
+        return output / Path(path).relative_to(work)
+
+    injected.output, scored.output = where(injected.output), where(scored.output)
+    compared.files = {name: where(path) for name, path in compared.files.items()}
+
+
+def _records_name(output: Path, work: Path, folder: Path) -> None:
+    """What the stages recorded about their paths in ``folder`` (the work folder or a part of it) names
+    ``output``, where the files end up, not the work folder."""
     old, new = str(work), str(output)
 
     def moved(value: Any) -> Any:
@@ -86,6 +146,6 @@ def _records_name(output: Path, work: Path) -> None:
         return [moved(v) for v in value] if isinstance(value, list) else value
 
     for name in ("stats.parquet.manifest.json", "summary.json"):
-        write_json_atomic(work / name, moved(read_json(work / name)))
-    table = work / "table.md"
+        write_json_atomic(folder / name, moved(read_json(folder / name)))
+    table = folder / "table.md"
     table.write_text(table.read_text(encoding="utf-8").replace(f"`{old}{os.sep}", f"`{new}{os.sep}"), encoding="utf-8")

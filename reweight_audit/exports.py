@@ -17,10 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reweight_audit import report
+from reweight_audit.agreement import agreement_markdown, verdicts
+from reweight_audit.groups import by_group_markdown
 from reweight_audit.io import atomic_directory, dump_json, json_safe
 from reweight_audit.report import render_table, table_markdown  # the command line and the API show them
 from reweight_audit.results import CompareResult
 from reweight_audit.runs import RunData
+from reweight_audit.table1 import table1_markdown
 
 __all__ = ["EXPORT_FILES", "PLOTS", "write_exports", "figures", "render_table", "table_markdown", "summary",
            "weights_table"]
@@ -37,8 +40,12 @@ EXPORT_FILES = (
     "expected_rank_vs_entropy.png",
     "weight_distributions.png",
     "heatmap.html",
+    "table1.md",
+    "table1.csv",
     "summary.json",
 )
+#: Files written only when they have content: several runs (agreement.csv), --by-meta (by_group.csv).
+OPTIONAL_FILES = ("agreement.csv", "by_group.csv")
 #: The plots, by name; each is written as ``<name>.png``.
 PLOTS = ("recall_curves", "rank_vs_prob", "expected_rank_vs_entropy", "weight_distributions")
 #: Points per scatter / per distribution in the plots.
@@ -62,17 +69,35 @@ def write_exports(result: CompareResult, out_dir: Path, *, runs: list[RunData],
                        use_dictionary=["run", "seq_id", "token", "noise_kind"])
         write_plots(result, tmp, runs=runs, run_weights=run_weights, seed=seed,
                     heatmap_sequences=heatmap_sequences)
-        result.files = {name: out_dir / name for name in EXPORT_FILES}
+        result.files = {name: out_dir / name for name in EXPORT_FILES + OPTIONAL_FILES
+                        if (tmp / name).exists() or name == "summary.json"}
         (tmp / "summary.json").write_text(dump_json(summary(result), ensure_ascii=True), encoding="utf-8")
     return result.files
 
 
 def write_tables(result: CompareResult, folder: Path) -> None:
-    """table.csv, curves.csv, by_kind.csv and table.md."""
+    """table.csv, curves.csv, by_kind.csv and table.md; the views: table1.md/.csv, agreement.csv, by_group.csv."""
     result.table.to_csv(folder / "table.csv", index=False)
     result.curves.to_csv(folder / "curves.csv", index=False)
     result.by_kind.to_csv(folder / "by_kind.csv", index=False)
-    (folder / "table.md").write_text(report.table_markdown(result), encoding="utf-8")
+    sections = [agreement_markdown(result.agreement, result.k) if result.agreement is not None else "",
+                by_group_markdown(result.by_group, result.k)]
+    (folder / "table.md").write_text("\n".join([report.table_markdown(result), *filter(None, sections)]),
+                                     encoding="utf-8")
+    write_views(result, folder)
+
+
+def write_views(result: CompareResult, folder: Path) -> None:
+    """table1.md and table1.csv always; agreement.csv with several runs; by_group.csv with --by-meta."""
+    if result.table1 is not None:
+        result.table1.to_csv(folder / "table1.csv", index=False)
+        (folder / "table1.md").write_text(table1_markdown(result.table1, result.runs, result.config["table1_map"],
+                                                          result.k, report.label_notes(result.runs)),
+                                          encoding="utf-8")
+    if result.agreement is not None and len(result.agreement):
+        result.agreement.to_csv(folder / "agreement.csv", index=False)
+    if result.by_group is not None:
+        result.by_group.to_csv(folder / "by_group.csv", index=False)
 
 
 def write_plots(result: CompareResult, folder: Path, *, runs: list[RunData],
@@ -95,7 +120,8 @@ def figures(result: CompareResult, *, runs: list[RunData], run_weights: list[dic
         "rank_vs_prob": lambda: report.rank_vs_prob_figure(plot_samples),
         "expected_rank_vs_entropy": lambda: report.expected_rank_vs_entropy_figure(plot_samples),
         "weight_distributions": lambda: report.weight_distributions_figure(
-            [{"label": run.label, "methods": {m: weight_sample(w, run.is_noise, seed) for m, w in weights.items()}}
+            [{"label": run.label,  # the pool: tokens after an annotated error are in neither class
+              "methods": {m: weight_sample(run.pool.take(w), run.pool.is_noise, seed) for m, w in weights.items()}}
              for run, weights in zip(runs, run_weights)]),
     }
     return {name: draw[name]() for name in names}
@@ -109,9 +135,23 @@ def summary(result: CompareResult) -> dict:
         "runs": [{key: v for key, v in r.items() if key != "columns"} for r in result.runs],
         "base_rate": {r["label"]: r["base_rate"] for r in result.runs},
         "skipped": result.skipped,
+        "notes": report.label_notes(result.runs),
         "table": [json_safe(rec) for rec in result.table.to_dict(orient="records")],
+        **_view_records(result),
         "files": {name: p.name for name, p in result.files.items()},
     }
+
+
+def _view_records(result: CompareResult) -> dict:
+    """summary.json's views: table1 (always), agreement verdicts (several runs), by_group (--by-meta)."""
+    views = {}
+    for key, frame in (("table1", result.table1),
+                       ("agreement", verdicts(result.agreement) if result.agreement is not None
+                        and len(result.agreement) else None),
+                       ("by_group", result.by_group)):
+        if frame is not None:
+            views[key] = [json_safe(rec) for rec in frame.to_dict(orient="records")]
+    return views
 
 
 def weights_table(runs: list[RunData], run_weights: list[dict[str, np.ndarray]]) -> pa.Table:
@@ -227,13 +267,22 @@ def heatmap_run_data(run: RunData, seq_codes: list[int], weights: Mapping[str, n
             "truncated": bool(truncated),
             "tokens": [tokens[i] if tokens[i] is not None else "" for i in chunk],
             "noise": [bool(x) for x in run.is_noise[rows]],
-            "kind": [run.kinds[c] if c >= 0 else "" for c in run.kind_codes[rows]],
+            "kind": shown_kinds(run, rows),
             "stats": {key: [_json_num(v) for v in arr[chunk]] for key, arr in stats.items()},
             "w": {m: [_json_num(v) for v in w[rows]] for m, w in weights.items()},
             "pct": {m: [round(float(v), 4) for v in percentile_of(w[rows], refs[m])] for m, w in weights.items()},
         }
         seqs.append(seq)
     return {"label": run.label, "methods": list(weights), "seqs": seqs}
+
+
+def shown_kinds(run: RunData, rows: np.ndarray) -> list[str]:
+    """Per row, its noise kind, or for a row left out of the metrics (after-error) that kind; "" for clean."""
+    kinds = [run.kinds[c] if c >= 0 else "" for c in run.kind_codes[rows]]
+    if run.excluded is None or not run.excluded[rows].any():
+        return kinds
+    raw = run.table.column("noise_kind").take(pa.array(rows)).to_pylist()
+    return [raw[i] if run.excluded[r] else kind for i, (r, kind) in enumerate(zip(rows, kinds))]
 
 
 def _json_num(v: Any) -> float | None:

@@ -49,6 +49,10 @@ __all__ = [
     "rank_metrics",
     "noise_mass",
     "bootstrap_intervals",
+    "SEQUENCE_FIELDS",
+    "sequence_counts",
+    "counts_of",
+    "resampled_sums",
     "ranking_metrics",
     "kind_metrics",
 ]
@@ -800,33 +804,88 @@ def bootstrap_intervals(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.
     return out
 
 
-def _sequence_counts(s, y, codes, n_codes, k, scope, w) -> tuple[tuple[str, ...], np.ndarray]:
-    """Per sequence that occurs, its :class:`Counts` fields at the full-sample cut: (field names, [S, fields])."""
+#: The :class:`Counts` fields a sequence contributes, in the column order of :func:`sequence_counts`.
+SEQUENCE_FIELDS = ("found", "n_top", "n_noise", "n", "hits", "n_noisy_seqs")
+
+
+def _per_sequence(s, y, codes, n_codes, ks, scope) -> np.ndarray:
+    """[len(ks), n_codes, SEQUENCE_FIELDS]: per sequence code, its share of the top set's counts at every cut.
+
+    One pool (one partition, or one within-sequence sort) serves every cut. Summed over the sequences, the
+    fields are the counts of :func:`_evaluate`; summed over a bootstrap replicate's draws, that replicate's.
+    """
     length = np.bincount(codes, minlength=n_codes).astype(np.float64)
     n_noise = np.bincount(codes[y], minlength=n_codes).astype(np.float64)
-    if scope == "global":
-        pool = _GlobalPool(s, y, codes, n_codes, (k,))
-        n_top, c, frac, _, hit_noisy = pool.cut(k)
-        if n_top:
-            p = (s > c).astype(np.float64)
-            p[s == c] = frac
-        else:
-            p = np.zeros(s.size)
-        top = np.bincount(codes, weights=p, minlength=n_codes)
-        found = np.bincount(codes[y], weights=p[y], minlength=n_codes)
-        hit = np.zeros(n_codes)
-        hit[pool.noisy] = hit_noisy
-    else:
-        n_top_s, _, _, found, hit = _SequencePool(s, y, codes, n_codes).cut(k)
-        top = n_top_s.astype(np.float64)
     noisy = (n_noise > 0).astype(np.float64)
-    names = ("found", "n_top", "n_noise", "n", "hits", "n_noisy_seqs")
-    cols = [found, top, n_noise, length, hit * noisy, noisy]
+    pool = _GlobalPool(s, y, codes, n_codes, ks) if scope == "global" else _SequencePool(s, y, codes, n_codes)
+    out = np.empty((len(ks), n_codes, len(SEQUENCE_FIELDS)))
+    for i, k in enumerate(ks):
+        if scope == "global":
+            n_top, c, frac, _, hit_noisy = pool.cut(k)
+            p = np.where(s > c, 1.0, np.where(s == c, frac, 0.0)) if n_top else np.zeros(s.size)
+            top = np.bincount(codes, weights=p, minlength=n_codes)
+            found = np.bincount(codes[y], weights=p[y], minlength=n_codes)
+            hit = np.zeros(n_codes)
+            hit[pool.noisy] = hit_noisy
+        else:
+            n_top_s, _, _, found, hit = pool.cut(k)
+            top = n_top_s.astype(np.float64)
+        out[i] = np.column_stack([found, top, n_noise, length, hit * noisy, noisy])
+    return out
+
+
+def _sequence_counts(s, y, codes, n_codes, k, scope, w) -> tuple[tuple[str, ...], np.ndarray]:
+    """Per sequence that occurs, its :class:`Counts` fields at the full-sample cut: (field names, [S, fields])."""
+    per = _per_sequence(s, y, codes, n_codes, (k,), scope)[0]
+    names, cols = SEQUENCE_FIELDS, [per]
     if w is not None:
         names += ("w_total", "w_noise")
-        cols += [np.bincount(codes, weights=w, minlength=n_codes),
-                 np.bincount(codes[y], weights=w[y], minlength=n_codes)]
-    return names, np.column_stack(cols)[length > 0]
+        cols += [np.column_stack([np.bincount(codes, weights=w, minlength=n_codes),
+                                  np.bincount(codes[y], weights=w[y], minlength=n_codes)])]
+    return names, np.column_stack(cols)[per[:, 3] > 0]
+
+
+def sequence_counts(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, cuts: Iterable[float],
+                    scope: str = "global", n_seqs: int | None = None) -> np.ndarray:
+    """Per sequence code 0..n_seqs-1, the :class:`Counts` fields (:data:`SEQUENCE_FIELDS`) at every cut.
+
+    Returns ``[len(cuts), n_seqs, len(SEQUENCE_FIELDS)]``. Summed over axis 1
+    it gives each cut's counts (ties fractional, as everywhere); multiplied by
+    a bootstrap multiplicity matrix (:func:`resampled_sums`), each replicate's,
+    with the cut held at the full-sample cut. ``n_seqs`` (default: the largest
+    code + 1) fixes the rows, so that pools of one run (say, one per noise
+    kind) share the same sequences and therefore the same bootstrap draws;
+    a sequence without tokens in the pool contributes a row of zeros.
+    """
+    s, y, codes, n_codes = _inputs(scores, is_noise, seq_codes)
+    if n_seqs is not None:
+        if int(n_seqs) < int(codes.max()) + 1:
+            raise AuditError(f"n_seqs {n_seqs} is smaller than the number of sequence codes {int(codes.max()) + 1}")
+        codes, n_codes = np.asarray(seq_codes, dtype=np.intp), int(n_seqs)
+    ks = tuple(_check_k(c, "every cut") for c in cuts)
+    return _per_sequence(s, y, codes, n_codes, ks, _check_scope(scope))
+
+
+def counts_of(fields: np.ndarray) -> Counts:
+    """:class:`Counts` from an array whose last axis is :data:`SEQUENCE_FIELDS` (any leading shape)."""
+    fields = np.asarray(fields, dtype=np.float64)
+    return Counts(**{name: fields[..., i] for i, name in enumerate(SEQUENCE_FIELDS)})
+
+
+def resampled_sums(agg: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, columns]``: replicate b's sum of the rows (sequences) of ``agg`` it draws.
+
+    The draws are those of :func:`bootstrap_intervals` for the same number of
+    rows and ``seed`` (replicate b is the b-th ``rng.integers(0, S, size=S)``
+    on ``np.random.default_rng(seed)``): every column, method and setting
+    resampled with the same draws gives paired replicates.
+    """
+    agg = np.asarray(agg, dtype=np.float64)
+    if agg.ndim != 2 or agg.shape[0] == 0:
+        raise AuditError(f"resampled_sums needs a 2-D array with one row per sequence, got shape {agg.shape}")
+    if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise AuditError(f"n_boot must be a positive integer, got {n_boot!r}")
+    return _resampled_sums(agg, int(n_boot), int(seed))
 
 
 def _resampled_sums(agg: np.ndarray, n_boot: int, seed: int) -> np.ndarray:

@@ -6,6 +6,7 @@ The command line (:mod:`reweight_audit.cli`), the Python API
 option's Python keyword is its command-line name with ``_`` for ``-``
 (``--batch-tokens`` is ``batch_tokens=``); a repeatable option is plural in
 Python (``--param`` is ``params=``, ``--method-file`` is ``method_files=``).
+``sweep`` and ``demo`` take theirs from here too.
 ``tests/test_api.py`` checks that the command line and the API agree on both.
 """
 from __future__ import annotations
@@ -51,6 +52,21 @@ RANK_BY = "weight"
 SCOPE = "global"
 BATCH_SEQS = 256
 BOOTSTRAP = 200
+TABLE1_MAP = None  # None: table1.DEFAULT_MAP (entropy=eaft,prob=dft,ranktuner=ranktuner-approx)
+BY_META = None  # None: no per-group table (by_group.csv)
+RECORDS = None  # None: the score manifest's input (read only with by_meta)
+
+# ---------------------------------------------------------------- sweep (methods, params, method files, batch
+# seqs and seed as for compare)
+SWEEP_K = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0)  # percent: Table 1's 10% and the range around it
+SWEEP_RANK_BY = ("weight", "loss", "grad")
+SWEEP_SCOPE = ("global", "sequence")
+SWEEP_METRIC = "tok_rec"
+SWEEP_BOOTSTRAP = 100  # enough for a 95% interval's ends to settle to about a point
+CLAIM = None
+
+# ---------------------------------------------------------------- demo (limit, model and device as above)
+REAL_ERRORS = 80  # champ-fws solutions in the real-error part; 0 skips it
 
 
 def split_list(values: str | Iterable[str] | None) -> list[str]:

@@ -22,6 +22,7 @@ from rich.table import Table
 from reweight_audit.formatting import finite, fmt_interval, fmt_num, fmt_pct, k_label
 from reweight_audit.metrics import metric_specs
 from reweight_audit.results import CompareResult
+from reweight_audit.runs import REAL_ERROR_KINDS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["fmt_pct", "fmt_interval", "fmt_num", "render_table", "table_markdown", "table_cells", "metric_headers",
            "plot_recall_curves", "plot_rank_vs_prob", "plot_expected_rank_vs_entropy", "plot_weight_distributions",
            "recall_curves_figure", "rank_vs_prob_figure", "expected_rank_vs_entropy_figure",
-           "weight_distributions_figure", "heatmap_html", "default_heatmap_method"]
+           "weight_distributions_figure", "heatmap_html", "default_heatmap_method", "label_notes"]
 
 LN2 = math.log(2.0)
 
@@ -62,6 +63,23 @@ def _title(result: CompareResult) -> str:
     return parts[0] + (" (" + ", ".join(parts[1:]) + ")" if len(parts) > 1 else "")
 
 
+def label_notes(runs: list[dict]) -> list[str]:
+    """What the labels mean where they are not injected noise: real errors, and tokens left out of the metrics."""
+    notes = []
+    real = {kind: [(r["label"], r["noise_kinds"][kind]) for r in runs if r.get("noise_kinds", {}).get(kind)]
+            for kind in REAL_ERROR_KINDS}
+    for kind, where in real.items():
+        if where:
+            counts = ", ".join(f"{label}: {n:,} tokens" for label, n in where)
+            notes.append(f"{kind} is real errors, not injected noise: the first wrong step of a model-written "
+                         f"solution as a person marked it (human annotation); {counts}")
+    for r in runs:
+        for kind, n in (r.get("excluded_kinds") or {}).items():
+            notes.append(f"{r['label']}: {n:,} {kind} tokens (after the first wrong step, of unknown correctness) "
+                         "are left out of both classes and every metric; the weights were computed with them")
+    return notes
+
+
 def _caption(result: CompareResult) -> str:
     """Base rates, intervals, skipped methods; labels and reasons escaped (a label like "[a/stats]" is not markup)."""
     bits = []
@@ -71,6 +89,7 @@ def _caption(result: CompareResult) -> str:
     n_boot = result.config.get("n_boot", 0)
     if n_boot:
         bits.append(f"in parentheses: bootstrap 95% interval over sequences ({n_boot} resamples)")
+    bits += label_notes(result.runs)
     if result.skipped:
         bits.append("skipped: " + "; ".join(escape(f"{s['method']} ({s['run']}: {s['reason']})")
                                             for s in result.skipped))
@@ -118,6 +137,7 @@ def table_markdown(result: CompareResult) -> str:
                  f"ties at the cut count fractionally; seed {cfg.get('seed')}")
     if cfg.get("n_boot"):
         lines.append(f"- parentheses: bootstrap 95% interval over sequences, {cfg['n_boot']} resamples")
+    lines += [f"- {_md_escape(note)}" for note in label_notes(result.runs)]
     lines.append("")
     extra = ["run", "rank_by", "scope"] if len(df) else []
     extra = [c for c in extra if c in _varying(df)] if len(df) else []
@@ -139,7 +159,8 @@ def table_markdown(result: CompareResult) -> str:
             if len(bk.groupby(["run", "rank_by", "scope"])) > 1:
                 lines += [f"### {_md_escape(key[0])}, rank by {key[1]}, {key[2]}", ""]
             kinds = list(dict.fromkeys(grp["kind"]))
-            lines.append("| method | " + " | ".join(_md_escape(k) for k in kinds) + " |")
+            lines.append("| method | " + " | ".join(_md_escape(k) + (" (real errors)" if k in REAL_ERROR_KINDS else "")
+                                                  for k in kinds) + " |")
             lines.append("|---|" + "|".join(["---:"] * len(kinds)) + "|")
             piv = grp.pivot_table(index="method", columns="kind", values="tok_rec", sort=False, dropna=False)
             for m in dict.fromkeys(grp["method"]):
@@ -365,6 +386,8 @@ def _tooltip(seq: dict, i: int, method: str | None) -> str:
         text += f"\nweight ({method}) = {_fmt_stat(seq['w'][method][i])}, percentile {seq['pct'][method][i] * 100:.1f}"
     if seq["noise"][i]:
         text += f"\nNOISE: {seq['kind'][i] or 'unlabelled'}"
+    elif seq["kind"][i]:
+        text += f"\nleft out of the metrics: {seq['kind'][i]}"
     return text
 
 
@@ -386,6 +409,7 @@ white-space:pre-wrap;word-wrap:break-word;border:1px solid #e3e3e3;border-radius
 .seqhead{font-size:.8em;color:#666;margin-top:1em}
 .t{border-radius:2px;cursor:default}
 .t.n{outline:2px solid #1a4fd6;outline-offset:-1px;text-decoration:underline wavy #1a4fd6}
+.t.x{outline:1px dashed #888;outline-offset:-1px;color:#666}
 .t:hover{outline:2px solid #000}
 .empty{color:#999}
 .missing{color:#a00;font-style:italic}
@@ -409,6 +433,7 @@ _JS = """
     if(st.ER) out+=', E[R] = '+f(st.ER[i]);
     if(seq.w[m]) out+='\\nweight ('+m+') = '+f(seq.w[m][i])+', percentile '+(seq.pct[m][i]*100).toFixed(1);
     if(seq.noise[i]) out+='\\nNOISE: '+(seq.kind[i]||'unlabelled');
+    else if(seq.kind[i]) out+='\\nleft out of the metrics: '+seq.kind[i];
     return out;}
   function paint(){
     var m = sel.value;
@@ -461,7 +486,7 @@ def heatmap_html(runs: list[dict], k: float | None = None, title: str = "reweigh
            f"<title>{esc(title)}</title>", f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
            '<p class="note">Each token is coloured by the selected method\'s weight, normalised per method as the '
            "weight's percentile among all tokens of its run (robust to each method's scale). Noise tokens are outlined "
-           "in blue with a wavy underline; hover any token for p, entropy H, rank R, expected rank E[R], "
+           "in blue with a wavy underline, tokens left out of the metrics (after-error) dashed grey; hover any token for p, entropy H, rank R, expected rank E[R], "
            "the weight and the noise kind."
            + (f" Tables report the top {esc(k_label(k))}." if k is not None else "") + "</p>",
            '<div class="controls"><label for="method">method </label><select id="method">']
@@ -486,7 +511,7 @@ def heatmap_html(runs: list[dict], k: float | None = None, title: str = "reweigh
                        f"{n_noise} noise" + (" (truncated)" if seq.get("truncated") else "") + "</div>")
             spans = []
             for i, tok in enumerate(seq["tokens"]):
-                cls = "t n" if seq["noise"][i] else "t"
+                cls = "t n" if seq["noise"][i] else ("t x" if seq["kind"][i] else "t")
                 style = f' style="background-color:{_colour(seq["pct"][default][i])}"' if has else ""
                 tipt = esc(_tooltip(seq, i, default if has else None), quote=True)
                 spans.append(f'<span class="{cls}"{style} title="{tipt}">{_display_token(tok)}</span>')

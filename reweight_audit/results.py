@@ -19,6 +19,8 @@ IDENTITY = ("run", "method", "family", "rank_by", "scope", "k")
 RUN_COUNTS = ("n_tokens", "n_noise", "n_seqs", "n_noise_seqs", "base_rate")
 #: The noise kind of a by_kind.csv row and its pool: clean tokens plus that kind's tokens.
 KIND = ("kind", "n_kind", "n_pool")
+#: The group of a by_group.csv row (``--by-meta``) and its counts.
+GROUP = ("group_by", "group", "n_tokens", "n_noise", "n_seqs", "n_noise_seqs")
 
 
 def _interval(name: str) -> list[str]:
@@ -48,6 +50,14 @@ def kind_columns() -> list[str]:
     return [*IDENTITY, *KIND, *(spec.name for spec in metric_specs())]
 
 
+def group_columns() -> list[str]:
+    """by_group.csv: identity, the group and its counts, every metric with its interval."""
+    cols = [*IDENTITY, *GROUP]
+    for spec in metric_specs():
+        cols += [spec.name, *(_interval(spec.name) if spec.interval else [])]
+    return cols
+
+
 @dataclass
 class CompareResult:
     """Everything ``compare`` produced. Metric values are fractions (0..1)."""
@@ -61,6 +71,9 @@ class CompareResult:
     k: float  # percent
     files: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    by_group: pd.DataFrame | None = None  # --by-meta: every metric per value of a record meta field
+    agreement: pd.DataFrame | None = None  # several runs: each pair's order per metric and run (agreement.csv)
+    table1: pd.DataFrame | None = None  # the Table 1 view (table1.csv)
     #: The loaded runs (``runs.RunData``) and, per run, each method's weight per token: what the
     #: exports are drawn from, kept so that a report can be written after the fact.
     run_data: list = field(default_factory=list, repr=False)

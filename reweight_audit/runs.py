@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from reweight_audit.annotations import AFTER_ERROR, WRONG_STEP
 from reweight_audit.errors import AuditError
 from reweight_audit.io import read_manifest
 
@@ -25,6 +27,11 @@ from reweight_audit.io import read_manifest
 REQUIRED_COLUMNS = ("seq_id", "pos", "token", "logp", "is_noise")
 #: Columns never handed to a weighting method: the noise labels are what the methods are judged against.
 LABEL_COLUMNS = ("is_noise", "noise_kind")
+#: Span kinds whose tokens are neither noise nor clean: compare leaves them out of both classes, out of every
+#: metric, after the weights were computed on the full table (``docs/metrics.md``, "Tokens left out").
+EXCLUDED_KINDS = (AFTER_ERROR,)
+#: Span kinds that are real errors a person marked, not injected noise (the reports say so).
+REAL_ERROR_KINDS = (WRONG_STEP,)
 
 
 class StatColumns(Mapping):
@@ -43,6 +50,33 @@ class StatColumns(Mapping):
 
     def __len__(self) -> int:
         return len(self._run.numeric_columns)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The tokens the metrics see: every row but those of :data:`EXCLUDED_KINDS` (or a subset of them).
+
+    ``rows`` indexes the table (None: every row); the arrays are the run's, taken at ``rows``.
+    """
+
+    rows: np.ndarray | None
+    is_noise: np.ndarray
+    seq_codes: np.ndarray
+    kind_codes: np.ndarray
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.is_noise.size)
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (one per table row) at the pool's rows."""
+        return values if self.rows is None else values[self.rows]
+
+    def subset(self, keep: np.ndarray) -> "Pool":
+        """The pool's tokens where ``keep`` (a bool per pool token) holds."""
+        where = np.flatnonzero(keep)
+        rows = where if self.rows is None else self.rows[where]
+        return Pool(rows, self.is_noise[where], self.seq_codes[where], self.kind_codes[where])
 
 
 @dataclass
@@ -78,6 +112,8 @@ class RunData:
     kind_codes: np.ndarray  # int32, -1 for clean tokens
     kinds: list[str]  # code -> noise kind
     numeric_columns: tuple[str, ...]
+    excluded: np.ndarray | None = None  # bool per token: a kind of EXCLUDED_KINDS (None: none)
+    excluded_kinds: dict[str, int] = field(default_factory=dict)  # kind -> tokens left out
     _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -107,21 +143,34 @@ class RunData:
     def stat_columns(self) -> Mapping[str, np.ndarray]:
         return StatColumns(self)
 
+    @cached_property
+    def pool(self) -> Pool:
+        """The tokens every metric is computed on: all rows but the excluded ones."""
+        if self.excluded is None:
+            return Pool(None, self.is_noise, self.seq_codes, self.kind_codes)
+        rows = np.flatnonzero(~self.excluded)
+        return Pool(rows, self.is_noise[rows], self.seq_codes[rows], self.kind_codes[rows])
+
     def summary(self) -> dict:
-        n = self.n_tokens
-        n_noise = int(self.is_noise.sum())
-        noisy_seq = np.bincount(self.seq_codes[self.is_noise], minlength=len(self.seq_names)) > 0
-        kind_counts = np.bincount(self.kind_codes[self.kind_codes >= 0], minlength=len(self.kinds))
+        """The run's counts over its pool (``n_tokens``: tokens the metrics see; ``n_excluded``: rows left out)."""
+        pool = self.pool
+        n = pool.n_tokens
+        n_noise = int(pool.is_noise.sum())
+        n_codes = len(self.seq_names)
+        noisy_seq = np.bincount(pool.seq_codes[pool.is_noise], minlength=n_codes) > 0
+        kind_counts = np.bincount(pool.kind_codes[pool.kind_codes >= 0], minlength=len(self.kinds))
         return {
             "label": self.label,
             "path": str(self.path),
             "model": (self.manifest or {}).get("model"),
             "n_tokens": n,
             "n_noise": n_noise,
-            "n_seqs": len(self.seq_names),
+            "n_seqs": int(np.count_nonzero(np.bincount(pool.seq_codes, minlength=n_codes))),
             "n_noise_seqs": int(noisy_seq.sum()),
             "base_rate": n_noise / n if n else math.nan,
             "noise_kinds": {k: int(c) for k, c in zip(self.kinds, kind_counts)},
+            "n_excluded": self.n_tokens - n,
+            "excluded_kinds": dict(self.excluded_kinds),
             "columns": sorted(self.columns),
         }
 
@@ -140,6 +189,9 @@ def load_run(source: StatsSource, label: str | None = None) -> RunData:
         manifest = read_manifest(path)
     seq_codes, seq_names = _dictionary_codes(table.column("seq_id").cast(pa.string()))
     is_noise = table.column("is_noise").fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+    excluded, excluded_kinds = _excluded_rows(table)
+    if excluded is not None:
+        is_noise = is_noise & ~excluded
     kind_codes, kinds = _kind_codes(table, is_noise)
     run = RunData(
         label=label or "",
@@ -152,6 +204,8 @@ def load_run(source: StatsSource, label: str | None = None) -> RunData:
         kind_codes=kind_codes,
         kinds=kinds,
         numeric_columns=_method_columns(table),
+        excluded=excluded,
+        excluded_kinds=excluded_kinds,
     )
     _check_unique_tokens(run)
     logp = run.column("logp")
@@ -228,6 +282,21 @@ def _dictionary_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     codes = enc.indices.to_numpy(zero_copy_only=False)
     names = enc.dictionary.to_pylist()
     return codes, names
+
+
+def _excluded_rows(table: pa.Table) -> tuple[np.ndarray | None, dict[str, int]]:
+    """Per token, whether its noise_kind is one of :data:`EXCLUDED_KINDS` (None when none is), and the counts."""
+    if "noise_kind" not in table.column_names:
+        return None, {}
+    kinds = table.column("noise_kind").cast(pa.string())
+    counts = {}
+    excluded = np.zeros(table.num_rows, dtype=bool)
+    for kind in EXCLUDED_KINDS:
+        hit = pc.equal(kinds, kind).fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        if hit.any():
+            counts[kind] = int(hit.sum())
+            excluded |= hit
+    return (excluded if counts else None), counts
 
 
 def _kind_codes(table: pa.Table, is_noise: np.ndarray) -> tuple[np.ndarray, list[str]]:

@@ -203,7 +203,8 @@ def test_compare_runs_side_by_side_and_keeps_what_save_and_plot_need(tmp_path):
     np.testing.assert_allclose(first["nll"], -a["logp"], rtol=1e-6)  # nll = −log p (stored as float32)
     np.testing.assert_allclose(first["dft"], np.exp(a["logp"]), rtol=1e-6)  # dft = p
     files = result.save(tmp_path / "report")
-    assert sorted(files) == sorted(EXPORT_FILES) and all(p.is_file() for p in files.values())
+    # two runs: the cross-run agreement view (agreement.csv) is written beside every report file
+    assert sorted(files) == sorted(EXPORT_FILES + ("agreement.csv",)) and all(p.is_file() for p in files.values())
     for name in ("table.csv", "curves.csv", "by_kind.csv", "table.md"):  # output= wrote the same report
         assert (tmp_path / "written" / name).read_bytes() == files[name].read_bytes(), name
     assert pd.read_csv(files["table.csv"])["tok_prec"].tolist() == pytest.approx(result.table["tok_prec"].tolist())

@@ -97,7 +97,7 @@ def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
                                  "--quiet"])
     assert result.exit_code == 0, result.output
     rules = [line.strip("─ ") for line in result.output.splitlines() if line.startswith("─")]
-    assert [rule[:3] for rule in rules] == ["1/3", "2/3", "3/3"]
+    assert [rule[:3] for rule in rules] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
     assert "wrote" in result.output and "demo done" in result.output
     assert json.loads((out / "noisy.jsonl.manifest.json").read_text())["records"] == 3
     assert json.loads((out / "stats.parquet.manifest.json").read_text())["stage"] == "score"
@@ -106,3 +106,7 @@ def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["scope"] == ["global", "sequence"] and summary["config"]["n_boot"] == 200
     assert not (out / "stats.parquet.shards").exists()
+    real = out / "real-errors"  # the real-error part: the first 3 champ-fws solutions (--limit), by model too
+    assert json.loads((real / "fws.jsonl.manifest.json").read_text())["records"] == 3
+    assert (real / "table1.md").is_file() and (real / "by_group.csv").is_file()
+    assert "wrong-step is real errors" in (real / "table.md").read_text()
