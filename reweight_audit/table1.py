@@ -107,8 +107,8 @@ def table1_markdown(frame: pd.DataFrame, runs: list[dict], mapping: Mapping[str,
         r = by_run.get(run, {})
         lines += ["", f"## {run}, rank by {rank_by}, {scope} top-k", "",
                   f"Base rate: ours {fmt_pct(r.get('base_rate'))} ({r.get('n_noise', 0):,} noise of "
-                  f"{r.get('n_tokens', 0):,} tokens); the paper's implied {fmt_pct(min(implied))}–"
-                  f"{fmt_pct(max(implied))}.", "",
+                  f"{r.get('n_tokens', 0):,} tokens); the paper's implied {_span(implied)}."
+                  + _scale_note(r.get("base_rate"), implied), "",
                   "| Table 1 row | method | " + " | ".join(f"{HEADERS[m]}@{k_label(k)} | paper" for m in TABLE1_METRICS)
                   + " |", "|---|---|" + "---:|---:|" * len(TABLE1_METRICS)]
         for row in block.to_dict(orient="records"):
@@ -118,3 +118,17 @@ def table1_markdown(frame: pd.DataFrame, runs: list[dict], mapping: Mapping[str,
                           fmt_pct(row[f"paper_{metric}"])]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _span(values: list[float]) -> str:
+    low, high = fmt_pct(min(values)), fmt_pct(max(values))
+    return low if low == high else f"{low}–{high}"
+
+
+def _scale_note(base_rate: float | None, implied: list[float]) -> str:
+    """A warning when the base rates differ by more than 2×: TOK PREC scales with the base rate, TOK REC does not."""
+    paper = sum(implied) / len(implied)
+    if base_rate is None or not base_rate > 0 or 0.5 <= base_rate / paper <= 2:
+        return ""
+    return (f" Ours is {base_rate / paper:.1f}× the paper's: TOK PREC scales with the base rate, so compare TOK REC, "
+            "SEQ HIT and LIFT (table.md) rather than TOK PREC.")
