@@ -37,7 +37,7 @@ from reweight_audit.errors import AuditError
 
 ENTRY_POINT_GROUP = "reweight_audit.methods"
 
-FAMILIES = ("prob", "entropy", "rank", "loss", "reference", "baseline")
+FAMILIES = ("prob", "entropy", "rank", "loss", "reference", "baseline", "control")
 
 # Characters a method name may not contain: ``.`` and ``=`` are the syntax of
 # ``--param name.key=value``; ``,`` separates ``--methods a,b``.
@@ -49,7 +49,7 @@ class Method:
     """One registered weighting method (see the module docstring for ``fn``)."""
 
     name: str
-    family: str  # prob | entropy | rank | loss | reference | baseline
+    family: str  # prob | entropy | rank | loss | reference | baseline | control
     needs: tuple[str, ...]  # statistics columns required, e.g. ("logp",)
     # Parameter defaults. Excluded from hashing (a dict is unhashable) so a
     # Method can still be a dict key or set member. Treat as read-only.

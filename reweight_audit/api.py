@@ -360,6 +360,8 @@ def compare(
     table1_map: str | Mapping[str, str] | None = options.TABLE1_MAP,
     by_meta: str | None = options.BY_META,
     records: PathLike | None = options.RECORDS,
+    stratify: str | Sequence[str] | None = options.STRATIFY,
+    strata: int = options.STRATA,
     output: PathLike | None = None,
 ) -> Comparison:
     """Every weighting method × every metric on one or more stats tables (``reweight-audit compare``).
@@ -401,6 +403,12 @@ def compare(
         table was scored from. None: no per-group table.
     records
         With ``by_meta``: that noisy JSONL (None: the score manifest's input).
+    stratify
+        ``position``, ``length`` or ``rarity``, one or a list: every metric
+        also within quantile strata of that variable, averaged with each
+        stratum weighted by its noise tokens (``.strata``, strata.csv).
+    strata
+        Strata per ``stratify`` variable (10: deciles).
     output
         A folder to write the report into (tables, plots, heatmap, summary);
         None writes nothing (:meth:`Comparison.save` can later).
@@ -446,7 +454,7 @@ def compare(
     _check_all({
         "k": (k, _NUMBER, False), "batch_seqs": (batch_seqs, _INT, False), "bootstrap": (bootstrap, _INT, False),
         "seed": (seed, _INT, False), "by_meta": (by_meta, _TEXT, True), "records": (records, _PATH, True),
-        "output": (output, _PATH, True)})
+        "strata": (strata, _INT, False), "output": (output, _PATH, True)})
     if not (table1_map is None or isinstance(table1_map, (str, Mapping))):
         raise AuditError(f"--table1-map {table1_map!r}: give a comma list row=method or a dict, or None")
     for path in method_files:
@@ -456,7 +464,7 @@ def compare(
                          params=_params(params), method_files=[Path(p) for p in method_files],
                          batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed, table1_map=table1_map,
                          by_meta=by_meta, records=None if records is None else Path(records),
-                         write=output is not None)
+                         stratify=_names("stratify", stratify or []), strata=strata, write=output is not None)
     return Comparison(result)
 
 
@@ -568,6 +576,12 @@ class Comparison:
     def by_group(self) -> pd.DataFrame | None:
         """Every metric per value of the ``by_meta`` field (by_group.csv); None without ``by_meta``."""
         return self.result.by_group
+
+    @property
+    def strata(self) -> pd.DataFrame | None:
+        """Every metric within strata of each ``stratify`` variable, and their weighted mean (strata.csv); None
+        without ``stratify``."""
+        return self.result.strata
 
     @property
     def agreement(self) -> pd.DataFrame | None:

@@ -87,6 +87,8 @@ class _NoteHandler(logging.Handler):
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", callback=_quiet)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed gives the same files.")]
+Strata = Annotated[int, typer.Option(
+    "--strata", help="Strata per --stratify variable: quantiles over the tokens (10: deciles).")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N records.")]
 Model = Annotated[str, typer.Option(
     "--model", help="'default' (SmolLM2-135M-Instruct GGUF), a hub id, a local directory or a .gguf file.")]
@@ -351,6 +353,10 @@ def compare(
                           "noisy JSONL the table was scored from.")] = options.BY_META,
     records: Annotated[Optional[Path], typer.Option(
         "--records", help="With --by-meta: that noisy JSONL (default: the score manifest's input).")] = options.RECORDS,
+    stratify: Annotated[list[str], typer.Option(
+        "--stratify", help="Also every metric within strata of position, length or rarity, averaged over the "
+                           "strata (strata.csv; repeat or comma list).")] = list(options.STRATIFY),  # noqa: B006
+    strata: Strata = options.STRATA,
     quiet: Quiet = False,
 ) -> None:
     """Every method × every metric: the Table 1 diagnostic, printed and exported."""
@@ -360,7 +366,8 @@ def compare(
         result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
                              rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=params,
                              method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
-                             table1_map=table1_map, by_meta=by_meta, records=records, progress=progress)
+                             table1_map=table1_map, by_meta=by_meta, records=records,
+                             stratify=split_list(stratify), strata=strata, progress=progress)
     _report_compare(result)
 
 
@@ -390,9 +397,13 @@ def sweep(
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples over sequences per setting (0: none).")] = options.SWEEP_BOOTSTRAP,
     seed: Seed = options.SEED,
+    stratify: Annotated[list[str], typer.Option(
+        "--stratify", help="The stratify axis: none (pooled), position, length, rarity (repeat or comma list; a "
+                           "claim is checked in every setting of it).")] = list(options.SWEEP_STRATIFY),  # noqa: B006
+    strata: Strata = options.STRATA,
     quiet: Quiet = False,
 ) -> None:
-    """Every method over rank-by × scope × k × noise kind × run: which orders survive every convention."""
+    """Every method over rank-by × scope × k × noise kind × stratify × run: which orders survive every convention."""
     from reweight_audit.sweep import run_sweep
     from reweight_audit.sweep_report import claim_lines
 
@@ -405,7 +416,8 @@ def sweep(
         result = run_sweep(stats, output, methods=split_list([methods]) if methods else None,
                            rank_by=split_list(rank_by), scope=split_list(scope), cuts=cuts, params=params,
                            method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
-                           metric=metric, claim=claim, progress=progress)
+                           metric=metric, claim=claim, stratify=split_list(stratify), strata=strata,
+                           progress=progress)
     for note in result.notes:
         out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),

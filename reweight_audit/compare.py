@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from reweight_audit import groups, metrics, table1
+from reweight_audit import groups, metrics, strata, table1
 from reweight_audit import options as defaults  # `options` names a CompareOptions here
 from reweight_audit.agreement import order_agreement
 from reweight_audit.errors import AuditError
@@ -66,6 +66,8 @@ class CompareOptions:
     table1_map: dict[str, str] = field(default_factory=lambda: dict(table1.DEFAULT_MAP))
     by_meta: str | None = None  # a record meta field: every metric per value (by_group.csv)
     records: Path | None = None  # the noisy JSONL with the records' meta (default: the score manifest's input)
+    stratify: list[str] = field(default_factory=list)  # variables of strata.csv (position, length, rarity)
+    n_strata: int = defaults.STRATA
 
     @property
     def k_frac(self) -> float:
@@ -88,6 +90,8 @@ class CompareOptions:
             "table1_map": self.table1_map,
             "by_meta": self.by_meta,
             "records": None if self.records is None else str(self.records),
+            "stratify": self.stratify,
+            "strata": self.n_strata,
             "cuts": [c * 100.0 for c in metrics.CUTS],
             "tie_rule": TIE_RULE,
             "noise_mass_of": NOISE_MASS_OF,
@@ -112,7 +116,8 @@ def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods
                     k: float, scope: Sequence[str], params: Sequence[str], method_files: Sequence[Path],
                     batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int,
                     table1_map: str | Mapping[str, str] | None = None, by_meta: str | None = None,
-                    records: Path | None = None) -> CompareOptions:
+                    records: Path | None = None, stratify: Sequence[str] = defaults.STRATIFY,
+                    n_strata: int = defaults.STRATA) -> CompareOptions:
     """Check every option before any file is read; a bad one is one AuditError line naming the option."""
     try:
         k = float(k)
@@ -130,6 +135,7 @@ def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods
         raise AuditError("compare: give at least one stats.parquet")
     if records is not None and not by_meta:
         raise AuditError(f"--records {records}: it is read only with --by-meta FIELD; add that or drop --records")
+    stratify, n_strata = strata.check_stratify(_as_list(stratify), n_strata)
     if methods is not None and not _as_list(methods):
         raise AuditError("--methods is empty; give method names (see `reweight-audit methods`) or leave it out")
     return CompareOptions(
@@ -138,7 +144,8 @@ def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods
         scope=_known(_as_list(scope), metrics.SCOPES, "--scope", "global"), params=list(params or []),
         method_files=[Path(p) for p in method_files or []], batch_seqs=int(batch_seqs), n_boot=int(n_boot),
         seed=int(seed), heatmap_sequences=int(heatmap_sequences), table1_map=table1.parse_map(table1_map),
-        by_meta=by_meta or None, records=None if records is None else Path(records))
+        by_meta=by_meta or None, records=None if records is None else Path(records), stratify=stratify,
+        n_strata=n_strata)
 
 
 def _source(source: StatsSource) -> Path | StatsTable:
@@ -329,6 +336,8 @@ def run_compare(
     table1_map: str | Mapping[str, str] | None = defaults.TABLE1_MAP,
     by_meta: str | None = defaults.BY_META,
     records: Path | None = defaults.RECORDS,
+    stratify: Sequence[str] = defaults.STRATIFY,
+    strata: int = defaults.STRATA,
     write: bool = True,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -352,7 +361,7 @@ def run_compare(
     options = compare_options(stats_paths, methods=methods, rank_by=rank_by, k=k, scope=scope, params=params,
                               method_files=method_files, batch_seqs=batch_seqs, n_boot=n_boot, seed=seed,
                               heatmap_sequences=heatmap_sequences, table1_map=table1_map, by_meta=by_meta,
-                              records=records)
+                              records=records, stratify=stratify, n_strata=strata)
     chosen, param_map = select_methods(options)
     write = write and out_dir is not None
     # one compare at a time into a folder, refused before any table is read
@@ -367,6 +376,7 @@ def run_compare(
         timings["metrics"] = sum(o.t_metrics for o in outcomes)
         result = assemble(runs, outcomes, chosen, options, timings)
         result.by_group = by_group(runs, outcomes, chosen, options)
+        result.strata = stratified(runs, outcomes, chosen, options)
         result.agreement = order_agreement(result.table)
         result.table1 = table1.table1_frame(result.table, result.runs, options.table1_map, options.k)
         result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
@@ -418,6 +428,20 @@ def by_group(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Meth
         rows += groups.group_rows(run, outcome.weights, families, options.by_meta, grouping, rank_by=options.rank_by,
                                   scope=options.scope, k=options.k, n_boot=options.n_boot, seed=options.seed)
     return pd.DataFrame(rows, columns=group_columns())
+
+
+def stratified(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method],
+               options: CompareOptions) -> pd.DataFrame | None:
+    """strata.csv (``--stratify``): every method's metrics within strata of each variable; None without it."""
+    if not options.stratify:
+        return None
+    families = {m.name: getattr(m, "family", "") for m in chosen}
+    rows = []
+    for run, outcome in zip(runs, outcomes):
+        rows += strata.strata_rows(run, outcome.weights, families, options.stratify, options.n_strata,
+                                   rank_by=options.rank_by, scope=options.scope, k=options.k, n_boot=options.n_boot,
+                                   seed=options.seed)
+    return strata.strata_frame(rows)
 
 
 def _block_sorted(rows: list[dict], order: dict[str, list[str]]) -> list[dict]:

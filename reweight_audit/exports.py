@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from reweight_audit import report
 from reweight_audit.agreement import agreement_markdown, verdicts
 from reweight_audit.groups import by_group_markdown
+from reweight_audit.strata import controls_markdown
 from reweight_audit.io import atomic_directory, dump_json, json_safe
 from reweight_audit.report import render_table, table_markdown  # the command line and the API show them
 from reweight_audit.results import CompareResult
@@ -44,8 +45,9 @@ EXPORT_FILES = (
     "table1.csv",
     "summary.json",
 )
-#: Files written only when they have content: several runs (agreement.csv), --by-meta (by_group.csv).
-OPTIONAL_FILES = ("agreement.csv", "by_group.csv")
+#: Files written only when they have content: several runs (agreement.csv), --by-meta (by_group.csv),
+#: --stratify (strata.csv).
+OPTIONAL_FILES = ("agreement.csv", "by_group.csv", "strata.csv")
 #: The plots, by name; each is written as ``<name>.png``.
 PLOTS = ("recall_curves", "rank_vs_prob", "expected_rank_vs_entropy", "weight_distributions")
 #: Points per scatter / per distribution in the plots.
@@ -80,7 +82,8 @@ def write_tables(result: CompareResult, folder: Path) -> None:
     result.table.to_csv(folder / "table.csv", index=False)
     result.curves.to_csv(folder / "curves.csv", index=False)
     result.by_kind.to_csv(folder / "by_kind.csv", index=False)
-    sections = [agreement_markdown(result.agreement, result.k) if result.agreement is not None else "",
+    sections = [controls_markdown(result.table, result.strata, result.k),
+                agreement_markdown(result.agreement, result.k) if result.agreement is not None else "",
                 by_group_markdown(result.by_group, result.k)]
     (folder / "table.md").write_text("\n".join([report.table_markdown(result), *filter(None, sections)]),
                                      encoding="utf-8")
@@ -88,7 +91,8 @@ def write_tables(result: CompareResult, folder: Path) -> None:
 
 
 def write_views(result: CompareResult, folder: Path) -> None:
-    """table1.md and table1.csv always; agreement.csv with several runs; by_group.csv with --by-meta."""
+    """table1.md and table1.csv always; agreement.csv with several runs; by_group.csv with --by-meta; strata.csv
+    with --stratify."""
     if result.table1 is not None:
         result.table1.to_csv(folder / "table1.csv", index=False)
         (folder / "table1.md").write_text(table1_markdown(result.table1, result.runs, result.config["table1_map"],
@@ -98,6 +102,8 @@ def write_views(result: CompareResult, folder: Path) -> None:
         result.agreement.to_csv(folder / "agreement.csv", index=False)
     if result.by_group is not None:
         result.by_group.to_csv(folder / "by_group.csv", index=False)
+    if result.strata is not None:
+        result.strata.to_csv(folder / "strata.csv", index=False)
 
 
 def write_plots(result: CompareResult, folder: Path, *, runs: list[RunData],

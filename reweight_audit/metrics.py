@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -53,6 +53,11 @@ __all__ = [
     "sequence_counts",
     "counts_of",
     "resampled_sums",
+    "bootstrap_multiplicities",
+    "stratum_codes",
+    "stratified_mean",
+    "stratified_metrics",
+    "STRATIFIED_METRICS",
     "ranking_metrics",
     "kind_metrics",
 ]
@@ -888,18 +893,31 @@ def resampled_sums(agg: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return _resampled_sums(agg, int(n_boot), int(seed))
 
 
-def _resampled_sums(agg: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, fields]: row b sums the rows of ``agg`` drawn by replicate b (see :func:`bootstrap_intervals`)."""
-    n_seq = agg.shape[0]
+def bootstrap_multiplicities(n_seq: int, n_boot: int, seed: int, chunk: int = _BOOT_CHUNK) -> Iterator[np.ndarray]:
+    """The bootstrap's draws, as consecutive blocks of rows of the multiplicity matrix ``[n_boot, n_seq]``.
+
+    Row b counts how often replicate b draws each sequence: the b-th
+    ``rng.integers(0, n_seq, size=n_seq)`` on ``rng = np.random.default_rng(seed)``
+    (:func:`bootstrap_intervals`). A block has about ``chunk`` entries; it is reused,
+    so copy a block to keep it.
+    """
     rng = np.random.default_rng(seed)
-    sums = np.empty((n_boot, agg.shape[1]))
-    rows = max(1, _BOOT_CHUNK // n_seq)
+    rows = max(1, chunk // max(n_seq, 1))
     mult = np.empty((min(rows, n_boot), n_seq))
     for lo in range(0, n_boot, rows):
         hi = min(n_boot, lo + rows)
         for r in range(hi - lo):                      # one draw per replicate (see bootstrap_intervals)
             mult[r] = np.bincount(rng.integers(0, n_seq, size=n_seq), minlength=n_seq)
-        sums[lo:hi] = mult[: hi - lo] @ agg
+        yield mult[: hi - lo]
+
+
+def _resampled_sums(agg: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, fields]: row b sums the rows of ``agg`` drawn by replicate b (see :func:`bootstrap_intervals`)."""
+    sums = np.empty((n_boot, agg.shape[1]))
+    lo = 0
+    for block in bootstrap_multiplicities(agg.shape[0], n_boot, seed):
+        sums[lo:lo + block.shape[0]] = block @ agg
+        lo += block.shape[0]
     return sums
 
 
@@ -958,3 +976,130 @@ def kind_metrics(index: ScoreIndex, scores: np.ndarray, is_noise: np.ndarray, se
         rows.append({"kind": kind, "n_kind": int(counts.n_noise), "n_pool": n_clean + int(counts.n_noise),
                      **count_values(counts), **ranking_values(index, ki)})
     return rows
+
+
+# --------------------------------------------------------------------------- stratified: the same metrics within strata
+
+
+def stratified_specs() -> list[MetricSpec]:
+    """The metrics with a stratified form, in table order: every per-cut count metric, and AUROC."""
+    return [s for s in METRICS if (s.counts is not None and s.per_cut) or s.name == "auroc"]
+
+
+def stratum_codes(values: np.ndarray, n_strata: int) -> np.ndarray:
+    """Quantile strata of ``values``: ``⌊N · #{x' < x} / n⌋``, renumbered 0..J−1 over the strata that occur.
+
+    Tied values share a stratum, so a variable with few distinct values gives
+    fewer than N strata; with distinct values each holds n/N tokens, give or take one.
+    """
+    x = _check_scores(values, "values")
+    if isinstance(n_strata, (bool, np.bool_)) or not isinstance(n_strata, numbers.Integral) or n_strata < 1:
+        raise AuditError(f"the number of strata must be a positive integer, got {n_strata!r}")
+    below = np.sort(x).searchsorted(x, "left")
+    _, codes = np.unique((below * int(n_strata)) // x.size, return_inverse=True)
+    return codes.reshape(-1).astype(np.intp)
+
+
+def stratified_mean(values: Any, n_noise: Any, axis: int = 0) -> Any:
+    """``Σ_j n_j v_j / Σ_j n_j`` over the strata j (along ``axis``) with noise (n_j > 0) and a defined v_j.
+
+    NaN where no stratum qualifies. ``n_noise`` broadcasts against ``values``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    w = np.broadcast_to(np.asarray(n_noise, dtype=np.float64), v.shape)
+    ok = ~np.isnan(v) & (w > 0)
+    return ratio(np.where(ok, v * w, 0.0).sum(axis=axis), np.where(ok, w, 0.0).sum(axis=axis))
+
+
+class _WeightedAUROC:
+    """AUROC of one pool with every token counted as often as a replicate draws its sequence.
+
+    One sort; per replicate, the clean and noise weight of each distinct score,
+    and ``Σ_v W_noise(v)·(W_clean(< v) + W_clean(v)/2) / (W_noise · W_clean)``:
+    the Mann-Whitney form of :meth:`ScoreIndex.auroc` with weights.
+    """
+
+    def __init__(self, s: np.ndarray, y: np.ndarray, codes: np.ndarray):
+        order = np.argsort(s, kind="stable")
+        ordered = s[order]
+        self.starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        self.codes, self.y = codes[order], y[order]
+
+    def replicates(self, mult: np.ndarray) -> np.ndarray:
+        """[rows of ``mult``]: the AUROC of each replicate (``mult``: [replicates, sequences])."""
+        t = mult[:, self.codes]
+        noise = np.add.reduceat(np.where(self.y, t, 0.0), self.starts, axis=1)
+        clean = np.add.reduceat(np.where(self.y, 0.0, t), self.starts, axis=1)
+        below = np.cumsum(clean, axis=1) - clean
+        return ratio((noise * (below + 0.5 * clean)).sum(axis=1), noise.sum(axis=1) * clean.sum(axis=1))
+
+
+def _stratum_tables(s, y, codes, n_seqs, strata, n_strata, k, scope):
+    """Per stratum: its per-sequence counts [S, fields] at cut k and a ScoreIndex; tokens and sequences as given."""
+    out = []
+    for j in range(n_strata):
+        sub = strata == j
+        per = _per_sequence(s[sub], y[sub], codes[sub], n_seqs, (k,), scope)[0]
+        out.append((sub, per, ScoreIndex(s[sub], y[sub])))
+    return out
+
+
+def _stratified_replicates(s, y, codes, n_seqs, strata, n_strata, tables, n_boot, seed) -> dict[str, np.ndarray]:
+    """Per stratified metric, [n_boot] replicates of the noise-weighted mean over the strata (same draws as
+    :func:`bootstrap_intervals`; the strata and each stratum's cut are the full sample's)."""
+    specs = stratified_specs()
+    agg = np.column_stack([per for _, per, _ in tables])            # [S, strata × fields]
+    aurocs = [_WeightedAUROC(s[sub], y[sub], codes[sub]) for sub, _, _ in tables]
+    out = {spec.name: np.empty(n_boot) for spec in specs}
+    lo = 0
+    for block in bootstrap_multiplicities(n_seqs, n_boot, seed, chunk=max(1, _BOOT_CHUNK // s.size) * n_seqs):
+        hi = lo + block.shape[0]
+        counts = counts_of((block @ agg).reshape(block.shape[0], n_strata, len(SEQUENCE_FIELDS)))
+        for spec in specs:
+            if spec.counts is not None:
+                per_stratum = spec.counts(counts)
+            else:
+                per_stratum = np.column_stack([a.replicates(block) for a in aurocs])
+            out[spec.name][lo:hi] = stratified_mean(per_stratum, counts.n_noise, axis=1)
+        lo = hi
+    return out
+
+
+def stratified_metrics(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, strata: np.ndarray, *,
+                       k: float, scope: str = "global", n_boot: int = 0, seed: int = 0,
+                       level: float = 0.95) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Every per-cut metric at cut ``k``, and AUROC, within each stratum; and their mean over the strata, each
+    stratum weighted by its noise tokens (:func:`stratified_mean`).
+
+    ``strata`` gives each token's stratum (integer codes, e.g. :func:`stratum_codes`). Within a stratum the
+    metrics are those of :func:`topk_metrics` and :func:`auroc` on its tokens alone (its own top k, in
+    ``scope``). Returns ``(summary, rows)``: ``summary`` has every stratified metric, ``<name>_lo``/``<name>_hi``
+    (percentile bootstrap over sequences with the draws of :func:`bootstrap_intervals`, strata and cuts held
+    at the full sample's; NaN when ``n_boot`` is 0) and ``n_strata``; ``rows`` has, per stratum in code
+    order, ``stratum``, ``n``, ``n_noise`` and every stratified metric.
+    """
+    s, y, codes, _ = _inputs(scores, is_noise, seq_codes)
+    strata, n_strata = _check_codes(strata, s.size, "strata")
+    k, scope = _check_k(k), _check_scope(scope)
+    _, dense = np.unique(codes, return_inverse=True)  # the sequences that occur, in code order (the draws' rows)
+    dense = dense.reshape(-1).astype(np.intp)
+    n_seqs = int(dense.max()) + 1
+    tables = _stratum_tables(s, y, dense, n_seqs, strata, n_strata, k, scope)
+    rows = []
+    for j, (sub, per, index) in enumerate(tables):
+        c = counts_of(per.sum(axis=0))
+        rows.append({"stratum": j, "n": int(c.n), "n_noise": int(c.n_noise),
+                     **{spec.name: _number(spec.counts(c) if spec.counts is not None else spec.ranking(index, None))
+                        for spec in stratified_specs()}})
+    weights = [r["n_noise"] for r in rows]
+    summary: dict[str, float] = {spec.name: _number(stratified_mean([r[spec.name] for r in rows], weights))
+                                 for spec in stratified_specs()}
+    reps = _stratified_replicates(s, y, dense, n_seqs, strata, n_strata, tables, n_boot, seed) if n_boot else {}
+    q = ((1 - level) / 2, 1 - (1 - level) / 2)
+    for spec in stratified_specs():
+        vals = reps.get(spec.name, np.zeros(0))
+        vals = vals[~np.isnan(vals)]
+        lo, hi = np.quantile(vals, q) if vals.size else (_NAN, _NAN)
+        summary[f"{spec.name}_lo"], summary[f"{spec.name}_hi"] = float(lo), float(hi)
+    summary["n_strata"] = n_strata
+    return summary, rows

@@ -55,6 +55,8 @@ BOOTSTRAP = 200
 TABLE1_MAP = None  # None: table1.DEFAULT_MAP (entropy=eaft,prob=dft,ranktuner=ranktuner-approx)
 BY_META = None  # None: no per-group table (by_group.csv)
 RECORDS = None  # None: the score manifest's input (read only with by_meta)
+STRATIFY = ()  # no strata.csv; any of position, length, rarity
+STRATA = 10  # deciles
 
 # ---------------------------------------------------------------- sweep (methods, params, method files, batch
 # seqs and seed as for compare)
@@ -64,6 +66,7 @@ SWEEP_SCOPE = ("global", "sequence")
 SWEEP_METRIC = "tok_rec"
 SWEEP_BOOTSTRAP = 100  # enough for a 95% interval's ends to settle to about a point
 CLAIM = None
+SWEEP_STRATIFY = ("none",)  # the pooled metric only; add position, length or rarity for stratified settings
 
 # ---------------------------------------------------------------- demo (limit, model and device as above)
 REAL_ERRORS = 80  # champ-fws solutions in the real-error part; 0 skips it

@@ -74,6 +74,7 @@ class CompareResult:
     by_group: pd.DataFrame | None = None  # --by-meta: every metric per value of a record meta field
     agreement: pd.DataFrame | None = None  # several runs: each pair's order per metric and run (agreement.csv)
     table1: pd.DataFrame | None = None  # the Table 1 view (table1.csv)
+    strata: pd.DataFrame | None = None  # --stratify: every metric within strata (strata.csv)
     #: The loaded runs (``runs.RunData``) and, per run, each method's weight per token: what the
     #: exports are drawn from, kept so that a report can be written after the fact.
     run_data: list = field(default_factory=list, repr=False)

@@ -32,6 +32,9 @@ LABEL_COLUMNS = ("is_noise", "noise_kind")
 EXCLUDED_KINDS = (AFTER_ERROR,)
 #: Span kinds that are real errors a person marked, not injected noise (the reports say so).
 REAL_ERROR_KINDS = (WRONG_STEP,)
+#: Columns derived from the table when it lacks them: ``seq_len``, the sequence's rows (its supervised tokens),
+#: for the position control and ``--stratify position|length``.
+DERIVED_COLUMNS = ("seq_len",)
 
 
 class StatColumns(Mapping):
@@ -126,6 +129,8 @@ class RunData:
 
     def column(self, name: str) -> np.ndarray:
         arr = self._cache.get(name)
+        if arr is None and name == "seq_len" and name not in self.table.column_names:
+            arr = self._cache[name] = np.bincount(self.seq_codes)[self.seq_codes].astype(np.int64)
         if arr is None:
             col = self.table.column(name)
             if pa.types.is_floating(col.type) or (pa.types.is_integer(col.type) and col.null_count):
@@ -320,13 +325,14 @@ def _kind_codes(table: pa.Table, is_noise: np.ndarray) -> tuple[np.ndarray, list
 
 def _method_columns(table: pa.Table) -> tuple[str, ...]:
     """What methods may read: every numeric column (statistics, pos, token_id, extra columns a third-party
-    method may need) except the labels."""
-    return tuple(
+    method may need) except the labels, then the :data:`DERIVED_COLUMNS` the table lacks."""
+    stored = tuple(
         c
         for c in table.column_names
         if c not in LABEL_COLUMNS
         and (pa.types.is_floating(table.schema.field(c).type) or pa.types.is_integer(table.schema.field(c).type))
     )
+    return stored + tuple(c for c in DERIVED_COLUMNS if c not in table.column_names)
 
 
 def _model_label(model: Any) -> str | None:

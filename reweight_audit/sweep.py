@@ -1,7 +1,9 @@
 """``sweep``: does a verdict survive the conventions? Every method over every setting, from the stats tables alone.
 
 A setting is run × rank-by × scope × cut k × noise (all noise, and each noise
-kind when there are several). Weights are computed once per run exactly as
+kind when there are several) × stratify (``none``: the pooled metric; or the
+noise-weighted mean of the metric within strata of position, length or rarity,
+:mod:`reweight_audit.strata`). Weights are computed once per run exactly as
 ``compare`` computes them (:func:`reweight_audit.compare.run_weights`); every
 metric comes from the one engine in :mod:`reweight_audit.metrics`
 (:func:`~reweight_audit.metrics.sequence_counts`: per-sequence counts at
@@ -22,7 +24,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from reweight_audit import metrics
+from reweight_audit import metrics, strata
 from reweight_audit import options as defaults  # `options` names a SweepOptions here
 from reweight_audit.compare import compare_options, run_weights, select_methods
 from reweight_audit.errors import AuditError
@@ -33,7 +35,9 @@ from reweight_audit.runs import Pool, RunData, load_runs
 #: The cuts of a sweep (fractions): Table 1's 10% and the range around it.
 SWEEP_CUTS = tuple(k / 100.0 for k in defaults.SWEEP_K)
 #: The columns that name a setting.
-SETTING = ("run", "rank_by", "scope", "k", "noise")
+SETTING = ("run", "rank_by", "scope", "k", "noise", "stratify")
+#: The stratify value of the pooled settings.
+POOLED = "none"
 #: Bootstrap resamples per setting: enough for a 95% interval's ends to settle to about a point.
 DEFAULT_BOOT = defaults.SWEEP_BOOTSTRAP
 #: The noise of a setting when every kind counts.
@@ -52,11 +56,13 @@ class SweepOptions:
     seed: int
     metric: str
     claim: list[str] | None
+    stratify: list[str] = field(default_factory=lambda: [POOLED])
+    n_strata: int = defaults.STRATA
 
     def record(self) -> dict:
         return {"rank_by": self.rank_by, "scope": self.scope, "k": [round(c * 100, 10) for c in self.cuts],
                 "n_boot": self.n_boot, "seed": self.seed, "metric": self.metric, "claim": self.claim,
-                "level": LEVEL}
+                "level": LEVEL, "stratify": self.stratify, "strata": self.n_strata}
 
 
 @dataclass
@@ -107,8 +113,15 @@ def parse_claim(claim: str | None) -> list[str] | None:
 
 
 def sweep_options(*, rank_by: Sequence[str], scope: Sequence[str], cuts: Sequence[float], n_boot: int, seed: int,
-                  metric: str, claim: str | None) -> SweepOptions:
+                  metric: str, claim: str | None, stratify: Sequence[str] = defaults.SWEEP_STRATIFY,
+                  n_strata: int = defaults.STRATA) -> SweepOptions:
     """Check every option before a table is read; cuts in percent, as on the command line."""
+    variables = list(dict.fromkeys(stratify or [POOLED]))
+    for value in variables:
+        if value != POOLED and value not in strata.STRATIFY_BY:
+            raise AuditError(f"--stratify {value!r} is not known; use {POOLED} (pooled) or one of "
+                             f"{', '.join(strata.STRATIFY_BY)}")
+    _, n_strata = strata.check_stratify([], n_strata)
     names = per_cut_metrics()
     if metric not in names:
         raise AuditError(f"--metric {metric!r}: use one of {', '.join(names)}")
@@ -125,7 +138,8 @@ def sweep_options(*, rank_by: Sequence[str], scope: Sequence[str], cuts: Sequenc
                 raise AuditError(f"{option} {v!r} is not known; use one of {', '.join(known)}")
     return SweepOptions(rank_by=list(dict.fromkeys(rank_by or metrics.RANK_BY)),
                         scope=list(dict.fromkeys(scope or metrics.SCOPES)), cuts=tuple(sorted(set(fracs))),
-                        n_boot=int(n_boot), seed=int(seed), metric=metric, claim=parse_claim(claim))
+                        n_boot=int(n_boot), seed=int(seed), metric=metric, claim=parse_claim(claim),
+                        stratify=variables, n_strata=n_strata)
 
 
 # --------------------------------------------------------------------------- one block of settings
@@ -143,28 +157,43 @@ class Block:
 
 
 def evaluate_block(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, n_seqs: int,
-                   cuts: tuple[float, ...], scope: str, metric: str, n_boot: int, seed: int) -> Block:
+                   cuts: tuple[float, ...], scope: str, metric: str, n_boot: int, seed: int,
+                   strata_codes: np.ndarray | None = None) -> Block:
     """``scores`` is [methods, tokens]. Per method, per-sequence counts at every cut; the sum gives the values,
-    the bootstrap's multiplicity matrix (the same draws for every method) the replicates."""
-    per = np.stack([metrics.sequence_counts(s, is_noise, seq_codes, cuts, scope, n_seqs=n_seqs) for s in scores])
-    n_m, n_k, n_s, n_f = per.shape
+    the bootstrap's multiplicity matrix (the same draws for every method) the replicates. With ``strata_codes``
+    (a stratum per token) the counts are taken within each stratum and every value, and every replicate, is the
+    noise-weighted mean over the strata (:func:`reweight_audit.metrics.stratified_mean`)."""
+    if strata_codes is None:
+        parts = [slice(None)]
+    else:
+        parts = [np.flatnonzero(strata_codes == j) for j in np.unique(strata_codes)]
+    per = [np.stack([metrics.sequence_counts(s[p], is_noise[p], seq_codes[p], cuts, scope, n_seqs=n_seqs)
+                     for s in scores]) for p in parts]  # per stratum: [methods, cuts, sequences, fields]
+    n_m, n_k, n_s, n_f = per[0].shape
     specs = [s for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        values = {s.name: np.asarray(s.counts(metrics.counts_of(per.sum(axis=2))), float) for s in specs}
+    values = {s.name: _combine(s, [p.sum(axis=2) for p in per], strata_codes is not None) for s in specs}
     bounds = {s.name: np.full((2, n_m, n_k), np.nan) for s in specs}
     sure = np.zeros((n_m, n_m, n_k), dtype=bool)
     if n_boot:
-        agg = per.transpose(2, 0, 1, 3).reshape(n_s, -1)
-        reps = metrics.resampled_sums(agg, n_boot, seed).reshape(n_boot, n_m, n_k, n_f)
+        reps = [metrics.resampled_sums(p.transpose(2, 0, 1, 3).reshape(n_s, -1), n_boot, seed)
+                .reshape(n_boot, n_m, n_k, n_f) for p in per]
         q = ((1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2)
         for s in specs:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rep = np.asarray(s.counts(metrics.counts_of(reps)), float)  # [boot, methods, cuts]
+            rep = _combine(s, reps, strata_codes is not None)  # [boot, methods, cuts]
             bounds[s.name] = _nanquantile(rep, q)
             if s.name == metric:
                 diff = rep[:, None, :, :] - rep[:, :, None, :]  # [boot, a, b, cuts]: metric(b) − metric(a)
                 sure = _nanquantile(diff, q[:1])[0] > 0
     return Block(values, bounds, sure, n=int(is_noise.size), n_noise=int(np.count_nonzero(is_noise)))
+
+
+def _combine(spec: metrics.MetricSpec, totals: list[np.ndarray], stratified: bool) -> np.ndarray:
+    """The metric of the summed counts (last axis: the fields); stratified, the noise-weighted mean over the parts."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vals = [np.asarray(spec.counts(metrics.counts_of(t)), float) for t in totals]
+        if not stratified:
+            return vals[0]
+        return metrics.stratified_mean(np.stack(vals), np.stack([metrics.counts_of(t).n_noise for t in totals]))
 
 
 def _nanquantile(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
@@ -207,6 +236,8 @@ def sweep_run(run: RunData, weights: dict[str, np.ndarray], options: SweepOption
     names = list(weights)
     out = []
     logp = run.column("logp")
+    codes = {by: None if by == POOLED else metrics.stratum_codes(strata.stratify_values(run, by), options.n_strata)
+             for by in options.stratify}
     for rank_by in options.rank_by:
         if rank_by == "grad" and "sum_p2" not in run.numeric_columns:
             continue  # noted by sweep_notes
@@ -216,9 +247,12 @@ def sweep_run(run: RunData, weights: dict[str, np.ndarray], options: SweepOption
             sub = pool if mask is None else pool.subset(mask)
             cols = scores if mask is None else scores[:, mask]
             for scope in options.scope:
-                block = evaluate_block(cols, sub.is_noise, sub.seq_codes, len(run.seq_names), options.cuts, scope,
-                                       options.metric, options.n_boot, options.seed)
-                out.append(({"run": run.label, "rank_by": rank_by, "scope": scope, "noise": noise}, block))
+                for by, stratum in codes.items():
+                    block = evaluate_block(cols, sub.is_noise, sub.seq_codes, len(run.seq_names), options.cuts,
+                                           scope, options.metric, options.n_boot, options.seed,
+                                           None if stratum is None else stratum if mask is None else stratum[mask])
+                    out.append(({"run": run.label, "rank_by": rank_by, "scope": scope, "noise": noise,
+                                 "stratify": by}, block))
         say(f"{run.label}: rank by {rank_by} done")
     return out
 
@@ -326,7 +360,8 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, *,
               scope: Sequence[str] = defaults.SWEEP_SCOPE, cuts: Sequence[float] = defaults.SWEEP_K,
               params: Sequence[str] = (), method_files: Sequence[Path] = (), batch_seqs: int = defaults.BATCH_SEQS,
               n_boot: int = defaults.SWEEP_BOOTSTRAP, seed: int = defaults.SEED, metric: str = defaults.SWEEP_METRIC,
-              claim: str | None = defaults.CLAIM, write: bool = True,
+              claim: str | None = defaults.CLAIM, stratify: Sequence[str] = defaults.SWEEP_STRATIFY,
+              strata: int = defaults.STRATA, write: bool = True,
               progress: Callable[[str], None] | None = None) -> SweepResult:
     """Every method over every setting of every stats table; writes sweep.csv, pairs.csv, robustness.md,
     robustness.png (and claim.csv with a claim) into ``out_dir``, all or none. ``cuts`` in percent.
@@ -336,7 +371,7 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, *,
     t0 = time.perf_counter()
     say = progress or (lambda _message: None)
     options = sweep_options(rank_by=rank_by, scope=scope, cuts=cuts, n_boot=n_boot, seed=seed, metric=metric,
-                            claim=claim)
+                            claim=claim, stratify=stratify, n_strata=strata)
     if methods is not None and options.claim:
         methods = list(dict.fromkeys([*methods, *options.claim]))  # a claim's methods are always computed
     cmp = compare_options(stats_paths, methods=methods, rank_by=["weight"], k=10.0, scope=["global"], params=params,

@@ -76,8 +76,11 @@ def robustness_markdown(result: SweepResult) -> str:
         lines.append(f"- **{r['label']}** (`{r['path']}`): {r['n_tokens']:,} tokens, {r['n_noise']:,} noise "
                      f"(base rate {fmt_pct(r['base_rate'])})")
     lines += [f"- settings: run × rank by ({', '.join(cfg['rank_by'])}) × scope ({', '.join(cfg['scope'])}) × "
-              f"k ({', '.join(k_label(k) for k in cfg['k'])}) × noise ({', '.join(noise)}): up to {n_settings} "
-              "per pair of methods",
+              f"k ({', '.join(k_label(k) for k in cfg['k'])}) × noise ({', '.join(noise)}) × stratify "
+              f"({', '.join(cfg['stratify'])}): up to {n_settings} per pair of methods",
+              *([f"- stratified settings: the metric within {cfg['strata']} quantile strata of the variable, averaged "
+                 "with each stratum weighted by its noise tokens (`none`: pooled)"]
+                if any(v != "none" for v in cfg["stratify"]) else []),
               f"- order by {metric}; ties at the cut count fractionally; "
               + (f"bootstrap over sequences, {cfg['n_boot']} resamples, the same draws for every method (seed "
                  f"{cfg['seed']})" if cfg["n_boot"] else "no bootstrap (--bootstrap 0)")]

@@ -154,11 +154,13 @@ class ReweightedLoss:
         return torch.from_numpy(weights).to(device=rows.device, dtype=torch.float32)
 
     def _columns(self, rows: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor) -> dict[str, np.ndarray]:
-        """What compare would hand the method: the statistics, plus token_id and pos (as in a score table)."""
+        """What compare would hand the method: the statistics, plus token_id, pos and seq_len (as for a score
+        table; the batch is the corpus of the rarity control)."""
         # pos: index of the token among its sequence's supervised tokens, as score's table numbers them
         pos = (supervised.cumsum(1) - 1)[supervised]
-        tensors: dict[str, torch.Tensor] = {"token_id": targets, "pos": pos}
-        if set(self.method.needs) - {"token_id", "pos"}:
+        seq_len = supervised.sum(1, keepdim=True).expand_as(supervised)[supervised]
+        tensors: dict[str, torch.Tensor] = {"token_id": targets, "pos": pos, "seq_len": seq_len}
+        if set(self.method.needs) - {"token_id", "pos", "seq_len"}:
             from reweight_audit.stats import token_statistics
 
             stats = token_statistics(rows, targets)

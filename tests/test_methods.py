@@ -45,6 +45,10 @@ COLS = {
     "topk_entropy": np.array([0.0, 0.5, 1.0, 0.25]) * LN20,
     "sum_p2": np.array([1.0, 0.5, 0.3, 0.2]),
     "ref_logp": np.log([0.5, 0.5, 0.5, 0.5]),
+    # tokens 0, 1 and 3 are positions 0, 1, 2 of one 3-token response; token 2 is a 1-token response
+    "pos": np.array([0, 1, 0, 2]),
+    "seq_len": np.array([3, 3, 1, 3]),
+    "token_id": np.array([5, 7, 5, 5]),
 }
 
 # RankTuner, f(x) = 1/log2(x+1): f(1) = 1, f(3) = 1/2, f(7) = 1/3.
@@ -74,6 +78,10 @@ HAND = {
     "ranktuner": RT,
     "ranktuner-dft": [1.0, 0.5 * math.sqrt(2.0), 0.25 / math.sqrt(2.0), 0.1 * 2 ** (1 / 6)],
     "ranktuner-approx": RTA,
+    # controls: (pos + ½)/seq_len = ½/3, 1½/3, ½/1, 2½/3; rarity: id 5 is 3 of 4 tokens, id 7 is 1 of 4
+    "position": [1 / 6, 1 / 2, 1 / 2, 5 / 6],
+    "position-rev": [5 / 6, 1 / 2, 1 / 2, 1 / 6],
+    "rarity": [math.log(4 / 3), math.log(4), math.log(4 / 3), math.log(4 / 3)],
 }
 
 

@@ -112,6 +112,8 @@ def naive_loss(logits: torch.Tensor, labels: torch.Tensor, method: str, ref_logi
     cols = brute_statistics(z.detach()[keep], kept_t)
     cols["token_id"] = kept_t.numpy()
     cols["pos"] = ((labels[:, 1:] != -100).cumsum(1) - 1)[labels[:, 1:] != -100].numpy()
+    cols["seq_len"] = (labels[:, 1:] != -100).sum(1, keepdim=True).expand(-1, labels.shape[1] - 1)[
+        labels[:, 1:] != -100].numpy()
     if ref_logits is not None:
         cols["ref_logp"] = torch.log_softmax(ref_logits[:, :-1].reshape(-1, vocab).double(), -1)[keep].gather(
             1, kept_t[:, None])[:, 0].numpy()
