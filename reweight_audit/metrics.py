@@ -57,7 +57,8 @@ __all__ = [
     "stratum_codes",
     "stratified_mean",
     "stratified_metrics",
-    "STRATIFIED_METRICS",
+    "stratified_specs",
+    "StratifiedIndex",
     "ranking_metrics",
     "kind_metrics",
 ]
@@ -1014,55 +1015,121 @@ def stratified_mean(values: Any, n_noise: Any, axis: int = 0) -> Any:
 class _WeightedAUROC:
     """AUROC of one pool with every token counted as often as a replicate draws its sequence.
 
-    One sort; per replicate, the clean and noise weight of each distinct score,
-    and ``Σ_v W_noise(v)·(W_clean(< v) + W_clean(v)/2) / (W_noise · W_clean)``:
-    the Mann-Whitney form of :meth:`ScoreIndex.auroc` with weights.
+    ``Σ_v W_noise(v)·(W_clean(< v) + W_clean(v)/2) / (W_noise · W_clean)``: the
+    Mann-Whitney form of :meth:`ScoreIndex.auroc` with weights. With P[g, a] the
+    noise tokens of sequence a at the g-th distinct noise score v_g and
+    C[g, c] the clean tokens of sequence c below v_g (ties ½), replicate m's
+    numerator is ``Σ_g (m·Pᵀ)_g (m·Cᵀ)_g``: two matrix products for all
+    replicates at once. When those matrices would be large (many sequences and
+    noise scores), each replicate walks the sorted tokens instead.
     """
 
-    def __init__(self, s: np.ndarray, y: np.ndarray, codes: np.ndarray):
-        order = np.argsort(s, kind="stable")
-        ordered = s[order]
-        self.starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-        self.codes, self.y = codes[order], y[order]
+    def __init__(self, s: np.ndarray, y: np.ndarray, codes: np.ndarray, n_seqs: int, dense_limit: int = 1 << 24):
+        self.noise_per_seq = np.bincount(codes[y], minlength=n_seqs).astype(np.float64)
+        self.clean_per_seq = np.bincount(codes[~y], minlength=n_seqs).astype(np.float64)
+        values, group = np.unique(s[y], return_inverse=True)
+        self.dense = values.size * n_seqs <= dense_limit
+        if self.dense:
+            g, clean, cc = values.size, s[~y], codes[~y]
+            at = values.searchsorted(clean, "right")                # clean j is below v_g for every g >= at
+            below = np.bincount(at * n_seqs + cc, minlength=(g + 1) * n_seqs).reshape(g + 1, n_seqs)
+            below = np.cumsum(below, axis=0)[:g].astype(np.float64)
+            tied = (at > 0) & (values[np.maximum(at - 1, 0)] == clean) if g else np.zeros(clean.size, dtype=bool)
+            below += np.bincount((at[tied] - 1) * n_seqs + cc[tied], minlength=g * n_seqs).reshape(g, n_seqs) / 2.0
+            self.clean_below = below                                 # [G, S]: clean below v_g, ties ½
+            self.noise_at = np.bincount(group.reshape(-1) * n_seqs + codes[y],
+                                        minlength=g * n_seqs).reshape(g, n_seqs).astype(np.float64)
+        else:
+            order = np.argsort(s, kind="stable")
+            ordered = s[order]
+            self.starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+            self.codes, self.y = codes[order], y[order]
 
     def replicates(self, mult: np.ndarray) -> np.ndarray:
         """[rows of ``mult``]: the AUROC of each replicate (``mult``: [replicates, sequences])."""
+        den = (mult @ self.noise_per_seq) * (mult @ self.clean_per_seq)
+        if self.dense:
+            num = np.einsum("bg,bg->b", mult @ self.noise_at.T, mult @ self.clean_below.T)
+            return ratio(num, den)
         t = mult[:, self.codes]
         noise = np.add.reduceat(np.where(self.y, t, 0.0), self.starts, axis=1)
         clean = np.add.reduceat(np.where(self.y, 0.0, t), self.starts, axis=1)
         below = np.cumsum(clean, axis=1) - clean
-        return ratio((noise * (below + 0.5 * clean)).sum(axis=1), noise.sum(axis=1) * clean.sum(axis=1))
+        return ratio((noise * (below + 0.5 * clean)).sum(axis=1), den)
 
 
-def _stratum_tables(s, y, codes, n_seqs, strata, n_strata, k, scope):
-    """Per stratum: its per-sequence counts [S, fields] at cut k and a ScoreIndex; tokens and sequences as given."""
-    out = []
-    for j in range(n_strata):
-        sub = strata == j
-        per = _per_sequence(s[sub], y[sub], codes[sub], n_seqs, (k,), scope)[0]
-        out.append((sub, per, ScoreIndex(s[sub], y[sub])))
-    return out
+class StratifiedIndex:
+    """One ranking split into strata: every stratified metric at any cut and scope, with bootstrap intervals.
 
+    The strata's AUROCs and their replicates do not depend on the cut or the
+    scope, so they are computed once (on first use) for every call of
+    :meth:`metrics`. Replicates use the draws of :func:`bootstrap_intervals`
+    (sequences that occur, in code order); strata and cuts are held at the
+    full sample's.
+    """
 
-def _stratified_replicates(s, y, codes, n_seqs, strata, n_strata, tables, n_boot, seed) -> dict[str, np.ndarray]:
-    """Per stratified metric, [n_boot] replicates of the noise-weighted mean over the strata (same draws as
-    :func:`bootstrap_intervals`; the strata and each stratum's cut are the full sample's)."""
-    specs = stratified_specs()
-    agg = np.column_stack([per for _, per, _ in tables])            # [S, strata × fields]
-    aurocs = [_WeightedAUROC(s[sub], y[sub], codes[sub]) for sub, _, _ in tables]
-    out = {spec.name: np.empty(n_boot) for spec in specs}
-    lo = 0
-    for block in bootstrap_multiplicities(n_seqs, n_boot, seed, chunk=max(1, _BOOT_CHUNK // s.size) * n_seqs):
-        hi = lo + block.shape[0]
-        counts = counts_of((block @ agg).reshape(block.shape[0], n_strata, len(SEQUENCE_FIELDS)))
-        for spec in specs:
-            if spec.counts is not None:
-                per_stratum = spec.counts(counts)
-            else:
+    def __init__(self, scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, strata: np.ndarray, *,
+                 n_boot: int = 0, seed: int = 0, level: float = 0.95):
+        self.s, self.y, codes, _ = _inputs(scores, is_noise, seq_codes)
+        self.strata, self.n_strata = _check_codes(strata, self.s.size, "strata")
+        _, dense = np.unique(codes, return_inverse=True)   # the sequences that occur, in code order (the draws' rows)
+        self.codes = dense.reshape(-1).astype(np.intp)
+        self.n_seqs = int(self.codes.max()) + 1
+        self.n_boot, self.seed, self.level = int(n_boot), int(seed), float(level)
+        self.parts = [np.flatnonzero(self.strata == j) for j in range(self.n_strata)]
+        self.indexes = [ScoreIndex(self.s[p], self.y[p]) for p in self.parts]
+        self._auroc_reps: np.ndarray | None = None
+
+    def metrics(self, k: float, scope: str = "global") -> tuple[dict[str, float], list[dict[str, float]]]:
+        """``(summary, rows)`` as :func:`stratified_metrics` returns them."""
+        per = self._tables(_check_k(k), _check_scope(scope))
+        rows = []
+        for j, (table, index) in enumerate(zip(per, self.indexes)):
+            c = counts_of(table.sum(axis=0))
+            rows.append({"stratum": j, "n": int(c.n), "n_noise": int(c.n_noise),
+                         **{spec.name: _number(spec.counts(c) if spec.counts is not None else spec.ranking(index, None))
+                            for spec in stratified_specs()}})
+        weights = [r["n_noise"] for r in rows]
+        summary: dict[str, float] = {spec.name: _number(stratified_mean([r[spec.name] for r in rows], weights))
+                                     for spec in stratified_specs()}
+        reps = self._replicates(per) if self.n_boot else {}
+        q = ((1 - self.level) / 2, 1 - (1 - self.level) / 2)
+        for spec in stratified_specs():
+            vals = reps.get(spec.name, np.zeros(0))
+            vals = vals[~np.isnan(vals)]
+            lo, hi = np.quantile(vals, q) if vals.size else (_NAN, _NAN)
+            summary[f"{spec.name}_lo"], summary[f"{spec.name}_hi"] = float(lo), float(hi)
+        summary["n_strata"] = self.n_strata
+        return summary, rows
+
+    def _tables(self, k: float, scope: str) -> list[np.ndarray]:
+        """Per stratum, its sequences' :data:`SEQUENCE_FIELDS` at cut ``k``: [S, fields]."""
+        s, y, codes = self.s, self.y, self.codes
+        return [_per_sequence(s[p], y[p], codes[p], self.n_seqs, (k,), scope)[0] for p in self.parts]
+
+    def _replicates(self, per: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Per stratified metric, [n_boot] replicates of the noise-weighted mean over the strata."""
+        sums = resampled_sums(np.column_stack(per), self.n_boot, self.seed)
+        counts = counts_of(sums.reshape(self.n_boot, self.n_strata, len(SEQUENCE_FIELDS)))
+        out = {spec.name: stratified_mean(spec.counts(counts), counts.n_noise, axis=1)
+               for spec in stratified_specs() if spec.counts is not None}
+        out["auroc"] = self.auroc_replicates()
+        return out
+
+    def auroc_replicates(self) -> np.ndarray:
+        """[n_boot]: the stratified AUROC of every replicate (computed once)."""
+        if self._auroc_reps is None:
+            s, y, codes = self.s, self.y, self.codes
+            aurocs = [_WeightedAUROC(s[p], y[p], codes[p], self.n_seqs) for p in self.parts]
+            noise = np.column_stack([np.bincount(codes[p][y[p]], minlength=self.n_seqs) for p in self.parts])
+            reps, lo = np.empty(self.n_boot), 0
+            chunk = max(1, _BOOT_CHUNK // s.size) * self.n_seqs
+            for block in bootstrap_multiplicities(self.n_seqs, self.n_boot, self.seed, chunk=chunk):
                 per_stratum = np.column_stack([a.replicates(block) for a in aurocs])
-            out[spec.name][lo:hi] = stratified_mean(per_stratum, counts.n_noise, axis=1)
-        lo = hi
-    return out
+                reps[lo:lo + block.shape[0]] = stratified_mean(per_stratum, block @ noise, axis=1)
+                lo += block.shape[0]
+            self._auroc_reps = reps
+        return self._auroc_reps
 
 
 def stratified_metrics(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, strata: np.ndarray, *,
@@ -1076,30 +1143,7 @@ def stratified_metrics(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.n
     ``scope``). Returns ``(summary, rows)``: ``summary`` has every stratified metric, ``<name>_lo``/``<name>_hi``
     (percentile bootstrap over sequences with the draws of :func:`bootstrap_intervals`, strata and cuts held
     at the full sample's; NaN when ``n_boot`` is 0) and ``n_strata``; ``rows`` has, per stratum in code
-    order, ``stratum``, ``n``, ``n_noise`` and every stratified metric.
+    order, ``stratum``, ``n``, ``n_noise`` and every stratified metric. Several cuts or scopes of one ranking:
+    :class:`StratifiedIndex`.
     """
-    s, y, codes, _ = _inputs(scores, is_noise, seq_codes)
-    strata, n_strata = _check_codes(strata, s.size, "strata")
-    k, scope = _check_k(k), _check_scope(scope)
-    _, dense = np.unique(codes, return_inverse=True)  # the sequences that occur, in code order (the draws' rows)
-    dense = dense.reshape(-1).astype(np.intp)
-    n_seqs = int(dense.max()) + 1
-    tables = _stratum_tables(s, y, dense, n_seqs, strata, n_strata, k, scope)
-    rows = []
-    for j, (sub, per, index) in enumerate(tables):
-        c = counts_of(per.sum(axis=0))
-        rows.append({"stratum": j, "n": int(c.n), "n_noise": int(c.n_noise),
-                     **{spec.name: _number(spec.counts(c) if spec.counts is not None else spec.ranking(index, None))
-                        for spec in stratified_specs()}})
-    weights = [r["n_noise"] for r in rows]
-    summary: dict[str, float] = {spec.name: _number(stratified_mean([r[spec.name] for r in rows], weights))
-                                 for spec in stratified_specs()}
-    reps = _stratified_replicates(s, y, dense, n_seqs, strata, n_strata, tables, n_boot, seed) if n_boot else {}
-    q = ((1 - level) / 2, 1 - (1 - level) / 2)
-    for spec in stratified_specs():
-        vals = reps.get(spec.name, np.zeros(0))
-        vals = vals[~np.isnan(vals)]
-        lo, hi = np.quantile(vals, q) if vals.size else (_NAN, _NAN)
-        summary[f"{spec.name}_lo"], summary[f"{spec.name}_hi"] = float(lo), float(hi)
-    summary["n_strata"] = n_strata
-    return summary, rows
+    return StratifiedIndex(scores, is_noise, seq_codes, strata, n_boot=n_boot, seed=seed, level=level).metrics(k, scope)

@@ -67,25 +67,26 @@ def strata_rows(run: RunData, weights: dict[str, np.ndarray], families: dict[str
     pool = run.pool
     logp = run.column("logp")
     sum_p2 = run.column("sum_p2") if "grad" in rank_by else None
-    rows = []
+    rows = []  # in the main table's order: rank-by, scope, method (sorted below)
     for by in stratify:
         x = stratify_values(run, by)
         codes = metrics.stratum_codes(x, n_strata)
         ranges = _ranges(x, codes)
         for rb in rank_by:
             scores = {m: pool.take(metrics.rank_scores(w, rb, logp, sum_p2)) for m, w in weights.items()}
-            for sc in scope:
-                for method, s in scores.items():
+            for method, s in scores.items():
+                index = metrics.StratifiedIndex(s, pool.is_noise, pool.seq_codes, codes, n_boot=n_boot, seed=seed)
+                for sc in scope:
                     ident = {"run": run.label, "method": method, "family": families.get(method, ""), "rank_by": rb,
                              "scope": sc, "k": k, "stratify": by}
-                    summary, per = metrics.stratified_metrics(s, pool.is_noise, pool.seq_codes, codes, k=k / 100.0,
-                                                              scope=sc, n_boot=n_boot, seed=seed)
+                    summary, per = index.metrics(k / 100.0, sc)
                     for row, (lo, hi) in zip(per, ranges):
                         rows.append({**ident, "stratum": str(row.pop("stratum") + 1), "x_lo": lo, "x_hi": hi,
                                      "n_tokens": row.pop("n"), **row})
                     rows.append({**ident, "stratum": ALL, "x_lo": float(x.min()), "x_hi": float(x.max()),
                                  "n_tokens": pool.n_tokens, "n_noise": int(pool.is_noise.sum()), **summary})
-    return rows
+    order = [{v: i for i, v in enumerate(values)} for values in (stratify, rank_by, scope)]
+    return sorted(rows, key=lambda r: (order[0][r["stratify"]], order[1][r["rank_by"]], order[2][r["scope"]]))
 
 
 def _ranges(x: np.ndarray, codes: np.ndarray) -> list[tuple[float, float]]:

@@ -76,6 +76,21 @@ def test_stratified_auroc_equals_sklearn_in_every_stratum():
     assert summary["auroc"] == pytest.approx(np.average(expected, weights=weights), rel=1e-12)
 
 
+@pytest.mark.parametrize("dense_limit", [0, 1 << 24])
+def test_weighted_auroc_both_ways_equals_the_unweighted_one_and_each_other(dense_limit):
+    rng = np.random.default_rng(4)
+    scores, noise, seqs = rng.integers(0, 30, 2000).astype(float), rng.random(2000) < 0.2, rng.integers(0, 50, 2000)
+    auc = metrics._WeightedAUROC(scores, noise, seqs, 50, dense_limit=dense_limit)
+    assert auc.dense == (dense_limit > 0)
+    assert auc.replicates(np.ones((1, 50)))[0] == pytest.approx(metrics.auroc(scores, noise), rel=1e-12)
+    draws = next(metrics.bootstrap_multiplicities(50, 20, 3)).copy()
+    other = metrics._WeightedAUROC(scores, noise, seqs, 50, dense_limit=(1 << 24) - dense_limit)
+    assert auc.replicates(draws) == pytest.approx(other.replicates(draws), rel=1e-12)
+    # a stratum without noise (or without clean tokens) has no AUROC, in every replicate
+    assert np.isnan(metrics._WeightedAUROC(scores, np.zeros(2000, bool), seqs, 50, dense_limit).replicates(draws)).all()
+    assert np.isnan(metrics._WeightedAUROC(scores, np.ones(2000, bool), seqs, 50, dense_limit).replicates(draws)).all()
+
+
 def test_one_stratum_is_the_pooled_metric():
     table = make_stats(seed=3)
     scores = -table.column("logp").to_numpy().astype(float)
@@ -99,8 +114,8 @@ def test_bootstrap_replicates_are_the_metric_on_the_resampled_data(scope):
     seqs = np.sort(rng.integers(0, 25, n))
     codes = metrics.stratum_codes(rng.random(n), 3)
     n_seqs = int(seqs.max()) + 1
-    tables = metrics._stratum_tables(scores, noise, seqs, n_seqs, codes, 3, 0.2, scope)
-    reps = metrics._stratified_replicates(scores, noise, seqs, n_seqs, codes, 3, tables, 4, 7)
+    index = metrics.StratifiedIndex(scores, noise, seqs, codes, n_boot=4, seed=7)
+    reps = index._replicates(index._tables(0.2, scope))
     draws = next(metrics.bootstrap_multiplicities(n_seqs, 4, 7)).copy()
     names = ["auroc"] + (["tok_rec", "tok_prec", "seq_hit", "lift"] if scope == "sequence" else [])
     for b in range(4):
