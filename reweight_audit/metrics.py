@@ -1015,47 +1015,49 @@ def stratified_mean(values: Any, n_noise: Any, axis: int = 0) -> Any:
 class _WeightedAUROC:
     """AUROC of one pool with every token counted as often as a replicate draws its sequence.
 
-    ``Σ_v W_noise(v)·(W_clean(< v) + W_clean(v)/2) / (W_noise · W_clean)``: the
-    Mann-Whitney form of :meth:`ScoreIndex.auroc` with weights. With P[g, a] the
-    noise tokens of sequence a at the g-th distinct noise score v_g and
-    C[g, c] the clean tokens of sequence c below v_g (ties ½), replicate m's
-    numerator is ``Σ_g (m·Pᵀ)_g (m·Cᵀ)_g``: two matrix products for all
-    replicates at once. When those matrices would be large (many sequences and
-    noise scores), each replicate walks the sorted tokens instead.
+    ``Σ_g W_noise(v_g)·(W_clean(< v_g) + W_clean(v_g)/2) / (W_noise · W_clean)`` over the
+    distinct noise scores v_g: the Mann-Whitney form of :meth:`ScoreIndex.auroc` with
+    weights. Tokens are tallied once into (score bucket, sequence) pairs, so a
+    replicate costs one weighted sum per pair: rows of the transposed multiplicity
+    matrix gathered, summed per bucket, and cumulated over the buckets.
     """
 
-    def __init__(self, s: np.ndarray, y: np.ndarray, codes: np.ndarray, n_seqs: int, dense_limit: int = 1 << 24):
+    def __init__(self, s: np.ndarray, y: np.ndarray, codes: np.ndarray, n_seqs: int):
+        self.n_seqs = n_seqs
         self.noise_per_seq = np.bincount(codes[y], minlength=n_seqs).astype(np.float64)
         self.clean_per_seq = np.bincount(codes[~y], minlength=n_seqs).astype(np.float64)
         values, group = np.unique(s[y], return_inverse=True)
-        self.dense = values.size * n_seqs <= dense_limit
-        if self.dense:
-            g, clean, cc = values.size, s[~y], codes[~y]
-            at = values.searchsorted(clean, "right")                # clean j is below v_g for every g >= at
-            below = np.bincount(at * n_seqs + cc, minlength=(g + 1) * n_seqs).reshape(g + 1, n_seqs)
-            below = np.cumsum(below, axis=0)[:g].astype(np.float64)
-            tied = (at > 0) & (values[np.maximum(at - 1, 0)] == clean) if g else np.zeros(clean.size, dtype=bool)
-            below += np.bincount((at[tied] - 1) * n_seqs + cc[tied], minlength=g * n_seqs).reshape(g, n_seqs) / 2.0
-            self.clean_below = below                                 # [G, S]: clean below v_g, ties ½
-            self.noise_at = np.bincount(group.reshape(-1) * n_seqs + codes[y],
-                                        minlength=g * n_seqs).reshape(g, n_seqs).astype(np.float64)
-        else:
-            order = np.argsort(s, kind="stable")
-            ordered = s[order]
-            self.starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-            self.codes, self.y = codes[order], y[order]
+        self.n_values = g = values.size
+        clean, cc = s[~y], codes[~y]
+        at = values.searchsorted(clean, "right")        # clean j lies below v_g for every g >= at_j
+        tied = (at > 0) & (values[np.maximum(at - 1, 0)] == clean) if g else np.zeros(clean.size, dtype=bool)
+        self.noise = self._pairs(group.reshape(-1), codes[y])
+        self.clean = self._pairs(at, cc)
+        self.tied = self._pairs(at[tied] - 1, cc[tied])
+
+    def _pairs(self, bucket: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(bucket of each run of pairs, where each run starts, sequence of each pair, tokens in each pair)."""
+        key, count = np.unique(bucket.astype(np.int64) * self.n_seqs + seq, return_counts=True)
+        pair_bucket = key // self.n_seqs
+        starts = np.flatnonzero(np.r_[True, pair_bucket[1:] != pair_bucket[:-1]]) if key.size else key
+        return pair_bucket[starts], starts, key % self.n_seqs, count.astype(np.float64)
+
+    def _sums(self, pairs: tuple[np.ndarray, ...], rows: np.ndarray, n_buckets: int) -> np.ndarray:
+        """[n_buckets, replicates]: per bucket, the replicates' weight of its tokens (``rows``: [S, replicates])."""
+        buckets, starts, seq, count = pairs
+        out = np.zeros((n_buckets, rows.shape[1]))
+        if seq.size:
+            out[buckets] = np.add.reduceat(rows[seq] * count[:, None], starts, axis=0)
+        return out
 
     def replicates(self, mult: np.ndarray) -> np.ndarray:
         """[rows of ``mult``]: the AUROC of each replicate (``mult``: [replicates, sequences])."""
         den = (mult @ self.noise_per_seq) * (mult @ self.clean_per_seq)
-        if self.dense:
-            num = np.einsum("bg,bg->b", mult @ self.noise_at.T, mult @ self.clean_below.T)
-            return ratio(num, den)
-        t = mult[:, self.codes]
-        noise = np.add.reduceat(np.where(self.y, t, 0.0), self.starts, axis=1)
-        clean = np.add.reduceat(np.where(self.y, 0.0, t), self.starts, axis=1)
-        below = np.cumsum(clean, axis=1) - clean
-        return ratio((noise * (below + 0.5 * clean)).sum(axis=1), den)
+        rows = np.ascontiguousarray(mult.T)
+        g = self.n_values
+        below = np.cumsum(self._sums(self.clean, rows, g + 1), axis=0)[:g] + 0.5 * self._sums(self.tied, rows, g)
+        num = np.einsum("gb,gb->b", self._sums(self.noise, rows, g), below)
+        return ratio(num, den)
 
 
 class StratifiedIndex:
