@@ -212,9 +212,20 @@ def _report_compare(result: Any) -> None:
 
     out.print(render_table(result))
     _print_table1(result)
+    _print_controls(result)
     folder = next(iter(result.files.values())).parent if result.files else ""
     out.print(f"wrote {len(result.files)} files to {escape(str(folder))}/: "
               + ", ".join(sorted(Path(p).name for p in result.files.values())))
+
+
+def _print_controls(result: Any) -> None:
+    """One line per run × rank-by × scope: the methods above every control (the Controls section of table.md)."""
+    from reweight_audit.strata import control_verdicts
+
+    for v in control_verdicts(result.table, getattr(result, "strata", None), result.k):
+        where = ", ".join(x for x in (v["run"], f"rank by {v['rank_by']}", v["scope"]) if x)
+        out.print(f"above every control ({', '.join(v['controls'])}) in {', '.join(v['columns'])} [{escape(where)}]: "
+                  + (", ".join(v["winners"]) or "none"), highlight=False, soft_wrap=True)
 
 
 def _print_table1(result: Any) -> None:

@@ -29,6 +29,9 @@ SOURCE = "champ"
 CLEAN_FRAC = 0.1  # clean sequences are the negatives of the sequence hit rate
 SEED = 0
 SCOPES = ("global", "sequence")
+# The controls' strata worth reading on each corpus: injected words are rare ids; first wrong steps sit late.
+SYNTHETIC_STRATA = ("position", "rarity")
+REAL_ERROR_STRATA = ("position",)
 #: champ-fws solutions in the demo's real-error slice: the first 80 are 40 problems, 20 solutions per model,
 #: about 17,000 tokens, which keeps the whole demo under 6 minutes on an idle 2-core CPU (README).
 REAL_ERROR_SOLUTIONS = defaults.REAL_ERRORS
@@ -92,7 +95,8 @@ def run_demo(output: str | os.PathLike = Path("reports/demo"), *, limit: int | N
             scored = run_score(noisy, stats, ScoreConfig(model=model, device=device), resume=True, progress=progress)
         hooks.done("score", scored)
         with hooks.stage("compare", "3/6 compare: every method") as progress:
-            compared = run_compare([stats], work, scope=SCOPES, seed=SEED, progress=progress)
+            compared = run_compare([stats], work, scope=SCOPES, seed=SEED, stratify=SYNTHETIC_STRATA,
+                                   progress=progress)
         hooks.done("compare", compared)
         real = run_real_errors(work / REAL_ERRORS_DIR, n_real, model=model, device=device, hooks=hooks) \
             if n_real else None
@@ -119,7 +123,7 @@ def run_real_errors(folder: Path, n_solutions: int, *, model: str, device: str, 
     hooks.done("score", scored)
     with hooks.stage("compare", "6/6 real errors: compare every method, by source model too") as progress:
         compared = run_compare([stats], folder, scope=SCOPES, seed=SEED, by_meta="model", records=noisy,
-                               progress=progress)
+                               stratify=REAL_ERROR_STRATA, progress=progress)
     hooks.done("compare", compared)
     return RealErrors(folder, injected, scored, compared)
 

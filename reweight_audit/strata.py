@@ -115,34 +115,47 @@ def strata_frame(rows: list[dict]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the report's section
 
 
-def controls_markdown(table: pd.DataFrame, strata: pd.DataFrame | None, k: float) -> str:
-    """table.md's "Controls" section: AUROC and TOK REC@k pooled and, per ``--stratify`` variable, stratified;
-    ✓ marks a method above every control in that column (same run, rank-by and scope)."""
+def control_verdicts(table: pd.DataFrame, strata: pd.DataFrame | None, k: float) -> list[dict]:
+    """Per run × rank-by × scope: the columns (AUROC and TOK REC@k, pooled and within each ``--stratify``
+    variable), every method's values and ``above`` marks (higher than every control in that column), and
+    ``winners``, the methods above every control in every column. Empty without a control in the table."""
     if table is None or not len(table) or not (table["family"] == CONTROL_FAMILY).any():
+        return []
+    verdicts = []
+    for (run, rank_by, scope), block in _verdict_columns(table, strata, k).groupby(["run", "rank_by", "scope"],
+                                                                                  sort=False):
+        heads = list(dict.fromkeys(block["column"]))
+        wide = block.pivot_table(index="method", columns="column", values="value", sort=False, aggfunc="first")
+        family = block.drop_duplicates("method").set_index("method")["family"]
+        control = family.reindex(wide.index) == CONTROL_FAMILY
+        best = wide[control].max()
+        above = wide.gt(best) & ~control.to_numpy()[:, None]
+        verdicts.append({"run": run, "rank_by": rank_by, "scope": scope, "columns": heads, "values": wide[heads],
+                         "above": above[heads], "controls": list(wide.index[control]),
+                         "winners": [m for m in wide.index if not control[m] and above.loc[m, heads].all()]})
+    return verdicts
+
+
+def controls_markdown(table: pd.DataFrame, strata: pd.DataFrame | None, k: float) -> str:
+    """table.md's "Controls" section: :func:`control_verdicts` as one table per run × rank-by × scope."""
+    verdicts = control_verdicts(table, strata, k)
+    if not verdicts:
         return ""
-    columns = _verdict_columns(table, strata, k)
     lines = ["## Controls", "",
              "The controls (family `control`: `position`, `position-rev`, `rarity`) rank tokens by where they sit or "
              "how common their id is, without a model. A method that does not beat them finds the noise no better "
              "than its position or rarity does. Stratified: the same metric within strata of that variable (quantiles "
              "over the tokens), averaged with each stratum weighted by its noise tokens; weights as in the main "
              "table. ✓: above every control in that column.", ""]
-    for (run, rank_by, scope), block in columns.groupby(["run", "rank_by", "scope"], sort=False):
-        heads = list(dict.fromkeys(block["column"]))
-        wide = block.pivot_table(index="method", columns="column", values="value", sort=False, aggfunc="first")
-        family = block.drop_duplicates("method").set_index("method")["family"]
-        best = wide[family.reindex(wide.index) == CONTROL_FAMILY].max()
-        lines += [f"### {run}, rank by {rank_by}, {scope}" if run else f"### rank by {rank_by}, {scope}", "",
+    for v in verdicts:
+        heads = v["columns"]
+        lines += [f"### {v['run']}, rank by {v['rank_by']}, {v['scope']}" if v["run"]
+                  else f"### rank by {v['rank_by']}, {v['scope']}", "",
                   "| method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-        winners = []
-        for method in wide.index:
-            control = family.get(method) == CONTROL_FAMILY
-            above = {h: not control and wide.at[method, h] > best[h] for h in heads}
-            cells = [_cell(h, wide.at[method, h]) + (" ✓" if above[h] else "") for h in heads]
+        for method in v["values"].index:
+            cells = [_cell(h, v["values"].at[method, h]) + (" ✓" if v["above"].at[method, h] else "") for h in heads]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-            if not control and all(above.values()):
-                winners.append(method)
-        lines += ["", "Above every control in every column: " + (", ".join(f"`{m}`" for m in winners) or "none")
+        lines += ["", "Above every control in every column: " + (", ".join(f"`{m}`" for m in v["winners"]) or "none")
                   + ".", ""]
     return "\n".join(lines).rstrip() + "\n"
 
