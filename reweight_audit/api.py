@@ -611,10 +611,11 @@ class Comparison:
         return self._weights
 
     def to_markdown(self) -> str:
-        """The tables as Markdown, one block per run × rank-by × scope (table.md)."""
-        from reweight_audit.exports import table_markdown
+        """table.md: the tables as Markdown, one block per run × rank-by × scope, then its sections (Controls,
+        Across runs, By FIELD)."""
+        from reweight_audit.exports import report_markdown
 
-        return table_markdown(self.result)
+        return report_markdown(self.result)
 
     def save(self, folder: PathLike) -> dict[str, Path]:
         """Write the report (every file of ``reweight-audit compare -o folder``) into ``folder``; the files by name."""

@@ -26,7 +26,8 @@ from reweight_audit.results import CompareResult
 from reweight_audit.runs import RunData
 from reweight_audit.table1 import table1_markdown
 
-__all__ = ["EXPORT_FILES", "PLOTS", "write_exports", "figures", "render_table", "table_markdown", "summary",
+__all__ = ["EXPORT_FILES", "PLOTS", "write_exports", "figures", "render_table", "table_markdown", "report_markdown",
+           "summary",
            "weights_table"]
 
 #: Every file of a report, in the order summary.json lists them.
@@ -82,12 +83,16 @@ def write_tables(result: CompareResult, folder: Path) -> None:
     result.table.to_csv(folder / "table.csv", index=False)
     result.curves.to_csv(folder / "curves.csv", index=False)
     result.by_kind.to_csv(folder / "by_kind.csv", index=False)
+    (folder / "table.md").write_text(report_markdown(result), encoding="utf-8")
+    write_views(result, folder)
+
+
+def report_markdown(result: CompareResult) -> str:
+    """table.md: the main table, then the sections: Controls, Across runs (several runs), By FIELD (--by-meta)."""
     sections = [controls_markdown(result.table, result.strata, result.k),
                 agreement_markdown(result.agreement, result.k) if result.agreement is not None else "",
                 by_group_markdown(result.by_group, result.k)]
-    (folder / "table.md").write_text("\n".join([report.table_markdown(result), *filter(None, sections)]),
-                                     encoding="utf-8")
-    write_views(result, folder)
+    return "\n".join([report.table_markdown(result), *filter(None, sections)])
 
 
 def write_views(result: CompareResult, folder: Path) -> None:
