@@ -224,8 +224,9 @@ def _print_controls(result: Any) -> None:
 
     for v in control_verdicts(result.table, getattr(result, "strata", None), result.k):
         where = ", ".join(x for x in (v["run"], f"rank by {v['rank_by']}", v["scope"]) if x)
-        out.print(f"above every control ({', '.join(v['controls'])}) in {', '.join(v['columns'])} [{escape(where)}]: "
-                  + (", ".join(v["winners"]) or "none"), highlight=False, soft_wrap=True)
+        line = (f"above every control ({', '.join(v['controls'])}) in {', '.join(v['columns'])} [{where}]: "
+                + (", ".join(v["winners"]) or "none"))
+        out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _print_table1(result: Any) -> None:

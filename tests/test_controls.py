@@ -259,3 +259,17 @@ def test_sweep_claim_checked_stratified_only(tmp_path):
     assert res.claim["holds"].tolist() == [False, True, True, True]
     with pytest.raises(AuditError, match="--stratify 'bogus'"):
         hand_sweep(paths, stratify=["bogus"])
+
+
+def test_compare_prints_the_verdict_with_the_run_label_as_text(tmp_path):
+    """A label in brackets is printed as text, not read as rich markup (a model name looks like a style tag)."""
+    from typer.testing import CliRunner
+
+    from reweight_audit.cli import app
+
+    stats = write_stats(tmp_path / "s.parquet", make_stats(seed=4), model="gemma-3-270m-q4_k_m.gguf")
+    result = CliRunner().invoke(app, ["compare", str(stats), "-o", str(tmp_path / "out"), "--bootstrap", "0",
+                                      "--methods", "nll,dft,position,rarity", "--stratify", "position", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("above every control")]
+    assert len(lines) == 1 and "[gemma-3-270m-q4_k_m.gguf, rank by weight, global]: " in " ".join(result.output.split())
