@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from test_compare import make_stats, write_stats
 from test_sweep import H_A, H_B, hand_sweep, hand_table
 
-from reweight_audit import metrics, runs, strata
+from reweight_audit import metrics, runs, strata, sweep
 from reweight_audit.errors import AuditError
 
 compare = importlib.import_module("reweight_audit.compare")  # the module; the attribute is the API function
@@ -273,3 +273,18 @@ def test_compare_prints_the_verdict_with_the_run_label_as_text(tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("above every control")]
     assert len(lines) == 1 and "[gemma-3-270m-q4_k_m.gguf, rank by weight, global]: " in " ".join(result.output.split())
+
+
+def test_sweep_and_compare_agree_on_the_stratified_values_and_intervals(tmp_path):
+    stats = write_stats(tmp_path / "s.parquet", make_stats(seed=6), model="tiny-lm")
+    methods = ["dft", "entropy", "position", "rarity"]
+    cmp = compare.run_compare([stats], None, write=False, methods=methods, scope=["global", "sequence"], n_boot=40,
+                              seed=3, stratify=["position"], strata=5)
+    swept = sweep.run_sweep([stats], None, methods=methods, rank_by=["weight"], scope=["global", "sequence"],
+                            cuts=[10], stratify=["position"], strata=5, n_boot=40, seed=3, write=False)
+    overall = cmp.strata[cmp.strata["stratum"] == strata.ALL].set_index(["scope", "method"])
+    rows = swept.table[swept.table["noise"] == "all"]
+    assert len(rows) == 2 * len(methods)
+    for _, row in rows.iterrows():
+        for name in ("tok_rec", "tok_rec_lo", "tok_rec_hi", "tok_prec", "seq_hit_hi"):
+            assert row[name] == pytest.approx(overall.loc[(row["scope"], row["method"]), name], rel=1e-12), name
