@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 from reweight_audit import report
 from reweight_audit.agreement import agreement_markdown, verdicts
 from reweight_audit.groups import by_group_markdown
-from reweight_audit.strata import controls_markdown
 from reweight_audit.io import atomic_directory, dump_json, json_safe
 from reweight_audit.report import render_table, table_markdown  # the command line and the API show them
 from reweight_audit.results import CompareResult
 from reweight_audit.runs import RunData
+from reweight_audit.strata import ALL, control_verdicts, controls_markdown
 from reweight_audit.table1 import table1_markdown
 
 __all__ = ["EXPORT_FILES", "PLOTS", "write_exports", "figures", "render_table", "table_markdown", "report_markdown",
@@ -154,14 +154,20 @@ def summary(result: CompareResult) -> dict:
 
 
 def _view_records(result: CompareResult) -> dict:
-    """summary.json's views: table1 (always), agreement verdicts (several runs), by_group (--by-meta)."""
+    """summary.json's views: table1 (always), agreement verdicts (several runs), by_group (--by-meta), strata (the
+    stratified means, --stratify) and the controls' verdicts (when a control was computed)."""
     views = {}
+    strata_means = None if result.strata is None else result.strata[result.strata["stratum"] == ALL]
     for key, frame in (("table1", result.table1),
                        ("agreement", verdicts(result.agreement) if result.agreement is not None
                         and len(result.agreement) else None),
-                       ("by_group", result.by_group)):
+                       ("by_group", result.by_group), ("strata", strata_means)):
         if frame is not None:
             views[key] = [json_safe(rec) for rec in frame.to_dict(orient="records")]
+    controls = [{key: v[key] for key in ("run", "rank_by", "scope", "columns", "controls", "winners")}
+                for v in control_verdicts(result.table, result.strata, result.k)]
+    if controls:
+        views["controls"] = controls
     return views
 
 

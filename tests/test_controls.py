@@ -209,6 +209,20 @@ def test_table_md_says_which_methods_beat_every_control(stratified_run):
         ", ".join(f"`{m}`" for m in winners) or "none") + "."
 
 
+def test_summary_json_has_the_stratified_means_and_the_verdicts(stratified_run):
+    import json
+
+    out, res = stratified_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["strata"]) == len(res.strata[res.strata["stratum"] == strata.ALL])
+    assert {row["stratum"] for row in summary["strata"]} == {strata.ALL}
+    text = (out / "table.md").read_text()
+    for verdict in summary["controls"]:
+        assert verdict["controls"] == ["position", "position-rev", "rarity"]
+        line = "Above every control in every column: " + (", ".join(f"`{m}`" for m in verdict["winners"]) or "none")
+        assert line in text
+
+
 def test_position_control_is_the_relative_position(stratified_run):
     _, res = stratified_run
     run, weights = res.run_data[0], res.run_weights[0]
