@@ -15,11 +15,9 @@ options raise :class:`AuditError`, one line naming what to fix.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from reweight_audit.core import __version__
 
 # Names re-exported here, each imported on first use so that `import reweight_audit` stays fast
 # (the stages pull in pandas, pyarrow and torch). name -> module that defines it.
@@ -29,7 +27,7 @@ _EXPORTS = {
     "score": "reweight_audit.api",
     "compare": "reweight_audit.api",
     "Comparison": "reweight_audit.api",
-    "AuditError": "reweight_audit.errors",
+    "AuditError": "reweight_audit.core.errors",
     # training (ReweightedLoss, AuditCallback) and sweep are re-exported here, the same way, once they exist
 }
 # Subpackages reachable as attributes: ra.methods.register(...)
@@ -40,24 +38,7 @@ __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports these
     from reweight_audit import methods
     from reweight_audit.api import Comparison, compare, inject, score
-    from reweight_audit.errors import AuditError
-
-
-# The stage modules reweight_audit.inject and reweight_audit.compare share their names with the API's functions.
-# Importing such a module sets the package attribute of that name to it; here that attribute is the function,
-# so the setting is skipped. The modules stay importable by their full names (from reweight_audit.compare
-# import run_compare); `from reweight_audit import compare` is the function.
-_SHADOWED = ("inject", "compare")
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    from reweight_audit.core.errors import AuditError
 
 
 def __getattr__(name: str) -> Any:

@@ -3,9 +3,9 @@
 Each takes what a notebook holds (a path, a pandas DataFrame, a
 ``datasets.Dataset``) and returns tables in memory; a file is written only
 when ``output=`` is given. The options have the command line's names and
-defaults (:mod:`reweight_audit.options`: ``--batch-tokens`` is
+defaults (:mod:`reweight_audit.core.options`: ``--batch-tokens`` is
 ``batch_tokens=``), are checked here before any work, and a bad one raises
-:class:`~reweight_audit.errors.AuditError` with the command line's one-line
+:class:`~reweight_audit.core.errors.AuditError` with the command line's one-line
 message. The work is done by the stage functions the command line calls
 (``run_inject``, ``run_score``, ``run_compare``): same engine, same files,
 same tables.
@@ -19,16 +19,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from reweight_audit import options
-from reweight_audit.errors import AuditError
-from reweight_audit.frames import TABLE_KINDS, check_table, is_dataframe, is_table, table_rows
+from reweight_audit.core import options
+from reweight_audit.core.errors import AuditError
+from reweight_audit.core.frames import TABLE_KINDS, check_table, is_dataframe, is_table, table_rows
 
 if TYPE_CHECKING:
     import pandas as pd
     from datasets import Dataset
     from matplotlib.figure import Figure
 
-    from reweight_audit.results import CompareResult
+    from reweight_audit.evaluation.results import CompareResult
 
 __all__ = ["inject", "score", "compare", "Comparison"]
 
@@ -176,7 +176,7 @@ def inject(
     """
     import pandas as pd
 
-    from reweight_audit.inject import run_inject
+    from reweight_audit.injection.run import run_inject
 
     source = _corpus(corpus)
     _check_all({
@@ -300,7 +300,8 @@ def score(
     >>> bool((stats["logp"] <= 0).all() and (stats["rank"] >= 1).all())
     True
     """
-    from reweight_audit.scoring import ScoreConfig, run_score
+    from reweight_audit.scoring.config import ScoreConfig
+    from reweight_audit.scoring.engine import run_score
 
     source = _noisy(noisy)
     _check_all({
@@ -322,7 +323,7 @@ def score(
 
 
 def _noisy(noisy: Any) -> Any:
-    from reweight_audit.scoring import NoisyRows
+    from reweight_audit.scoring.engine import NoisyRows
 
     check_table(noisy, "noisy")
     if is_table(noisy):
@@ -448,7 +449,8 @@ def compare(
     ``nll`` puts its top 20% on exactly the two noise tokens, ``dft`` on two
     clean ones.
     """
-    from reweight_audit.compare import run_compare
+    from reweight_audit.evaluation.compare import run_compare
+    from reweight_audit.reporting.exports import write_exports
 
     sources = _stats_sources(stats)
     _check_all({
@@ -464,12 +466,13 @@ def compare(
                          params=_params(params), method_files=[Path(p) for p in method_files],
                          batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed, table1_map=table1_map,
                          by_meta=by_meta, records=None if records is None else Path(records),
-                         stratify=_names("stratify", stratify or []), strata=strata, write=output is not None)
+                         stratify=_names("stratify", stratify or []), strata=strata,
+                         writer=None if output is None else write_exports)
     return Comparison(result)
 
 
 def _stats_sources(stats: Any) -> list[Any]:
-    """Paths as paths and DataFrames as :class:`~reweight_audit.runs.StatsTable` (named ``stats`` or ``stats[i]``)."""
+    """Paths as paths and DataFrames as :class:`~reweight_audit.evaluation.runs.StatsTable` (named ``stats`` or ``stats[i]``)."""
     single = isinstance(stats, (str, os.PathLike)) or is_table(stats)
     items = [stats] if single else stats
     if not isinstance(items, Sequence) or not items:
@@ -479,7 +482,7 @@ def _stats_sources(stats: Any) -> list[Any]:
 
 
 def _stats_source(item: Any, name: str) -> Any:
-    from reweight_audit.runs import StatsTable
+    from reweight_audit.evaluation.runs import StatsTable
 
     if isinstance(item, (str, os.PathLike)):
         return Path(item)
@@ -603,7 +606,7 @@ class Comparison:
         """Every token's weight under every method: run, seq_id, pos, token, is_noise, noise_kind, one column per
         method (weights.parquet)."""
         if self._weights is None:
-            from reweight_audit.exports import weights_table
+            from reweight_audit.reporting.exports import weights_table
 
             self._weights = weights_table(self.result.run_data, self.result.run_weights).to_pandas()
             for column in ("run", "seq_id"):  # dictionary-encoded in the file; plain text here
@@ -613,13 +616,13 @@ class Comparison:
     def to_markdown(self) -> str:
         """table.md: the tables as Markdown, one block per run × rank-by × scope, then its sections (Controls,
         Across runs, By FIELD)."""
-        from reweight_audit.exports import report_markdown
+        from reweight_audit.reporting.exports import report_markdown
 
         return report_markdown(self.result)
 
     def save(self, folder: PathLike) -> dict[str, Path]:
         """Write the report (every file of ``reweight-audit compare -o folder``) into ``folder``; the files by name."""
-        from reweight_audit.exports import write_exports
+        from reweight_audit.reporting.exports import write_exports
 
         _check("output", folder, _PATH)
         config = self.result.config
@@ -630,7 +633,7 @@ class Comparison:
     def plot(self, names: str | Sequence[str] | None = None) -> dict[str, Figure]:
         """The report's plots as matplotlib figures, by name: ``recall_curves``, ``rank_vs_prob``,
         ``expected_rank_vs_entropy``, ``weight_distributions`` (all by default, or the ones named)."""
-        from reweight_audit.exports import PLOTS, figures
+        from reweight_audit.reporting.exports import PLOTS, figures
 
         chosen = list(PLOTS) if names is None else [names] if isinstance(names, str) else list(names)
         unknown = [n for n in chosen if n not in PLOTS]

@@ -4,7 +4,7 @@ All three run in one process on the same model, batch and machine:
 
 * ``forward`` — the model's own forward pass to full logits (the floor we cannot beat);
 * ``naive``  — full logits, ``log_softmax``, and a full ``torch.sort`` per row for E[R];
-* ``ours``   — :func:`reweight_audit.scoring.score_batch`.
+* ``ours``   — :func:`reweight_audit.scoring.engine.score_batch`.
 
 Throughput is supervised tokens per second (best of ``repeats``). Peak memory is
 the high-water mark above the memory held before the variant ran: on CUDA
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from reweight_audit.errors import AuditError
+from reweight_audit.core.errors import AuditError
 
 
 @dataclass
@@ -177,7 +177,7 @@ def cores() -> int:
 
 def forward_variant(case: BenchCase) -> None:
     """The plain forward pass to full [batch, seq, vocab] logits."""
-    from reweight_audit.scoring import pad_batch as _pad_batch
+    from reweight_audit.scoring.engine import pad_batch as _pad_batch
 
     ids, mask = _pad_batch(case.sequences, case.pad_id, case.device)
     logits = case.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -188,8 +188,8 @@ def naive_variant(case: BenchCase) -> dict:
     """Full logits, log_softmax, and a full per-row sort for the expected rank."""
     import torch
 
-    from reweight_audit.scoring import batch_inputs
-    from reweight_audit.stats import expected_rank_sorted
+    from reweight_audit.scoring.engine import batch_inputs
+    from reweight_audit.scoring.stats import expected_rank_sorted
 
     batch = batch_inputs(case.sequences, case.pad_id, case.device)
     logits = case.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits.float()
@@ -213,7 +213,7 @@ def naive_variant(case: BenchCase) -> dict:
 
 
 def ours_variant(case: BenchCase) -> dict:
-    from reweight_audit.scoring import score_batch
+    from reweight_audit.scoring.engine import score_batch
 
     return score_batch(case.model, case.head, case.sequences, device=case.device, chunk_rows=case.chunk_rows, pad_id=case.pad_id)
 
@@ -248,9 +248,9 @@ def measure(case: BenchCase, fn: Callable[[BenchCase], Any], repeats: int) -> di
 
 def default_case(model_spec: str, batch_tokens: int, device: str, dtype: str, chunk_rows: int | None) -> BenchCase:
     """CHAMP responses under the chat template until about ``batch_tokens`` supervised tokens."""
-    from reweight_audit.corpus import iter_records
-    from reweight_audit.model import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
-    from reweight_audit.scoring import NoisyRecord, auto_chunk_rows, choose_template, encode, find_head, verify_head
+    from reweight_audit.injection.corpus import iter_records
+    from reweight_audit.core.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+    from reweight_audit.scoring.engine import NoisyRecord, auto_chunk_rows, choose_template, encode, find_head, verify_head
 
     device = resolve_device(device)
     source = resolve_model(model_spec)
@@ -280,13 +280,13 @@ def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from reweight_audit.model import resolve_device
-    from reweight_audit.scoring import Encoded, auto_chunk_rows, find_head
+    from reweight_audit.core.models import resolve_device
+    from reweight_audit.scoring.engine import Encoded, auto_chunk_rows, find_head
 
     check_options(batch_tokens=1, vocab=vocab, seq_len=seq_len, chunk_rows=chunk_rows, repeats=1)
     device = resolve_device(device)
     torch.manual_seed(0)
-    from reweight_audit.model import resolve_dtype
+    from reweight_audit.core.models import resolve_dtype
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -376,7 +376,7 @@ def _describe(case: BenchCase, contention: dict) -> dict:
     """The case and the machine state, for the JSON."""
     import torch
 
-    from reweight_audit.stats import backend
+    from reweight_audit.scoring.stats import backend
 
     vocab = int(case.model.config.get_text_config().vocab_size)
     return {
@@ -398,7 +398,7 @@ def _describe(case: BenchCase, contention: dict) -> dict:
 
 def stats_chunk(case: BenchCase) -> tuple[Any, Any]:
     """The first head chunk of the case's supervised positions: float32 logits [rows, vocab] and targets."""
-    from reweight_audit.scoring import batch_inputs, logit_chunks
+    from reweight_audit.scoring.engine import batch_inputs, logit_chunks
 
     batch = batch_inputs(case.sequences, case.pad_id, case.device)
     logits, targets = next(iter(logit_chunks(case.model, case.head, batch, case.sequences, case.device, case.chunk_rows)))
@@ -419,7 +419,7 @@ def run_stats_only(case: BenchCase, *, repeats: int = 2, contended: bool = False
     """ns per logit of our statistics, of ``log_softmax`` and of softmax + sort + E[R] on one real logits chunk."""
     import torch
 
-    from reweight_audit.stats import expected_rank_sorted, token_statistics
+    from reweight_audit.scoring.stats import expected_rank_sorted, token_statistics
 
     logits, targets = stats_chunk(case)
     rows, vocab = logits.shape
@@ -445,7 +445,7 @@ def gpu_check(repeats: int = 2) -> list[dict]:
     """
     import torch
 
-    from reweight_audit.model import GEMMA_MODEL, GEMMA_PACKAGE
+    from reweight_audit.core.models import GEMMA_MODEL, GEMMA_PACKAGE
 
     if not torch.cuda.is_available():
         raise AuditError("--gpu-check needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")

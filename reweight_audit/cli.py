@@ -22,11 +22,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reweight_audit import options
-from reweight_audit.errors import AuditError, require_positive
-from reweight_audit.io import work_folder
-from reweight_audit.noise import DEFAULT_NOISE
-from reweight_audit.options import split_list
+from reweight_audit.core import options
+from reweight_audit.core.errors import AuditError, require_positive
+from reweight_audit.core.io import work_folder
+from reweight_audit.injection.noise import DEFAULT_NOISE
+from reweight_audit.core.options import split_list
 
 app = typer.Typer(
     name="reweight-audit",
@@ -208,7 +208,7 @@ def _report_score(result: Any) -> None:
 
 
 def _report_compare(result: Any) -> None:
-    from reweight_audit.exports import render_table
+    from reweight_audit.reporting.exports import render_table
 
     out.print(render_table(result))
     _print_table1(result)
@@ -220,7 +220,7 @@ def _report_compare(result: Any) -> None:
 
 def _print_controls(result: Any) -> None:
     """One line per run × rank-by × scope: the methods above every control (the Controls section of table.md)."""
-    from reweight_audit.strata import control_verdicts
+    from reweight_audit.evaluation.strata import control_verdicts
 
     for v in control_verdicts(result.table, getattr(result, "strata", None), result.k):
         where = ", ".join(x for x in (v["run"], f"rank by {v['rank_by']}", v["scope"]) if x)
@@ -233,8 +233,8 @@ def _print_table1(result: Any) -> None:
     """The Table 1 view: our figures beside the paper's (intervals in table1.md)."""
     from rich.table import Table
 
-    from reweight_audit.formatting import fmt_pct, k_label
-    from reweight_audit.table1 import HEADERS, PAPER_K, TABLE1_METRICS
+    from reweight_audit.core.formatting import fmt_pct, k_label
+    from reweight_audit.evaluation.table1 import HEADERS, PAPER_K, TABLE1_METRICS
 
     frame = getattr(result, "table1", None)
     if frame is None or not len(frame):
@@ -296,7 +296,7 @@ def inject(
     quiet: Quiet = False,
 ) -> None:
     """Inject labelled noise into the responses of a corpus (spans the corpus brings are kept)."""
-    from reweight_audit.inject import run_inject
+    from reweight_audit.injection.run import run_inject
 
     with _inject_progress(quiet) as progress:
         result = run_inject(input, output, noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac,
@@ -328,7 +328,8 @@ def score(
     quiet: Quiet = False,
 ) -> None:
     """One forward pass: per-token statistics (logp, entropy, rank, expected rank, ...)."""
-    from reweight_audit.scoring import ScoreConfig, run_score
+    from reweight_audit.scoring.config import ScoreConfig
+    from reweight_audit.scoring.engine import run_score
 
     config = ScoreConfig(model=model, device=device, dtype=dtype, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
                          max_length=max_length, template=template, ref_model=ref_model,
@@ -372,14 +373,16 @@ def compare(
     quiet: Quiet = False,
 ) -> None:
     """Every method × every metric: the Table 1 diagnostic, printed and exported."""
-    from reweight_audit.compare import run_compare
+    from reweight_audit.evaluation.compare import run_compare
+    from reweight_audit.reporting.exports import write_exports
 
     with _compare_progress(quiet) as progress:
         result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
                              rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=params,
                              method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
                              table1_map=table1_map, by_meta=by_meta, records=records,
-                             stratify=split_list(stratify), strata=strata, progress=progress)
+                             stratify=split_list(stratify), strata=strata, writer=write_exports,
+                             progress=progress)
     _report_compare(result)
 
 
@@ -416,8 +419,8 @@ def sweep(
     quiet: Quiet = False,
 ) -> None:
     """Every method over rank-by × scope × k × noise kind × stratify × run: which orders survive every convention."""
-    from reweight_audit.sweep import run_sweep
-    from reweight_audit.sweep_report import claim_lines
+    from reweight_audit.evaluation.sweep import run_sweep
+    from reweight_audit.reporting.sweep_report import claim_lines, write_sweep
 
     try:
         cuts = [float(c) for c in split_list(k)]
@@ -428,7 +431,7 @@ def sweep(
         result = run_sweep(stats, output, methods=split_list([methods]) if methods else None,
                            rank_by=split_list(rank_by), scope=split_list(scope), cuts=cuts, params=params,
                            method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
-                           metric=metric, claim=claim, stratify=split_list(stratify), strata=strata,
+                           metric=metric, claim=claim, stratify=split_list(stratify), strata=strata, writer=write_sweep,
                            progress=progress)
     for note in result.notes:
         out.print(f"note: {escape(note)}", highlight=False)
@@ -566,7 +569,7 @@ def bench(
 ) -> None:
     """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
     from reweight_audit import bench as bench_module
-    from reweight_audit.io import output_lock, prepare_output_file, write_json_atomic
+    from reweight_audit.core.io import output_lock, prepare_output_file, write_json_atomic
 
     # sizes (0 or a negative number is an error, never "the default") are checked by bench.run_bench itself
     chosen = split_list([variants])
@@ -619,7 +622,7 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune with each method's loss, auditing the model on an injected probe as it trains."""
-    from reweight_audit.train_run import TrainConfig, run_train
+    from reweight_audit.training.run import TrainConfig, run_train
 
     names = split_list([value for value in (method, methods) if value])
     if not names:

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from reweight_audit import options as defaults
-from reweight_audit.compare import run_compare
-from reweight_audit.errors import AuditError
-from reweight_audit.inject import InjectResult, run_inject
-from reweight_audit.io import atomic_directory, output_lock, prepare_output_dir, read_json, write_json_atomic
-from reweight_audit.results import CompareResult
-from reweight_audit.scoring import ScoreConfig, ScoreResult, run_score
+from reweight_audit.core import options as defaults
+from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.reporting.exports import write_exports
+from reweight_audit.core.errors import AuditError
+from reweight_audit.injection.run import InjectResult, run_inject
+from reweight_audit.core.io import atomic_directory, output_lock, prepare_output_dir, read_json, write_json_atomic
+from reweight_audit.evaluation.results import CompareResult
+from reweight_audit.scoring.config import ScoreConfig
+from reweight_audit.scoring.engine import ScoreResult, run_score
 
 SOURCE = "champ"
 CLEAN_FRAC = 0.1  # clean sequences are the negatives of the sequence hit rate
@@ -76,7 +78,7 @@ def run_demo(output: str | os.PathLike = Path("reports/demo"), *, limit: int | N
     real-error diagnostic on the first ``real_errors`` champ-fws solutions (at most ``limit``; 0 skips it).
 
     The stages run in the work folder ``.<name>.partial`` beside ``output``
-    (:func:`reweight_audit.io.atomic_directory`), which is swapped in once
+    (:func:`reweight_audit.core.io.atomic_directory`), which is swapped in once
     all six finished: an interrupted or failed demo leaves the previous
     ``output`` as it was, and the next demo continues in the work folder
     (scoring resumes from its finished shards).
@@ -95,7 +97,7 @@ def run_demo(output: str | os.PathLike = Path("reports/demo"), *, limit: int | N
             scored = run_score(noisy, stats, ScoreConfig(model=model, device=device), resume=True, progress=progress)
         hooks.done("score", scored)
         with hooks.stage("compare", "3/6 compare: every method") as progress:
-            compared = run_compare([stats], work, scope=SCOPES, seed=SEED, stratify=SYNTHETIC_STRATA,
+            compared = run_compare([stats], work, writer=write_exports, scope=SCOPES, seed=SEED, stratify=SYNTHETIC_STRATA,
                                    progress=progress)
         hooks.done("compare", compared)
         real = run_real_errors(work / REAL_ERRORS_DIR, n_real, model=model, device=device, hooks=hooks) \
@@ -122,7 +124,7 @@ def run_real_errors(folder: Path, n_solutions: int, *, model: str, device: str, 
         scored = run_score(noisy, stats, ScoreConfig(model=model, device=device), resume=True, progress=progress)
     hooks.done("score", scored)
     with hooks.stage("compare", "6/6 real errors: compare every method, by source model too") as progress:
-        compared = run_compare([stats], folder, scope=SCOPES, seed=SEED, by_meta="model", records=noisy,
+        compared = run_compare([stats], folder, writer=write_exports, scope=SCOPES, seed=SEED, by_meta="model", records=noisy,
                                stratify=REAL_ERROR_STRATA, progress=progress)
     hooks.done("compare", compared)
     return RealErrors(folder, injected, scored, compared)

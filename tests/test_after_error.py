@@ -12,10 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from test_compare import make_stats, write_stats
 
-from reweight_audit import methods, metrics, runs
+from reweight_audit import methods
 
-# the module: `reweight_audit.compare` as an attribute is the API function
-compare = importlib.import_module("reweight_audit.compare")
+from reweight_audit.evaluation import metrics, runs
+from reweight_audit.reporting.exports import write_exports
+
+# the module: `reweight_audit.evaluation.compare` as an attribute is the API function
+compare = importlib.import_module("reweight_audit.evaluation.compare")
 
 METRIC_COLUMNS = ["tok_prec", "tok_rec", "seq_hit", "lift", "auroc", "ap", "noise_mass", "noise_mass_ratio"]
 
@@ -45,7 +48,7 @@ def real_run(tmp_path_factory):
     kept = table.filter(pc.not_equal(table.column("noise_kind"), "after-error"))
     full = write_stats(d / "full.parquet", table, model="m")
     cut = write_stats(d / "cut.parquet", kept, model="m")
-    with_rows = compare.run_compare([full], d / "out", methods=CHOSEN, heatmap_sequences=3, **KW)
+    with_rows = compare.run_compare([full], d / "out", writer=write_exports, methods=CHOSEN, heatmap_sequences=3, **KW)
     return d, table, full, cut, with_rows
 
 
@@ -55,7 +58,7 @@ KW = dict(rank_by=["weight", "loss"], scope=["global", "sequence"], n_boot=30, s
 
 def test_after_error_rows_leave_every_metric_but_not_the_weights(real_run):
     d, table, full, cut, with_rows = real_run
-    without = compare.run_compare([cut], d / "x", methods=CHOSEN, write=False, **KW)
+    without = compare.run_compare([cut], d / "x", writer=write_exports, methods=CHOSEN, **KW)
     # per-token methods: leaving the rows out of the metrics is the same as the table without them
     a, b = with_rows.table.drop(columns="run"), without.table.drop(columns="run")
     pd.testing.assert_frame_equal(a, b)
@@ -74,7 +77,7 @@ def test_after_error_rows_leave_every_metric_but_not_the_weights(real_run):
 
 def test_batch_dependent_methods_see_the_whole_batch(real_run):
     d, table, full, _, _ = real_run
-    res = compare.run_compare([full], d / "talr", methods=["talr"], batch_seqs=5, seed=2, n_boot=0,
+    res = compare.run_compare([full], d / "talr", writer=write_exports, methods=["talr"], batch_seqs=5, seed=2, n_boot=0,
                               heatmap_sequences=1)
     run = runs.load_run(full)
     batch = methods.assign_batches(run.seq_codes, 5, 2)

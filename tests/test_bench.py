@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from reweight_audit import bench
 from reweight_audit.cli import app
-from reweight_audit.errors import AuditError
+from reweight_audit.core.errors import AuditError
 
 
 @pytest.mark.parametrize(

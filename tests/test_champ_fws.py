@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from reweight_audit.cli import app
-from reweight_audit.corpus import _champ_data, iter_records
+from reweight_audit.injection.corpus import _champ_data, iter_records
 
 
 @pytest.fixture(scope="module")

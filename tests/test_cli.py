@@ -90,7 +90,7 @@ def test_bench_on_a_tiny_model_agrees_with_the_naive_implementation(tmp_path):
 
 
 def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
-    from reweight_audit.exports import EXPORT_FILES
+    from reweight_audit.reporting.exports import EXPORT_FILES
 
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "-o", str(out), "--limit", "3", "--model", str(tiny_model), "--device", "cpu",

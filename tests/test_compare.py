@@ -11,9 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reweight_audit import exports, methods, metrics, report, runs
-from reweight_audit.compare import run_compare
-from reweight_audit.errors import AuditError
+from reweight_audit import methods
+
+from reweight_audit.reporting import exports, render as report
+
+from reweight_audit.evaluation import metrics, runs
+from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.core.errors import AuditError
+from reweight_audit.reporting.exports import write_exports
 
 KINDS = ("filler", "hedge", "typo")
 WORDS = ("the", " sum", " of", " x", " is", " 41", ".", " Then", " we", " umm", "\n", " <b>", " a&b", ' "q"')
@@ -75,14 +80,14 @@ def full_run(tmp_path_factory):
     """One full compare with every export: all methods, two rank-bys, two scopes."""
     d = tmp_path_factory.mktemp("cmp")
     stats = write_stats(d / "stats.parquet", make_stats(odd_token="<script>alert('x')</script>"), model="tiny-lm")
-    res = run_compare([stats], d / "out", rank_by=["weight", "loss"], scope=["global", "sequence"],
+    res = run_compare([stats], d / "out", writer=write_exports, rank_by=["weight", "loss"], scope=["global", "sequence"],
                               n_boot=20, heatmap_sequences=5)
     return stats, d / "out", res
 
 
 def quick(paths, **kw):
     kw.setdefault("n_boot", 0)
-    return run_compare(paths, Path("/nonexistent-not-written"), write=False, **kw)
+    return run_compare(paths, Path("/nonexistent-not-written"), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -272,7 +277,7 @@ def test_rank_by_end_to_end_noise_mass(tmp_path):
 def test_two_runs_side_by_side(tmp_path):
     a = write_stats(tmp_path / "a" / "stats.parquet", make_stats(20, seed=1), model="model-A")
     b = write_stats(tmp_path / "b" / "stats.parquet", make_stats(25, seed=2, ref=True), model="model-B")
-    res = run_compare([a, b], tmp_path / "out", methods=None, n_boot=0, heatmap_sequences=2)
+    res = run_compare([a, b], tmp_path / "out", writer=write_exports, methods=None, n_boot=0, heatmap_sequences=2)
     assert list(dict.fromkeys(res.table["run"])) == ["model-A", "model-B"]
     assert set(res.table[res.table["run"] == "model-B"]["method"]) >= {"rho1"}
     assert "rho1" not in set(res.table[res.table["run"] == "model-A"]["method"])
@@ -292,7 +297,7 @@ def test_two_runs_side_by_side(tmp_path):
 def test_batch_dependent_method_gets_batches(tmp_path):
     table = make_stats(30)
     stats = write_stats(tmp_path / "s.parquet", table)
-    res = run_compare([stats], tmp_path / "out", methods=["talr"], batch_seqs=7, seed=3, n_boot=0,
+    res = run_compare([stats], tmp_path / "out", writer=write_exports, methods=["talr"], batch_seqs=7, seed=3, n_boot=0,
                               heatmap_sequences=1)
     run = runs.load_run(stats)
     batch = methods.assign_batches(run.seq_codes, 7, 3)
@@ -406,7 +411,7 @@ def test_a_new_metric_is_one_function_and_one_spec_entry(tmp_path, monkeypatch):
     with pytest.raises(AuditError, match="f1"):
         metrics.add_metric(metrics.MetricSpec("f1", None, None, interval=False, per_cut=True, counts=f1_at_k))
     stats = write_stats(tmp_path / "s.parquet", make_stats(25))
-    res = run_compare([stats], tmp_path / "out", methods=["sft", "entropy"], scope=["global", "sequence"],
+    res = run_compare([stats], tmp_path / "out", writer=write_exports, methods=["sft", "entropy"], scope=["global", "sequence"],
                               n_boot=20, heatmap_sequences=1)
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert list(table.columns[table.columns.get_loc("lift_hi") + 1:][:3]) == ["f1", "f1_lo", "f1_hi"]
@@ -428,7 +433,7 @@ def test_a_new_metric_is_one_function_and_one_spec_entry(tmp_path, monkeypatch):
 def test_a_failed_compare_leaves_the_previous_report(tmp_path, monkeypatch):
     stats = write_stats(tmp_path / "s.parquet", make_stats(10))
     out = tmp_path / "out"
-    run_compare([stats], out, methods=["sft", "dft"], n_boot=0, heatmap_sequences=1)
+    run_compare([stats], out, writer=write_exports, methods=["sft", "dft"], n_boot=0, heatmap_sequences=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(*args, **kwargs):
@@ -436,6 +441,6 @@ def test_a_failed_compare_leaves_the_previous_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report, "heatmap_html", broken)
     with pytest.raises(RuntimeError):
-        run_compare([stats], out, methods=["entropy"], n_boot=0, heatmap_sequences=1)
+        run_compare([stats], out, writer=write_exports, methods=["entropy"], n_boot=0, heatmap_sequences=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.parquet"]  # no temporary folder left

@@ -6,8 +6,8 @@ import json
 import pandas as pd
 import pytest
 
-from reweight_audit.corpus import FieldMap, LoadReport, content_id, iter_records
-from reweight_audit.errors import AuditError
+from reweight_audit.injection.corpus import FieldMap, LoadReport, content_id, iter_records
+from reweight_audit.core.errors import AuditError
 
 ROWS = [
     {"id": "a", "prompt": "What is 2+2?", "response": "It is 4."},

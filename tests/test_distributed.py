@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from conftest import write_noisy
-from reweight_audit.errors import AuditError
-from reweight_audit.scoring import ScoreConfig, assign_to_ranks, run_score
+from reweight_audit.core.errors import AuditError
+from reweight_audit.scoring.config import ScoreConfig
+from reweight_audit.scoring.engine import assign_to_ranks, run_score
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -80,7 +81,7 @@ def test_a_bad_model_fails_every_rank_with_one_clear_error(tmp_path, corpus):
 def _agree_worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
-    from reweight_audit.distributed import agree
+    from reweight_audit.scoring.distributed import agree
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -148,7 +148,7 @@ def test_duplicate_ids_are_refused_by_score_before_any_model_loads(main, tmp_pat
 
 def test_a_second_score_is_refused_at_once_while_the_first_holds_the_output(main, tmp_path, noisy):
     out = tmp_path / "s.parquet"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom reweight_audit.io import acquire_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom reweight_audit.core.io import acquire_lock\n"
                                "lock = acquire_lock(sys.argv[1])\nprint('held', flush=True)\nsys.stdin.read()",
                                str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -178,9 +178,10 @@ def test_every_command_says_what_an_interrupt_kept_and_exits_130(main, tmp_path,
                                                                   says):
     import importlib
 
-    # reweight_audit.compare/inject as attributes are the API's functions; the modules are imported by full name
-    compare, inject = (importlib.import_module(f"reweight_audit.{name}") for name in ("compare", "inject"))
-    from reweight_audit import demo, scoring
+    # reweight_audit.evaluation.compare/inject as attributes are the API's functions; the modules are imported by full name
+    compare, inject = (importlib.import_module(f"reweight_audit.{name}") for name in ("evaluation.compare", "injection.run"))
+    from reweight_audit import demo
+    from reweight_audit.scoring import engine as scoring
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

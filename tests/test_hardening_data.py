@@ -17,13 +17,14 @@ import pytest
 from rich.console import Console
 
 from conftest import write_noisy
-from reweight_audit import hub
-from reweight_audit.compare import run_compare
-from reweight_audit.corpus import FieldMap, check_source, iter_records
-from reweight_audit.errors import AuditError
-from reweight_audit.inject import run_inject
-from reweight_audit.runs import load_run
-from reweight_audit.scoring import ScoreConfig, read_noisy, run_score, scan_input
+from reweight_audit.core import hub
+from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.injection.corpus import FieldMap, check_source, iter_records
+from reweight_audit.core.errors import AuditError
+from reweight_audit.injection.run import run_inject
+from reweight_audit.evaluation.runs import load_run
+from reweight_audit.scoring.config import ScoreConfig
+from reweight_audit.scoring.engine import read_noisy, run_score, scan_input
 from test_compare import make_stats
 
 ROWS = [{"id": f"r{i}", "prompt": f"Question {i}?", "response": f"First we compute it, then the answer is {i} here."}
@@ -128,14 +129,14 @@ def test_a_named_id_field_must_be_present_and_the_default_falls_back(tmp_path):
 
 
 def test_the_printed_table_shows_run_labels_that_look_like_markup(tmp_path):
-    from reweight_audit.report import render_table
+    from reweight_audit.reporting.render import render_table
 
     paths = []
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
         paths.append(_written(tmp_path / sub / "stats.parquet", make_stats(8)))
         (tmp_path / sub / "stats.parquet.manifest.json").write_text(json.dumps({"model": "/m/Smol.Q4_1.gguf"}))
-    result = run_compare(paths, tmp_path / "report", methods=["sft", "dft"], n_boot=0, write=False)
+    result = run_compare(paths, tmp_path / "report", methods=["sft", "dft"], n_boot=0)
     console = Console(width=160, record=True, file=open(os.devnull, "w"))
     console.print(render_table(result))
     text = console.export_text()

@@ -17,15 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_noisy
-from reweight_audit.compare import run_compare
-from reweight_audit.io import lock_path
-from reweight_audit.scoring import ScoreConfig, run_score
+from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.core.io import lock_path
+from reweight_audit.scoring.config import ScoreConfig
+from reweight_audit.scoring.engine import run_score
+from reweight_audit.reporting.exports import write_exports
 from test_compare import make_stats
 
 PAUSE = """
 import pathlib, sys, time
 flag = pathlib.Path(sys.argv[1])
-from reweight_audit import {module} as module
+import importlib
+module = importlib.import_module("reweight_audit.{module}")
 original = module.{function}
 
 def paused(*args, **kwargs):
@@ -73,10 +76,10 @@ COMPARE = ("compare", "{stats}", "-o", "{out}", "--methods", "sft,dft,entropy", 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_compare_stopped_mid_write_leaves_the_earlier_report_intact(tmp_path, stats, sig):
     out = tmp_path / "report"
-    run_compare([stats], out, methods=["sft", "dft"], n_boot=0)
+    run_compare([stats], out, writer=write_exports, methods=["sft", "dft"], n_boot=0)
     before = files(out)
     flag = tmp_path / "flag"
-    child = paused_cli(flag, "exports", "write_tables", *[a.format(stats=stats, out=out) for a in COMPARE])
+    child = paused_cli(flag, "reporting.exports", "write_tables", *[a.format(stats=stats, out=out) for a in COMPARE])
     wait_until_paused(child, flag)
     temporary = tmp_path / f".report.{child.pid}.tmp"
     # table.csv, curves.csv, by_kind.csv, table.md and the Table 1 view (table1.csv, table1.md): mid-write
@@ -90,7 +93,7 @@ def test_compare_stopped_mid_write_leaves_the_earlier_report_intact(tmp_path, st
         assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "report", "stats.parquet"]
     else:  # nothing runs after SIGKILL: the next compare finds the dead run's lock and temporary folder
         assert temporary.exists() and lock_path(out).exists()
-        run_compare([stats], out, methods=["sft", "dft", "entropy"], n_boot=0)
+        run_compare([stats], out, writer=write_exports, methods=["sft", "dft", "entropy"], n_boot=0)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "report", "stats.parquet"]
         assert "entropy" in (out / "table.csv").read_text()
 
@@ -98,7 +101,7 @@ def test_compare_stopped_mid_write_leaves_the_earlier_report_intact(tmp_path, st
 def test_compare_interrupted_into_a_new_folder_leaves_no_folder(tmp_path, stats):
     out = tmp_path / "new-report"
     flag = tmp_path / "flag"
-    child = paused_cli(flag, "exports", "write_tables", *[a.format(stats=stats, out=out) for a in COMPARE])
+    child = paused_cli(flag, "reporting.exports", "write_tables", *[a.format(stats=stats, out=out) for a in COMPARE])
     wait_until_paused(child, flag)
     child.send_signal(signal.SIGINT)
     child.communicate(timeout=120)
@@ -112,7 +115,7 @@ def test_score_interrupted_keeps_its_shards_says_so_and_resumes(tmp_path, tiny_m
     out = tmp_path / "stats.parquet"
     flag = tmp_path / "flag"
     args = ("score", noisy, "-o", out, "--model", tiny_model, "--device", "cpu", "--batch-tokens", "40", "-q")
-    child = paused_cli(flag, "scoring", "_score_shard", *args)
+    child = paused_cli(flag, "scoring.engine", "_score_shard", *args)
     wait_until_paused(child, flag)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)

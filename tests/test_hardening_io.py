@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 
-from reweight_audit import io
-from reweight_audit.errors import AuditError
-from reweight_audit.io import acquire_lock, atomic_directory, lock_path, output_lock, prepare_output_dir, \
+from reweight_audit.core import io
+from reweight_audit.core.errors import AuditError
+from reweight_audit.core.io import acquire_lock, atomic_directory, lock_path, output_lock, prepare_output_dir, \
     prepare_output_file, work_folder
 
 
@@ -147,7 +147,7 @@ def test_a_read_only_folder_is_refused(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys
-    from reweight_audit.io import acquire_lock
+    from reweight_audit.core.io import acquire_lock
     lock = acquire_lock(sys.argv[1])
     print("held", flush=True)
     sys.stdin.read()  # until the test closes our stdin

@@ -7,11 +7,11 @@ import json
 import pytest
 
 import reweight_audit
-from reweight_audit.corpus import Record
-from reweight_audit.errors import AuditError
-from reweight_audit.inject import inject_records, write_injected
-from reweight_audit.io import manifest_path
-from reweight_audit.noise import NoiseConfig, known_kinds
+from reweight_audit.injection.corpus import Record
+from reweight_audit.core.errors import AuditError
+from reweight_audit.injection.run import inject_records, write_injected
+from reweight_audit.core.io import manifest_path
+from reweight_audit.injection.noise import NoiseConfig, known_kinds
 
 TEXTS = [
     "We have $x^2 = {i}$ so the answer is {i} apples, clearly true.",

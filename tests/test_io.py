@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from reweight_audit import __version__
-from reweight_audit.errors import AuditError
-from reweight_audit.io import (
+from reweight_audit.core.errors import AuditError
+from reweight_audit.core.io import (
     atomic_directory,
     atomic_file,
     atomic_files,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import reweight_audit.methods as M
-from reweight_audit.errors import AuditError
+from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import registry
 
 LN2 = math.log(2.0)

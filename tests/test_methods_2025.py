@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import reweight_audit.methods as M
-from reweight_audit.errors import AuditError
+from reweight_audit.core.errors import AuditError
 
 NEW = ("profit", "deformed-log", "deft", "deft-cayley", "mile")
 

@@ -1,4 +1,4 @@
-"""reweight_audit.metrics against brute force, scikit-learn and a slow bootstrap loop."""
+"""reweight_audit.evaluation.metrics against brute force, scikit-learn and a slow bootstrap loop."""
 from __future__ import annotations
 
 import itertools
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from reweight_audit import metrics
-from reweight_audit.errors import AuditError
+from reweight_audit.evaluation import metrics
+from reweight_audit.core.errors import AuditError
 
 KEYS = ("tok_prec", "tok_rec", "seq_hit", "lift")
 SMALL_CUTS = (0.1, 0.125, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)

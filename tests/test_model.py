@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from reweight_audit import model
-from reweight_audit.errors import AuditError
+from reweight_audit.core import models as model
+from reweight_audit.core.errors import AuditError
 
 CONTENT = b"GGUF" + bytes(range(256)) * 64
 

@@ -9,8 +9,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from reweight_audit.errors import AuditError
-from reweight_audit.noise import (
+from reweight_audit.core.errors import AuditError
+from reweight_audit.injection.noise import (
     FAMILIES,
     NoiseConfig,
     Noiser,

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from reweight_audit.errors import AuditError
-from reweight_audit.inject import run_inject
-from reweight_audit.noise import DEFAULT_NOISE, PRESETS, NoiseConfig, preset_settings
+from reweight_audit.core.errors import AuditError
+from reweight_audit.injection.run import run_inject
+from reweight_audit.injection.noise import DEFAULT_NOISE, PRESETS, NoiseConfig, preset_settings
 
 
 def test_table1_is_filler_and_hedge_at_a_word_share():

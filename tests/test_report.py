@@ -12,8 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from reweight_audit import exports, report, runs
-from reweight_audit.compare import run_compare
+from reweight_audit.reporting import exports, render as report
+
+from reweight_audit.evaluation import runs
+from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.reporting.exports import write_exports
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -54,7 +57,7 @@ def render(table) -> str:
 def result(tmp_path_factory):
     path = small_stats(tmp_path_factory.mktemp("rep") / "stats.parquet")
     return run_compare([path], Path("/nonexistent"), methods=["sft", "entropy", "ranktuner", "dft"],
-                               n_boot=30, write=False)
+                               n_boot=30)
 
 
 def test_formatting_helpers():
@@ -81,8 +84,7 @@ def test_render_table_shape(result):
 
 def test_render_table_varying_columns_and_na(tmp_path):
     path = small_stats(tmp_path / "clean.parquet", noise=False)
-    res = run_compare([path], tmp_path, methods=["sft", "nll"], rank_by=["weight", "loss"], n_boot=5,
-                              write=False)
+    res = run_compare([path], tmp_path, writer=write_exports, methods=["sft", "nll"], rank_by=["weight", "loss"], n_boot=5)
     table = report.render_table(res)
     assert [c.header for c in table.columns][:2] == ["rank-by", "method"]
     text = render(table)

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from conftest import save_tiny_model, write_noisy
-from reweight_audit.errors import AuditError
-from reweight_audit.scoring import ScoreConfig, encode, NoisyRecord, read_noisy, run_score
+from reweight_audit.core.errors import AuditError
+from reweight_audit.scoring.config import ScoreConfig
+from reweight_audit.scoring.engine import encode, NoisyRecord, read_noisy, run_score
 
 
 def reference_rows(model_dir, rows, template="auto"):
     """Per-token statistics from the full [1, seq, vocab] logits of each sequence, in float64."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reweight_audit.scoring import choose_template
+    from reweight_audit.scoring.engine import choose_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -175,7 +176,7 @@ def test_vocabulary_smaller_than_token_ids_is_an_error(tmp_path, noisy_rows):
 
 
 def test_nonfinite_logits_are_counted_and_excluded(tmp_path, tiny_model, noisy_rows, monkeypatch):
-    from reweight_audit import stats
+    from reweight_audit.scoring import stats
 
     original = stats.token_statistics
 
@@ -205,7 +206,7 @@ def test_softcapped_head_matches_the_models_own_logits(tmp_path, noisy_rows):
 
 
 def test_unknown_head_falls_back_to_the_models_logits(tmp_path, tiny_model, noisy_rows, monkeypatch):
-    from reweight_audit import scoring
+    from reweight_audit.scoring import engine as scoring
 
     # pretend the model scales its logits in a way we do not know about
     original_find = scoring.find_head
@@ -250,7 +251,7 @@ def test_a_failed_shard_write_leaves_no_file(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reweight_audit.io import write_parquet_atomic
+    from reweight_audit.core.io import write_parquet_atomic
 
     def disk_full(table, where, **kw):
         with open(where, "wb") as f:

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from reweight_audit.annotations import BadAnnotation, check_spans
-from reweight_audit.corpus import LoadReport, Record, iter_records
-from reweight_audit.errors import AuditError
-from reweight_audit.inject import inject_records, run_inject
-from reweight_audit.io import manifest_path
-from reweight_audit.noise import NoiseConfig, Noiser, Span, _Edit, apply_edits, known_kinds, shift_spans
+from reweight_audit.core.spans import BadAnnotation, check_spans
+from reweight_audit.injection.corpus import LoadReport, Record, iter_records
+from reweight_audit.core.errors import AuditError
+from reweight_audit.injection.run import inject_records, run_inject
+from reweight_audit.core.io import manifest_path
+from reweight_audit.injection.noise import NoiseConfig, Noiser, Span, _Edit, apply_edits, known_kinds, shift_spans
 
 WORDS = ["the", "answer", "is", "$x^2$", "12", "3.5", "apples", "`code`", "so", "we", "get", "café", "数学",
          "\\(a+b\\)", "thus", "hmm,", "(note)", "x_1", "7th", "1,000"]

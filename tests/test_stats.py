@@ -1,4 +1,4 @@
-"""Tests of reweight_audit.stats against a plain float64 brute-force reference.
+"""Tests of reweight_audit.scoring.stats against a plain float64 brute-force reference.
 
 Every test of ``token_statistics`` runs on both CPU implementations (the ``backend`` fixture):
 the torch path, which is also the fallback off-CPU, and the fused numba kernel.
@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from reweight_audit import stats
-from reweight_audit.stats import (
+from reweight_audit.scoring import stats
+from reweight_audit.scoring.stats import (
     EXPECTED_RANK_RTOL,
     TOPK,
     expected_rank_bucketed,

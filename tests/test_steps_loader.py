@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from reweight_audit.annotations import BadAnnotation, first_error_spans, steps_first_error
-from reweight_audit.corpus import FieldMap, LoadReport, iter_records
-from reweight_audit.errors import AuditError
-from reweight_audit.inject import run_inject
+from reweight_audit.core.spans import BadAnnotation, first_error_spans, steps_first_error
+from reweight_audit.injection.corpus import FieldMap, LoadReport, iter_records
+from reweight_audit.core.errors import AuditError
+from reweight_audit.injection.run import run_inject
 
 SAMPLE = Path(__file__).parent / "data" / "processbench_sample.jsonl"
 FIELDS = FieldMap(prompt="problem", steps="steps", first_error="label")

@@ -12,12 +12,13 @@ import pyarrow as pa
 import pytest
 from test_compare import make_stats, write_stats
 
-from reweight_audit import metrics, runs, sweep
-from reweight_audit.errors import AuditError
+from reweight_audit.evaluation import metrics, runs, sweep
+from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import get_method
+from reweight_audit.reporting.sweep_report import write_sweep
 
-# the module: `reweight_audit.compare` as an attribute is the API function
-compare = importlib.import_module("reweight_audit.compare")
+# the module: `reweight_audit.evaluation.compare` as an attribute is the API function
+compare = importlib.import_module("reweight_audit.evaluation.compare")
 
 # Two sequences of four tokens; the noise is s1's 2nd and s2's 3rd token. Probabilities and entropies are chosen so
 # that every method's token recall can be counted by hand (see test_pair_shares_hand_counted).
@@ -46,7 +47,7 @@ def hand_runs(tmp_path):
 
 def hand_sweep(paths, **kw):
     kw = {"methods": ["sft", "dft", "inv-prob", "entropy"], "cuts": [25, 50], **kw}
-    return sweep.run_sweep(paths, None, rank_by=["weight"], scope=["global", "sequence"], n_boot=0, write=False, **kw)
+    return sweep.run_sweep(paths, None, rank_by=["weight"], scope=["global", "sequence"], n_boot=0, **kw)
 
 
 def test_token_recall_hand_counted(hand_runs):
@@ -112,7 +113,7 @@ def test_paired_interval_matches_a_plain_resampling_loop(tmp_path):
     table = table.set_column(table.schema.get_field_index("noise_kind"), "noise_kind", one_kind)
     stats = write_stats(tmp_path / "s.parquet", table)
     res = sweep.run_sweep([stats], None, methods=["entropy", "inv-prob", "ranktuner-approx"], rank_by=["weight"],
-                          scope=["sequence"], cuts=[10], n_boot=40, seed=4, write=False)
+                          scope=["sequence"], cuts=[10], n_boot=40, seed=4)
     run = runs.load_run(stats)
     weights = compare.run_weights(run, [get_method(m) for m in ("entropy", "inv-prob", "ranktuner-approx")],
                                   {}, compare.compare_options([stats], methods=None, rank_by=["weight"], k=10,
@@ -143,9 +144,9 @@ def test_paired_interval_matches_a_plain_resampling_loop(tmp_path):
 def test_sweep_agrees_with_compare(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(30, seed=7))
     chosen = ["sft", "eaft", "talr", "ranktuner-approx"]
-    res = sweep.run_sweep([stats], None, methods=chosen, cuts=[10], n_boot=30, seed=2, write=False, batch_seqs=7)
+    res = sweep.run_sweep([stats], None, methods=chosen, cuts=[10], n_boot=30, seed=2, batch_seqs=7)
     cmp = compare.run_compare([stats], None, methods=chosen, rank_by=list(metrics.RANK_BY), scope=list(metrics.SCOPES),
-                              n_boot=30, seed=2, write=False, batch_seqs=7)
+                              n_boot=30, seed=2, batch_seqs=7)
     got = res.table[res.table["noise"] == "all"].set_index(["rank_by", "scope", "method"])
     want = cmp.table.set_index(["rank_by", "scope", "method"])
     for col in ("tok_prec", "tok_rec", "seq_hit", "lift", "tok_rec_lo", "tok_rec_hi", "seq_hit_lo"):
@@ -160,7 +161,7 @@ def test_sweep_agrees_with_compare(tmp_path):
 def test_outputs_written_whole_and_notes(tmp_path):
     a = write_stats(tmp_path / "a.parquet", make_stats(20, seed=1), model="model-A")
     b = write_stats(tmp_path / "b.parquet", drop_column(make_stats(20, seed=1), "sum_p2"), model="model-B")
-    res = sweep.run_sweep([a, b], tmp_path / "out", methods=["sft", "eaft", "inv-prob"], n_boot=10,
+    res = sweep.run_sweep([a, b], tmp_path / "out", writer=write_sweep, methods=["sft", "eaft", "inv-prob"], n_boot=10,
                           claim="eaft < inv-prob")
     out = tmp_path / "out"
     for name in ("sweep.csv", "pairs.csv", "claim.csv", "robustness.md", "robustness.png", "sweep.json"):
@@ -175,13 +176,13 @@ def test_outputs_written_whole_and_notes(tmp_path):
     assert summary["claim"]["settings"] == len(res.claim)
     assert not any("different corpora" in n for n in res.notes)  # the same seq_ids, the same tokens
     c = write_stats(tmp_path / "c.parquet", hand_table(H_A, corpus="other"), model="model-C")
-    notes = sweep.run_sweep([a, c], None, methods=["sft"], n_boot=0, write=False).notes
+    notes = sweep.run_sweep([a, c], None, methods=["sft"], n_boot=0).notes
     assert any("different corpora" in n for n in notes)
     retok = make_stats(20, seed=1)
     retok = retok.set_column(retok.schema.get_field_index("token_id"), "token_id",
                              pa.array(np.arange(retok.num_rows, dtype=np.int32)))
     d = write_stats(tmp_path / "d.parquet", retok, model="model-D")
-    notes = sweep.run_sweep([a, d], None, methods=["sft"], n_boot=0, write=False).notes
+    notes = sweep.run_sweep([a, d], None, methods=["sft"], n_boot=0).notes
     assert any("different tokenizers" in n for n in notes) and not any("corpora" in n for n in notes)
 
 
@@ -189,7 +190,7 @@ def test_bad_options(hand_runs):
     with pytest.raises(AuditError, match="--k"):
         hand_sweep(hand_runs, cuts=[0])
     with pytest.raises(AuditError, match="--bootstrap"):
-        sweep.run_sweep(hand_runs, None, n_boot=-1, write=False)
+        sweep.run_sweep(hand_runs, None, n_boot=-1)
     assert math.isnan(sweep._nanquantile(np.full((5, 1), np.nan), (0.5,))[0, 0])
 
 
@@ -221,19 +222,19 @@ def test_a_sweep_is_refused_while_another_writes_its_folder(hand_runs, tmp_path)
     import subprocess
     import sys
 
-    from reweight_audit.io import lock_path
+    from reweight_audit.core.io import lock_path
 
     out = tmp_path / "out"
-    sweep.run_sweep(hand_runs, out, methods=["sft", "dft"], n_boot=0)
+    sweep.run_sweep(hand_runs, out, writer=write_sweep, methods=["sft", "dft"], n_boot=0)
     before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom reweight_audit.io import acquire_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom reweight_audit.core.io import acquire_lock\n"
                                "lock = acquire_lock(sys.argv[1])\nprint('held', flush=True)\nsys.stdin.read()\n"
                                "lock.release()",
                                str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(AuditError, match=rf"^{out}: another run is writing it \(pid {holder.pid} on host"):
-            sweep.run_sweep(hand_runs, out, methods=["sft", "inv-prob"], n_boot=0)
+            sweep.run_sweep(hand_runs, out, writer=write_sweep, methods=["sft", "inv-prob"], n_boot=0)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -245,11 +246,13 @@ def test_an_interrupted_sweep_says_so_and_leaves_the_earlier_folder(hand_runs, t
     import signal
     import sys
 
-    from reweight_audit import cli, sweep_report
-    from reweight_audit.io import lock_path
+    from reweight_audit import cli
+
+    from reweight_audit.reporting import sweep_report
+    from reweight_audit.core.io import lock_path
 
     out = tmp_path / "out"
-    sweep.run_sweep(hand_runs, out, methods=["sft", "dft"], n_boot=0)
+    sweep.run_sweep(hand_runs, out, writer=write_sweep, methods=["sft", "dft"], n_boot=0)
     before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
     def interrupted(*args, **kwargs):  # mid-write: the CSV files are in the temporary folder, the plot not yet

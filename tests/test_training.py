@@ -14,12 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from conftest import save_tiny_model, write_noisy
-from reweight_audit.compare import run_compare
-from reweight_audit.errors import AuditError
+from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import available_methods, compute_weights, get_method
-from reweight_audit.scoring import ScoreConfig, choose_template, run_score
-from reweight_audit.train_run import TrainConfig, make_collator, run_train, training_examples
-from reweight_audit.training import AuditCallback, ReweightedLoss, absorption, load_probe, score_probe
+from reweight_audit.scoring.config import ScoreConfig
+from reweight_audit.scoring.engine import choose_template, run_score
+from reweight_audit.training.run import TrainConfig, make_collator, run_train, training_examples
+from reweight_audit.training.loss import AuditCallback, ReweightedLoss, absorption, load_probe, score_probe
 
 METHODS = [m.name for m in available_methods()]
 TOPK = 20
@@ -154,7 +155,7 @@ def test_weights_inside_the_loss_equal_compare_on_a_score_table(tmp_path, tiny_m
     run_score(noisy_file, stats, ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=1 << 16,
                                              ref_model=str(ref_dir)))
     torch.set_grad_enabled(True)
-    result = run_compare([stats], tmp_path / "cmp", n_boot=0, write=False, workers=1)
+    result = run_compare([stats], tmp_path / "cmp", n_boot=0, workers=1)
     weights = result.run_weights[0]
     assert set(weights) == set(METHODS)
     model, _ = lm
@@ -312,7 +313,7 @@ def test_an_unpacked_gguf_model_can_be_fine_tuned_a_packed_one_cannot(tiny_model
     from transformers.trainer_utils import validate_quantization_for_training
     from transformers.utils.quantization_config import GgufConfig
 
-    from reweight_audit.train_run import _drop_stale_quantizer
+    from reweight_audit.training.run import _drop_stale_quantizer
 
     def marked(model):  # the state transformers' legacy GGUF loader leaves (the default model's)
         quantizer = GgufHfQuantizer(GgufConfig())

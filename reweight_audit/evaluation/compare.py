@@ -1,0 +1,449 @@
+"""``compare``: every weighting method against the injected noise.
+
+:func:`run_compare` validates the options, selects the methods, loads the
+stats tables (:mod:`reweight_audit.evaluation.runs`), computes every method's weights
+once per run, ranks the tokens by weight, loss share or gradient share and
+evaluates every metric (:mod:`reweight_audit.evaluation.metrics`), assembles the tables
+(:class:`reweight_audit.evaluation.results.CompareResult`) and has
+:mod:`reweight_audit.reporting.exports` write them. Metric definitions: ``docs/metrics.md``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from reweight_audit.evaluation import groups, metrics, strata, table1
+from reweight_audit.core import options as defaults  # `options` names a CompareOptions here
+from reweight_audit.evaluation.agreement import order_agreement
+from reweight_audit.core.errors import AuditError
+from reweight_audit.core.io import output_lock, prepare_output_dir
+from reweight_audit.methods import (
+    Method,
+    assign_batches,
+    available_methods,
+    compute_weights,
+    get_method,
+    load_method_file,
+    missing_columns,
+    parse_params,
+)
+from reweight_audit.evaluation.results import CompareResult, curve_columns, group_columns, kind_columns, table_columns
+from reweight_audit.evaluation.runs import RunData, StatsSource, StatsTable, load_runs
+
+TIE_RULE = "fractional (expected value under random tie-breaking)"
+NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """The validated options of one compare."""
+
+    stats_paths: list[Path | StatsTable]
+    methods: list[str] | None  # None: every registered method whose columns exist
+    rank_by: list[str]
+    k: float  # percent
+    scope: list[str]
+    params: list[str]
+    method_files: list[Path]
+    batch_seqs: int
+    n_boot: int
+    seed: int
+    heatmap_sequences: int
+    table1_map: dict[str, str] = field(default_factory=lambda: dict(table1.DEFAULT_MAP))
+    by_meta: str | None = None  # a record meta field: every metric per value (by_group.csv)
+    records: Path | None = None  # the noisy JSONL with the records' meta (default: the score manifest's input)
+    stratify: list[str] = field(default_factory=list)  # variables of strata.csv (position, length, rarity)
+    n_strata: int = defaults.STRATA
+
+    @property
+    def k_frac(self) -> float:
+        return self.k / 100.0
+
+    def record(self) -> dict:
+        """summary.json's ``config``."""
+        return {
+            "stats_paths": [str(p) for p in self.stats_paths],
+            "methods": self.methods,
+            "rank_by": self.rank_by,
+            "k": self.k,
+            "scope": self.scope,
+            "params": self.params,
+            "method_files": [str(p) for p in self.method_files],
+            "batch_seqs": self.batch_seqs,
+            "n_boot": self.n_boot,
+            "seed": self.seed,
+            "heatmap_sequences": self.heatmap_sequences,
+            "table1_map": self.table1_map,
+            "by_meta": self.by_meta,
+            "records": None if self.records is None else str(self.records),
+            "stratify": self.stratify,
+            "strata": self.n_strata,
+            "cuts": [c * 100.0 for c in metrics.CUTS],
+            "tie_rule": TIE_RULE,
+            "noise_mass_of": NOISE_MASS_OF,
+        }
+
+
+def _as_list(values: str | Sequence[Any] | None) -> list:
+    """A list of the values without repeats; one string is one value."""
+    if values is None:
+        return []
+    return list(dict.fromkeys([values] if isinstance(values, (str, Path)) else values))
+
+
+def _known(values: list[str], known: Sequence[str], option: str, default: str) -> list[str]:
+    for value in values:
+        if value not in known:
+            raise AuditError(f"{option} {value!r} is not known; use one of {', '.join(known)}")
+    return values or [default]
+
+
+def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods: Sequence[str] | None, rank_by: Sequence[str],
+                    k: float, scope: Sequence[str], params: Sequence[str], method_files: Sequence[Path],
+                    batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int,
+                    table1_map: str | Mapping[str, str] | None = None, by_meta: str | None = None,
+                    records: Path | None = None, stratify: Sequence[str] = defaults.STRATIFY,
+                    n_strata: int = defaults.STRATA) -> CompareOptions:
+    """Check every option before any file is read; a bad one is one AuditError line naming the option."""
+    try:
+        k = float(k)
+    except (TypeError, ValueError):
+        raise AuditError(f"--k {k!r}: give a percentage in (0, 100], e.g. --k 10") from None
+    if not (0.0 < k <= 100.0) or not math.isfinite(k):
+        raise AuditError(f"--k {k:g}: the cut is a percentage in (0, 100], e.g. --k 10 for the top 10%")
+    if int(batch_seqs) < 1:
+        raise AuditError(f"--batch-seqs {batch_seqs}: give a positive number of sequences per batch")
+    if int(n_boot) < 0:
+        raise AuditError(f"--bootstrap {n_boot}: give 0 (no intervals) or a positive number of resamples")
+    paths = [_source(stats_paths)] if isinstance(stats_paths, (str, Path, StatsTable)) else \
+        [_source(p) for p in stats_paths]
+    if not paths:
+        raise AuditError("compare: give at least one stats.parquet")
+    if records is not None and not by_meta:
+        raise AuditError(f"--records {records}: it is read only with --by-meta FIELD; add that or drop --records")
+    stratify, n_strata = strata.check_stratify(_as_list(stratify), n_strata)
+    if methods is not None and not _as_list(methods):
+        raise AuditError("--methods is empty; give method names (see `reweight-audit methods`) or leave it out")
+    return CompareOptions(
+        stats_paths=paths, methods=None if methods is None else _as_list(methods),
+        rank_by=_known(_as_list(rank_by), metrics.RANK_BY, "--rank-by", "weight"), k=k,
+        scope=_known(_as_list(scope), metrics.SCOPES, "--scope", "global"), params=list(params or []),
+        method_files=[Path(p) for p in method_files or []], batch_seqs=int(batch_seqs), n_boot=int(n_boot),
+        seed=int(seed), heatmap_sequences=int(heatmap_sequences), table1_map=table1.parse_map(table1_map),
+        by_meta=by_meta or None, records=None if records is None else Path(records), stratify=stratify,
+        n_strata=n_strata)
+
+
+def _source(source: StatsSource) -> Path | StatsTable:
+    return source if isinstance(source, StatsTable) else Path(source)
+
+
+def select_methods(options: CompareOptions) -> tuple[list[Method], dict]:
+    """The methods to evaluate (named ones, else every registered one) and their parameters."""
+    for path in options.method_files:
+        load_method_file(path)
+    param_map = parse_params(options.params)
+    if options.methods is not None:
+        chosen = [get_method(name) for name in options.methods]
+    else:
+        chosen = list(available_methods())
+    names = {m.name for m in chosen}
+    for name in param_map:
+        if name not in names:  # it would silently do nothing
+            raise AuditError(f"--param {name}.…: method {name} is not in --methods; add it there or drop "
+                             "the parameter")
+    return chosen, param_map
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _MethodContext:
+    """What every method of one run is evaluated with (shared, read-only, by the worker threads)."""
+
+    run: RunData
+    columns: Mapping[str, np.ndarray]
+    batch: np.ndarray | None
+    param_map: dict
+    options: CompareOptions
+    counts: dict  # the run's token and sequence counts, repeated on every table row
+
+
+@dataclass
+class _RunOutcome:
+    """One run's weights and rows."""
+
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    table: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)
+    by_kind: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    t_weights: float = 0.0
+    t_metrics: float = 0.0
+
+
+def _method_weights(ctx: _MethodContext, method: Method) -> np.ndarray:
+    batch_dep = bool(getattr(method, "batch_dependent", False))
+    w = compute_weights(method, ctx.columns, params=ctx.param_map.get(method.name),
+                        batch=ctx.batch if batch_dep else None, seed=ctx.options.seed)
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (ctx.run.n_tokens,):
+        raise AuditError(f"method {method.name}: returned {w.shape} weights for {ctx.run.n_tokens} tokens; "
+                         "a method must return one weight per token")
+    return w
+
+
+def evaluate_method(ctx: _MethodContext, method: Method) -> _RunOutcome:
+    """Weights of one method and every rank-by × scope result for it (pure; run in a worker thread)."""
+    run, opts = ctx.run, ctx.options
+    t0 = time.perf_counter()
+    out = _RunOutcome(weights={method.name: _method_weights(ctx, method)})
+    out.t_weights = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logp = run.column("logp")
+    sum_p2 = run.column("sum_p2") if "grad" in opts.rank_by else None
+    pool = run.pool  # weights were computed on every row; excluded rows (after-error) leave the metrics here
+    for rank_by in opts.rank_by:
+        scores = pool.take(metrics.rank_scores(out.weights[method.name], rank_by, logp, sum_p2))
+        index = metrics.ScoreIndex(scores, pool.is_noise, pool.seq_codes, pool.kind_codes)
+        for scope in opts.scope:
+            ident = {"run": run.label, "method": method.name, "family": getattr(method, "family", ""),
+                     "rank_by": rank_by, "scope": scope}
+            row, curve = metrics.ranking_metrics(scores, pool.is_noise, pool.seq_codes, k=opts.k_frac,
+                                                 cuts=metrics.CUTS, scope=scope, n_boot=opts.n_boot,
+                                                 seed=opts.seed, index=index)
+            out.table.append({**ident, "k": opts.k, **row, **ctx.counts})
+            out.curves += [{**ident, "k": round(cut * 100.0, 10), **vals} for cut, vals in curve.items()]
+            out.by_kind += [{**ident, "k": opts.k, **kind_row} for kind_row in metrics.kind_metrics(
+                index, scores, pool.is_noise, pool.seq_codes, pool.kind_codes, run.kinds, k=opts.k_frac, scope=scope)]
+    out.t_metrics = time.perf_counter() - t0
+    return out
+
+
+def _computable(run: RunData, methods: list[Method], explicit: bool, skipped: list[dict]) -> list[Method]:
+    """The methods whose columns the run has; the others are skipped (an error when named explicitly)."""
+    todo = []
+    for method in methods:
+        miss = list(missing_columns(method, run.numeric_columns))
+        if miss and explicit:
+            hint = " or score with --ref-model" if "ref_logp" in miss else ""
+            raise AuditError(f"{run.path}: method {method.name} needs column(s) {', '.join(miss)}, which the table "
+                             f"lacks; drop it from --methods{hint}")
+        if miss:
+            skipped.append({"run": run.label, "method": method.name,
+                            "reason": f"needs column(s) {', '.join(miss)}, absent from {run.path.name}"})
+        else:
+            todo.append(method)
+    return todo
+
+
+def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: CompareOptions, *,
+                 say: Callable[[str], None], n_workers: int) -> _RunOutcome:
+    """Every computable method on one run, ``n_workers`` methods side by side; rows in method order."""
+    base = run.summary()
+    say(f"{run.label}: {base['n_tokens']:,} tokens, {base['n_noise']:,} noise")
+    outcome = _RunOutcome()
+    todo = _computable(run, methods, options.methods is not None, outcome.skipped)
+    counts = {key: base[key] for key in ("n_tokens", "n_noise", "n_seqs", "n_noise_seqs", "base_rate")}
+    ctx = _context(run, todo, param_map, options, counts)
+    for method, one in zip(todo, _map_ordered(lambda m: evaluate_method(ctx, m), todo, n_workers)):
+        say(f"{run.label}: {method.name} done")
+        outcome.weights.update(one.weights)
+        outcome.table += one.table
+        outcome.curves += one.curves
+        outcome.by_kind += one.by_kind
+        outcome.t_weights += one.t_weights
+        outcome.t_metrics += one.t_metrics
+    return outcome
+
+
+def _context(run: RunData, todo: list[Method], param_map: dict, options: CompareOptions,
+             counts: dict) -> _MethodContext:
+    """The inputs every method of the run shares, decoded once before any worker starts."""
+    columns = run.stat_columns()
+    for name in columns:
+        columns[name]
+    batch = None
+    if any(getattr(m, "batch_dependent", False) for m in todo):
+        batch = np.asarray(assign_batches(run.seq_codes, options.batch_seqs, options.seed))
+    return _MethodContext(run=run, columns=columns, batch=batch, param_map=param_map, options=options, counts=counts)
+
+
+def run_weights(run: RunData, methods: list[Method], param_map: dict, options: CompareOptions,
+                skipped: list[dict]) -> dict[str, np.ndarray]:
+    """Each computable method's weight per token of the run, exactly as compare computes it (the whole table
+    is the batch); the methods whose columns are missing are appended to ``skipped``."""
+    todo = _computable(run, methods, options.methods is not None, skipped)
+    ctx = _context(run, todo, param_map, options, counts={})
+    return {method.name: _method_weights(ctx, method) for method in todo}
+
+
+def _workers(workers: int | None) -> int:
+    """Threads for the per-method work: NumPy's sorts and reductions release the GIL."""
+    if workers is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    return max(1, int(workers))
+
+
+def _map_ordered(fn, items: list, n_workers: int) -> Iterator:
+    """fn over items, results in input order; the first exception propagates."""
+    if n_workers <= 1 or len(items) <= 1:
+        for it in items:
+            yield fn(it)
+        return
+    with ThreadPoolExecutor(max_workers=n_workers) as ex:
+        futures = [ex.submit(fn, it) for it in items]
+        try:
+            for fut in futures:
+                yield fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_compare(
+    stats_paths: StatsSource | Sequence[StatsSource],
+    out_dir: Path | None,
+    *,
+    methods: Sequence[str] | None = defaults.METHODS,
+    rank_by: Sequence[str] = (defaults.RANK_BY,),
+    k: float = defaults.K,
+    scope: Sequence[str] = (defaults.SCOPE,),
+    params: Sequence[str] = (),
+    method_files: Sequence[Path] = (),
+    batch_seqs: int = defaults.BATCH_SEQS,
+    n_boot: int = defaults.BOOTSTRAP,
+    seed: int = defaults.SEED,
+    heatmap_sequences: int = 12,
+    table1_map: str | Mapping[str, str] | None = defaults.TABLE1_MAP,
+    by_meta: str | None = defaults.BY_META,
+    records: Path | None = defaults.RECORDS,
+    stratify: Sequence[str] = defaults.STRATIFY,
+    strata: int = defaults.STRATA,
+    writer: Callable[..., Any] | None = None,
+    workers: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Compare every method on every stats table (files, or :class:`StatsTable` in memory) and write the
+    exports into ``out_dir``.
+
+    ``k`` is in percent, (0, 100]. ``methods=None`` takes every registered
+    method whose columns exist (the others are listed in ``skipped``); a method
+    named explicitly whose columns are missing is an error. ``progress`` is an
+    optional callable ``progress(message)`` (called from this thread only).
+    ``workers`` threads evaluate methods side by side (default: up to 4, one
+    per CPU); results do not depend on it. Without a ``writer`` (the report stage's
+    ``reporting.exports.write_exports``) or an ``out_dir`` it computes without writing anything; the result keeps the runs and their
+    weights, so its exports can be written later. The folder is checked and
+    locked before any table is read (:func:`reweight_audit.core.io.output_lock`) and
+    swapped in whole at the end.
+    """
+    t_start = time.perf_counter()
+    say = progress or (lambda _message: None)
+    options = compare_options(stats_paths, methods=methods, rank_by=rank_by, k=k, scope=scope, params=params,
+                              method_files=method_files, batch_seqs=batch_seqs, n_boot=n_boot, seed=seed,
+                              heatmap_sequences=heatmap_sequences, table1_map=table1_map, by_meta=by_meta,
+                              records=records, stratify=stratify, n_strata=strata)
+    chosen, param_map = select_methods(options)
+    write = writer is not None and out_dir is not None
+    # one compare at a time into a folder, refused before any table is read
+    with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
+        t0 = time.perf_counter()
+        runs = load_runs(options.stats_paths)
+        _check_grad_columns(runs, options)
+        timings = {"load": time.perf_counter() - t0}
+        outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers))
+                    for run in runs]
+        timings["weights"] = sum(o.t_weights for o in outcomes)
+        timings["metrics"] = sum(o.t_metrics for o in outcomes)
+        result = assemble(runs, outcomes, chosen, options, timings)
+        result.by_group = by_group(runs, outcomes, chosen, options)
+        result.strata = stratified(runs, outcomes, chosen, options)
+        result.agreement = order_agreement(result.table)
+        result.table1 = table1.table1_frame(result.table, result.runs, options.table1_map, options.k)
+        result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
+        if write:
+            t0 = time.perf_counter()
+            writer(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
+                          seed=options.seed, heatmap_sequences=options.heatmap_sequences)
+            timings["write"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return result
+
+
+def _check_grad_columns(runs: list[RunData], options: CompareOptions) -> None:
+    if "grad" in options.rank_by:
+        for run in runs:
+            if "sum_p2" not in run.numeric_columns:
+                raise AuditError(f"{run.path}: --rank-by grad needs column sum_p2, which this table lacks; "
+                                 "rerun `reweight-audit score` or rank by weight/loss")
+
+
+def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method], options: CompareOptions,
+             timings: dict[str, float]) -> CompareResult:
+    """The three tables in Table-1 blocks (run, then rank-by, then scope; methods in registration order)."""
+    order = {"run": [r.label for r in runs], "rank_by": options.rank_by, "scope": options.scope,
+             "method": [m.name for m in chosen]}
+
+    def frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+        return pd.DataFrame(_block_sorted(rows, order), columns=columns)
+
+    return CompareResult(
+        table=frame([r for o in outcomes for r in o.table], table_columns()),
+        curves=frame([r for o in outcomes for r in o.curves], curve_columns()),
+        by_kind=frame([r for o in outcomes for r in o.by_kind], kind_columns()),
+        skipped=[s for o in outcomes for s in o.skipped],
+        runs=[{**r.summary(), "manifest": r.manifest} for r in runs],
+        config=options.record(), k=options.k, timings=timings)
+
+
+def by_group(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method],
+             options: CompareOptions) -> pd.DataFrame | None:
+    """by_group.csv (``--by-meta``): every metric per value of the records' meta field; None without it."""
+    if not options.by_meta:
+        return None
+    families = {m.name: getattr(m, "family", "") for m in chosen}
+    rows = []
+    for run, outcome in zip(runs, outcomes):
+        path = groups.records_path(run, options.records)
+        grouping = groups.sequence_groups(run, groups.read_meta(path), options.by_meta, path)
+        rows += groups.group_rows(run, outcome.weights, families, options.by_meta, grouping, rank_by=options.rank_by,
+                                  scope=options.scope, k=options.k, n_boot=options.n_boot, seed=options.seed)
+    return pd.DataFrame(rows, columns=group_columns())
+
+
+def stratified(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method],
+               options: CompareOptions) -> pd.DataFrame | None:
+    """strata.csv (``--stratify``): every method's metrics within strata of each variable; None without it."""
+    if not options.stratify:
+        return None
+    families = {m.name: getattr(m, "family", "") for m in chosen}
+    rows = []
+    for run, outcome in zip(runs, outcomes):
+        rows += strata.strata_rows(run, outcome.weights, families, options.stratify, options.n_strata,
+                                   rank_by=options.rank_by, scope=options.scope, k=options.k, n_boot=options.n_boot,
+                                   seed=options.seed)
+    return strata.strata_frame(rows)
+
+
+def _block_sorted(rows: list[dict], order: dict[str, list[str]]) -> list[dict]:
+    keys = ("run", "rank_by", "scope", "method")
+    pos = {key: {v: i for i, v in enumerate(order[key])} for key in keys}
+    return sorted(rows, key=lambda r: tuple(pos[key].get(r[key], len(pos[key])) for key in keys))

@@ -1,0 +1,413 @@
+"""``sweep``: does a verdict survive the conventions? Every method over every setting, from the stats tables alone.
+
+A setting is run × rank-by × scope × cut k × noise (all noise, and each noise
+kind when there are several) × stratify (``none``: the pooled metric; or the
+noise-weighted mean of the metric within strata of position, length or rarity,
+:mod:`reweight_audit.evaluation.strata`). Weights are computed once per run exactly as
+``compare`` computes them (:func:`reweight_audit.evaluation.compare.run_weights`); every
+metric comes from the one engine in :mod:`reweight_audit.evaluation.metrics`
+(:func:`~reweight_audit.evaluation.metrics.sequence_counts`: per-sequence counts at
+every cut, summed for the value, resampled for the interval). All methods of
+a run are resampled with the same draws, so a pair's difference has a paired
+bootstrap interval. Definitions: ``docs/metrics.md``, "Sweep".
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from reweight_audit.evaluation import metrics, strata
+from reweight_audit.core import options as defaults  # `options` names a SweepOptions here
+from reweight_audit.evaluation.compare import compare_options, run_weights, select_methods
+from reweight_audit.core.errors import AuditError
+from reweight_audit.core.io import output_lock, prepare_output_dir
+from reweight_audit.methods import available_methods
+from reweight_audit.evaluation.runs import Pool, RunData, load_runs
+
+#: The cuts of a sweep (fractions): Table 1's 10% and the range around it.
+SWEEP_CUTS = tuple(k / 100.0 for k in defaults.SWEEP_K)
+#: The columns that name a setting.
+SETTING = ("run", "rank_by", "scope", "k", "noise", "stratify")
+#: The stratify value of the pooled settings.
+POOLED = "none"
+#: Bootstrap resamples per setting: enough for a 95% interval's ends to settle to about a point.
+DEFAULT_BOOT = defaults.SWEEP_BOOTSTRAP
+#: The noise of a setting when every kind counts.
+ALL_NOISE = "all"
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """The validated options of one sweep."""
+
+    rank_by: list[str]
+    scope: list[str]
+    cuts: tuple[float, ...]  # fractions
+    n_boot: int
+    seed: int
+    metric: str
+    claim: list[str] | None
+    stratify: list[str] = field(default_factory=lambda: [POOLED])
+    n_strata: int = defaults.STRATA
+
+    def record(self) -> dict:
+        return {"rank_by": self.rank_by, "scope": self.scope, "k": [round(c * 100, 10) for c in self.cuts],
+                "n_boot": self.n_boot, "seed": self.seed, "metric": self.metric, "claim": self.claim,
+                "level": LEVEL, "stratify": self.stratify, "strata": self.n_strata}
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced. Metric values are fractions."""
+
+    table: pd.DataFrame  # sweep.csv: one row per setting and method
+    pairs: pd.DataFrame  # pairs.csv: one row per ordered pair of methods
+    claim: pd.DataFrame | None  # one row per setting, when a claim was given
+    methods: list[str]
+    runs: list[dict]
+    notes: list[str]
+    skipped: list[dict]
+    config: dict
+    files: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def claim_holds(self) -> bool | None:
+        """True when the claimed order holds in every setting; None without a claim."""
+        return None if self.claim is None else bool(len(self.claim) and self.claim["holds"].all())
+
+
+# --------------------------------------------------------------------------- options
+
+
+def per_cut_metrics() -> list[str]:
+    """The metrics a sweep can order methods by: those with a value per cut from the counts."""
+    return [s.name for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
+
+
+def parse_claim(claim: str | None) -> list[str] | None:
+    """``"a < b < c"`` → ``[a, b, c]`` (lowest first); every name must be a registered method."""
+    if claim is None:
+        return None
+    names = [part.strip() for part in str(claim).split("<")]
+    if len(names) < 2 or not all(names):
+        raise AuditError(f"--claim {claim!r}: write the claimed order lowest first, e.g. "
+                         "\"ranktuner-approx < eaft < inv-prob\"")
+    known = [m.name for m in available_methods()]
+    for name in names:
+        if name not in known:
+            raise AuditError(f"--claim names {name!r}, which is not a registered method; registered: "
+                             f"{', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise AuditError(f"--claim {claim!r} names a method twice")
+    return names
+
+
+def sweep_options(*, rank_by: Sequence[str], scope: Sequence[str], cuts: Sequence[float], n_boot: int, seed: int,
+                  metric: str, claim: str | None, stratify: Sequence[str] = defaults.SWEEP_STRATIFY,
+                  n_strata: int = defaults.STRATA) -> SweepOptions:
+    """Check every option before a table is read; cuts in percent, as on the command line."""
+    variables = list(dict.fromkeys(stratify or [POOLED]))
+    for value in variables:
+        if value != POOLED and value not in strata.STRATIFY_BY:
+            raise AuditError(f"--stratify {value!r} is not known; use {POOLED} (pooled) or one of "
+                             f"{', '.join(strata.STRATIFY_BY)}")
+    _, n_strata = strata.check_stratify([], n_strata)
+    names = per_cut_metrics()
+    if metric not in names:
+        raise AuditError(f"--metric {metric!r}: use one of {', '.join(names)}")
+    if int(n_boot) < 0:
+        raise AuditError(f"--bootstrap {n_boot}: give 0 (no intervals) or a positive number of resamples")
+    fracs = []
+    for c in cuts or [c * 100 for c in SWEEP_CUTS]:
+        if not 0 < float(c) <= 100:
+            raise AuditError(f"--k {c:g}: every cut is a percentage in (0, 100]")
+        fracs.append(float(c) / 100.0)
+    for value, known, option in ((rank_by, metrics.RANK_BY, "--rank-by"), (scope, metrics.SCOPES, "--scope")):
+        for v in value:
+            if v not in known:
+                raise AuditError(f"{option} {v!r} is not known; use one of {', '.join(known)}")
+    return SweepOptions(rank_by=list(dict.fromkeys(rank_by or metrics.RANK_BY)),
+                        scope=list(dict.fromkeys(scope or metrics.SCOPES)), cuts=tuple(sorted(set(fracs))),
+                        n_boot=int(n_boot), seed=int(seed), metric=metric, claim=parse_claim(claim),
+                        stratify=variables, n_strata=n_strata)
+
+
+# --------------------------------------------------------------------------- one block of settings
+
+
+@dataclass
+class Block:
+    """Every method at every cut of one (run, rank-by, scope, noise): values, intervals, paired orders."""
+
+    values: dict[str, np.ndarray]  # metric -> [methods, cuts]
+    bounds: dict[str, np.ndarray]  # metric -> [2, methods, cuts] (NaN without a bootstrap)
+    sure_less: np.ndarray  # [a, b, cuts]: the interval of metric(b) − metric(a) lies above 0
+    n: int
+    n_noise: int
+
+
+def evaluate_block(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarray, n_seqs: int,
+                   cuts: tuple[float, ...], scope: str, metric: str, n_boot: int, seed: int,
+                   strata_codes: np.ndarray | None = None) -> Block:
+    """``scores`` is [methods, tokens]. Per method, per-sequence counts at every cut; the sum gives the values,
+    the bootstrap's multiplicity matrix (the same draws for every method) the replicates. With ``strata_codes``
+    (a stratum per token) the counts are taken within each stratum and every value, and every replicate, is the
+    noise-weighted mean over the strata (:func:`reweight_audit.evaluation.metrics.stratified_mean`)."""
+    if strata_codes is None:
+        parts = [slice(None)]
+    else:
+        parts = [np.flatnonzero(strata_codes == j) for j in np.unique(strata_codes)]
+    per = [np.stack([metrics.sequence_counts(s[p], is_noise[p], seq_codes[p], cuts, scope, n_seqs=n_seqs)
+                     for s in scores]) for p in parts]  # per stratum: [methods, cuts, sequences, fields]
+    n_m, n_k, n_s, n_f = per[0].shape
+    specs = [s for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
+    values = {s.name: _combine(s, [p.sum(axis=2) for p in per], strata_codes is not None) for s in specs}
+    bounds = {s.name: np.full((2, n_m, n_k), np.nan) for s in specs}
+    sure = np.zeros((n_m, n_m, n_k), dtype=bool)
+    if n_boot:
+        reps = [metrics.resampled_sums(p.transpose(2, 0, 1, 3).reshape(n_s, -1), n_boot, seed)
+                .reshape(n_boot, n_m, n_k, n_f) for p in per]
+        q = ((1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2)
+        for s in specs:
+            rep = _combine(s, reps, strata_codes is not None)  # [boot, methods, cuts]
+            bounds[s.name] = _nanquantile(rep, q)
+            if s.name == metric:
+                diff = rep[:, None, :, :] - rep[:, :, None, :]  # [boot, a, b, cuts]: metric(b) − metric(a)
+                sure = _nanquantile(diff, q[:1])[0] > 0
+    return Block(values, bounds, sure, n=int(is_noise.size), n_noise=int(np.count_nonzero(is_noise)))
+
+
+def _combine(spec: metrics.MetricSpec, totals: list[np.ndarray], stratified: bool) -> np.ndarray:
+    """The metric of the summed counts (last axis: the fields); stratified, the noise-weighted mean over the parts."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vals = [np.asarray(spec.counts(metrics.counts_of(t)), float) for t in totals]
+        if not stratified:
+            return vals[0]
+        return metrics.stratified_mean(np.stack(vals), np.stack([metrics.counts_of(t).n_noise for t in totals]))
+
+
+def _nanquantile(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
+    """``np.quantile``'s default (linear) quantiles over axis 0, NaN replicates left out; NaN where all are NaN.
+
+    One sort for every column (``np.nanquantile`` loops over them in Python).
+    """
+    ordered = np.sort(values, axis=0)  # NaN sorts last
+    n_valid = np.count_nonzero(~np.isnan(values), axis=0)
+    out = np.full((len(q),) + values.shape[1:], np.nan)
+    for i, level in enumerate(q):
+        pos = level * np.maximum(n_valid - 1, 0)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, np.maximum(n_valid - 1, 0))
+        a = np.take_along_axis(ordered, lo[None], axis=0)[0]
+        b = np.take_along_axis(ordered, hi[None], axis=0)[0]
+        t = pos - lo
+        with np.errstate(invalid="ignore"):
+            out[i] = np.where(n_valid > 0, np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t), np.nan)
+    return out
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def noise_sets(pool: Pool, kinds: list[str]) -> list[tuple[str, np.ndarray | None]]:
+    """(name, mask of the pool's tokens) per noise set: all noise, and each kind when there are several."""
+    if len(kinds) == 1:
+        return [(kinds[0], None)]
+    sets = [(ALL_NOISE, None)]
+    for code, kind in enumerate(kinds):
+        sets.append((kind, ~pool.is_noise | (pool.kind_codes == code)))
+    return sets
+
+
+def sweep_run(run: RunData, weights: dict[str, np.ndarray], options: SweepOptions,
+              say: Callable[[str], None]) -> list[tuple[dict, Block]]:
+    """Every setting of one run: ``(setting without k, block)`` per rank-by × noise × scope."""
+    pool = run.pool
+    names = list(weights)
+    out = []
+    logp = run.column("logp")
+    codes = {by: None if by == POOLED else metrics.stratum_codes(strata.stratify_values(run, by), options.n_strata)
+             for by in options.stratify}
+    for rank_by in options.rank_by:
+        if rank_by == "grad" and "sum_p2" not in run.numeric_columns:
+            continue  # noted by sweep_notes
+        sum_p2 = run.column("sum_p2") if rank_by == "grad" else None
+        scores = np.stack([pool.take(metrics.rank_scores(weights[m], rank_by, logp, sum_p2)) for m in names])
+        for noise, mask in noise_sets(pool, run.kinds):
+            sub = pool if mask is None else pool.subset(mask)
+            cols = scores if mask is None else scores[:, mask]
+            for scope in options.scope:
+                for by, stratum in codes.items():
+                    block = evaluate_block(cols, sub.is_noise, sub.seq_codes, len(run.seq_names), options.cuts,
+                                           scope, options.metric, options.n_boot, options.seed,
+                                           None if stratum is None else stratum if mask is None else stratum[mask])
+                    out.append(({"run": run.label, "rank_by": rank_by, "scope": scope, "noise": noise,
+                                 "stratify": by}, block))
+        say(f"{run.label}: rank by {rank_by} done")
+    return out
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def sweep_table(blocks: list[tuple[dict, Block, list[str]]], cuts: tuple[float, ...],
+                families: dict[str, str]) -> pd.DataFrame:
+    """sweep.csv: setting, method, family, pool counts, every per-cut metric with its interval."""
+    frames = []
+    for setting, block, names in blocks:
+        n_m, n_k = len(names), len(cuts)
+        cols = {**{key: [value] * (n_m * n_k) for key, value in setting.items()},
+                "k": np.tile([round(c * 100, 10) for c in cuts], n_m),
+                "method": np.repeat(names, n_k), "family": np.repeat([families[m] for m in names], n_k),
+                "n": block.n, "n_noise": block.n_noise}
+        for name, vals in block.values.items():
+            cols[name] = vals.ravel()
+            cols[f"{name}_lo"], cols[f"{name}_hi"] = block.bounds[name][0].ravel(), block.bounds[name][1].ravel()
+        frames.append(pd.DataFrame(cols))
+    order = [*SETTING, "method", "family", "n", "n_noise"]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=order)
+    return table[order + [c for c in table.columns if c not in order]]
+
+
+def pair_counts(blocks: list[tuple[dict, Block, list[str]]], methods: list[str], metric: str) -> pd.DataFrame:
+    """pairs.csv: per ordered pair (a, b), over the settings where both are defined: how often metric(a) < metric(b),
+    how often they tie, and in how many of the "less" settings the paired interval of the difference excludes 0."""
+    index = {m: i for i, m in enumerate(methods)}
+    n = len(methods)
+    both, less, ties, sure = (np.zeros((n, n), dtype=np.int64) for _ in range(4))
+    for _, block, names in blocks:
+        at = np.array([index[m] for m in names])
+        v = block.values[metric]  # [methods of the block, cuts]
+        a, b = v[:, None, :], v[None, :, :]
+        ok = ~np.isnan(a) & ~np.isnan(b)
+        grid = np.ix_(at, at)
+        both[grid] += ok.sum(axis=2)
+        less[grid] += (ok & (a < b)).sum(axis=2)
+        ties[grid] += (ok & (a == b)).sum(axis=2)
+        sure[grid] += (ok & (a < b) & block.sure_less).sum(axis=2)
+    ia, ib = np.nonzero(~np.eye(n, dtype=bool))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(both > 0, less / np.maximum(both, 1), np.nan)
+    return pd.DataFrame({"a": [methods[i] for i in ia], "b": [methods[j] for j in ib], "settings": both[ia, ib],
+                         "less": less[ia, ib], "ties": ties[ia, ib], "share": share[ia, ib],
+                         "sure": sure[ia, ib]})
+
+
+def claim_table(blocks: list[tuple[dict, Block, list[str]]], claim: list[str], metric: str,
+                cuts: tuple[float, ...]) -> pd.DataFrame:
+    """One row per setting: the claimed methods' values, ``holds`` (each strictly below the next), ``defined``
+    (every value is a number) and ``sure`` (every adjacent paired interval excludes 0)."""
+    rows = []
+    for setting, block, names in blocks:
+        where = [names.index(m) if m in names else None for m in claim]
+        for ki, cut in enumerate(cuts):
+            vals = [block.values[metric][i, ki] if i is not None else np.nan for i in where]
+            defined = bool(np.all(np.isfinite(vals)))
+            holds = defined and all(x < y for x, y in zip(vals, vals[1:]))
+            sure = holds and all(block.sure_less[i, j, ki] for i, j in zip(where, where[1:]))
+            rows.append({**setting, "k": round(cut * 100, 10), **{m: v for m, v in zip(claim, vals)},
+                         "holds": holds, "defined": defined, "sure": bool(sure)})
+    return pd.DataFrame(rows, columns=[*SETTING, *claim, "holds", "defined", "sure"])
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def sweep_notes(runs: list[RunData], options: SweepOptions) -> list[str]:
+    """What a reader must know before pooling these settings: different corpora or tokenizers, missing grad."""
+    notes = []
+    corpora = {}
+    for run in runs:
+        digest = (run.manifest or {}).get("input_digest") or _digest(np.asarray(sorted(run.seq_names), dtype=str))
+        corpora.setdefault(digest, []).append(run.label)
+    if len(corpora) > 1:
+        notes.append("the tables come from different corpora (" + "; ".join(", ".join(v) for v in corpora.values())
+                     + "): a setting's noise is not the same tokens in every run")
+    vocab = {run.label: (run.manifest or {}).get("vocab_size") for run in runs}
+    tokens = {}
+    for run in runs:
+        key = _digest(run.column("token_id")) if "token_id" in run.numeric_columns else run.label
+        tokens.setdefault(key, []).append(run.label)
+    if len({v for v in vocab.values() if v is not None}) > 1 or (len(corpora) == 1 and len(tokens) > 1):
+        notes.append("the tables come from different tokenizers ("
+                     + "; ".join(f"{label}: vocabulary {v if v is not None else 'unknown'}" for label, v in vocab.items())
+                     + "): a token is not the same unit in every run")
+    for run in runs:
+        if "grad" in options.rank_by and "sum_p2" not in run.numeric_columns:
+            notes.append(f"{run.label}: no sum_p2 column, so no rank-by grad settings for this run")
+    return notes
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, *,
+              methods: Sequence[str] | None = defaults.METHODS, rank_by: Sequence[str] = defaults.SWEEP_RANK_BY,
+              scope: Sequence[str] = defaults.SWEEP_SCOPE, cuts: Sequence[float] = defaults.SWEEP_K,
+              params: Sequence[str] = (), method_files: Sequence[Path] = (), batch_seqs: int = defaults.BATCH_SEQS,
+              n_boot: int = defaults.SWEEP_BOOTSTRAP, seed: int = defaults.SEED, metric: str = defaults.SWEEP_METRIC,
+              claim: str | None = defaults.CLAIM, stratify: Sequence[str] = defaults.SWEEP_STRATIFY,
+              strata: int = defaults.STRATA, writer: Callable[[Any, Path], Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> SweepResult:
+    """Every method over every setting of every stats table; writes sweep.csv, pairs.csv, robustness.md,
+    robustness.png (and claim.csv with a claim) into ``out_dir`` through ``writer`` (the report stage's
+    ``reporting.sweep_report.write_sweep``), all or none; without one nothing is written. ``cuts`` in percent.
+
+    The folder is checked and locked before any table is read (:func:`reweight_audit.core.io.output_lock`) and
+    swapped in whole at the end (:func:`reweight_audit.core.io.atomic_directory`)."""
+    t0 = time.perf_counter()
+    say = progress or (lambda _message: None)
+    options = sweep_options(rank_by=rank_by, scope=scope, cuts=cuts, n_boot=n_boot, seed=seed, metric=metric,
+                            claim=claim, stratify=stratify, n_strata=strata)
+    if methods is not None and options.claim:
+        methods = list(dict.fromkeys([*methods, *options.claim]))  # a claim's methods are always computed
+    cmp = compare_options(stats_paths, methods=methods, rank_by=["weight"], k=10.0, scope=["global"], params=params,
+                          method_files=method_files, batch_seqs=batch_seqs, n_boot=0, seed=seed,
+                          heatmap_sequences=0)
+    chosen, param_map = select_methods(cmp)
+    write = writer is not None and out_dir is not None
+    # one sweep at a time into a folder, refused before any table is read
+    with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
+        runs = load_runs(cmp.stats_paths)
+        skipped: list[dict] = []
+        blocks = []
+        for run in runs:
+            weights = run_weights(run, chosen, param_map, cmp, skipped)
+            blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
+        names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
+        _check_claim_computed(options.claim, names, skipped)
+        families = {m.name: m.family for m in chosen}
+        result = SweepResult(
+            table=sweep_table(blocks, options.cuts, families), pairs=pair_counts(blocks, names, options.metric),
+            claim=None if options.claim is None else claim_table(blocks, options.claim, options.metric, options.cuts),
+            methods=names, runs=[{k: v for k, v in r.summary().items() if k != "columns"} for r in runs],
+            notes=sweep_notes(runs, options), skipped=skipped,
+            config={**options.record(), "stats_paths": [str(p) for p in cmp.stats_paths], "methods": methods,
+                    "params": list(params), "batch_seqs": batch_seqs})
+        result.timings["compute"] = time.perf_counter() - t0
+        if write:
+            writer(result, Path(out_dir))
+    result.timings["total"] = time.perf_counter() - t0
+    return result
+
+
+def _check_claim_computed(claim: list[str] | None, names: list[str], skipped: list[dict]) -> None:
+    for name in claim or []:
+        if name not in names:
+            why = next((s["reason"] for s in skipped if s["method"] == name), "not computed")
+            raise AuditError(f"--claim names {name}, which no table can compute ({why}); drop it from the claim")
+
