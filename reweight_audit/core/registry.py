@@ -21,9 +21,11 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Named entries of one kind (``kind`` names it in messages: "method", "metric", "noise family")."""
 
-    def __init__(self, kind: str, *, hint: str = ""):
+    def __init__(self, kind: str, *, hint: str = "", known_label: str = "known"):
         self.kind = kind
         self.hint = hint  # where the user finds the names, e.g. "see `reweight-audit methods`"
+        # How the list of names is introduced when there is no hint: "known methods: a, b".
+        self.known_label = known_label
         self._entries: dict[str, T] = {}
 
     def add(self, name: str, entry: T) -> T:
@@ -45,10 +47,14 @@ class Registry(Generic[T]):
             raise AuditError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.6)
+        close = self.close_matches(name)
         guess = f"; did you mean {' or '.join(close)}?" if close else ""
-        where = f" ({self.hint})" if self.hint else f"; known: {', '.join(self._entries)}"
+        where = f" ({self.hint})" if self.hint else f"; {self.known_label}: {', '.join(self._entries) or '(none)'}"
         return f"unknown {self.kind} {name!r}{guess}{where}"
+
+    def close_matches(self, name: str) -> list[str]:
+        """Up to three registered names close to ``name`` (difflib ratio >= 0.6), best first."""
+        return difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.6)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[list[str]]:
@@ -64,11 +70,28 @@ class Registry(Generic[T]):
         finally:
             added[:] = [n for n in self._entries if n not in before]
 
+    @contextlib.contextmanager
+    def isolated(self) -> Iterator[None]:
+        """Restore the entries (names, objects and order) on exit, whatever happened inside; for tests."""
+        saved = dict(self._entries)
+        try:
+            yield
+        finally:
+            self._entries.clear()
+            self._entries.update(saved)
+
     def names(self) -> list[str]:
         return list(self._entries)
 
     def values(self) -> list[T]:
         return list(self._entries.values())
+
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._entries.items())
+
+    def __getitem__(self, name: str) -> T:
+        """``registry[name]`` is :meth:`get`: an unknown name is an ``AuditError`` with "did you mean"."""
+        return self.get(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from reweight_audit.core.errors import AuditError
+from reweight_audit.core.registry import Registry
 
 DEFAULT_RATE = 0.1
 #: Every family that needs no tokenizer.
@@ -348,7 +349,9 @@ class Family:
     word_list: str | None = None  # data file the family draws from, if any
 
 
-FAMILIES: dict[str, Family] = {}
+#: The noise families in registration order, which is the order of the draws' family choice
+#: (so it must not change: the same seed gives the same noise).
+FAMILIES: Registry[Family] = Registry("noise kind", known_label="known kinds")
 
 
 def register(
@@ -359,10 +362,10 @@ def register(
     applies: Callable[[_Slots, int], bool],
     word_list: str | None = None,
 ) -> Callable:
-    """Decorator: register ``make(slots, k, u, resources) -> _Edit`` as family ``name``."""
+    """Decorator: register ``make(slots, k, u, resources) -> _Edit`` as family ``name`` (a taken name is an error)."""
 
     def deco(make: Callable) -> Callable:
-        FAMILIES[name] = Family(name, mode, summary, applies, make, word_list)
+        FAMILIES.add(name, Family(name, mode, summary, applies, make, word_list))
         return make
 
     return deco
@@ -370,7 +373,12 @@ def register(
 
 def known_kinds() -> list[str]:
     """Registered family names, in registry order."""
-    return list(FAMILIES)
+    return FAMILIES.names()
+
+
+def get_family(name: str) -> Family:
+    """The family registered as ``name``; an unknown name is an ``AuditError`` with "did you mean" and the known kinds."""
+    return FAMILIES.get(name)
 
 
 #: Uniforms drawn per injection event: family choice plus up to three for the family.
@@ -492,9 +500,7 @@ def parse_noise_spec(spec: str) -> dict[str, float]:
                 weights.setdefault(kind, 1.0)
             continue
         if name not in FAMILIES:
-            raise AuditError(
-                f"--noise {spec!r}: unknown noise kind {name!r}; known kinds: {_known_list()}"
-            )
+            raise AuditError(f"--noise {spec!r}: {FAMILIES.unknown_message(name)}")
         if name in weights:
             raise AuditError(f"--noise {spec!r}: kind {name!r} given twice; list each kind once")
         if sep:
@@ -517,7 +523,7 @@ def check_noise_weights(weights: Mapping[str, float], *, where: str = "--noise")
         raise AuditError(f"{where}: no noise kinds given; known kinds: {_known_list()}")
     for name, w in weights.items():
         if name not in FAMILIES:
-            raise AuditError(f"{where}: unknown noise kind {name!r}; known kinds: {_known_list()}")
+            raise AuditError(f"{where}: {FAMILIES.unknown_message(name)}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise AuditError(f"{where}: weight of {name!r} must be a finite number >= 0, got {w!r}")
     if not any(w > 0 for w in weights.values()):
@@ -697,13 +703,14 @@ class Noiser:
         self.config = config
         self.kinds = [k for k, w in config.noise.items() if w > 0]
         self.weights = {k: float(config.noise[k]) for k in self.kinds}
+        # Looked up once: the per-edit loops below index this plain dict.
+        self._families = {k: FAMILIES.get(k) for k in self.kinds}
         self._plan = [
-            (k, None if FAMILIES[k].applies is _gap_ok else FAMILIES[k].applies, self.weights[k])
-            for k in self.kinds
+            (k, None if fam.applies is _gap_ok else fam.applies, self.weights[k])
+            for k, fam in self._families.items()
         ]
         self.resources: dict[str, Sequence[str]] = {}
-        for kind in self.kinds:
-            fam = FAMILIES[kind]
+        for kind, fam in self._families.items():
             if fam.word_list:
                 self.resources[kind] = load_word_list(fam.word_list)
         self.vocab_count = 0
@@ -741,7 +748,7 @@ class Noiser:
         # Fast path: an open gap settles it for every pure insertion family.
         if any(applies is None for _, applies, _ in self._plan) and any(slots.gap):
             return True
-        return any(FAMILIES[kd].applies(slots, k) for k in range(len(slots)) for kd in self.kinds)
+        return any(self._families[kd].applies(slots, k) for k in range(len(slots)) for kd in self.kinds)
 
     def inject(self, response: str, seq_id: str, keep: Sequence[Span] = ()) -> Injection:
         """Inject noise into one response, seeded by ``(seed, seq_id)``.
@@ -774,7 +781,7 @@ class Noiser:
                 for k, u in zip(selected, draws):
                     kind = self._choose(slots, k, u[0])
                     if kind is not None:
-                        edits.append(FAMILIES[kind].make(slots, k, u, self.resources))
+                        edits.append(self._families[kind].make(slots, k, u, self.resources))
         else:
             edits = self._target_edits(slots, rng, float(self.config.target_frac))
         if not edits:
@@ -803,7 +810,7 @@ class Noiser:
                 kind = self._choose(slots, k, u[0])
                 if kind is None:
                     continue
-                ed = FAMILIES[kind].make(slots, k, u, self.resources)
+                ed = self._families[kind].make(slots, k, u, self.resources)
                 new_noise, new_total = noise + ed.noise_words, total + ed.words_added
                 if abs(new_noise / new_total - target) > abs(noise / total - target):
                     return edits
@@ -811,7 +818,3 @@ class Noiser:
                 edits.append(ed)
         return edits
 
-
-def describe_families() -> list[tuple[str, str]]:
-    """``(name, summary)`` for every registered family, for help texts."""
-    return [(f.name, f.summary) for f in FAMILIES.values()]

@@ -1,4 +1,11 @@
-"""Token weighting methods (``reweight_audit.methods``).
+"""Token weighting methods (``reweight_audit.methods``): the registry and the built-in families.
+
+Job: define what a weighting method is (a pure function of per-token
+statistics returning one non-negative weight per token), register the
+built-ins, discover third-party ones, and evaluate any of them safely
+(``compute_weights``). It may import only ``reweight_audit.core`` (the layer
+below it; see the import-linter contract in pyproject.toml) and never a
+stage above (injection, scoring, evaluation, ...), not even lazily.
 
 Importing the package registers the built-in methods, one module per family:
 ``baseline`` (sft, random), ``prob`` (dft, inv-prob, talr), ``entropy``
@@ -8,7 +15,9 @@ ranktuner-approx, ranktuner-dft) and ``reference`` (rho1); then the
 deft-cayley) and ``entropy_scaled`` (mile); last the controls, ``control`` (position,
 position-rev, rarity), trivial rankings every method should beat. Third-party
 methods come from the entry-point group ``reweight_audit.methods`` or
-``load_method_file``.
+``load_method_file``. A method's parameters and defaults are its function's
+keyword-only parameters. ``methods_markdown()`` renders the table of
+docs/methods.md from the registry (``python -m reweight_audit.methods --write-docs docs/methods.md``).
 """
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -24,11 +33,14 @@ from .registry import (
     missing_columns,
     parse_params,
     register,
+    registered_methods,
+    signature_params,
     unregister,
 )
 
 # Import order is registration order, which is the order methods are listed.
 from . import baseline, prob, entropy, loss, rank, reference, gate, deformed, entropy_scaled, control  # noqa: E402,F401  (registers built-ins)
+from .catalog import methods_markdown, splice_table  # noqa: E402
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -41,8 +53,12 @@ __all__ = [
     "isolated_registry",
     "load_entry_points",
     "load_method_file",
+    "methods_markdown",
     "missing_columns",
     "parse_params",
     "register",
+    "registered_methods",
+    "signature_params",
+    "splice_table",
     "unregister",
 ]

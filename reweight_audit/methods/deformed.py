@@ -48,7 +48,6 @@ def deformed_weight(logp: np.ndarray, alpha: np.ndarray | float) -> np.ndarray:
     "deformed-log",
     family="prob",
     needs=("logp",),
-    params={"alpha": 10.0},
     formula="w = p_t^α: NLL-gradient weight of L = (1 − p_t^α)/α (α = 0: NLL, α = 1: 1 − p)",
     source=(
         "Beyond Log Likelihood, arXiv 2510.00526: objective family (1 − p^α)/α ('GeneralFamily-α', "

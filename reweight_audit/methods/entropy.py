@@ -29,7 +29,6 @@ def entropy(columns: Mapping[str, np.ndarray], *, batch=None, rng=None) -> np.nd
     "eaft",
     family="entropy",
     needs=("topk_entropy",),
-    params={"alpha": 1.0},
     formula="w = (H_top20 / ln 20)^α",
     source="EAFT, arXiv 2601.02151",
 )

@@ -18,7 +18,6 @@ from .registry import register
     "mile",
     family="entropy",
     needs=("entropy",),
-    params={"gamma": 1.0},
     formula="w = (1 + H_t)^γ / mean_batch((1 + H)^γ), H_t in nats, stop-gradient",
     source=(
         "MiLe loss, Su et al., NAACL 2024 Findings (arXiv 2310.19531); equation from the authors' code "

@@ -19,7 +19,6 @@ from .registry import register
     "profit",
     family="prob",
     needs=("logp",),
-    params={"tau": 0.1},
     formula="w = 1[p_t ≥ τ] (stop-gradient hard gate on the NLL)",
     source=(
         "ProFit, arXiv 2601.09195: a token contributes only when its probability exceeds a fixed τ; "

@@ -25,7 +25,6 @@ def nll(columns: Mapping[str, np.ndarray], *, batch=None, rng=None) -> np.ndarra
     "focal",
     family="loss",
     needs=("logp",),
-    params={"gamma": 2.0},
     formula="w = (1 − p_t)^γ",
     source="focal loss (Lin et al. 2017)",
 )

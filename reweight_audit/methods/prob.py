@@ -77,7 +77,6 @@ def _talr_one_batch(logp: np.ndarray, w_min: float, tau_min: float) -> np.ndarra
     "talr",
     family="prob",
     needs=("logp",),
-    params={"w_min": 0.01, "tau_min": 1e-6},
     formula="w = n·softmax_batch(log p_t / τ), τ = median NLL of the batch; w >= w_min; batch mean 1",
     source="TALR, arXiv 2509.20758",
     batch_dependent=True,

@@ -63,7 +63,6 @@ LOW_ENTROPY_MODES = ("smooth", "trivial")
     "ranktuner-approx",
     family="rank",
     needs=("logp", "entropy", "rank"),
-    params={"low_entropy": "smooth"},
     formula="S = (p_t·s(H_t))^(−K(ξ_t)), s(H) = 2^(H_bits−2)+1, ξ_t = max(R_t, s(H_t)), K(ξ) = log2(ξ+1)^(−2)",
     source="RankTuner, arXiv 2602.01745 (practical form)",
 )

@@ -12,10 +12,13 @@ Every method function has the signature::
 
 ``columns`` maps column names to 1-D arrays of equal length, ``batch`` is the
 per-token simulated training-batch id (only batch-dependent methods look at
-it), ``rng`` is a ``numpy.random.Generator`` seeded by the caller.
-``compute_weights`` is the only sanctioned way to call one: it checks inputs,
-merges parameters over the defaults and validates the output, so a broken
-method fails with a one-line ``AuditError`` instead of corrupting a report.
+it), ``rng`` is a ``numpy.random.Generator`` seeded by the caller. The
+method's parameters are the keyword-only parameters after ``batch`` and
+``rng``; their defaults are the parameter defaults (``Method.params``), so a
+default is written once, in the function. ``compute_weights`` is the only
+sanctioned way to call one: it checks inputs, merges parameters over the
+defaults and validates the output, so a broken method fails with a one-line
+``AuditError`` instead of corrupting a report.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping
@@ -34,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from reweight_audit.core.errors import AuditError
+from reweight_audit.core.registry import Registry
 
 ENTRY_POINT_GROUP = "reweight_audit.methods"
 
@@ -42,6 +46,8 @@ FAMILIES = ("prob", "entropy", "rank", "loss", "reference", "baseline", "control
 # Characters a method name may not contain: ``.`` and ``=`` are the syntax of
 # ``--param name.key=value``; ``,`` separates ``--methods a,b``.
 _FORBIDDEN_IN_NAME = set(".=,") | set(" \t\r\n")
+# Keyword parameters every method takes that are not parameters of the method.
+_CALL_KEYWORDS = ("batch", "rng")
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,9 @@ class Method:
     name: str
     family: str  # prob | entropy | rank | loss | reference | baseline | control
     needs: tuple[str, ...]  # statistics columns required, e.g. ("logp",)
-    # Parameter defaults. Excluded from hashing (a dict is unhashable) so a
-    # Method can still be a dict key or set member. Treat as read-only.
+    # Parameter defaults, read from fn's keyword-only parameters. Excluded from
+    # hashing (a dict is unhashable) so a Method can still be a dict key or set
+    # member. Treat as read-only.
     params: dict = field(hash=False)
     formula: str
     source: str
@@ -60,9 +67,8 @@ class Method:
     batch_dependent: bool = False
 
 
-# Registration order is preserved (dicts are ordered); that order is the order
-# ``available_methods`` reports.
-_REGISTRY: dict[str, Method] = {}
+# Registration order is the order ``available_methods`` reports.
+_METHODS: Registry[Method] = Registry("method", known_label="known methods")
 _entry_points_loaded = False
 # Entry points already loaded, keyed by (name, value), so a setup callable is
 # never called twice.
@@ -85,6 +91,30 @@ def _describe_exception(exc: BaseException) -> str:
 # ---------------------------------------------------------------- registration
 
 
+def signature_params(name: str, fn: Callable) -> dict[str, Any]:
+    """The method's parameters: ``fn``'s keyword-only parameters other than batch and rng, with their defaults.
+
+    A keyword-only parameter without a default is an error (every parameter
+    needs a default, which ``--param`` overrides). A callable without a
+    signature (a builtin) has none.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return {}
+    defaults: dict[str, Any] = {}
+    for p in sig.parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _CALL_KEYWORDS:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise AuditError(
+                f"method {name!r}: keyword-only parameter {p.name!r} needs a default "
+                "(the default is the method's parameter default)"
+            )
+        defaults[p.name] = p.default
+    return defaults
+
+
 def _check_signature(name: str, fn: Callable, params: Mapping[str, Any]) -> None:
     """Fail at registration, not at first use, if ``fn`` cannot take its call."""
     try:
@@ -100,23 +130,8 @@ def _check_signature(name: str, fn: Callable, params: Mapping[str, Any]) -> None
         ) from None
 
 
-def register(
-    name: str,
-    *,
-    family: str,
-    needs: tuple[str, ...] | list[str],
-    formula: str,
-    source: str,
-    params: Mapping[str, Any] | None = None,
-    batch_dependent: bool = False,
-) -> Callable[[Callable], Callable]:
-    """Decorator registering ``fn`` as method ``name``; returns ``fn`` unchanged.
-
-    A duplicate name, an unknown family, a name containing ``. = ,`` or
-    whitespace, a parameter name that is not an identifier, or a function that
-    cannot be called as ``fn(columns, batch=, rng=, **params)`` raises
-    ``AuditError``.
-    """
+def _check_declaration(name: str, family: str, needs: Any, params: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Validate what ``@register`` is told; returns ``needs`` as a tuple."""
     if not isinstance(name, str) or not name or set(name) & _FORBIDDEN_IN_NAME:
         raise AuditError(
             f"invalid method name {name!r}: use a non-empty name without spaces, '.', '=' or ','"
@@ -130,21 +145,45 @@ def register(
     needs_t = tuple(needs)
     if not all(isinstance(c, str) and c for c in needs_t):
         raise AuditError(f"method {name!r}: needs must be column names, got {needs!r}")
-    defaults = dict(params or {})
-    for key in defaults:
-        if not (isinstance(key, str) and key.isidentifier()) or key in ("batch", "rng"):
+    for key in params or {}:
+        if not (isinstance(key, str) and key.isidentifier()) or key in _CALL_KEYWORDS:
             raise AuditError(f"method {name!r}: invalid parameter name {key!r}")
+    return needs_t
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    needs: tuple[str, ...] | list[str],
+    formula: str,
+    source: str,
+    params: Mapping[str, Any] | None = None,
+    batch_dependent: bool = False,
+) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn`` as method ``name``; returns ``fn`` unchanged.
+
+    The parameters and their defaults are ``fn``'s keyword-only parameters
+    after ``batch`` and ``rng``. ``params={...}`` is still accepted from older
+    third-party code: when given, it is the parameter set instead (and ``fn``
+    must accept it). A duplicate name, an unknown family, a name containing
+    ``. = ,`` or whitespace, a parameter name that is not an identifier, or a
+    function that cannot be called as ``fn(columns, batch=, rng=, **params)``
+    raises ``AuditError``.
+    """
+    needs_t = _check_declaration(name, family, needs, params)
 
     def decorator(fn: Callable) -> Callable:
-        if name in _REGISTRY:
+        if name in _METHODS:
             raise AuditError(
-                f"method {name!r} is already registered (from {_REGISTRY[name].fn.__module__}); "
+                f"method {name!r} is already registered (from {_METHODS.get(name).fn.__module__}); "
                 "choose another name"
             )
         if not callable(fn):
             raise AuditError(f"method {name!r}: @register must decorate a function")
+        defaults = dict(params) if params is not None else signature_params(name, fn)
         _check_signature(name, fn, defaults)
-        _REGISTRY[name] = Method(
+        _METHODS.add(name, Method(
             name=name,
             family=family,
             needs=needs_t,
@@ -153,7 +192,7 @@ def register(
             source=source,
             fn=fn,
             batch_dependent=bool(batch_dependent),
-        )
+        ))
         return fn
 
     return decorator
@@ -161,10 +200,11 @@ def register(
 
 def unregister(name: str) -> Method:
     """Remove a registered method and return it (for tests and plugin reloads)."""
-    try:
-        return _REGISTRY.pop(name)
-    except KeyError:
-        raise AuditError(f"cannot unregister {name!r}: no such method") from None
+    if name not in _METHODS:
+        raise AuditError(f"cannot unregister {name!r}: no such method")
+    method = _METHODS.get(name)
+    _METHODS.remove(name)
+    return method
 
 
 @contextlib.contextmanager
@@ -175,30 +215,39 @@ def isolated_registry() -> Iterator[None]:
     nothing leaks into other tests.
     """
     global _entry_points_loaded
-    saved = (
-        dict(_REGISTRY),
-        _entry_points_loaded,
-        set(_loaded_entry_points),
-        dict(_loaded_files),
-    )
+    saved = (_entry_points_loaded, set(_loaded_entry_points), dict(_loaded_files))
     try:
-        yield
+        with _METHODS.isolated():
+            yield
     finally:
-        _REGISTRY.clear()
-        _REGISTRY.update(saved[0])
-        _entry_points_loaded = saved[1]
+        _entry_points_loaded = saved[0]
         _loaded_entry_points.clear()
-        _loaded_entry_points.update(saved[2])
+        _loaded_entry_points.update(saved[1])
         _loaded_files.clear()
-        _loaded_files.update(saved[3])
+        _loaded_files.update(saved[2])
 
 
 # ------------------------------------------------------------------- discovery
 
 
-def _rollback(before: set[str]) -> None:
-    for added in [n for n in _REGISTRY if n not in before]:
-        del _REGISTRY[added]
+@contextlib.contextmanager
+def _entry_point_errors(ep: EntryPoint) -> Iterator[None]:
+    """Turn whatever a failing entry point raises into one ``AuditError`` line naming it."""
+    where = f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP})"
+    try:
+        yield
+    except AuditError as exc:
+        raise AuditError(f"{where}: {exc}") from None
+    except Exception as exc:  # a third-party plugin can raise anything
+        raise AuditError(f"{where} failed to load: {_describe_exception(exc)}") from None
+
+
+def _load_entry_point(ep: EntryPoint) -> None:
+    """Import ``ep``; call it when it is a setup hook rather than a module or a registered method."""
+    obj = ep.load()
+    if callable(obj) and not isinstance(obj, ModuleType):
+        if not any(m.fn is obj for m in _METHODS.values()):
+            obj()
 
 
 def load_entry_points() -> list[str]:
@@ -209,7 +258,7 @@ def load_entry_points() -> list[str]:
     callable that is itself a registered method function needs nothing more;
     any other callable is called once with no arguments, as a setup hook that
     registers methods. A failing entry point raises ``AuditError`` naming it,
-    and whatever it had registered is rolled back.
+    and whatever it had registered is rolled back (``Registry.transaction``).
     """
     global _entry_points_loaded
     _entry_points_loaded = True
@@ -218,26 +267,25 @@ def load_entry_points() -> list[str]:
         key = (ep.name, ep.value)
         if key in _loaded_entry_points:
             continue
-        before = set(_REGISTRY)
-        try:
-            obj = ep.load()
-            if callable(obj) and not isinstance(obj, ModuleType):
-                if not any(m.fn is obj for m in _REGISTRY.values()):
-                    obj()
-        except AuditError as exc:
-            _rollback(before)
-            raise AuditError(
-                f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP}): {exc}"
-            ) from None
-        except Exception as exc:  # a third-party plugin can raise anything
-            _rollback(before)
-            raise AuditError(
-                f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP}) "
-                f"failed to load: {_describe_exception(exc)}"
-            ) from None
+        # The transaction is inside the error translation: roll back first, then report.
+        with _entry_point_errors(ep), _METHODS.transaction() as names:
+            _load_entry_point(ep)
         _loaded_entry_points.add(key)
-        added.extend(n for n in _REGISTRY if n not in before)
+        added.extend(names)
     return added
+
+
+@contextlib.contextmanager
+def _method_file_errors(path: str | Path, mod_name: str) -> Iterator[None]:
+    """Turn an error while importing a method file into one ``AuditError`` line naming the file."""
+    try:
+        yield
+    except BaseException as exc:
+        sys.modules.pop(mod_name, None)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        detail = str(exc) if isinstance(exc, AuditError) else _describe_exception(exc)
+        raise AuditError(f"method file {str(path)!r}: {_one_line(detail)}") from None
 
 
 def load_method_file(path: str | Path) -> list[str]:
@@ -246,7 +294,7 @@ def load_method_file(path: str | Path) -> list[str]:
     Loading the same file again returns the names of the first load without
     re-executing it. A missing file or any error while importing raises a
     one-line ``AuditError`` naming the file; methods it had registered before
-    failing are removed again.
+    failing are removed again (``Registry.transaction``).
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -262,20 +310,11 @@ def load_method_file(path: str | Path) -> list[str]:
     if spec is None or spec.loader is None:
         raise AuditError(f"method file {str(path)!r} cannot be imported as Python (use a .py file)")
     module = importlib.util.module_from_spec(spec)
-    before = set(_REGISTRY)
     # In sys.modules during execution: dataclasses and pickling look it up there.
     sys.modules[mod_name] = module
-    try:
+    with _method_file_errors(path, mod_name), _METHODS.transaction() as names:
         spec.loader.exec_module(module)
-    except BaseException as exc:
-        _rollback(before)
-        sys.modules.pop(mod_name, None)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        detail = str(exc) if isinstance(exc, AuditError) else _describe_exception(exc)
-        raise AuditError(f"method file {str(path)!r}: {_one_line(detail)}") from None
-    names = [n for n in _REGISTRY if n not in before]
-    _loaded_files[resolved] = names
+    _loaded_files[resolved] = list(names)
     return list(names)
 
 
@@ -290,21 +329,21 @@ def available_methods() -> list[Method]:
     Entry points are loaded on the first call only.
     """
     _ensure_entry_points()
-    return list(_REGISTRY.values())
+    return _METHODS.values()
+
+
+def registered_methods() -> list[Method]:
+    """The methods registered so far, without loading entry points (the built-ins, at import)."""
+    return _METHODS.values()
 
 
 def get_method(name: str) -> Method:
-    """The method registered as ``name``; unknown names raise ``AuditError`` listing the known ones."""
-    if name not in _REGISTRY:
+    """The method registered as ``name``; an unknown name raises ``AuditError`` with "did you mean" and the known ones."""
+    if name not in _METHODS:
         # Built-ins resolve without touching plugins; only an unknown name
         # pays for (and can be broken by) entry-point discovery.
         _ensure_entry_points()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise AuditError(
-            f"unknown method {name!r}; known methods: {', '.join(_REGISTRY) or '(none)'}"
-        ) from None
+    return _METHODS.get(name)
 
 
 # ------------------------------------------------------------------ parameters
