@@ -167,8 +167,9 @@ def evaluate_block(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarr
         parts = [slice(None)]
     else:
         parts = [np.flatnonzero(strata_codes == j) for j in np.unique(strata_codes)]
-    per = [np.stack([metrics.sequence_counts(s[p], is_noise[p], seq_codes[p], cuts, scope, n_seqs=n_seqs)
-                     for s in scores]) for p in parts]  # per stratum: [methods, cuts, sequences, fields]
+    counter = metrics.SequenceCounts(is_noise, seq_codes, cuts, scope, n_seqs=n_seqs)  # labels, codes checked once
+    by_method = [counter.of(s, parts) for s in scores]
+    per = [np.stack(p) for p in zip(*by_method)]  # per stratum: [methods, cuts, sequences, fields]
     n_m, n_k, n_s, n_f = per[0].shape
     specs = [s for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
     values = {s.name: _combine(s, [p.sum(axis=2) for p in per], strata_codes is not None) for s in specs}

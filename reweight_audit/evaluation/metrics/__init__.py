@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from reweight_audit.evaluation.metrics.bootstrap import (LEVEL, bootstrap_intervals, bootstrap_multiplicities,
                                                          nan_quantile, percentile_interval, resampled_sums)
-from reweight_audit.evaluation.metrics.counts import (SEQUENCE_FIELDS, counts_of, curve, noise_mass,
+from reweight_audit.evaluation.metrics.counts import (SEQUENCE_FIELDS, SequenceCounts, counts_of, curve, noise_mass,
                                                       sequence_counts, topk_metrics)
 from reweight_audit.evaluation.metrics.declarations import (CUTS, METRICS, SCOPES, Counts, MetricSpec, add_metric,
                                                             metric_headers, metric_specs, ratio, table_cells)
@@ -71,6 +71,7 @@ __all__ = [
     "percentile_interval",
     "SEQUENCE_FIELDS",
     "sequence_counts",
+    "SequenceCounts",
     "counts_of",
     "resampled_sums",
     "bootstrap_multiplicities",

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from reweight_audit.core.errors import AuditError
-from reweight_audit.evaluation.metrics.checks import (check_inputs, check_k, check_labels, check_scope,
-                                                      check_weights)
+from reweight_audit.evaluation.metrics.checks import (check_codes, check_inputs, check_k, check_labels,
+                                                      check_scope, check_scores, check_weights, same_length)
 from reweight_audit.evaluation.metrics.declarations import (CUTS, Counts, count_values, mass_ratio, mass_share,
                                                             number)
 from reweight_audit.evaluation.metrics.topk import GlobalTopK, SequenceTopK
@@ -128,14 +128,41 @@ def sequence_counts(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndar
     code + 1) fixes the rows, so that pools of one run (say, one per noise
     kind) share the same sequences and therefore the same bootstrap draws;
     a sequence without tokens in the pool contributes a row of zeros.
+    Many rankings of one pool: :class:`SequenceCounts` checks the labels and codes once.
     """
     s, y, codes, n_codes = check_inputs(scores, is_noise, seq_codes)
     if n_seqs is not None:
-        if int(n_seqs) < int(codes.max()) + 1:
-            raise AuditError(f"n_seqs {n_seqs} is smaller than the number of sequence codes {int(codes.max()) + 1}")
-        codes, n_codes = np.asarray(seq_codes, dtype=np.intp), int(n_seqs)
+        codes, n_codes = _fixed_rows(seq_codes, codes, n_seqs)
     ks = tuple(check_k(c, "every cut") for c in cuts)
     return per_sequence(s, y, codes, n_codes, ks, check_scope(scope))
+
+
+def _fixed_rows(raw: np.ndarray, codes: np.ndarray, n_seqs: int) -> tuple[np.ndarray, int]:
+    """The codes as given (not renumbered) with ``n_seqs`` rows; checked codes ``codes`` must fit."""
+    if int(n_seqs) < int(codes.max()) + 1:
+        raise AuditError(f"n_seqs {n_seqs} is smaller than the number of sequence codes {int(codes.max()) + 1}")
+    return np.asarray(raw, dtype=np.intp), int(n_seqs)
+
+
+class SequenceCounts:
+    """:func:`sequence_counts` of many rankings (and parts) of one pool: labels, codes, cuts and scope are
+    checked once, here; :meth:`of` checks only the scores it is given."""
+
+    def __init__(self, is_noise: np.ndarray, seq_codes: np.ndarray, cuts: Iterable[float], scope: str, *,
+                 n_seqs: int):
+        codes, _ = check_codes(seq_codes, np.size(seq_codes))
+        self.codes, self.n_codes = _fixed_rows(seq_codes, codes, n_seqs)
+        self.y = check_labels(is_noise, self.codes.size, ref="seq_codes")
+        self.ks = tuple(check_k(c, "every cut") for c in cuts)
+        self.scope = check_scope(scope)
+
+    def of(self, scores: np.ndarray, parts: Iterable[np.ndarray | slice] = (slice(None),)) -> list[np.ndarray]:
+        """Per part (an index or mask of the pool's tokens; default: all of them), ``[len(cuts), n_seqs,
+        len(SEQUENCE_FIELDS)]`` of the ranking ``scores`` (one per token of the pool, checked once)."""
+        s = check_scores(scores)
+        same_length(s, "scores", self.codes.size, "seq_codes")
+        return [per_sequence(s[p], self.y[p], self.codes[p], self.n_codes, self.ks, self.scope) for p in parts]
+
 
 
 def noise_mass(weights: np.ndarray, is_noise: np.ndarray) -> tuple[float, float]:
