@@ -53,7 +53,8 @@ def test_stratified_metrics_hand_counted():
     # Weighted by noise (1 and 2): (1·½ + 2·7/12) / 3 = 5/9. Pooled: noise 2, 5, 4 against 1, 3, 4, 1, 6: 9.5/15.
     # k = 1/3: A's top ⌊3/3 + ½⌋ = 1 token is 3 (clean): recall 0, precision 0; B's top ⌊5/3 + ½⌋ = 2 are 6 and 5:
     # recall 1/2, precision 1/2. Weighted: (1·0 + 2·½) / 3 = 1/3 both.
-    summary, rows = metrics.stratified_metrics(HAND_SCORES, HAND_NOISE, HAND_SEQS, HAND_STRATA, k=1 / 3)
+    summary, rows = metrics.stratified_metrics(HAND_SCORES, HAND_NOISE, HAND_SEQS, HAND_STRATA, k=1 / 3,
+                                               n_boot=0, seed=0)
     assert summary["auroc"] == pytest.approx(5 / 9)
     assert metrics.auroc(HAND_SCORES, HAND_NOISE) == pytest.approx(19 / 30)
     assert summary["tok_rec"] == pytest.approx(1 / 3) and summary["tok_prec"] == pytest.approx(1 / 3)
@@ -70,7 +71,7 @@ def test_stratified_auroc_equals_sklearn_in_every_stratum():
     noise = rng.random(n) < 0.1 + 0.2 * (scores > 30)
     position = rng.random(n)
     codes = metrics.stratum_codes(position, 10)
-    summary, rows = metrics.stratified_metrics(scores, noise, rng.integers(0, 90, n), codes, k=0.1)
+    summary, rows = metrics.stratified_metrics(scores, noise, rng.integers(0, 90, n), codes, k=0.1, n_boot=0, seed=0)
     expected = [roc_auc_score(noise[codes == j], scores[codes == j]) for j in range(10)]
     assert [r["auroc"] for r in rows] == pytest.approx(expected, rel=1e-12)
     weights = [int(noise[codes == j].sum()) for j in range(10)]
@@ -80,15 +81,15 @@ def test_stratified_auroc_equals_sklearn_in_every_stratum():
 def test_weighted_auroc_is_the_auroc_of_the_resampled_tokens():
     rng = np.random.default_rng(4)
     scores, noise, seqs = rng.integers(0, 30, 2000).astype(float), rng.random(2000) < 0.2, rng.integers(0, 50, 2000)
-    auc = metrics._WeightedAUROC(scores, noise, seqs, 50)
+    auc = metrics.stratified._WeightedAUROC(scores, noise, seqs, 50)
     assert auc.replicates(np.ones((1, 50)))[0] == pytest.approx(metrics.auroc(scores, noise), rel=1e-12)
     draws = next(metrics.bootstrap_multiplicities(50, 20, 3)).copy()
     for b, row in enumerate(draws):
         taken = np.repeat(np.arange(2000), row[seqs].astype(int))
         assert auc.replicates(draws)[b] == pytest.approx(metrics.auroc(scores[taken], noise[taken]), rel=1e-12)
     # a stratum without noise (or without clean tokens) has no AUROC, in every replicate
-    assert np.isnan(metrics._WeightedAUROC(scores, np.zeros(2000, bool), seqs, 50).replicates(draws)).all()
-    assert np.isnan(metrics._WeightedAUROC(scores, np.ones(2000, bool), seqs, 50).replicates(draws)).all()
+    assert np.isnan(metrics.stratified._WeightedAUROC(scores, np.zeros(2000, bool), seqs, 50).replicates(draws)).all()
+    assert np.isnan(metrics.stratified._WeightedAUROC(scores, np.ones(2000, bool), seqs, 50).replicates(draws)).all()
 
 
 def test_one_stratum_is_the_pooled_metric():
@@ -97,7 +98,7 @@ def test_one_stratum_is_the_pooled_metric():
     noise = table.column("is_noise").to_numpy(zero_copy_only=False)
     seqs = pd.factorize(table.column("seq_id").to_numpy(zero_copy_only=False))[0]
     pooled = metrics.topk_metrics(scores, noise, seqs, 0.1)
-    summary, _ = metrics.stratified_metrics(scores, noise, seqs, np.zeros(scores.size, int), k=0.1)
+    summary, _ = metrics.stratified_metrics(scores, noise, seqs, np.zeros(scores.size, int), k=0.1, n_boot=0, seed=0)
     for name in ("tok_prec", "tok_rec", "seq_hit", "lift"):
         assert summary[name] == pytest.approx(pooled[name], rel=1e-12), name
     assert summary["auroc"] == pytest.approx(metrics.auroc(scores, noise), rel=1e-12)
@@ -122,7 +123,8 @@ def test_bootstrap_replicates_are_the_metric_on_the_resampled_data(scope):
         rows = np.concatenate([np.tile(np.flatnonzero(seqs == s), int(m)) for s, m in enumerate(draws[b])])
         copies = np.concatenate([np.repeat(np.arange(int(m)) + 1000 * s, int((seqs == s).sum()))
                                  for s, m in enumerate(draws[b])])
-        direct, _ = metrics.stratified_metrics(scores[rows], noise[rows], copies, codes[rows], k=0.2, scope=scope)
+        direct, _ = metrics.stratified_metrics(scores[rows], noise[rows], copies, codes[rows], k=0.2, scope=scope,
+                                              n_boot=0, seed=0)
         for name in names:
             assert reps[name][b] == pytest.approx(direct[name], rel=1e-12, abs=1e-15), (name, b)
 

@@ -191,7 +191,7 @@ def test_bad_options(hand_runs):
         hand_sweep(hand_runs, cuts=[0])
     with pytest.raises(AuditError, match="--bootstrap"):
         sweep.run_sweep(hand_runs, None, n_boot=-1)
-    assert math.isnan(sweep._nanquantile(np.full((5, 1), np.nan), (0.5,))[0, 0])
+    assert math.isnan(metrics.nan_quantile(np.full((5, 1), np.nan), (0.5,))[0, 0])
 
 
 def test_command_line_exit_codes(hand_runs, tmp_path):

@@ -229,7 +229,7 @@ def evaluate_method(ctx: _MethodContext, method: Method) -> _RunOutcome:
             out.table.append({**ident, "k": opts.k, **row, **ctx.counts})
             out.curves += [{**ident, "k": round(cut * 100.0, 10), **vals} for cut, vals in curve.items()]
             out.by_kind += [{**ident, "k": opts.k, **kind_row} for kind_row in metrics.kind_metrics(
-                index, scores, pool.is_noise, pool.seq_codes, pool.kind_codes, run.kinds, k=opts.k_frac, scope=scope)]
+                index, run.kinds, k=opts.k_frac, scope=scope)]
     out.t_metrics = time.perf_counter() - t0
     return out
 

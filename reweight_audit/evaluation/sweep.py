@@ -167,8 +167,9 @@ def evaluate_block(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarr
         parts = [slice(None)]
     else:
         parts = [np.flatnonzero(strata_codes == j) for j in np.unique(strata_codes)]
-    per = [np.stack([metrics.sequence_counts(s[p], is_noise[p], seq_codes[p], cuts, scope, n_seqs=n_seqs)
-                     for s in scores]) for p in parts]  # per stratum: [methods, cuts, sequences, fields]
+    counter = metrics.SequenceCounts(is_noise, seq_codes, cuts, scope, n_seqs=n_seqs)  # labels, codes checked once
+    by_method = [counter.of(s, parts) for s in scores]
+    per = [np.stack(p) for p in zip(*by_method)]  # per stratum: [methods, cuts, sequences, fields]
     n_m, n_k, n_s, n_f = per[0].shape
     specs = [s for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
     values = {s.name: _combine(s, [p.sum(axis=2) for p in per], strata_codes is not None) for s in specs}
@@ -180,10 +181,10 @@ def evaluate_block(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarr
         q = ((1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2)
         for s in specs:
             rep = _combine(s, reps, strata_codes is not None)  # [boot, methods, cuts]
-            bounds[s.name] = _nanquantile(rep, q)
+            bounds[s.name] = metrics.nan_quantile(rep, q)
             if s.name == metric:
                 diff = rep[:, None, :, :] - rep[:, :, None, :]  # [boot, a, b, cuts]: metric(b) − metric(a)
-                sure = _nanquantile(diff, q[:1])[0] > 0
+                sure = metrics.nan_quantile(diff, q[:1])[0] > 0
     return Block(values, bounds, sure, n=int(is_noise.size), n_noise=int(np.count_nonzero(is_noise)))
 
 
@@ -194,26 +195,6 @@ def _combine(spec: metrics.MetricSpec, totals: list[np.ndarray], stratified: boo
         if not stratified:
             return vals[0]
         return metrics.stratified_mean(np.stack(vals), np.stack([metrics.counts_of(t).n_noise for t in totals]))
-
-
-def _nanquantile(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
-    """``np.quantile``'s default (linear) quantiles over axis 0, NaN replicates left out; NaN where all are NaN.
-
-    One sort for every column (``np.nanquantile`` loops over them in Python).
-    """
-    ordered = np.sort(values, axis=0)  # NaN sorts last
-    n_valid = np.count_nonzero(~np.isnan(values), axis=0)
-    out = np.full((len(q),) + values.shape[1:], np.nan)
-    for i, level in enumerate(q):
-        pos = level * np.maximum(n_valid - 1, 0)
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, np.maximum(n_valid - 1, 0))
-        a = np.take_along_axis(ordered, lo[None], axis=0)[0]
-        b = np.take_along_axis(ordered, hi[None], axis=0)[0]
-        t = pos - lo
-        with np.errstate(invalid="ignore"):
-            out[i] = np.where(n_valid > 0, np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t), np.nan)
-    return out
 
 
 # --------------------------------------------------------------------------- one run
