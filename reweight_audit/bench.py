@@ -4,7 +4,7 @@ All three run in one process on the same model, batch and machine:
 
 * ``forward`` — the model's own forward pass to full logits (the floor we cannot beat);
 * ``naive``  — full logits, ``log_softmax``, and a full ``torch.sort`` per row for E[R];
-* ``ours``   — :func:`reweight_audit.scoring.engine.score_batch`.
+* ``ours``   — :func:`reweight_audit.scoring.head.score_batch`.
 
 Throughput is supervised tokens per second (best of ``repeats``). Peak memory is
 the high-water mark above the memory held before the variant ran: on CUDA
@@ -177,9 +177,9 @@ def cores() -> int:
 
 def forward_variant(case: BenchCase) -> None:
     """The plain forward pass to full [batch, seq, vocab] logits."""
-    from reweight_audit.scoring.engine import pad_batch as _pad_batch
+    from reweight_audit.scoring.batching import pad_batch
 
-    ids, mask = _pad_batch(case.sequences, case.pad_id, case.device)
+    ids, mask = pad_batch(case.sequences, case.pad_id, case.device)
     logits = case.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     _sync(case.device, logits)
 
@@ -188,7 +188,7 @@ def naive_variant(case: BenchCase) -> dict:
     """Full logits, log_softmax, and a full per-row sort for the expected rank."""
     import torch
 
-    from reweight_audit.scoring.engine import batch_inputs
+    from reweight_audit.scoring.batching import batch_inputs
     from reweight_audit.scoring.stats import expected_rank_sorted
 
     batch = batch_inputs(case.sequences, case.pad_id, case.device)
@@ -213,7 +213,7 @@ def naive_variant(case: BenchCase) -> dict:
 
 
 def ours_variant(case: BenchCase) -> dict:
-    from reweight_audit.scoring.engine import score_batch
+    from reweight_audit.scoring.head import score_batch
 
     return score_batch(case.model, case.head, case.sequences, device=case.device, chunk_rows=case.chunk_rows, pad_id=case.pad_id)
 
@@ -250,7 +250,10 @@ def default_case(model_spec: str, batch_tokens: int, device: str, dtype: str, ch
     """CHAMP responses under the chat template until about ``batch_tokens`` supervised tokens."""
     from reweight_audit.injection.corpus import iter_records
     from reweight_audit.core.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
-    from reweight_audit.scoring.engine import NoisyRecord, auto_chunk_rows, choose_template, encode, find_head, verify_head
+    from reweight_audit.scoring.batching import pad_id_of
+    from reweight_audit.scoring.encoding import choose_template, encode
+    from reweight_audit.scoring.head import auto_chunk_rows, find_head, verify_head
+    from reweight_audit.scoring.reader import NoisyRecord
 
     device = resolve_device(device)
     source = resolve_model(model_spec)
@@ -268,7 +271,7 @@ def default_case(model_spec: str, batch_tokens: int, device: str, dtype: str, ch
     model = load_model(source, device=device, dtype=resolve_dtype(dtype, device))
     head = verify_head(model, find_head(model), sequences[0], device)
     vocab = int(head.weight.shape[0])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id_of(tokenizer)
     return BenchCase(model, head, sequences, device, chunk_rows or auto_chunk_rows(vocab, device), pad,
                      label=f"{source.describe()} on {device}")
 
@@ -281,7 +284,8 @@ def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from reweight_audit.core.models import resolve_device
-    from reweight_audit.scoring.engine import Encoded, auto_chunk_rows, find_head
+    from reweight_audit.scoring.encoding import Encoded
+    from reweight_audit.scoring.head import auto_chunk_rows, find_head
 
     check_options(batch_tokens=1, vocab=vocab, seq_len=seq_len, chunk_rows=chunk_rows, repeats=1)
     device = resolve_device(device)
@@ -398,7 +402,8 @@ def _describe(case: BenchCase, contention: dict) -> dict:
 
 def stats_chunk(case: BenchCase) -> tuple[Any, Any]:
     """The first head chunk of the case's supervised positions: float32 logits [rows, vocab] and targets."""
-    from reweight_audit.scoring.engine import batch_inputs, logit_chunks
+    from reweight_audit.scoring.batching import batch_inputs
+    from reweight_audit.scoring.head import logit_chunks
 
     batch = batch_inputs(case.sequences, case.pad_id, case.device)
     logits, targets = next(iter(logit_chunks(case.model, case.head, batch, case.sequences, case.device, case.chunk_rows)))

@@ -117,7 +117,7 @@ def test_score_output_writes_the_table_and_manifest(tmp_path, tiny_model, noisy_
 
 def test_rows_in_memory_are_identified_by_their_content():
     """--resume continues only the same input: the digest of rows follows their content, not the object."""
-    from reweight_audit.scoring.engine import NoisyRows, input_digest
+    from reweight_audit.scoring.reader import NoisyRows, input_digest
 
     rows = [dict(r, spans=[]) for r in CORPUS]
     assert input_digest(NoisyRows(rows)) == input_digest(NoisyRows([dict(r) for r in rows]))
@@ -128,7 +128,7 @@ def test_rows_in_memory_are_identified_by_their_content():
 
 def test_score_names_a_bad_row_of_a_dataframe(tiny_model, noisy_rows):
     noisy_rows[2]["spans"] = [{"start": 0, "end": 999, "kind": "filler"}]
-    with pytest.raises(AuditError, match=r"^noisy DataFrame row 2: span \[0, 999\) lies outside the response"):
+    with pytest.raises(AuditError, match=r"^noisy DataFrame row 2: span 0 \[0, 999\) lies outside the response"):
         ra.score(pd.DataFrame(noisy_rows), model=tiny_model, device="cpu")
 
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import write_noisy
 from reweight_audit.core.errors import AuditError
 from reweight_audit.scoring.config import ScoreConfig
-from reweight_audit.scoring.engine import assign_to_ranks, run_score
+from reweight_audit.scoring.engine import run_score
+from reweight_audit.scoring.shards import assign_to_ranks
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -24,7 +24,8 @@ from reweight_audit.core.errors import AuditError
 from reweight_audit.injection.run import run_inject
 from reweight_audit.evaluation.runs import load_run
 from reweight_audit.scoring.config import ScoreConfig
-from reweight_audit.scoring.engine import read_noisy, run_score, scan_input
+from reweight_audit.scoring.engine import run_score
+from reweight_audit.scoring.reader import read_noisy, scan_input
 from test_compare import make_stats
 
 ROWS = [{"id": f"r{i}", "prompt": f"Question {i}?", "response": f"First we compute it, then the answer is {i} here."}

@@ -11,14 +11,16 @@ import torch
 from conftest import save_tiny_model, write_noisy
 from reweight_audit.core.errors import AuditError
 from reweight_audit.scoring.config import ScoreConfig
-from reweight_audit.scoring.engine import encode, NoisyRecord, read_noisy, run_score
+from reweight_audit.scoring.encoding import encode
+from reweight_audit.scoring.engine import run_score
+from reweight_audit.scoring.reader import NoisyRecord, read_noisy
 
 
 def reference_rows(model_dir, rows, template="auto"):
     """Per-token statistics from the full [1, seq, vocab] logits of each sequence, in float64."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reweight_audit.scoring.engine import choose_template
+    from reweight_audit.scoring.encoding import choose_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -149,7 +151,37 @@ def test_records_without_spans_are_scored_clean(tmp_path, tiny_model, noisy_rows
 
 def test_span_outside_response_is_an_error(tmp_path, tiny_model, noisy_rows):
     noisy_rows[1]["spans"] = [{"start": 5, "end": 999, "kind": "filler"}]
-    with pytest.raises(AuditError, match=r"noisy.jsonl:2: span \[5, 999\) lies outside"):
+    with pytest.raises(AuditError, match=r"noisy.jsonl:2: span 0 \[5, 999\) lies outside"):
+        score(tmp_path, tiny_model, noisy_rows)
+
+
+@pytest.mark.parametrize("bound", ["start", "end"])
+@pytest.mark.parametrize("value", [3.7, "3", True])
+def test_score_and_inject_share_one_span_validator(tmp_path, noisy_rows, bound, value):
+    """A bound that is not an integer (3.7, "3") is refused by score before any model loads, in one line
+    naming the line, as inject's loader refuses it: both run core.spans.check_spans."""
+    from reweight_audit.injection.corpus import iter_records
+
+    noisy_rows[1]["spans"][0][bound] = value
+    src = write_noisy(tmp_path / "noisy.jsonl", noisy_rows)
+    with pytest.raises(AuditError) as scored:
+        run_score(src, tmp_path / "o.parquet", ScoreConfig(model=str(tmp_path / "no-model"), device="cpu"))
+    message = str(scored.value)
+    assert message.startswith(f"{src}:2: span 0: '{bound}' is {value!r}, not ") and "\n" not in message
+    assert not (tmp_path / "o.parquet").exists()
+    with pytest.raises(AuditError) as injected:
+        list(iter_records(str(src)))
+    assert str(injected.value).split("; ")[0] == message.split("; ")[0]
+
+
+def test_score_accepts_spans_without_kind_or_text(tmp_path, tiny_model, noisy_rows):
+    """Spans written by hand may leave out kind (scored as noise) and text (then not compared)."""
+    for row in noisy_rows:
+        row["spans"] = [{"start": span["start"], "end": span["end"]} for span in row["spans"]]
+    table, manifest = score(tmp_path, tiny_model, noisy_rows)
+    assert manifest["counts"]["noise_tokens"] > 0 and set(table.noise_kind[table.is_noise]) == {"noise"}
+    noisy_rows[0]["spans"][0]["kind"] = ""
+    with pytest.raises(AuditError, match=r"noisy.jsonl:1: span 0: 'kind' must be non-empty text"):
         score(tmp_path, tiny_model, noisy_rows)
 
 

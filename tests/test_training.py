@@ -18,7 +18,8 @@ from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import available_methods, compute_weights, get_method
 from reweight_audit.scoring.config import ScoreConfig
-from reweight_audit.scoring.engine import choose_template, run_score
+from reweight_audit.scoring.encoding import choose_template
+from reweight_audit.scoring.engine import run_score
 from reweight_audit.training.run import TrainConfig, make_collator, run_train, training_examples
 from reweight_audit.training.loss import AuditCallback, ReweightedLoss, absorption, load_probe, score_probe
 

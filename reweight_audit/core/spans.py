@@ -9,7 +9,7 @@ or record id) and turns it into an error, or skips the record with ``--skip-bad`
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Collection
 
 from reweight_audit.core.errors import AuditError
 
@@ -43,27 +43,30 @@ def _offset(value: Any, name: str, i: int) -> int:
         raise BadAnnotation(f"span {i}: '{name}' is {value!r}, not an integer character offset") from None
 
 
-def check_spans(response: str, spans: Any) -> list[dict]:
+def check_spans(response: str, spans: Any, *, optional: Collection[str] = ()) -> list[dict]:
     """The spans in their order, offsets as ints (other keys kept); BadAnnotation if one does not fit.
 
-    Each must lie inside the response (``0 <= start < end <= len(response)``),
-    name a non-empty ``kind``, and carry ``text == response[start:end]``.
+    Each must lie inside the response (``0 <= start < end <= len(response)``), with
+    ``start`` and ``end`` integers (not ``3.7``, not ``"3"``), name a non-empty ``kind``,
+    and carry ``text == response[start:end]``. ``optional``: keys among ``kind`` and
+    ``text`` a span may leave out (``score`` reads spans written by hand); given, they are
+    checked all the same.
     """
     if not isinstance(spans, (list, tuple)):
         raise BadAnnotation(f"'spans' is {type(spans).__name__}, not a list of {{start, end, kind, text}}")
+    required = [key for key in SPAN_KEYS if key in ("start", "end") or key not in optional]
     checked = []
     for i, span in enumerate(spans):
-        if not isinstance(span, dict) or any(key not in span for key in SPAN_KEYS):
-            raise BadAnnotation(f"span {i} is not an object with {', '.join(SPAN_KEYS)}")
+        if not isinstance(span, dict) or any(key not in span for key in required):
+            raise BadAnnotation(f"span {i} is not an object with {', '.join(required)}")
         start, end = _offset(span["start"], "start", i), _offset(span["end"], "end", i)
-        kind, text = span["kind"], span["text"]
         if not 0 <= start < end <= len(response):
             raise BadAnnotation(f"span {i} [{start}, {end}) lies outside the response of {len(response)} characters")
-        if not isinstance(kind, str) or not kind:
-            raise BadAnnotation(f"span {i}: 'kind' must be non-empty text, got {kind!r}")
-        if text != response[start:end]:
-            raise BadAnnotation(f"span {i} [{start}, {end}): text {_short(text)} does not match the response there "
-                                f"({_short(response[start:end])})")
+        if "kind" in span and (not isinstance(span["kind"], str) or not span["kind"]):
+            raise BadAnnotation(f"span {i}: 'kind' must be non-empty text, got {span['kind']!r}")
+        if "text" in span and span["text"] != response[start:end]:
+            raise BadAnnotation(f"span {i} [{start}, {end}): text {_short(span['text'])} does not match the response "
+                                f"there ({_short(response[start:end])})")
         checked.append({**span, "start": start, "end": end})  # other keys ride along unchanged
     return checked
 

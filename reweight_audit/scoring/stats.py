@@ -164,54 +164,84 @@ def _expected_rank_buckets(e: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
     Returns float64 ``(expected_rank, bound)`` (docs/statistics.md).  Overwrites the
     workspace buffers ``a``, ``b``, ``coarse``, ``fine`` and the histograms.
     """
-    rows, vocab = e.shape
-    fine_budget = ws.fine_budget
-    key = ws.a[:rows].view(torch.int32)
-    term = ws.b[:rows]
-    coarse = ws.coarse[:rows]
-    fine = ws.fine[:rows]
-    ones = ws.ones[:rows]
-
-    # Pass 1: coarse keys and counts.  The clamp keeps garbage (NaN rows) in range.  Below
-    # 2^-64 the key is raised to a lane picked by position rather than to one index: in a
-    # row whose tail is mostly below 2^-64 (or masked), thousands of adds into one slot
-    # serialise the scatter (~4x slower).  The lanes are merged after the fine scatter.
+    vocab = e.shape[1]
     bits = e.view(torch.int32)
+    coarse, counts = _coarse_histogram(bits, ws)
+    nsub, offset = _slice_allocation(counts, e.device, ws.fine_budget)
+    fine = _fine_slots(bits, coarse, nsub, offset, ws)
+    counts_f, mass, top_bits = _slot_sums(e, bits, fine, coarse, ws)
+    return _slotted_expected_rank(counts_f, mass, top_bits, vocab, ws)
+
+
+def _coarse_histogram(bits: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
+    """Pass 1: the coarse bucket of every weight (int64, in ``ws.coarse``) and the count of each bucket [r, K1].
+
+    The clamp keeps garbage (NaN rows) in range.  Below 2^-64 the key is raised to a lane
+    picked by position rather than to one index: in a row whose tail is mostly below 2^-64
+    (or masked), thousands of adds into one slot serialise the scatter (~4x slower).  The
+    lanes are merged after the fine scatter.
+    """
+    rows = bits.shape[0]
+    key = ws.a[:rows].view(torch.int32)
+    coarse = ws.coarse[:rows]
     torch.bitwise_right_shift(bits, _SHIFT1, out=key)
     key.sub_(_BASE1).clamp_(max=_K1 - 1)
     torch.maximum(key, ws.lane, out=key)
     coarse.copy_(key)
-    counts = ws.counts[:rows].zero_().scatter_add_(1, coarse, ones)
+    counts = ws.counts[:rows].zero_().scatter_add_(1, coarse, ws.ones[:rows])
+    return coarse, counts
 
-    # Allocation, a heuristic (only the final bound must be rigorous): bucket B gets
-    # n_B ~ a_B * scale slices, a_B = (w_B floor(c_B^2/4))^(1/3) (in log2: y), the Lagrange
-    # optimum of sum_B w_B c_B^2 / n_B^2 for sum_B n_B = K2 - K1, less a margin for float
-    # rounding.  Rounding n_B up adds at most one per bucket, so sum_B n_B <= K2 always.
+
+def _slice_allocation(counts: Tensor, device: torch.device, fine_budget: int) -> tuple[Tensor, Tensor]:
+    """How many fine slices each coarse bucket gets (int32 [r, K1]) and where its slices start.
+
+    A heuristic (only the final bound must be rigorous): bucket B gets n_B ~ a_B * scale
+    slices, a_B = (w_B floor(c_B^2/4))^(1/3) (in log2: y), the Lagrange optimum of
+    sum_B w_B c_B^2 / n_B^2 for sum_B n_B = K2 - K1, less a margin for float rounding.
+    Rounding n_B up adds at most one per bucket, so sum_B n_B <= K2 always.
+    """
     pairs = torch.floor(counts * counts * 0.25)
     pairs[:, :_LANES] = 0.0  # the floor spans many octaves: mantissa bits cannot split it
     # (log2 of 0 takes a slow path on CPU, hence the clamp and the explicit -inf)
-    y = torch.log2(pairs.clamp(min=0.5)).add_(_log2_widths(e.device)).mul_(1.0 / 3.0)
+    y = torch.log2(pairs.clamp(min=0.5)).add_(_log2_widths(device)).mul_(1.0 / 3.0)
     y = torch.where(pairs > 0, y, -math.inf)  # -inf: no pairs, or width 0
     total = torch.exp2(y).sum(-1, keepdim=True).clamp_(min=1e-30)
     log2_scale = torch.log2((fine_budget - _K1) * (1.0 - 1e-3) / total)
     nsub = torch.exp2(y.add_(log2_scale)).clamp_(1.0, _MAX_SUB).ceil_().int()
     offset = nsub.cumsum(-1, dtype=torch.int32) - nsub
+    return nsub, offset
 
-    # Fine slot = offset_B + floor(mant * n_B / 2^SHIFT1), mant = the mantissa bits below
-    # the coarse key: n_B slices of the bucket, in value order.  Only this monotonicity
-    # matters (the bound uses each slot's actual maximum, not its width).  Computed as
-    # ((mant >> PRE) * n_B) >> 15: int32 arithmetic on contiguous operands (per-element
-    # shift amounts and strided operands are slow on CPU).
+
+def _fine_slots(bits: Tensor, coarse: Tensor, nsub: Tensor, offset: Tensor, ws: _Workspace) -> Tensor:
+    """The fine slot of every weight (int64, in ``ws.fine``): offset_B + floor(mant * n_B / 2^SHIFT1).
+
+    mant = the mantissa bits below the coarse key: n_B slices of the bucket, in value order.
+    Only this monotonicity matters (the bound uses each slot's actual maximum, not its
+    width).  Computed as ((mant >> PRE) * n_B) >> 15: int32 arithmetic on contiguous
+    operands (per-element shift amounts and strided operands are slow on CPU).
+    """
+    rows = bits.shape[0]
+    key = ws.a[:rows].view(torch.int32)
+    term = ws.b[:rows]
     torch.bitwise_and(bits, _SUB_MASK, out=key)
     key >>= _PRE_SHIFT
     key *= torch.gather(nsub, 1, coarse, out=term)
     key >>= _SUB_BITS
     key += torch.gather(offset, 1, coarse, out=term)
+    fine = ws.fine[:rows]
     fine.copy_(key)
+    return fine
 
-    # Pass 2, per fine slot: count c, mass m (float64: the sum of float32 values of one
-    # binade is exact in float64) and maximum M (amax of the int32 pattern: monotone, and
-    # much faster than a float amax).  e64 reuses the coarse-key buffer.
+
+def _slot_sums(e: Tensor, bits: Tensor, fine: Tensor, coarse: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 2, per fine slot: count c, mass m and the int32 pattern of the maximum M, floor lanes merged.
+
+    m in float64: the sum of float32 values of one binade is exact in float64.  M as the amax
+    of the int32 pattern: monotone, and much faster than a float amax.  e64 reuses the
+    coarse-key buffer (``coarse`` is not needed any more).
+    """
+    rows = e.shape[0]
+    ones = ws.ones[:rows]
     counts_f = ws.fine_counts[:rows].zero_().scatter_add_(1, fine, ones)
     e64 = coarse.view(torch.float64).copy_(e)
     mass = ws.fine_mass[:rows].zero_().scatter_add_(1, fine, e64)
@@ -222,10 +252,18 @@ def _expected_rank_buckets(e: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
     counts_f[:, 1:_LANES] = 0.0
     mass[:, 1:_LANES] = 0.0
     top_bits[:, 1:_LANES] = 0
+    return counts_f, mass, top_bits
 
-    # Cross-slot pairs, plus (c - 1)/2 m for the pairs inside a slot: each slot's mass times
-    # (elements strictly above) + (c - 1)/2 = (V - 1/2) - (cum - c/2), exact in float32.
-    # In-slot correction -c D / 4 and error bound (c - 2)^+ D / 4 with D = c M - m.
+
+def _slotted_expected_rank(counts_f: Tensor, mass: Tensor, top_bits: Tensor, vocab: int,
+                           ws: _Workspace) -> tuple[Tensor, Tensor]:
+    """E[R] and its bound from the slot sums: cross-slot pairs, plus (c - 1)/2 m for the pairs inside a slot.
+
+    Each slot's mass times (elements strictly above) + (c - 1)/2 = (V - 1/2) - (cum - c/2),
+    exact in float32.  In-slot correction -c D / 4 and error bound (c - 2)^+ D / 4 with
+    D = c M - m.
+    """
+    rows = counts_f.shape[0]
     weight = torch.cumsum(counts_f, -1, out=ws.k2_f32[:rows]).sub_(counts_f, alpha=0.5)
     weight = torch.sub(vocab - 0.5, weight, out=weight)
     s_total = mass.sum(-1)

@@ -34,23 +34,12 @@ from transformers import TrainerCallback
 
 from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import Method, compute_weights, get_method
-from reweight_audit.scoring.engine import (
-    STATS_COLUMNS,
-    Encoded,
-    batch_table,
-    choose_template,
-    encode,
-    find_head,
-    plan_batches,
-    read_noisy,
-    score_batch,
-    target_logp,
-    to_host,
-    verify_head,
-)
+from reweight_audit.scoring.batching import IGNORE_INDEX, pad_id_of, plan_batches
+from reweight_audit.scoring.encoding import Encoded, choose_template, encode_records
+from reweight_audit.scoring.head import chunk_statistics, find_head, score_batch, target_logp, to_host, verify_head
+from reweight_audit.scoring.shards import batch_table
 from reweight_audit.core.io import write_parquet_atomic
 
-IGNORE_INDEX = -100  # Hugging Face's label for "no loss here"
 AUDIT_PREFIX = "audit/"
 #: compare's columns -> the names logged per method (k is appended to the top-k ones)
 TOPK_LOGGED = ("tok_prec", "tok_rec", "seq_hit")
@@ -161,10 +150,7 @@ class ReweightedLoss:
         seq_len = supervised.sum(1, keepdim=True).expand_as(supervised)[supervised]
         tensors: dict[str, torch.Tensor] = {"token_id": targets, "pos": pos, "seq_len": seq_len}
         if set(self.method.needs) - {"token_id", "pos", "seq_len"}:
-            from reweight_audit.scoring.stats import token_statistics
-
-            stats = token_statistics(rows, targets)
-            tensors.update({name: stats[name] for name in (*STATS_COLUMNS, "finite")})
+            tensors.update(chunk_statistics(rows, targets))
             if self.reference is not None:
                 tensors["ref_logp"] = self._reference_logp(supervised, targets).to(rows.device)
         return to_host({name: value.contiguous() for name, value in tensors.items()})
@@ -209,14 +195,7 @@ def load_probe(path: str | Path, tokenizer: Any, *, template: str = "auto", max_
     path = Path(path)
     raw = path.read_bytes() if path.exists() else None
     template = choose_template(tokenizer, template)
-    counts: dict[str, int] = {}
-    sequences: list[Encoded] = []
-    for order, record in enumerate(read_noisy(path)):
-        if max_records is not None and order >= max_records:
-            break
-        encoded = encode(record, order, tokenizer, template, max_length, counts)
-        if encoded is not None:
-            sequences.append(encoded)
+    sequences: list[Encoded] = list(encode_records(path, tokenizer, template, max_length, {}, limit=max_records))
     n_noise = sum(int(s.is_noise.sum()) for s in sequences)
     n_tokens = sum(len(s.sup_index) for s in sequences)
     if not sequences:
@@ -224,9 +203,8 @@ def load_probe(path: str | Path, tokenizer: Any, *, template: str = "auto", max_
     if n_noise == 0 or n_noise == n_tokens:
         raise AuditError(f"{path}: the probe needs both noise and clean tokens (it has {n_noise} noise of "
                          f"{n_tokens}); give an 'inject' output")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return Probe(path, hashlib.sha256(raw or b"").hexdigest(), sequences, plan_batches(sequences, batch_tokens),
-                 int(pad_id), n_noise, n_tokens)
+                 pad_id_of(tokenizer), n_noise, n_tokens)
 
 
 def _unwrap(model: Any) -> Any:

@@ -25,8 +25,7 @@ from typing import Any, Callable, Sequence
 
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import atomic_directory, output_lock, prepare_output_dir, write_json_atomic
-
-IGNORE_INDEX = -100
+from reweight_audit.scoring.batching import IGNORE_INDEX
 
 
 @dataclass
@@ -65,14 +64,10 @@ class TrainResult:
 
 def training_examples(path: Path, tokenizer: Any, template: str, max_length: int | None) -> list[dict]:
     """``{"input_ids", "labels"}`` per record: labels are the response tokens score supervises, -100 elsewhere."""
-    from reweight_audit.scoring.engine import encode, read_noisy
+    from reweight_audit.scoring.encoding import encode_records
 
-    counts: dict[str, int] = {}
     examples = []
-    for order, record in enumerate(read_noisy(path)):
-        encoded = encode(record, order, tokenizer, template, max_length, counts)
-        if encoded is None:
-            continue
+    for encoded in encode_records(path, tokenizer, template, max_length, {}):
         labels = [IGNORE_INDEX] * len(encoded.input_ids)
         for j in encoded.sup_index:
             labels[int(j)] = encoded.input_ids[int(j)]
@@ -214,7 +209,8 @@ def _prepare(config: TrainConfig) -> dict:
 
     from reweight_audit.methods import get_method
     from reweight_audit.core.models import load_model, load_tokenizer, resolve_device, resolve_model
-    from reweight_audit.scoring.engine import choose_template
+    from reweight_audit.scoring.batching import pad_id_of
+    from reweight_audit.scoring.encoding import choose_template
     from reweight_audit.training.loss import load_probe
 
     params = _check(config)
@@ -230,7 +226,7 @@ def _prepare(config: TrainConfig) -> dict:
     if any("ref_logp" in get_method(m).needs for m in config.methods):
         reference = load_model(resolve_model(config.ref_model), device=device, dtype=torch.float32)
         torch.set_grad_enabled(True)  # load_model switches autograd off for scoring
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_id_of(tokenizer)
     # the probe table has no reference statistics, so Rho-1 is trained but not audited
     audited = [m for m in config.methods if "ref_logp" not in get_method(m).needs]
     return {"params": params, "device": device, "source": source, "tokenizer": tokenizer, "examples": examples,

@@ -1,0 +1,163 @@
+"""Where a run's batches go: one parquet shard per batch, the run's fingerprint, ``--resume``, ranks, the merge.
+
+Shards lie in ``<out>.shards/`` (atomic renames), with ``state.json`` holding the run's
+identity: ``--resume`` continues only the same run, and a run never mixes with another's
+finished shards. Batches go to ranks by a deterministic assignment every rank computes alike;
+rank 0 merges the shards into ``<out>`` in input order (``docs/design.md``, "Scoring").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from reweight_audit.core.errors import AuditError
+from reweight_audit.core.io import read_json, write_json_atomic
+from reweight_audit.scoring.config import ScoreConfig
+from reweight_audit.scoring.encoding import Encoded
+from reweight_audit.scoring.reader import NoisySource, input_digest
+
+__all__ = ["SHARD_FORMAT", "assign_to_ranks", "batch_table", "check_shards", "claim_shards", "fingerprint",
+           "merge_shards", "run_identity", "shard_dir"]
+
+SHARD_FORMAT = 1
+
+
+def shard_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".shards")
+
+
+def fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(input_path: NoisySource, source: Any, ref_source: Any, template: str, dtype: Any, config: ScoreConfig,
+                 window: int) -> dict:
+    """What makes two runs the same run (``state.json``'s fingerprint; ``--resume`` needs it equal)."""
+    from reweight_audit.core.models import model_digest
+
+    return {
+        "format": SHARD_FORMAT,
+        "input_digest": input_digest(input_path),
+        "model": source.describe(),
+        "model_digest": model_digest(source),
+        "ref_model": ref_source.describe() if ref_source else None,
+        "template": template,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_tokens": config.batch_tokens,
+        "max_length": config.max_length,
+        "window": window,
+    }
+
+
+def check_shards(shards: Path, identity: dict, *, resume: bool) -> Path:
+    """Refuse another run's finished shards (unless resuming) and a ``--resume`` of a different run.
+
+    ``state.json`` holds the run's fingerprint (``identity``). Nothing is written: this runs before any
+    model loads. The lock on the output (rank 0's) means no other run is writing here now.
+    """
+    key = fingerprint(identity)
+    state_file = shards / "state.json"
+    previous = read_json(state_file) if state_file.exists() else None
+    if previous is not None and not resume and any(shards.glob("batch-*.parquet")):
+        raise AuditError(f"{shards}: an earlier, interrupted run left finished shards; pass --resume to continue "
+                         "it, or delete the folder to start over")
+    if previous is not None and resume and previous.get("key") != key:
+        changed = [k for k in identity if previous.get("identity", {}).get(k) != identity[k]]
+        raise AuditError(f"{shards}: --resume refused: the earlier run had a different "
+                         f"{', '.join(changed) or 'configuration'}; rerun with the same options or delete the folder")
+    return shards
+
+
+def claim_shards(shards: Path, identity: dict, *, resume: bool, write_state: bool) -> Path:
+    """:func:`check_shards`, then make ``shards`` this run's folder (``write_state``: rank 0 records the run)."""
+    check_shards(shards, identity, resume=resume)
+    shards.mkdir(parents=True, exist_ok=True)
+    if write_state:
+        for leftover in shards.glob("*.tmp"):  # a killed run's half-written shards; no other writer runs now
+            leftover.unlink(missing_ok=True)
+        write_json_atomic(shards / "state.json", {"key": fingerprint(identity), "identity": identity})
+    return shards
+
+
+def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[int]:
+    """Longest-processing-time assignment of batches to ranks by padded token count.
+
+    Deterministic; every rank computes the same answer. Balances work even when
+    the long sequences all sit in the last batches of a window.
+    """
+    load = [0] * world_size
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> Any:
+    """One parquet table for a batch; rows with non-finite logits are dropped (counted by the caller)."""
+    import pyarrow as pa
+
+    seq_id = np.concatenate([np.full(len(s.sup_index), s.seq_id, dtype=object) for s in sequences])
+    order = np.concatenate([np.full(len(s.sup_index), s.order, dtype=np.int64) for s in sequences])
+    pos = np.concatenate([np.arange(len(s.sup_index), dtype=np.int32) for s in sequences])
+    token_id = np.concatenate([np.asarray(s.input_ids, dtype=np.int32)[s.sup_index] for s in sequences])
+    token = [t for s in sequences for t in s.token_text]
+    is_noise = np.concatenate([s.is_noise for s in sequences])
+    noise_kind = [k for s in sequences for k in s.noise_kind]
+    # a row with no distribution at all (every logit -inf) is "finite" but has NaN statistics: drop it too
+    finite = stats["finite"] & np.isfinite(stats["logp"]) & np.isfinite(stats["entropy"]) & np.isfinite(stats["expected_rank"])
+    columns = {
+        "seq_id": pa.array(seq_id, pa.string()),
+        "pos": pa.array(pos),
+        "token_id": pa.array(token_id),
+        "token": pa.array(token, pa.string()),
+        "logp": pa.array(stats["logp"].astype(np.float32)),
+        "entropy": pa.array(stats["entropy"].astype(np.float32)),
+        "rank": pa.array(stats["rank"].astype(np.int64)),
+        "expected_rank": pa.array(stats["expected_rank"].astype(np.float64)),
+        "topk_entropy": pa.array(stats["topk_entropy"].astype(np.float32)),
+        "sum_p2": pa.array(stats["sum_p2"].astype(np.float32)),
+    }
+    if "ref_logp" in stats:
+        columns["ref_logp"] = pa.array(stats["ref_logp"].astype(np.float32))
+        finite = finite & np.isfinite(stats["ref_logp"])
+    columns["is_noise"] = pa.array(is_noise)
+    columns["noise_kind"] = pa.array(noise_kind, pa.string())
+    columns["seq_order"] = pa.array(order)
+    table = pa.table(columns)
+    if not finite.all():
+        table = table.filter(pa.array(finite))
+    return table
+
+
+def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 << 17) -> int:
+    """Stream shard tables into one parquet file, sorted by input order then position within each shard.
+
+    Memory holds one shard at a time. ``output`` is written directly: the caller gives a temporary
+    (:func:`reweight_audit.core.io.atomic_files`, which moves it into place with its manifest).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    writer = None
+    rows = 0
+    try:
+        for shard in shards:
+            table = pq.read_table(shard)
+            table = table.take(pc.sort_indices(table, sort_keys=[("seq_order", "ascending"), ("pos", "ascending")]))
+            table = table.drop_columns(["seq_order"])
+            if writer is None:
+                writer = pq.ParquetWriter(output, table.schema)
+            writer.write_table(table, row_group_size=row_group_size)
+            rows += table.num_rows
+        if writer is None:
+            raise AuditError("nothing to merge: no sequence had a supervised token; check --max-length")
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
