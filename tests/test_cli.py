@@ -69,7 +69,7 @@ def test_methods_lists_the_registry():
 
 
 def test_score_command_on_a_tiny_model(tmp_path, tiny_model, noisy_rows):
-    from conftest import write_noisy
+    from helpers import write_noisy
 
     src = write_noisy(tmp_path / "noisy.jsonl", noisy_rows)
     out = tmp_path / "stats.parquet"

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import write_noisy
+from helpers import write_noisy
 from reweight_audit.core.errors import AuditError
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import assign_to_ranks, run_score

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from conftest import write_noisy
+from helpers import make_stats, write_noisy
 from reweight_audit.core import hub
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.injection.corpus import FieldMap, check_source, iter_records
@@ -25,7 +25,6 @@ from reweight_audit.injection.run import run_inject
 from reweight_audit.evaluation.runs import load_run
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import read_noisy, run_score, scan_input
-from test_compare import make_stats
 
 ROWS = [{"id": f"r{i}", "prompt": f"Question {i}?", "response": f"First we compute it, then the answer is {i} here."}
         for i in range(6)]

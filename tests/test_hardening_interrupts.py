@@ -16,13 +16,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_noisy
+from helpers import make_stats, write_noisy
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.io import lock_path
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import run_score
 from reweight_audit.reporting.exports import write_exports
-from test_compare import make_stats
 
 PAUSE = """
 import pathlib, sys, time

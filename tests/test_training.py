@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from conftest import save_tiny_model, write_noisy
+from helpers import write_noisy
+from reweight_audit.testing import save_tiny_model
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import available_methods, compute_weights, get_method
