@@ -89,6 +89,7 @@ def test_bench_on_a_tiny_model_agrees_with_the_naive_implementation(tmp_path):
     assert result["supervised_tokens"] == 95
 
 
+@pytest.mark.slow
 def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
     from reweight_audit.reporting.exports import EXPORT_FILES
 

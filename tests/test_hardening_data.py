@@ -207,6 +207,7 @@ def test_the_hub_is_asked_once_and_offline_settings_answer_without_asking(monkey
 
 
 @pytest.mark.parametrize("command", ["score", "inject"])
+@pytest.mark.slow
 def test_an_unreachable_hub_is_one_line_naming_why(tmp_path, noisy_rows, closed_port, command):
     noisy = write_noisy(tmp_path / "noisy.jsonl", noisy_rows)
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed_port}", HF_HOME=str(tmp_path / "empty-cache"))
@@ -222,6 +223,7 @@ def test_an_unreachable_hub_is_one_line_naming_why(tmp_path, noisy_rows, closed_
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("s.parquet", "o.jsonl"))]  # nothing written
 
 
+@pytest.mark.slow
 def test_quiet_silences_the_libraries_plain_tqdm_bars():
     code = ("from reweight_audit.cli import _quiet\n_quiet(True)\n"
             "from tqdm.auto import tqdm\nprint(tqdm(range(3), desc='Converting and de-quantizing GGUF').disable)")

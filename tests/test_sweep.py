@@ -174,6 +174,7 @@ def test_bad_options(hand_runs):
     assert math.isnan(sweep._nanquantile(np.full((5, 1), np.nan), (0.5,))[0, 0])
 
 
+@pytest.mark.slow
 def test_command_line_exit_codes(hand_runs, tmp_path):
     """0 when the claim holds everywhere, 1 when it fails somewhere (settings listed), 2 for an unknown method."""
     import subprocess
@@ -197,6 +198,7 @@ def test_command_line_exit_codes(hand_runs, tmp_path):
     assert len([line for line in unknown.stderr.splitlines() if line.strip()]) == 1
 
 
+@pytest.mark.slow
 def test_a_sweep_is_refused_while_another_writes_its_folder(hand_runs, tmp_path):
     """One sweep at a time into a folder, refused before any table is read; the earlier folder stays as it was."""
     import subprocess
