@@ -1,25 +1,19 @@
-"""Shared fixtures: tiny models built from a config and tokenizers trained on the spot (no network)."""
+"""Shared fixtures: a tiny model built from a config, noisy records with spans (no network).
+
+Helpers that test modules import (writers, synthetic tables, references) live in helpers.py, not here."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-# the tiny model and tokenizer live in the package, where the docstring examples use them too
-from reweight_audit.testing import CHAT_TEMPLATE, TRAINING_TEXT, save_tiny_model, train_tokenizer  # noqa: E402,F401
+# the tiny model lives in the package, where the docstring examples use it too
+from reweight_audit.testing import save_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def write_noisy(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from test_compare import make_stats, write_stats
+from helpers import make_stats, write_stats
 
 from reweight_audit import methods
 

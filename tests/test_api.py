@@ -48,6 +48,7 @@ def invoke(*args: str) -> None:
     assert result.exit_code == 0, (result.output, result.exception)
 
 
+@pytest.mark.slow
 def test_cli_and_api_give_identical_files_and_tables(tmp_path, corpus_file, tiny_model):
     """The same corpus through the command line and through Python: the same records, statistics and reports."""
     cli_dir = tmp_path / "cli"
@@ -325,6 +326,7 @@ def test_docstring_examples_cover_every_public_function():
     assert {"inject", "score", "compare", "Comparison", "tiny_model_dir"} <= names
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, monkeypatch, capsys):
     """The script as `python examples/quickstart.py ...` runs it, in this process (torch is loaded already)."""
     from reweight_audit.methods import isolated_registry

@@ -73,6 +73,7 @@ def test_stats_only_reports_ns_per_logit_and_ratios():
     assert result["contended"] is None and len(result["loadavg_at_start"]) == 3
 
 
+@pytest.mark.slow
 def test_contended_run_records_its_competitors(monkeypatch):
     monkeypatch.setattr(bench, "cores", lambda: 1)
     case = bench.synthetic_case(1000, 32, "cpu", 16)

@@ -69,7 +69,7 @@ def test_methods_lists_the_registry():
 
 
 def test_score_command_on_a_tiny_model(tmp_path, tiny_model, noisy_rows):
-    from conftest import write_noisy
+    from helpers import write_noisy
 
     src = write_noisy(tmp_path / "noisy.jsonl", noisy_rows)
     out = tmp_path / "stats.parquet"
@@ -89,6 +89,7 @@ def test_bench_on_a_tiny_model_agrees_with_the_naive_implementation(tmp_path):
     assert result["supervised_tokens"] == 95
 
 
+@pytest.mark.slow
 def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
     from reweight_audit.reporting.exports import EXPORT_FILES
 

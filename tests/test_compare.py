@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import KINDS, make_stats, write_stats
 from reweight_audit import methods
 
 from reweight_audit.reporting import exports, render as report
@@ -19,61 +20,6 @@ from reweight_audit.evaluation import metrics, runs
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.errors import AuditError
 from reweight_audit.reporting.exports import write_exports
-
-KINDS = ("filler", "hedge", "typo")
-WORDS = ("the", " sum", " of", " x", " is", " 41", ".", " Then", " we", " umm", "\n", " <b>", " a&b", ' "q"')
-
-
-def make_stats(n_seqs: int = 60, *, seed: int = 0, noise_rate: float = 0.08, clean_frac: float = 0.25,
-               ref: bool = False, odd_token: str | None = None) -> pa.Table:
-    """A plausible per-token statistics table: R ≤ 1/p, E[R] above the Massey bound, p² ≤ Σp² ≤ p² + (1−p)²."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(15, 60, size=n_seqs)
-    n = int(lengths.sum())
-    seq = np.repeat(np.arange(n_seqs), lengths)
-    pos = np.concatenate([np.arange(L) for L in lengths]).astype(np.int32)
-    clean_seq = rng.random(n_seqs) < clean_frac
-    noise = (rng.random(n) < noise_rate) & ~clean_seq[seq]
-    ent = rng.gamma(1.5, 0.8, size=n) + noise * rng.gamma(2.0, 0.8, size=n)
-    logp = -rng.gamma(0.6, 1.2, size=n) - noise * rng.gamma(1.5, 1.5, size=n)
-    p = np.exp(logp)
-    rank = 1 + np.floor(rng.random(n) * (1.0 / p - 1.0))
-    h_bits = ent / math.log(2)
-    massey = np.where(h_bits >= 2, 2.0 ** (h_bits - 2) + 1, 1.0)
-    er = massey * (1 + rng.gamma(1.0, 0.5, size=n))
-    sum_p2 = p * p + (1 - p) ** 2 * rng.random(n) ** 2
-    kinds = np.where(noise, np.array(KINDS)[rng.integers(0, len(KINDS), size=n)], "")
-    tokens = np.array(WORDS)[rng.integers(0, len(WORDS), size=n)].astype(object)
-    if odd_token is not None:
-        noisy_rows = np.flatnonzero(noise)
-        first_per_seq = noisy_rows[np.unique(seq[noisy_rows], return_index=True)[1]]
-        tokens[first_per_seq] = odd_token  # the first noise token of every sequence
-    cols = {
-        "seq_id": pa.array([f"seq-{i:03d}" for i in seq]),
-        "pos": pa.array(pos, pa.int32()),
-        "token_id": pa.array(rng.integers(0, 500, size=n).astype(np.int32)),
-        "token": pa.array(list(tokens), pa.string()),
-        "logp": pa.array(logp.astype(np.float32)),
-        "entropy": pa.array(ent.astype(np.float32)),
-        "rank": pa.array(rank.astype(np.int64)),
-        "expected_rank": pa.array(er.astype(np.float64)),
-        "topk_entropy": pa.array(np.minimum(ent, math.log(20)).astype(np.float32)),
-        "sum_p2": pa.array(sum_p2.astype(np.float32)),
-    }
-    if ref:
-        cols["ref_logp"] = pa.array((logp + rng.normal(0, 0.5, size=n)).clip(max=0).astype(np.float32))
-    cols["is_noise"] = pa.array(noise)
-    cols["noise_kind"] = pa.array(list(kinds), pa.string())
-    return pa.table(cols)
-
-
-def write_stats(path: Path, table: pa.Table, model: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    if model is not None:
-        Path(str(path) + ".manifest.json").write_text(json.dumps({"model": model}))
-    return path
-
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):

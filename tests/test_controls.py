@@ -10,8 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from sklearn.metrics import roc_auc_score
-from test_compare import make_stats, write_stats
-from test_sweep import H_A, H_B, hand_sweep, hand_table
+from helpers import H_A, H_B, hand_stats_table, hand_sweep, make_stats, write_stats
 
 from reweight_audit.evaluation import metrics, runs, strata, sweep
 from reweight_audit.core.errors import AuditError
@@ -144,19 +143,19 @@ def test_bootstrap_intervals_bracket_the_value():
 
 
 def test_seq_len_is_derived_and_a_stored_one_wins(tmp_path):
-    run = runs.load_run(write_stats(tmp_path / "a.parquet", hand_table(H_A)))
+    run = runs.load_run(write_stats(tmp_path / "a.parquet", hand_stats_table(H_A)))
     assert "seq_len" in run.numeric_columns and run.column("seq_len").tolist() == [4] * 8
-    stored = hand_table(H_A).append_column("seq_len", pa.array([9] * 8, pa.int32()))
+    stored = hand_stats_table(H_A).append_column("seq_len", pa.array([9] * 8, pa.int32()))
     run = runs.load_run(write_stats(tmp_path / "b.parquet", stored))
     assert run.column("seq_len").tolist() == [9] * 8
 
 
 def test_stratify_values_use_the_controls_definitions(tmp_path):
-    run = runs.load_run(write_stats(tmp_path / "a.parquet", hand_table(H_A)))
+    run = runs.load_run(write_stats(tmp_path / "a.parquet", hand_stats_table(H_A)))
     assert strata.stratify_values(run, "position").tolist() == pytest.approx([0.125, 0.375, 0.625, 0.875] * 2)
     assert strata.stratify_values(run, "length").tolist() == [4.0] * 8
     # every token id differs: each is 1 of 8
-    ids = hand_table(H_A).append_column("token_id", pa.array([1, 2, 3, 4, 1, 1, 1, 1], pa.int32()))
+    ids = hand_stats_table(H_A).append_column("token_id", pa.array([1, 2, 3, 4, 1, 1, 1, 1], pa.int32()))
     run = runs.load_run(write_stats(tmp_path / "b.parquet", ids))
     assert strata.stratify_values(run, "rarity").tolist() == pytest.approx(
         [math.log(8 / 5)] + [math.log(8)] * 3 + [math.log(8 / 5)] * 4)
@@ -235,7 +234,7 @@ def test_position_control_is_the_relative_position(stratified_run):
 
 
 def test_bad_stratify_options_are_one_line_errors(tmp_path):
-    stats = write_stats(tmp_path / "s.parquet", hand_table(H_A))
+    stats = write_stats(tmp_path / "s.parquet", hand_stats_table(H_A))
     for kwargs, match in (({"stratify": ["bogus"]}, "--stratify 'bogus' is not known"),
                           ({"stratify": ["position"], "strata": 0}, "--strata 0"),
                           ({"stratify": ["rarity"]}, "needs the token_id column")):
@@ -252,8 +251,8 @@ def test_sweep_stratified_hand_counted(tmp_path):
     # Sequence scope at 25%: top ⌊2·¼ + ½⌋ = 1 of each sequence's 2 tokens in a stratum.
     # entropy, run A: stratum 0: s1 (.5, 2.0 noise) takes the noise, s2 (1.0, 2.5) not: 1; stratum 1: s1 (3.0, .1),
     # s2 (.2 noise, .3): 0. Mean ½ (pooled: 0). Global 25%: top 1 of 4 per stratum: 2.5 and 3.0, both clean: 0.
-    paths = [write_stats(tmp_path / "a.parquet", hand_table(H_A), model="run-A"),
-             write_stats(tmp_path / "b.parquet", hand_table(H_B), model="run-B")]
+    paths = [write_stats(tmp_path / "a.parquet", hand_stats_table(H_A), model="run-A"),
+             write_stats(tmp_path / "b.parquet", hand_stats_table(H_B), model="run-B")]
     res = hand_sweep(paths, stratify=["none", "position"], strata=2)
     rec = res.table.set_index(["run", "scope", "k", "stratify", "method"])["tok_rec"]
     assert rec[("run-A", "sequence", 25.0, "position", "entropy")] == pytest.approx(0.5)
@@ -268,7 +267,7 @@ def test_sweep_stratified_hand_counted(tmp_path):
 
 
 def test_sweep_claim_checked_stratified_only(tmp_path):
-    paths = [write_stats(tmp_path / "a.parquet", hand_table(H_A), model="run-A")]
+    paths = [write_stats(tmp_path / "a.parquet", hand_stats_table(H_A), model="run-A")]
     res = hand_sweep(paths, stratify=["position"], strata=2, claim="dft < entropy")
     assert set(res.claim["stratify"]) == {"position"}
     # entropy A stratified: global 25% 0, global 50% ½, sequence 25% ½, sequence 50%: stratum 0 s1 (.5, 2.0n) → 1,

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import write_noisy
+from helpers import write_noisy
 from reweight_audit.core.errors import AuditError
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import run_score
@@ -32,6 +32,7 @@ def corpus(tmp_path, noisy_rows):
     return write_noisy(tmp_path / "noisy.jsonl", rows)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_table(tmp_path, tiny_model, corpus):
     single = tmp_path / "single.parquet"
     run_score(corpus, single, ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=60, chunk_rows=8))
@@ -47,6 +48,7 @@ def test_two_processes_give_the_single_process_table(tmp_path, tiny_model, corpu
     assert not (tmp_path / "multi.parquet.shards").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size(tmp_path, tiny_model, corpus):
     cfg = ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=60, chunk_rows=8)
     full = tmp_path / "full.parquet"
@@ -70,6 +72,7 @@ def test_resume_with_another_world_size(tmp_path, tiny_model, corpus):
     pd.testing.assert_frame_equal(a[["seq_id", "pos", "token_id", "rank", "is_noise"]], b[["seq_id", "pos", "token_id", "rank", "is_noise"]])
 
 
+@pytest.mark.slow
 def test_a_bad_model_fails_every_rank_with_one_clear_error(tmp_path, corpus):
     result = torchrun("score", str(corpus), "-o", str(tmp_path / "x.parquet"), "--model", str(tmp_path / "missing" / "m"),
                       "--device", "cpu", "--quiet")
@@ -95,6 +98,7 @@ def _agree_worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_agree_raises_one_ranks_error_on_every_rank():
     import socket
 

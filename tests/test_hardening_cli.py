@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_noisy
+from helpers import write_noisy
 from reweight_audit import cli
 
 

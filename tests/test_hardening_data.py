@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from conftest import write_noisy
+from helpers import make_stats, write_noisy
 from reweight_audit.core import hub
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.injection.corpus import FieldMap, check_source, iter_records
@@ -26,7 +26,6 @@ from reweight_audit.evaluation.runs import load_run
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import run_score
 from reweight_audit.scoring.reader import read_noisy, scan_input
-from test_compare import make_stats
 
 ROWS = [{"id": f"r{i}", "prompt": f"Question {i}?", "response": f"First we compute it, then the answer is {i} here."}
         for i in range(6)]
@@ -209,6 +208,7 @@ def test_the_hub_is_asked_once_and_offline_settings_answer_without_asking(monkey
 
 
 @pytest.mark.parametrize("command", ["score", "inject"])
+@pytest.mark.slow
 def test_an_unreachable_hub_is_one_line_naming_why(tmp_path, noisy_rows, closed_port, command):
     noisy = write_noisy(tmp_path / "noisy.jsonl", noisy_rows)
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed_port}", HF_HOME=str(tmp_path / "empty-cache"))
@@ -224,6 +224,7 @@ def test_an_unreachable_hub_is_one_line_naming_why(tmp_path, noisy_rows, closed_
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("s.parquet", "o.jsonl"))]  # nothing written
 
 
+@pytest.mark.slow
 def test_quiet_silences_the_libraries_plain_tqdm_bars():
     code = ("from reweight_audit.cli import _quiet\n_quiet(True)\n"
             "from tqdm.auto import tqdm\nprint(tqdm(range(3), desc='Converting and de-quantizing GGUF').disable)")

@@ -16,13 +16,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_noisy
+from helpers import make_stats, write_noisy
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.io import lock_path
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import run_score
 from reweight_audit.reporting.exports import write_exports
-from test_compare import make_stats
 
 PAUSE = """
 import pathlib, sys, time
@@ -74,6 +73,7 @@ COMPARE = ("compare", "{stats}", "-o", "{out}", "--methods", "sft,dft,entropy", 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.slow
 def test_compare_stopped_mid_write_leaves_the_earlier_report_intact(tmp_path, stats, sig):
     out = tmp_path / "report"
     run_compare([stats], out, writer=write_exports, methods=["sft", "dft"], n_boot=0)
@@ -98,6 +98,7 @@ def test_compare_stopped_mid_write_leaves_the_earlier_report_intact(tmp_path, st
         assert "entropy" in (out / "table.csv").read_text()
 
 
+@pytest.mark.slow
 def test_compare_interrupted_into_a_new_folder_leaves_no_folder(tmp_path, stats):
     out = tmp_path / "new-report"
     flag = tmp_path / "flag"
@@ -109,6 +110,7 @@ def test_compare_interrupted_into_a_new_folder_leaves_no_folder(tmp_path, stats)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "stats.parquet"]
 
 
+@pytest.mark.slow
 def test_score_interrupted_keeps_its_shards_says_so_and_resumes(tmp_path, tiny_model, noisy_rows):
     rows = [dict(r, id=f"{r['id']}-{i}") for i in range(3) for r in noisy_rows]
     noisy = write_noisy(tmp_path / "noisy.jsonl", rows)
@@ -132,6 +134,7 @@ def test_score_interrupted_keeps_its_shards_says_so_and_resumes(tmp_path, tiny_m
                                                           "stats.parquet.manifest.json"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_leaves_the_previous_folder_and_the_next_one_resumes(tmp_path, tiny_model):
     from contextlib import nullcontext
 

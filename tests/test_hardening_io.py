@@ -155,6 +155,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_at_once_naming_the_owner(tmp_path):
     out = tmp_path / "stats.parquet"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import save_tiny_model, write_noisy
+from helpers import write_noisy
+from reweight_audit.testing import save_tiny_model
 from reweight_audit.core.errors import AuditError
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.encoding import encode

@@ -197,6 +197,7 @@ def test_check_spans_keeps_order_and_extra_keys():
         check_spans("one", {"start": 0})
 
 
+@pytest.mark.slow
 def test_cli_bad_span_is_one_line_naming_the_line(tmp_path):
     import subprocess
     import sys

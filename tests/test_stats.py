@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+from helpers import assert_matches, gumbel, reference
 from reweight_audit.scoring import stats
 from reweight_audit.scoring.stats import (
     EXPECTED_RANK_RTOL,
@@ -38,62 +39,8 @@ def backend(request, monkeypatch) -> str:
     return request.param
 
 
-def reference(logits: torch.Tensor, targets: torch.Tensor, topk: int = TOPK) -> dict[str, torch.Tensor]:
-    """Brute force, one row at a time, in float64: softmax, sort, count."""
-    z_all = logits.double()
-    rows, vocab = z_all.shape
-    out = {
-        "logp": torch.full((rows,), math.nan, dtype=torch.float64),
-        "entropy": torch.full((rows,), math.nan, dtype=torch.float64),
-        "rank": torch.zeros(rows, dtype=torch.int64),
-        "expected_rank": torch.full((rows,), math.nan, dtype=torch.float64),
-        "topk_entropy": torch.full((rows,), math.nan, dtype=torch.float64),
-        "sum_p2": torch.full((rows,), math.nan, dtype=torch.float64),
-        "finite": torch.zeros(rows, dtype=torch.bool),
-    }
-    for i in range(rows):
-        z = z_all[i]
-        t = int(targets[i])
-        if torch.isnan(z).any() or (z == math.inf).any():
-            continue
-        out["finite"][i] = True
-        m = z.max()
-        w = torch.exp(z - m)
-        p = w / w.sum()
-        out["logp"][i] = z[t] - m - torch.log(w.sum())
-        nz = p > 0
-        out["entropy"][i] = -(p[nz] * torch.log(p[nz])).sum()
-        out["rank"][i] = int((z >= z[t]).sum())
-        ordered = torch.sort(p, descending=True).values
-        out["expected_rank"][i] = (torch.arange(1, vocab + 1, dtype=torch.float64) * ordered).sum()
-        top = torch.topk(z, min(topk, vocab)).values  # sorted, largest first
-        q = torch.exp(top - top[0])
-        q = q / q.sum()
-        qnz = q > 0
-        out["topk_entropy"][i] = -(q[qnz] * torch.log(q[qnz])).sum()
-        out["sum_p2"][i] = (p * p).sum()
-    return out
-
-
-def assert_matches(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    assert torch.equal(got["finite"], ref["finite"])
-    ok = ref["finite"]
-    assert torch.equal(got["rank"][ok], ref["rank"][ok])
-    for key in ("logp", "entropy", "topk_entropy"):
-        torch.testing.assert_close(got[key][ok].double(), ref[key][ok], rtol=1e-5, atol=1e-5, msg=key)
-    torch.testing.assert_close(got["sum_p2"][ok].double(), ref["sum_p2"][ok], rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(got["expected_rank"][ok], ref["expected_rank"][ok], rtol=1e-6, atol=0.0)
-    # the certified bound never exceeds the tolerance after the fallback
-    assert (got["expected_rank_error_bound"][ok] <= EXPECTED_RANK_RTOL * got["expected_rank"][ok]).all()
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def gumbel(rows: int, vocab: int, g: torch.Generator, scale: float = 2.0) -> torch.Tensor:
-    u = torch.rand(rows, vocab, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    return (-torch.log(-torch.log(u)) * scale).float()
 
 
 def student_t(rows: int, vocab: int, g: torch.Generator, df: float = 3.0) -> torch.Tensor:

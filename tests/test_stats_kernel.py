@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_matches, gumbel, reference
 from reweight_audit.scoring import stats
 from reweight_audit.scoring.stats import EXPECTED_RANK_RTOL, expected_rank_sorted, token_statistics
 
 pytest.importorskip("numba")
 from reweight_audit.scoring import stats_kernel  # noqa: E402  (after the skip: needs numba)
-from test_stats import assert_matches, gumbel, reference  # noqa: E402
 
 VOCAB = 200_003  # >= 200k, and not a multiple of the 64-logit blocks of the top-k prefilter
 COLUMNS = ("logp", "entropy", "topk_entropy", "sum_p2", "expected_rank", "expected_rank_error_bound")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from test_compare import make_stats, write_stats
+from helpers import H_A, H_B, hand_stats_table, hand_sweep, make_stats, write_stats
 
 from reweight_audit.evaluation import metrics, runs, sweep
 from reweight_audit.core.errors import AuditError
@@ -20,34 +20,14 @@ from reweight_audit.reporting.sweep_report import write_sweep
 # the module: `reweight_audit.evaluation.compare` as an attribute is the API function
 compare = importlib.import_module("reweight_audit.evaluation.compare")
 
-# Two sequences of four tokens; the noise is s1's 2nd and s2's 3rd token. Probabilities and entropies are chosen so
-# that every method's token recall can be counted by hand (see test_pair_shares_hand_counted).
-P = [0.9, 0.2, 0.6, 0.8, 0.7, 0.5, 0.1, 0.95]
-NOISE = [False, True, False, False, False, False, True, False]
-H_A = [0.5, 2.0, 3.0, 0.1, 1.0, 2.5, 0.2, 0.3]
-H_B = [0.5, 2.0, 3.0, 0.1, 1.0, 2.5, 5.0, 0.3]  # s2's noise token now has the highest entropy
-
-
-def hand_table(entropy: list[float], corpus: str = "s") -> pa.Table:
-    return pa.table({
-        "seq_id": [f"{corpus}1"] * 4 + [f"{corpus}2"] * 4, "pos": pa.array([0, 1, 2, 3] * 2, pa.int32()),
-        "token": ["t"] * 8, "logp": pa.array(np.log(P), pa.float32()), "entropy": pa.array(entropy, pa.float32()),
-        "is_noise": NOISE, "noise_kind": ["filler" if n else "" for n in NOISE]})
-
-
 def drop_column(table: pa.Table, name: str) -> pa.Table:
     return table.remove_column(table.schema.get_field_index(name))
 
 
 @pytest.fixture()
 def hand_runs(tmp_path):
-    return [write_stats(tmp_path / "a.parquet", hand_table(H_A), model="run-A"),
-            write_stats(tmp_path / "b.parquet", hand_table(H_B), model="run-B")]
-
-
-def hand_sweep(paths, **kw):
-    kw = {"methods": ["sft", "dft", "inv-prob", "entropy"], "cuts": [25, 50], **kw}
-    return sweep.run_sweep(paths, None, rank_by=["weight"], scope=["global", "sequence"], n_boot=0, **kw)
+    return [write_stats(tmp_path / "a.parquet", hand_stats_table(H_A), model="run-A"),
+            write_stats(tmp_path / "b.parquet", hand_stats_table(H_B), model="run-B")]
 
 
 def test_token_recall_hand_counted(hand_runs):
@@ -175,7 +155,7 @@ def test_outputs_written_whole_and_notes(tmp_path):
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["claim"]["settings"] == len(res.claim)
     assert not any("different corpora" in n for n in res.notes)  # the same seq_ids, the same tokens
-    c = write_stats(tmp_path / "c.parquet", hand_table(H_A, corpus="other"), model="model-C")
+    c = write_stats(tmp_path / "c.parquet", hand_stats_table(H_A, corpus="other"), model="model-C")
     notes = sweep.run_sweep([a, c], None, methods=["sft"], n_boot=0).notes
     assert any("different corpora" in n for n in notes)
     retok = make_stats(20, seed=1)
@@ -194,6 +174,7 @@ def test_bad_options(hand_runs):
     assert math.isnan(metrics.nan_quantile(np.full((5, 1), np.nan), (0.5,))[0, 0])
 
 
+@pytest.mark.slow
 def test_command_line_exit_codes(hand_runs, tmp_path):
     """0 when the claim holds everywhere, 1 when it fails somewhere (settings listed), 2 for an unknown method."""
     import subprocess
@@ -217,6 +198,7 @@ def test_command_line_exit_codes(hand_runs, tmp_path):
     assert len([line for line in unknown.stderr.splitlines() if line.strip()]) == 1
 
 
+@pytest.mark.slow
 def test_a_sweep_is_refused_while_another_writes_its_folder(hand_runs, tmp_path):
     """One sweep at a time into a folder, refused before any table is read; the earlier folder stays as it was."""
     import subprocess

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from conftest import save_tiny_model, write_noisy
+from helpers import write_noisy
+from reweight_audit.testing import save_tiny_model
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import available_methods, compute_weights, get_method
@@ -221,6 +222,7 @@ def _trainer(tmp_path, tiny_model, noisy_file, loss=None, **kw) -> Trainer:
                    data_collator=make_collator(tok.pad_token_id), compute_loss_func=loss, processing_class=tok)
 
 
+@pytest.mark.slow
 def test_three_trainer_steps_with_the_loss_and_the_audit(tmp_path, tiny_model, noisy_file):
     before = hashlib.sha256(noisy_file.read_bytes()).hexdigest()
     trainer = _trainer(tmp_path, tiny_model, noisy_file, loss=ReweightedLoss("ranktuner-approx"))
@@ -261,6 +263,7 @@ def test_score_probe_restores_the_mode_and_needs_noise(tmp_path, lm, noisy_file,
         load_probe(clean, tok)
 
 
+@pytest.mark.slow
 def test_sft_in_trainer_equals_the_default_loss_with_accumulation(tmp_path, tiny_model, noisy_file):
     runs = []
     for loss in (None, ReweightedLoss("sft")):
@@ -273,6 +276,7 @@ def test_sft_in_trainer_equals_the_default_loss_with_accumulation(tmp_path, tiny
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_command_writes_curves_and_absorption(tmp_path, tiny_model, noisy_file):
     from typer.testing import CliRunner
 

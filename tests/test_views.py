@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from test_compare import make_stats, write_stats
+from helpers import make_stats, write_stats
 
 from reweight_audit.evaluation import agreement, table1
 from reweight_audit.core.errors import AuditError
@@ -81,7 +81,7 @@ def test_table1_method_not_computed_is_na(tmp_path):
 # ------------------------------------------------------------------------------------------------ across runs
 
 
-def hand_table() -> pd.DataFrame:
+def hand_metrics_table() -> pd.DataFrame:
     """Two runs, three methods, TOK REC with intervals and AUROC without (hand-picked)."""
     rows = []
     values = {("A", "a"): (0.10, 0.05, 0.15, 0.6), ("A", "b"): (0.30, 0.20, 0.40, 0.7), ("A", "c"): (0.20, 0.1, 0.35, 0.8),
@@ -93,7 +93,7 @@ def hand_table() -> pd.DataFrame:
 
 
 def test_order_agreement_hand_counted():
-    agr = agreement.order_agreement(hand_table())
+    agr = agreement.order_agreement(hand_metrics_table())
     v = agreement.verdicts(agr).set_index(["metric", "a", "b"])
     # TOK REC: a<b in A, a>b in B; a<c in both; b>c in A, b<c in B
     assert v.loc[("tok_rec", "a", "b"), "verdict"] == "changes"
@@ -109,7 +109,7 @@ def test_order_agreement_hand_counted():
     assert set(v.index.get_level_values("metric")) == {"tok_rec", "auroc"}  # metrics without values leave
     rows = agr[(agr["metric"] == "tok_rec") & (agr["a"] == "a") & (agr["b"] == "b")]
     assert list(rows["order"]) == ["<", ">"] and list(rows["a_lo"]) == [0.05, 0.10]
-    assert agreement.order_agreement(hand_table()[lambda t: t["run"] == "A"]).empty  # one run: nothing to agree
+    assert agreement.order_agreement(hand_metrics_table()[lambda t: t["run"] == "A"]).empty  # one run: nothing to agree
 
 
 def test_agreement_written_with_several_runs(two_runs):
