@@ -49,7 +49,8 @@ def real_run(tmp_path_factory):
     kept = table.filter(pc.not_equal(table.column("noise_kind"), "after-error"))
     full = write_stats(d / "full.parquet", table, model="m")
     cut = write_stats(d / "cut.parquet", kept, model="m")
-    with_rows = compare.run_compare([full], d / "out", CompareConfig(methods=CHOSEN, heatmap_sequences=3, **KW), writer=write_exports)
+    with_rows = compare.run_compare([full], d / "out", CompareConfig(methods=CHOSEN, heatmap_sequences=3, **KW),
+                                    writer=write_exports)
     return d, table, full, cut, with_rows
 
 
@@ -78,7 +79,8 @@ def test_after_error_rows_leave_every_metric_but_not_the_weights(real_run):
 
 def test_batch_dependent_methods_see_the_whole_batch(real_run):
     d, table, full, _, _ = real_run
-    res = compare.run_compare([full], d / "talr", CompareConfig(methods=["talr"], batch_seqs=5, seed=2, bootstrap=0, heatmap_sequences=1), writer=write_exports)
+    res = compare.run_compare([full], d / "talr", CompareConfig(methods=["talr"], batch_seqs=5, seed=2, bootstrap=0,
+                                                                heatmap_sequences=1), writer=write_exports)
     run = runs.load_run(full)
     batch = methods.assign_batches(run.seq_codes, 5, 2)
     w = methods.compute_weights(methods.get_method("talr"), {"logp": run.column("logp")}, batch=batch, seed=2)

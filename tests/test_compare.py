@@ -81,7 +81,8 @@ def full_run(tmp_path_factory):
     """One full compare with every export: all methods, two rank-bys, two scopes."""
     d = tmp_path_factory.mktemp("cmp")
     stats = write_stats(d / "stats.parquet", make_stats(odd_token="<script>alert('x')</script>"), model="tiny-lm")
-    res = run_compare([stats], d / "out", CompareConfig(rank_by=["weight", "loss"], scope=["global", "sequence"], bootstrap=20, heatmap_sequences=5), writer=write_exports)
+    res = run_compare([stats], d / "out", CompareConfig(rank_by=["weight", "loss"], scope=["global", "sequence"],
+                                                        bootstrap=20, heatmap_sequences=5), writer=write_exports)
     return stats, d / "out", res
 
 
@@ -277,7 +278,8 @@ def test_rank_by_end_to_end_noise_mass(tmp_path):
 def test_two_runs_side_by_side(tmp_path):
     a = write_stats(tmp_path / "a" / "stats.parquet", make_stats(20, seed=1), model="model-A")
     b = write_stats(tmp_path / "b" / "stats.parquet", make_stats(25, seed=2, ref=True), model="model-B")
-    res = run_compare([a, b], tmp_path / "out", CompareConfig(methods=None, bootstrap=0, heatmap_sequences=2), writer=write_exports)
+    res = run_compare([a, b], tmp_path / "out", CompareConfig(methods=None, bootstrap=0, heatmap_sequences=2),
+                      writer=write_exports)
     assert list(dict.fromkeys(res.table["run"])) == ["model-A", "model-B"]
     assert set(res.table[res.table["run"] == "model-B"]["method"]) >= {"rho1"}
     assert "rho1" not in set(res.table[res.table["run"] == "model-A"]["method"])
@@ -297,7 +299,8 @@ def test_two_runs_side_by_side(tmp_path):
 def test_batch_dependent_method_gets_batches(tmp_path):
     table = make_stats(30)
     stats = write_stats(tmp_path / "s.parquet", table)
-    res = run_compare([stats], tmp_path / "out", CompareConfig(methods=["talr"], batch_seqs=7, seed=3, bootstrap=0, heatmap_sequences=1), writer=write_exports)
+    res = run_compare([stats], tmp_path / "out", CompareConfig(methods=["talr"], batch_seqs=7, seed=3, bootstrap=0,
+                                                               heatmap_sequences=1), writer=write_exports)
     run = runs.load_run(stats)
     batch = methods.assign_batches(run.seq_codes, 7, 3)
     expected = methods.compute_weights(methods.get_method("talr"), {"logp": run.column("logp")}, batch=batch, seed=3)
@@ -410,7 +413,8 @@ def test_a_new_metric_is_one_function_and_one_spec_entry(tmp_path, monkeypatch):
     with pytest.raises(AuditError, match="f1"):
         metrics.add_metric(metrics.MetricSpec("f1", None, None, interval=False, per_cut=True, counts=f1_at_k))
     stats = write_stats(tmp_path / "s.parquet", make_stats(25))
-    res = run_compare([stats], tmp_path / "out", CompareConfig(methods=["sft", "entropy"], scope=["global", "sequence"], bootstrap=20, heatmap_sequences=1), writer=write_exports)
+    res = run_compare([stats], tmp_path / "out", CompareConfig(methods=["sft", "entropy"], scope=["global", "sequence"],
+                                                               bootstrap=20, heatmap_sequences=1), writer=write_exports)
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert list(table.columns[table.columns.get_loc("lift_hi") + 1:][:3]) == ["f1", "f1_lo", "f1_hi"]
     p, r = table["tok_prec"], table["tok_rec"]
@@ -431,7 +435,8 @@ def test_a_new_metric_is_one_function_and_one_spec_entry(tmp_path, monkeypatch):
 def test_a_failed_compare_leaves_the_previous_report(tmp_path, monkeypatch):
     stats = write_stats(tmp_path / "s.parquet", make_stats(10))
     out = tmp_path / "out"
-    run_compare([stats], out, CompareConfig(methods=["sft", "dft"], bootstrap=0, heatmap_sequences=1), writer=write_exports)
+    run_compare([stats], out, CompareConfig(methods=["sft", "dft"], bootstrap=0, heatmap_sequences=1),
+                writer=write_exports)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(*args, **kwargs):
@@ -439,6 +444,7 @@ def test_a_failed_compare_leaves_the_previous_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report, "heatmap_html", broken)
     with pytest.raises(RuntimeError):
-        run_compare([stats], out, CompareConfig(methods=["entropy"], bootstrap=0, heatmap_sequences=1), writer=write_exports)
+        run_compare([stats], out, CompareConfig(methods=["entropy"], bootstrap=0, heatmap_sequences=1),
+                    writer=write_exports)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.parquet"]  # no temporary folder left

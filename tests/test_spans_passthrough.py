@@ -108,7 +108,8 @@ def test_noise_touching_a_span_goes_beside_it_not_into_it():
     assert second.start == inj.kept[0].end + 1
     assert inj.response[inj.kept[0].start:inj.kept[0].end] == "two"
     # a span that covers a gap closes it; a span over a number or word blocks digit and typo there
-    shut = Noiser(NoiseConfig(noise="filler,digit,typo", rate=1.0)).inject("one 22 three", "y", [Span(0, 7, "m", "one 22 ")])
+    shut = Noiser(NoiseConfig(noise="filler,digit,typo", rate=1.0)).inject("one 22 three", "y", [Span(0, 7, "m",
+                                                                                                      "one 22 ")])
     assert all(sp.start >= 7 for sp in shut.spans) and shut.response.startswith("one 22 ")
 
 

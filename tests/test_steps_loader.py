@@ -56,7 +56,8 @@ def test_keep_labels_what_follows_as_after_error():
 
 def test_inject_keeps_the_wrong_step_and_records_the_choice(tmp_path):
     out = tmp_path / "noisy.jsonl"
-    result = run_inject(str(SAMPLE), out, InjectConfig(prompt_field="problem", steps_field="steps", after_error="keep", noise="filler", rate=1.0))
+    result = run_inject(str(SAMPLE), out, InjectConfig(prompt_field="problem", steps_field="steps", after_error="keep",
+                                                       noise="filler", rate=1.0))
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     kept = [s for r in rows for s in r["spans"] if s["kind"] in ("wrong-step", "after-error")]
     assert len(kept) == 5

@@ -48,7 +48,8 @@ def hand_runs(tmp_path):
 
 def hand_sweep(paths, **kw):
     kw = {"methods": ["sft", "dft", "inv-prob", "entropy"], "k": [25, 50], **kw}
-    return sweep.run_sweep(paths, None, SweepConfig(rank_by=["weight"], scope=["global", "sequence"], bootstrap=0, **kw))
+    return sweep.run_sweep(paths, None, SweepConfig(rank_by=["weight"], scope=["global", "sequence"], bootstrap=0,
+                                                    **kw))
 
 
 def test_token_recall_hand_counted(hand_runs):
@@ -113,7 +114,9 @@ def test_paired_interval_matches_a_plain_resampling_loop(tmp_path):
     one_kind = pa.array(["filler" if n else "" for n in table.column("is_noise").to_pylist()])
     table = table.set_column(table.schema.get_field_index("noise_kind"), "noise_kind", one_kind)
     stats = write_stats(tmp_path / "s.parquet", table)
-    res = sweep.run_sweep([stats], None, SweepConfig(methods=["entropy", "inv-prob", "ranktuner-approx"], rank_by=["weight"], scope=["sequence"], k=[10], bootstrap=40, seed=4))
+    res = sweep.run_sweep([stats], None, SweepConfig(methods=["entropy", "inv-prob", "ranktuner-approx"],
+                                                     rank_by=["weight"], scope=["sequence"], k=[10], bootstrap=40,
+                                                     seed=4))
     run = runs.load_run(stats)
     weights = compare.run_weights(run, [get_method(m) for m in ("entropy", "inv-prob", "ranktuner-approx")],
                                   {}, CompareConfig(bootstrap=0, seed=4),
@@ -143,7 +146,9 @@ def test_sweep_agrees_with_compare(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(30, seed=7))
     chosen = ["sft", "eaft", "talr", "ranktuner-approx"]
     res = sweep.run_sweep([stats], None, SweepConfig(methods=chosen, k=[10], bootstrap=30, seed=2, batch_seqs=7))
-    cmp = compare.run_compare([stats], None, CompareConfig(methods=chosen, rank_by=list(metrics.RANK_BY), scope=list(metrics.SCOPES), bootstrap=30, seed=2, batch_seqs=7))
+    cmp = compare.run_compare([stats], None, CompareConfig(methods=chosen, rank_by=list(metrics.RANK_BY),
+                                                           scope=list(metrics.SCOPES), bootstrap=30, seed=2,
+                                                           batch_seqs=7))
     got = res.table[res.table["noise"] == "all"].set_index(["rank_by", "scope", "method"])
     want = cmp.table.set_index(["rank_by", "scope", "method"])
     for col in ("tok_prec", "tok_rec", "seq_hit", "lift", "tok_rec_lo", "tok_rec_hi", "seq_hit_lo"):
@@ -158,7 +163,8 @@ def test_sweep_agrees_with_compare(tmp_path):
 def test_outputs_written_whole_and_notes(tmp_path):
     a = write_stats(tmp_path / "a.parquet", make_stats(20, seed=1), model="model-A")
     b = write_stats(tmp_path / "b.parquet", drop_column(make_stats(20, seed=1), "sum_p2"), model="model-B")
-    res = sweep.run_sweep([a, b], tmp_path / "out", SweepConfig(methods=["sft", "eaft", "inv-prob"], bootstrap=10, claim="eaft < inv-prob"), writer=write_sweep)
+    res = sweep.run_sweep([a, b], tmp_path / "out", SweepConfig(methods=["sft", "eaft", "inv-prob"], bootstrap=10,
+                                                                claim="eaft < inv-prob"), writer=write_sweep)
     out = tmp_path / "out"
     for name in ("sweep.csv", "pairs.csv", "claim.csv", "robustness.md", "robustness.png", "sweep.json"):
         assert (out / name).is_file(), name

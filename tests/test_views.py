@@ -48,7 +48,9 @@ def two_runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("views")
     a = write_stats(d / "a.parquet", make_stats(15, seed=1), model="model-A")
     b = write_stats(d / "b.parquet", make_stats(15, seed=2), model="model-B")
-    res = compare.run_compare([a, b], d / "out", CompareConfig(methods=["sft", "dft", "inv-prob", "eaft", "ranktuner-approx"], bootstrap=20, heatmap_sequences=1, table1_map="prob=inv-prob"), writer=write_exports)
+    res = compare.run_compare([a, b], d / "out", CompareConfig(
+        methods=["sft", "dft", "inv-prob", "eaft", "ranktuner-approx"], bootstrap=20, heatmap_sequences=1,
+        table1_map="prob=inv-prob"), writer=write_exports)
     return d, res
 
 
@@ -140,7 +142,8 @@ def test_by_meta_equals_the_groups_own_tables(tmp_path):
     records = write_records(tmp_path / "noisy.jsonl", ids, models)
     (tmp_path / "s.parquet.manifest.json").write_text(json.dumps({"input": str(records)}))
     kw = dict(methods=["entropy", "inv-prob"], rank_by=["weight", "loss"], scope=["global", "sequence"], bootstrap=15)
-    res = compare.run_compare([stats], tmp_path / "out", CompareConfig(by_meta="model", heatmap_sequences=0, **kw), writer=write_exports)
+    res = compare.run_compare([stats], tmp_path / "out", CompareConfig(by_meta="model", heatmap_sequences=0, **kw),
+                              writer=write_exports)
     got = pd.read_csv(tmp_path / "out" / "by_group.csv")
     assert set(got["group"]) == {"gpt", "palm"} and len(got) == 2 * 2 * 2 * 2
     for group in ("gpt", "palm"):
@@ -169,7 +172,8 @@ def test_by_meta_errors(tmp_path):
     ids = sorted(set(table.column("seq_id").to_pylist()))
     partial = write_records(tmp_path / "p.jsonl", ids[:-1], ["m"] * (len(ids) - 1))
     with pytest.raises(AuditError, match=f"no record with id '{ids[-1]}'"):
-        compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, by_meta="model", records=partial))
+        compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, by_meta="model",
+                                                         records=partial))
     full = write_records(tmp_path / "f.jsonl", ids, ["m"] * len(ids))
     with pytest.raises(AuditError, match="no record of .* has this meta field"):
         compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, by_meta="author", records=full))

@@ -9,7 +9,6 @@ evaluates every metric (:mod:`reweight_audit.evaluation.metrics`), assembles the
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
