@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_noisy
+from reweight_audit.demo import DemoConfig
 from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.evaluation.config import CompareConfig
 from reweight_audit.core.io import lock_path
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import run_score
@@ -39,8 +41,6 @@ def paused(*args, **kwargs):
 module.{function} = paused
 sys.argv = ["reweight-audit", *sys.argv[2:]]
 from reweight_audit.cli import main
-from reweight_audit.evaluation.config import CompareConfig
-from reweight_audit.demo import DemoConfig
 main()
 """
 

@@ -61,7 +61,7 @@ KINDS: dict[str, tuple[tuple, str, Any, str]] = {
     "cuts": ((object,), "cuts in percent", list[str], "float | Sequence[float]"),  # the config's check reads them
     "any": ((object,), "a value", str, "Any"),
 }
-#: kinds whose value passes to the config's own check as given (None: an empty list)
+#: kinds whose value passes to the config's own check as given
 _OWN_CHECK = ("params", "cuts")
 _ANNOTATION_KINDS = {"str": "text", "int": "int", "float": "number", "bool": "flag", "Path": "path",
                      "list[str]": "names", "list[Path]": "paths"}
@@ -128,8 +128,10 @@ def _typed(spec: Spec, value: Any) -> Any:
     """The value as the config keeps it: a path as Path, a list option as a list; a wrong type is one line."""
     if value is None and (spec.optional or spec.kind == "any"):
         return None
+    if value is None and KINDS[spec.kind][2] in (list[str], list[Path]):
+        return []  # a list option left empty: its check gives the default
     if spec.kind in _OWN_CHECK:
-        return [] if value is None else value
+        return value
     if spec.kind == "names":
         return _names(spec, value)
     if spec.kind == "paths":
@@ -247,11 +249,3 @@ def api_options(config_cls: type, options: Mapping[str, Any], where: str) -> Any
             raise AuditError(f"{where}: no option {name!r}; the options are {', '.join(known)}")
     return config_cls(**options)
 
-
-def parameters_doc(config_cls: type, skip: Sequence[str] = ()) -> str:
-    """A numpydoc Parameters block from the options' help texts (for the API's docstrings)."""
-    lines = []
-    for spec in specs(config_cls):
-        if spec.name not in skip:
-            lines += [spec.name, f"    {spec.option.help}"]
-    return "\n".join(lines)
