@@ -2,9 +2,10 @@
 
 Each takes what a notebook holds (a path, a pandas DataFrame, a
 ``datasets.Dataset``) and returns tables in memory; a file is written only
-when ``output=`` is given. The options have the command line's names and
-defaults (:mod:`reweight_audit.core.options`: ``--batch-tokens`` is
-``batch_tokens=``), are checked here before any work, and a bad one raises
+when ``output=`` is given. The options are the stage configs' fields
+(``InjectConfig``, ``ScoreConfig``, ``CompareConfig``: the command line's names and
+defaults, ``--batch-tokens`` is ``batch_tokens=``), are checked by the config before any work,
+and a bad one raises
 :class:`~reweight_audit.core.errors.AuditError` with the command line's one-line
 message. The work is done by the stage functions the command line calls
 (``run_inject``, ``run_score``, ``run_compare``): same engine, same files,
@@ -12,16 +13,19 @@ same tables.
 """
 from __future__ import annotations
 
-import numbers
+import inspect
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from reweight_audit.core import options
+from reweight_audit.core.config import api_options, with_signature
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.frames import TABLE_KINDS, check_table, is_dataframe, is_table, table_rows
+from reweight_audit.evaluation.config import CompareConfig
+from reweight_audit.injection.config import InjectConfig
+from reweight_audit.scoring.config import ScoreConfig
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,65 +41,19 @@ PathLike = Union[str, os.PathLike]
 NOISY_COLUMNS = ("id", "prompt", "response", "clean_response", "spans", "meta")
 
 
-# --------------------------------------------------------------------------- checking options at the boundary
-
-_TEXT = (str, "text")
-_INT = (numbers.Integral, "a whole number")
-_NUMBER = (numbers.Real, "a number")
-_FLAG = (bool, "True or False")
-_PATH = ((str, os.PathLike), "a path")
-_MODEL = ((str, os.PathLike), "'default', a hub id or a path")
+# --------------------------------------------------------------------------- checking at the boundary
 
 
-def _check(flag: str, value: Any, kind: tuple[Any, str], *, optional: bool = False) -> None:
-    """One option's type, named by its command-line flag as in the command line's own messages."""
-    types, what = kind
-    if value is None and optional:
-        return
-    wrong_bool = isinstance(value, bool) and types is not bool  # True is an int to Python, not to us
-    if wrong_bool or not isinstance(value, types):
-        raise AuditError(f"--{flag} {value!r}: give {what}{' or None' if optional else ''}")
-
-
-def _check_all(checks: Mapping[str, tuple[Any, tuple[Any, str], bool]]) -> None:
-    for name, (value, kind, optional) in checks.items():
-        _check(name.replace("_", "-"), value, kind, optional=optional)
-
-
-def _names(flag: str, value: str | Sequence[str] | None) -> list[str]:
-    """A comma list or a sequence of names (the command line's repeatable ``--flag a,b``) as a list."""
-    if value is None or isinstance(value, str):
-        return options.split_list(value)
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return options.split_list(value)
-    raise AuditError(f"--{flag} {value!r}: give a comma list or a list of names")
+def _check_output(output: Any) -> None:
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise AuditError(f"--output {output!r}: give a path or None")
 
 
 # --------------------------------------------------------------------------- inject
 
 
-def inject(
-    corpus: PathLike | pd.DataFrame | Dataset,
-    *,
-    noise: str | None = options.NOISE,
-    rate: float | None = options.RATE,
-    target_frac: float | None = options.TARGET_FRAC,
-    clean_frac: float = options.CLEAN_FRAC,
-    seed: int = options.SEED,
-    preset: str | None = options.PRESET,
-    limit: int | None = options.LIMIT,
-    split: str = options.SPLIT,
-    prompt_field: str = options.PROMPT_FIELD,
-    response_field: str = options.RESPONSE_FIELD,
-    id_field: str | None = options.ID_FIELD,
-    steps_field: str | None = options.STEPS_FIELD,
-    first_error_field: str = options.FIRST_ERROR_FIELD,
-    after_error: str = options.AFTER_ERROR,
-    tokenizer: PathLike = options.TOKENIZER,
-    skip_bad: bool = options.SKIP_BAD,
-    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
-    output: PathLike | None = None,
-) -> pd.DataFrame:
+def inject(corpus: PathLike | pd.DataFrame | Dataset, *, output: PathLike | None = None, **options: Any
+           ) -> pd.DataFrame:
     """Inject labelled noise into the responses of a corpus (``reweight-audit inject``).
 
     Parameters
@@ -179,20 +137,9 @@ def inject(
     from reweight_audit.injection.run import run_inject
 
     source = _corpus(corpus)
-    _check_all({
-        "noise": (noise, _TEXT, True), "rate": (rate, _NUMBER, True), "target_frac": (target_frac, _NUMBER, True),
-        "clean_frac": (clean_frac, _NUMBER, False), "seed": (seed, _INT, False), "preset": (preset, _TEXT, True),
-        "limit": (limit, _INT, True), "split": (split, _TEXT, False), "prompt_field": (prompt_field, _TEXT, False),
-        "response_field": (response_field, _TEXT, False), "id_field": (id_field, _TEXT, True),
-        "steps_field": (steps_field, _TEXT, True), "first_error_field": (first_error_field, _TEXT, False),
-        "after_error": (after_error, _TEXT, False),
-        "tokenizer": (tokenizer, _MODEL, False), "skip_bad": (skip_bad, _FLAG, False),
-        "trust_remote_code": (trust_remote_code, _FLAG, False), "output": (output, _PATH, True)})
-    result = run_inject(source, output, noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac,
-                        seed=seed, preset=preset, limit=limit, split=split, prompt_field=prompt_field,
-                        response_field=response_field, id_field=id_field, steps_field=steps_field,
-                        first_error_field=first_error_field, after_error=after_error, tokenizer=os.fspath(tokenizer),
-                        skip_bad=skip_bad, trust_remote_code=trust_remote_code)
+    config = api_options(InjectConfig, options, "inject")
+    _check_output(output)
+    result = run_inject(source, output, config)
     records = result.records if output is None else _read_jsonl(Path(output))
     frame = pd.DataFrame(records, columns=list(NOISY_COLUMNS))
     if result.manifest is not None:
@@ -221,21 +168,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- score
 
 
-def score(
-    noisy: PathLike | pd.DataFrame,
-    *,
-    model: PathLike = options.MODEL,
-    device: str = options.DEVICE,
-    dtype: str = options.DTYPE,
-    batch_tokens: int = options.BATCH_TOKENS,
-    chunk_rows: int | None = options.CHUNK_ROWS,
-    max_length: int | None = options.MAX_LENGTH,
-    template: str = options.TEMPLATE,
-    ref_model: PathLike | None = options.REF_MODEL,
-    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
-    resume: bool = options.RESUME,
-    output: PathLike | None = None,
-) -> pd.DataFrame:
+def score(noisy: PathLike | pd.DataFrame, *, output: PathLike | None = None, **options: Any) -> pd.DataFrame:
     """Per-token statistics from one forward pass of a causal LM (``reweight-audit score``).
 
     Parameters
@@ -300,24 +233,15 @@ def score(
     >>> bool((stats["logp"] <= 0).all() and (stats["rank"] >= 1).all())
     True
     """
-    from reweight_audit.scoring.config import ScoreConfig
     from reweight_audit.scoring.engine import run_score
 
     source = _noisy(noisy)
-    _check_all({
-        "model": (model, _MODEL, False), "device": (device, _TEXT, False), "dtype": (dtype, _TEXT, False),
-        "batch_tokens": (batch_tokens, _INT, False), "chunk_rows": (chunk_rows, _INT, True),
-        "max_length": (max_length, _INT, True), "template": (template, _TEXT, False),
-        "ref_model": (ref_model, _MODEL, True), "trust_remote_code": (trust_remote_code, _FLAG, False),
-        "resume": (resume, _FLAG, False), "output": (output, _PATH, True)})
-    if resume and output is None:
+    config = api_options(ScoreConfig, options, "score")
+    _check_output(output)
+    if config.resume and output is None:
         raise AuditError("--resume needs output=: the finished shards of an interrupted run lie beside its output")
-    config = ScoreConfig(model=os.fspath(model), device=device, dtype=dtype, batch_tokens=batch_tokens,
-                         chunk_rows=chunk_rows, max_length=max_length, template=template,
-                         ref_model=None if ref_model is None else os.fspath(ref_model),
-                         trust_remote_code=trust_remote_code)
     if output is not None:
-        return _stats_frame(run_score(source, Path(output), config, resume=resume))
+        return _stats_frame(run_score(source, Path(output), config, resume=config.resume))
     with tempfile.TemporaryDirectory(prefix="reweight-audit-score-") as folder:
         return _stats_frame(run_score(source, Path(folder) / "stats.parquet", config))
 
@@ -346,25 +270,8 @@ def _stats_frame(result: Any) -> pd.DataFrame:
 # --------------------------------------------------------------------------- compare
 
 
-def compare(
-    stats: PathLike | pd.DataFrame | Sequence[PathLike | pd.DataFrame],
-    *,
-    methods: str | Sequence[str] | None = options.METHODS,
-    k: float = options.K,
-    rank_by: str | Sequence[str] = options.RANK_BY,
-    scope: str | Sequence[str] = options.SCOPE,
-    params: Mapping[str, Mapping[str, Any]] | Sequence[str] | None = None,
-    method_files: Sequence[PathLike] = (),
-    batch_seqs: int = options.BATCH_SEQS,
-    bootstrap: int = options.BOOTSTRAP,
-    seed: int = options.SEED,
-    table1_map: str | Mapping[str, str] | None = options.TABLE1_MAP,
-    by_meta: str | None = options.BY_META,
-    records: PathLike | None = options.RECORDS,
-    stratify: str | Sequence[str] | None = options.STRATIFY,
-    strata: int = options.STRATA,
-    output: PathLike | None = None,
-) -> Comparison:
+def compare(stats: PathLike | pd.DataFrame | Sequence[PathLike | pd.DataFrame], *, output: PathLike | None = None,
+            **options: Any) -> Comparison:
     """Every weighting method × every metric on one or more stats tables (``reweight-audit compare``).
 
     Parameters
@@ -453,20 +360,9 @@ def compare(
     from reweight_audit.reporting.exports import write_exports
 
     sources = _stats_sources(stats)
-    _check_all({
-        "k": (k, _NUMBER, False), "batch_seqs": (batch_seqs, _INT, False), "bootstrap": (bootstrap, _INT, False),
-        "seed": (seed, _INT, False), "by_meta": (by_meta, _TEXT, True), "records": (records, _PATH, True),
-        "strata": (strata, _INT, False), "output": (output, _PATH, True)})
-    if not (table1_map is None or isinstance(table1_map, (str, Mapping))):
-        raise AuditError(f"--table1-map {table1_map!r}: give a comma list row=method or a dict, or None")
-    for path in method_files:
-        _check("method-file", path, _PATH)
-    result = run_compare(sources, None if output is None else Path(output), methods=_methods(methods),
-                         rank_by=_names("rank-by", rank_by), k=k, scope=_names("scope", scope),
-                         params=_params(params), method_files=[Path(p) for p in method_files],
-                         batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed, table1_map=table1_map,
-                         by_meta=by_meta, records=None if records is None else Path(records),
-                         stratify=_names("stratify", stratify or []), strata=strata,
+    config = api_options(CompareConfig, options, "compare")
+    _check_output(output)
+    result = run_compare(sources, None if output is None else Path(output), config,
                          writer=None if output is None else write_exports)
     return Comparison(result)
 
@@ -502,23 +398,14 @@ def _stats_source(item: Any, name: str) -> Any:
     return StatsTable(table.cast(schema), name, item.attrs.get("manifest"))
 
 
-def _methods(methods: Any) -> list[str] | None:
-    return None if methods is None else _names("methods", methods)
+def _options_signature(fn: Any, config_cls: type) -> None:
+    """``help(fn)`` and editors show the config's options as keywords, between the input and ``output``."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    with_signature(fn, [p for p in own if p.name != "output"], config_cls, [p for p in own if p.name == "output"])
 
 
-def _params(params: Any) -> list[str]:
-    """``{"talr": {"w_min": 0.1}}`` or ``["talr.w_min=0.1"]`` as the command line's ``--param`` items."""
-    if params is None:
-        return []
-    if isinstance(params, Mapping):
-        items = []
-        for method, values in params.items():
-            if not isinstance(values, Mapping):
-                raise AuditError(f"--param {method}: give the method's parameters as a dict, "
-                                 f"e.g. {{{method!r}: {{'name': value}}}}")
-            items += [f"{method}.{key}={value}" for key, value in values.items()]
-        return items
-    return _names("param", params) if isinstance(params, str) else [str(p) for p in params]
+for _function, _config in ((inject, InjectConfig), (score, ScoreConfig), (compare, CompareConfig)):
+    _options_signature(_function, _config)
 
 
 # --------------------------------------------------------------------------- the result of compare
@@ -624,7 +511,7 @@ class Comparison:
         """Write the report (every file of ``reweight-audit compare -o folder``) into ``folder``; the files by name."""
         from reweight_audit.reporting.exports import write_exports
 
-        _check("output", folder, _PATH)
+        _check_output(folder)
         config = self.result.config
         return write_exports(self.result, Path(folder), runs=self.result.run_data,
                              run_weights=self.result.run_weights, seed=config["seed"],

@@ -9,6 +9,7 @@ SIGTERM) is one line saying what was kept and how to go on, and exit code 130
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import signal
@@ -22,11 +23,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reweight_audit.core import options
-from reweight_audit.core.errors import AuditError, require_positive
+from reweight_audit.core.config import split_list, with_signature
+from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import work_folder
-from reweight_audit.injection.noise import DEFAULT_NOISE
-from reweight_audit.core.options import split_list
+from reweight_audit.demo import DemoConfig
+from reweight_audit.evaluation.config import CompareConfig, SweepConfig
+from reweight_audit.injection.config import InjectConfig
+from reweight_audit.scoring.config import CHUNK_ROWS_HELP, DEVICE_HELP, DTYPE_HELP, ScoreConfig
+from reweight_audit.training.config import TrainConfig
 
 app = typer.Typer(
     name="reweight-audit",
@@ -86,29 +90,22 @@ class _NoteHandler(logging.Handler):
 # ---------------------------------------------------------------- options shared by several commands
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", callback=_quiet)]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed gives the same files.")]
-Strata = Annotated[int, typer.Option(
-    "--strata", help="Strata per --stratify variable: quantiles over the tokens (10: deciles).")]
-Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N records.")]
-Model = Annotated[str, typer.Option(
-    "--model", help="'default' (SmolLM2-135M-Instruct GGUF), a hub id, a local directory or a .gguf file.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16.")]
-ChunkRows = Annotated[Optional[int], typer.Option(
-    "--chunk-rows", help="Rows per output-head chunk, at least 1 (default: from free memory).")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub to run.")]
+Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+Dtype = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
+ChunkRows = Annotated[Optional[int], typer.Option("--chunk-rows", help=CHUNK_ROWS_HELP)]
 MethodFiles = Annotated[list[Path], typer.Option(
     "--method-file", help="Python file that registers extra methods (repeatable).")]
-AfterError = Annotated[str, typer.Option(
-    "--after-error", help="After an annotated first wrong step: cut (the response ends with it) or keep "
-                          "(the rest stays, as a span of kind after-error).")]
-StepsField = Annotated[Optional[str], typer.Option(
-    "--steps-field", help="Read step-labelled rows: this field holds the list of steps (ProcessBench: steps).")]
-FirstErrorField = Annotated[str, typer.Option(
-    "--first-error-field", help="With --steps-field: the index of the first wrong step, -1 for none.")]
-SkipBad = Annotated[bool, typer.Option(
-    "--skip-bad", help="Skip and count malformed JSONL lines and records whose annotations do not fit "
-                       "their text, instead of stopping.")]
+
+
+def options_of(config_cls: type) -> Callable[[Callable], Callable]:
+    """The command's options are the config's fields (flag, default, help), after its own parameters (the
+    inputs, ``-o``) and before ``-q``; the command gets them as ``**options`` and builds the config from them."""
+    def apply(fn: Callable) -> Callable:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+        return with_signature(fn, [p for p in own if p.name != "quiet"], config_cls,
+                              [p for p in own if p.name == "quiet"], api=False)
+
+    return apply
 
 
 # ---------------------------------------------------------------- progress and reports, one per stage
@@ -260,179 +257,82 @@ def _print_table1(result: Any) -> None:
 
 
 @command(on_interrupt="{output} was not written (an earlier version is unchanged); run the command again")
+@options_of(InjectConfig)
 def inject(
     input: Annotated[str, typer.Argument(
         help="A .jsonl/.json/.csv/.parquet file, 'hf:NAME[:CONFIG]', 'champ' or 'champ-fws' (CHAMP's model "
              "solutions with their annotated first wrong step).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Noisy JSONL to write (a manifest is written beside it).")],
-    noise: Annotated[Optional[str], typer.Option(
-        "--noise", help=f"Comma list of families, optionally weighted: filler:2,hedge:1. 'all' for every family, "
-                        f"'none' to pass the corpus through. Default: {DEFAULT_NOISE}.")
-    ] = options.NOISE,
-    rate: Annotated[Optional[float], typer.Option(
-        "--rate", help="Probability of an injection at each eligible word boundary (default 0.1).")] = options.RATE,
-    target_frac: Annotated[Optional[float], typer.Option(
-        "--target-frac", help="Instead of --rate: the share of response words to make noise.")] = options.TARGET_FRAC,
-    clean_frac: Annotated[float, typer.Option(
-        "--clean-frac", help="Share of sequences left untouched (negatives for sequence metrics).")] = options.CLEAN_FRAC,
-    seed: Seed = options.SEED,
-    preset: Annotated[Optional[str], typer.Option(
-        "--preset", help="Named noise settings instead of --noise/--rate: table1 (filler and hedge at about "
-                         "0.8% of CHAMP's tokens, the share RankTuner's Table 1 implies).")] = options.PRESET,
-    limit: Limit = options.LIMIT,
-    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset.")] = options.SPLIT,
-    prompt_field: Annotated[str, typer.Option("--prompt-field")] = options.PROMPT_FIELD,
-    response_field: Annotated[str, typer.Option("--response-field")] = options.RESPONSE_FIELD,
-    id_field: Annotated[Optional[str], typer.Option(
-        "--id-field", help="Field holding each record's id (default: 'id' where present, else a content hash).")
-    ] = options.ID_FIELD,
-    steps_field: StepsField = options.STEPS_FIELD,
-    first_error_field: FirstErrorField = options.FIRST_ERROR_FIELD,
-    after_error: AfterError = options.AFTER_ERROR,
-    tokenizer: Annotated[str, typer.Option(
-        "--tokenizer", help="Vocabulary source for random-token (a --model value).")] = options.TOKENIZER,
-    skip_bad: SkipBad = options.SKIP_BAD,
-    trust_remote_code: TrustRemoteCode = options.TRUST_REMOTE_CODE,
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """Inject labelled noise into the responses of a corpus (spans the corpus brings are kept)."""
     from reweight_audit.injection.run import run_inject
 
+    config = InjectConfig(**options)
     with _inject_progress(quiet) as progress:
-        result = run_inject(input, output, noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac,
-                            seed=seed, preset=preset, limit=limit, split=split, prompt_field=prompt_field,
-                            response_field=response_field, id_field=id_field, steps_field=steps_field,
-                            first_error_field=first_error_field, after_error=after_error, tokenizer=tokenizer,
-                            skip_bad=skip_bad, trust_remote_code=trust_remote_code, progress=progress)
+        result = run_inject(input, output, config, progress=progress)
     _report_inject(result)
 
 
 @command(on_interrupt="finished batches (if any) are kept in {output}.shards; run the same command with "
                       "--resume to continue")
+@options_of(ScoreConfig)
 def score(
     input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="stats.parquet to write.")],
-    model: Model = options.MODEL,
-    device: Device = options.DEVICE,
-    dtype: Dtype = options.DTYPE,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = options.BATCH_TOKENS,
-    chunk_rows: ChunkRows = options.CHUNK_ROWS,
-    max_length: Annotated[Optional[int], typer.Option(
-        "--max-length", help="Truncate sequences to this many tokens.")] = options.MAX_LENGTH,
-    template: Annotated[str, typer.Option("--template", help="auto, chat or plain.")] = options.TEMPLATE,
-    ref_model: Annotated[Optional[str], typer.Option(
-        "--ref-model", help="Reference model for Rho-1 (adds ref_logp).")] = options.REF_MODEL,
-    trust_remote_code: TrustRemoteCode = options.TRUST_REMOTE_CODE,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue an interrupted run from its finished shards.")] = options.RESUME,
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """One forward pass: per-token statistics (logp, entropy, rank, expected rank, ...)."""
-    from reweight_audit.scoring.config import ScoreConfig
     from reweight_audit.scoring.engine import run_score
 
-    config = ScoreConfig(model=model, device=device, dtype=dtype, batch_tokens=batch_tokens, chunk_rows=chunk_rows,
-                         max_length=max_length, template=template, ref_model=ref_model,
-                         trust_remote_code=trust_remote_code)
+    config = ScoreConfig(**options)
     with _score_progress(quiet) as progress:
-        result = run_score(input, output, config, resume=resume, progress=progress)
+        result = run_score(input, output, config, resume=config.resume, progress=progress)
     _report_score(result)
 
 
 @command(on_interrupt="{output} is unchanged (an earlier report stays whole); run the command again")
+@options_of(CompareConfig)
 def compare(
     stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (several runs side by side).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the tables, plots and heatmap.")],
-    methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma list (default: every method whose statistics exist).")] = options.METHODS,
-    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent, in (0, 100].")] = options.K,
-    rank_by: Annotated[list[str], typer.Option(
-        "--rank-by", help="weight, loss or grad (repeat or comma list).")] = [options.RANK_BY],  # noqa: B006
-    scope: Annotated[list[str], typer.Option(
-        "--scope", help="global or sequence (repeat or comma list).")] = [options.SCOPE],  # noqa: B006
-    params: Annotated[list[str], typer.Option(
-        "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
-    method_files: MethodFiles = [],  # noqa: B006
-    batch_seqs: Annotated[int, typer.Option(
-        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = options.BATCH_SEQS,
-    bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", help="Bootstrap resamples over sequences for the 95% intervals.")] = options.BOOTSTRAP,
-    seed: Seed = options.SEED,
-    table1_map: Annotated[Optional[str], typer.Option(
-        "--table1-map", help="The method each Table 1 row stands for (default "
-                             "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")] = options.TABLE1_MAP,
-    by_meta: Annotated[Optional[str], typer.Option(
-        "--by-meta", help="Also every metric per value of this record meta field (e.g. model), read from the "
-                          "noisy JSONL the table was scored from.")] = options.BY_META,
-    records: Annotated[Optional[Path], typer.Option(
-        "--records", help="With --by-meta: that noisy JSONL (default: the score manifest's input).")] = options.RECORDS,
-    stratify: Annotated[list[str], typer.Option(
-        "--stratify", help="Also every metric within strata of position, length or rarity, averaged over the "
-                           "strata (strata.csv; repeat or comma list).")] = list(options.STRATIFY),  # noqa: B006
-    strata: Strata = options.STRATA,
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """Every method × every metric: the Table 1 diagnostic, printed and exported."""
     from reweight_audit.evaluation.compare import run_compare
     from reweight_audit.reporting.exports import write_exports
 
+    config = CompareConfig(**options)
     with _compare_progress(quiet) as progress:
-        result = run_compare(stats, output, methods=split_list([methods]) if methods else None,
-                             rank_by=split_list(rank_by), k=k, scope=split_list(scope), params=params,
-                             method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
-                             table1_map=table1_map, by_meta=by_meta, records=records,
-                             stratify=split_list(stratify), strata=strata, writer=write_exports,
-                             progress=progress)
+        result = run_compare(stats, output, config, writer=write_exports, progress=progress)
     _report_compare(result)
 
 
 @command(on_interrupt="{output} is unchanged (an earlier sweep stays whole); run the command again")
+@options_of(SweepConfig)
 def sweep(
     stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (each is a run).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for sweep.csv, robustness.md, ...")],
-    methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma list (default: every method whose statistics exist).")] = options.METHODS,
-    k: Annotated[list[str], typer.Option(
-        "--k", help="Cuts in percent (repeat or comma list).")] = [",".join(f"{c:g}" for c in options.SWEEP_K)],  # noqa: B006
-    rank_by: Annotated[list[str], typer.Option(
-        "--rank-by", help="weight, loss, grad (repeat or comma list).")] = [",".join(options.SWEEP_RANK_BY)],  # noqa: B006
-    scope: Annotated[list[str], typer.Option(
-        "--scope", help="global, sequence (repeat or comma list).")] = [",".join(options.SWEEP_SCOPE)],  # noqa: B006
-    metric: Annotated[str, typer.Option(
-        "--metric", help="The per-cut metric that orders the methods: tok_rec, tok_prec, seq_hit or lift.")
-    ] = options.SWEEP_METRIC,
-    claim: Annotated[Optional[str], typer.Option(
-        "--claim", help='A claimed order, lowest first: "ranktuner-approx < eaft < inv-prob"; exit code 0 only '
-                        "when it holds in every setting.")] = options.CLAIM,
-    params: Annotated[list[str], typer.Option(
-        "--param", help="Method parameter, e.g. --param talr.w_min=0.1 (repeatable).")] = [],  # noqa: B006
-    method_files: MethodFiles = [],  # noqa: B006
-    batch_seqs: Annotated[int, typer.Option(
-        "--batch-seqs", help="Sequences per simulated training batch (TALR).")] = options.BATCH_SEQS,
-    bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", help="Bootstrap resamples over sequences per setting (0: none).")] = options.SWEEP_BOOTSTRAP,
-    seed: Seed = options.SEED,
-    stratify: Annotated[list[str], typer.Option(
-        "--stratify", help="The stratify axis: none (pooled), position, length, rarity (repeat or comma list; a "
-                           "claim is checked in every setting of it).")] = list(options.SWEEP_STRATIFY),  # noqa: B006
-    strata: Strata = options.STRATA,
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """Every method over rank-by × scope × k × noise kind × stratify × run: which orders survive every convention."""
     from reweight_audit.evaluation.sweep import run_sweep
-    from reweight_audit.reporting.sweep_report import claim_lines, write_sweep
+    from reweight_audit.reporting.sweep_report import write_sweep
 
-    try:
-        cuts = [float(c) for c in split_list(k)]
-    except ValueError:
-        raise AuditError(f"--k {','.join(k)}: give cuts in percent, e.g. --k 1,2,5,10") from None
-    require_positive("--batch-seqs", batch_seqs, "number of sequences per batch")
+    config = SweepConfig(**options)
     with _compare_progress(quiet) as progress:
-        result = run_sweep(stats, output, methods=split_list([methods]) if methods else None,
-                           rank_by=split_list(rank_by), scope=split_list(scope), cuts=cuts, params=params,
-                           method_files=method_files, batch_seqs=batch_seqs, n_boot=bootstrap, seed=seed,
-                           metric=metric, claim=claim, stratify=split_list(stratify), strata=strata, writer=write_sweep,
-                           progress=progress)
+        result = run_sweep(stats, output, config, writer=write_sweep, progress=progress)
+    _report_sweep(result, output, config.metric)
+
+
+def _report_sweep(result: Any, output: Path, metric: str) -> None:
+    """The sweep's notes and files, and whether the claim holds (exit code 1 where it fails somewhere)."""
+    from reweight_audit.reporting.sweep_report import claim_lines
+
     for note in result.notes:
         out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
@@ -467,22 +367,18 @@ def _demo_hooks(quiet: bool) -> Any:
 
 @command(on_interrupt=lambda output, **_: f"{output} is unchanged; finished stages are kept in "
                                           f"{work_folder(output)} and the next demo continues from them")
+@options_of(DemoConfig)
 def demo(
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Directory for everything the demo writes.")] = Path("reports/demo"),
-    limit: Limit = options.LIMIT,
-    model: Model = options.MODEL,
-    device: Device = options.DEVICE,
-    real_errors: Annotated[int, typer.Option(
-        "--real-errors", help="champ-fws solutions in the real-error part (0 skips it).")] = options.REAL_ERRORS,
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """The whole pipeline on the built-in defaults: inject → score → compare on CHAMP (270 problems), then the
     real-error diagnostic on the first 80 annotated model solutions of champ-fws."""
     from reweight_audit.demo import run_demo
 
-    result = run_demo(output, limit=limit, model=model, device=device, hooks=_demo_hooks(quiet),
-                      real_errors=real_errors)
+    result = run_demo(output, DemoConfig(**options), hooks=_demo_hooks(quiet))
     out.print(f"\n[bold]demo done[/bold]: open {escape(str(output / 'heatmap.html'))} and "
               f"{escape(str(output / 'table.md'))}; "
               f"noisy corpus {result.noisy}, token statistics {result.stats}")
@@ -595,44 +491,17 @@ def _sigterm_is_an_interrupt(signum: int, frame: Any) -> None:
 
 
 @command(on_interrupt="{output} was not written (an earlier version is unchanged); run the command again")
+@options_of(TrainConfig)
 def train(
     input: Annotated[Path, typer.Argument(help="Noisy JSONL written by 'inject': the training set.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for audit.csv, audit.png, absorption.md.")],
-    method: Annotated[Optional[str], typer.Option("--method", help="One method to train with.")] = None,
-    methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma list: one seeded run per method, side by side.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per method.")] = 20,
-    probe: Annotated[Optional[Path], typer.Option(
-        "--probe", help="Injected JSONL audited while training (default: the input).")] = None,
-    probe_records: Annotated[Optional[int], typer.Option("--probe-records", help="First N probe records (0: all).")] = 32,
-    model: Model = options.MODEL,
-    ref_model: Annotated[Optional[str], typer.Option("--ref-model", help="Reference model for rho1.")] = options.REF_MODEL,
-    lora: Annotated[bool, typer.Option(
-        "--lora", help="Train LoRA adapters (needs peft: pip install 'reweight-audit[train]').")] = False,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 5e-5, 2e-4 with --lora).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
-    every: Annotated[int, typer.Option("--every", help="Audit every N steps (and at the start and end).")] = 5,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Truncate sequences to this many tokens.")] = 512,
-    k: Annotated[float, typer.Option("--k", help="Top-k cut in percent for the audit metrics.")] = options.K,
-    param: Annotated[list[str], typer.Option(
-        "--param", help="Method parameter, e.g. --param focal.gamma=3 (repeatable).")] = [],  # noqa: B006
-    seed: Seed = options.SEED,
-    device: Device = options.DEVICE,
-    report_to: Annotated[str, typer.Option("--report-to", help="Trainer's report_to: none, tensorboard, wandb, ...")] = "none",
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """Fine-tune with each method's loss, auditing the model on an injected probe as it trains."""
-    from reweight_audit.training.run import TrainConfig, run_train
+    from reweight_audit.training.run import run_train
 
-    names = split_list([value for value in (method, methods) if value])
-    if not names:
-        raise AuditError("train: give --method NAME or --methods a,b,c (see `reweight-audit methods`)")
-    for option, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every)):
-        require_positive(option, value)
-    config = TrainConfig(input=input, output=output, methods=names, steps=steps, probe=probe,
-                         probe_records=probe_records or None, model=model, ref_model=ref_model, lora=lora,
-                         learning_rate=lr, batch_size=batch_size, every=every, max_length=max_length, k=k,
-                         params=list(param), seed=seed, device=device, report_to=report_to)
+    config = TrainConfig(input=input, output=output, **options)
     result = run_train(config, progress=None if quiet else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]",
                                                                                      highlight=False))
     out.print(escape(result.files["absorption.md"].read_text(encoding="utf-8")))

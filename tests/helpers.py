@@ -104,8 +104,11 @@ def hand_stats_table(entropy: list[float], corpus: str = "s") -> pa.Table:
 
 def hand_sweep(paths, **kw):
     """A small sweep over the hand-counted runs: four methods, cuts 25% and 50%, both scopes, no bootstrap."""
-    kw = {"methods": ["sft", "dft", "inv-prob", "entropy"], "cuts": [25, 50], **kw}
-    return sweep.run_sweep(paths, None, rank_by=["weight"], scope=["global", "sequence"], n_boot=0, **kw)
+    from reweight_audit.evaluation.config import SweepConfig
+
+    kw = {"methods": ["sft", "dft", "inv-prob", "entropy"], "k": [25, 50], **kw}
+    return sweep.run_sweep(paths, None, SweepConfig(rank_by=["weight"], scope=["global", "sequence"], bootstrap=0,
+                                                    **kw))
 
 
 # ------------------------------------------------------------------------------------------------ token statistics

@@ -16,6 +16,7 @@ from reweight_audit import methods
 
 from reweight_audit.evaluation import metrics, runs
 from reweight_audit.reporting.exports import write_exports
+from reweight_audit.evaluation.config import CompareConfig
 
 # the module: `reweight_audit.evaluation.compare` as an attribute is the API function
 compare = importlib.import_module("reweight_audit.evaluation.compare")
@@ -48,17 +49,18 @@ def real_run(tmp_path_factory):
     kept = table.filter(pc.not_equal(table.column("noise_kind"), "after-error"))
     full = write_stats(d / "full.parquet", table, model="m")
     cut = write_stats(d / "cut.parquet", kept, model="m")
-    with_rows = compare.run_compare([full], d / "out", writer=write_exports, methods=CHOSEN, heatmap_sequences=3, **KW)
+    with_rows = compare.run_compare([full], d / "out", CompareConfig(methods=CHOSEN, heatmap_sequences=3, **KW),
+                                    writer=write_exports)
     return d, table, full, cut, with_rows
 
 
 CHOSEN = ["entropy", "inv-prob", "ranktuner-approx", "sft"]
-KW = dict(rank_by=["weight", "loss"], scope=["global", "sequence"], n_boot=30, seed=1)
+KW = dict(rank_by=["weight", "loss"], scope=["global", "sequence"], bootstrap=30, seed=1)
 
 
 def test_after_error_rows_leave_every_metric_but_not_the_weights(real_run):
     d, table, full, cut, with_rows = real_run
-    without = compare.run_compare([cut], d / "x", writer=write_exports, methods=CHOSEN, **KW)
+    without = compare.run_compare([cut], d / "x", CompareConfig(methods=CHOSEN, **KW), writer=write_exports)
     # per-token methods: leaving the rows out of the metrics is the same as the table without them
     a, b = with_rows.table.drop(columns="run"), without.table.drop(columns="run")
     pd.testing.assert_frame_equal(a, b)
@@ -77,8 +79,8 @@ def test_after_error_rows_leave_every_metric_but_not_the_weights(real_run):
 
 def test_batch_dependent_methods_see_the_whole_batch(real_run):
     d, table, full, _, _ = real_run
-    res = compare.run_compare([full], d / "talr", writer=write_exports, methods=["talr"], batch_seqs=5, seed=2, n_boot=0,
-                              heatmap_sequences=1)
+    res = compare.run_compare([full], d / "talr", CompareConfig(methods=["talr"], batch_seqs=5, seed=2, bootstrap=0,
+                                                                heatmap_sequences=1), writer=write_exports)
     run = runs.load_run(full)
     batch = methods.assign_batches(run.seq_codes, 5, 2)
     w = methods.compute_weights(methods.get_method("talr"), {"logp": run.column("logp")}, batch=batch, seed=2)

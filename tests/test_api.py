@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import reweight_audit as ra
 from reweight_audit import api, cli, testing
 from reweight_audit.reporting import exports
-from reweight_audit.core import options
+from reweight_audit.core.config import split_list
 from reweight_audit.core.errors import AuditError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,32 +252,30 @@ def test_the_api_has_the_command_lines_options_and_defaults(command):
     if command == "compare":
         assert cli_params.pop("stats").default is inspect.Parameter.empty
         assert api_params.pop("stats").default is inspect.Parameter.empty
-        assert cli_params.pop("params").default == [] and api_params.pop("params").default is None
+        assert cli_params.pop("params").default == [] and api_params.pop("params").default == ()
     assert list(cli_params) == list(api_params)
     for name, parameter in cli_params.items():
         cli_default, api_default = parameter.default, api_params[name].default
         if isinstance(cli_default, list):  # a repeatable option: one value in Python
-            cli_default, api_default = cli_default, options.split_list(api_default) if api_default else []
+            cli_default, api_default = cli_default, split_list(api_default) if api_default else []
         assert cli_default == api_default, name
 
 
 def test_the_stage_functions_share_the_defaults():
-    from reweight_audit.evaluation.compare import run_compare
-    from reweight_audit.injection.run import run_inject
+    from reweight_audit.evaluation.config import CompareConfig
+    from reweight_audit.injection.config import InjectConfig
     from reweight_audit.scoring.config import ScoreConfig
 
-    stage = inspect.signature(run_inject).parameters
-    for name, parameter in inspect.signature(api.inject).parameters.items():
-        if name not in ("corpus", "output"):
-            assert stage[name].default == parameter.default, name
-    config = ScoreConfig()
-    for name, parameter in inspect.signature(api.score).parameters.items():
-        if name not in ("noisy", "output", "resume"):
-            assert getattr(config, name) == parameter.default, name
-    stage = inspect.signature(run_compare).parameters
-    assert stage["n_boot"].default == options.BOOTSTRAP and stage["rank_by"].default == (options.RANK_BY,)
-    assert stage["k"].default == options.K and stage["scope"].default == (options.SCOPE,)
-    assert stage["batch_seqs"].default == options.BATCH_SEQS and stage["seed"].default == options.SEED
+    # the stages take their config; an API keyword's default is the config's default
+    for function, config, skip in ((api.inject, InjectConfig, ("corpus", "output")),
+                                   (api.score, ScoreConfig, ("noisy", "output")),
+                                   (api.compare, CompareConfig, ("stats", "output"))):
+        for name, parameter in inspect.signature(function).parameters.items():
+            if name not in skip:
+                assert config(**{name: parameter.default}) == config(), (function.__name__, name)
+    config = CompareConfig()
+    assert config.bootstrap == 200 and config.rank_by == ["weight"] and config.k == 10.0
+    assert config.scope == ["global"] and config.batch_seqs == 256 and config.seed == 0
 
 
 def test_help_shows_a_documented_typed_function():

@@ -20,20 +20,21 @@ from reweight_audit.evaluation import metrics, runs
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.errors import AuditError
 from reweight_audit.reporting.exports import write_exports
+from reweight_audit.evaluation.config import CompareConfig
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """One full compare with every export: all methods, two rank-bys, two scopes."""
     d = tmp_path_factory.mktemp("cmp")
     stats = write_stats(d / "stats.parquet", make_stats(odd_token="<script>alert('x')</script>"), model="tiny-lm")
-    res = run_compare([stats], d / "out", writer=write_exports, rank_by=["weight", "loss"], scope=["global", "sequence"],
-                              n_boot=20, heatmap_sequences=5)
+    res = run_compare([stats], d / "out", CompareConfig(rank_by=["weight", "loss"], scope=["global", "sequence"],
+                                                        bootstrap=20, heatmap_sequences=5), writer=write_exports)
     return stats, d / "out", res
 
 
-def quick(paths, **kw):
-    kw.setdefault("n_boot", 0)
-    return run_compare(paths, Path("/nonexistent-not-written"), **kw)
+def quick(paths, workers=None, **kw):
+    kw.setdefault("bootstrap", 0)
+    return run_compare(paths, Path("/nonexistent-not-written"), CompareConfig(**kw), workers=workers)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -179,7 +180,7 @@ def test_bad_options(tmp_path):
 
 def test_no_noise_corpus_gives_nan_recall(tmp_path):
     stats = write_stats(tmp_path / "clean.parquet", make_stats(10, noise_rate=0.0))
-    res = quick([stats], methods=["sft", "entropy", "ranktuner"], n_boot=10)
+    res = quick([stats], methods=["sft", "entropy", "ranktuner"], bootstrap=10)
     assert res.table["tok_rec"].isna().all()
     assert res.table["seq_hit"].isna().all()
     assert (res.table["tok_prec"].fillna(0) == 0).all()
@@ -223,7 +224,8 @@ def test_rank_by_end_to_end_noise_mass(tmp_path):
 def test_two_runs_side_by_side(tmp_path):
     a = write_stats(tmp_path / "a" / "stats.parquet", make_stats(20, seed=1), model="model-A")
     b = write_stats(tmp_path / "b" / "stats.parquet", make_stats(25, seed=2, ref=True), model="model-B")
-    res = run_compare([a, b], tmp_path / "out", writer=write_exports, methods=None, n_boot=0, heatmap_sequences=2)
+    res = run_compare([a, b], tmp_path / "out", CompareConfig(methods=None, bootstrap=0, heatmap_sequences=2),
+                      writer=write_exports)
     assert list(dict.fromkeys(res.table["run"])) == ["model-A", "model-B"]
     assert set(res.table[res.table["run"] == "model-B"]["method"]) >= {"rho1"}
     assert "rho1" not in set(res.table[res.table["run"] == "model-A"]["method"])
@@ -243,8 +245,8 @@ def test_two_runs_side_by_side(tmp_path):
 def test_batch_dependent_method_gets_batches(tmp_path):
     table = make_stats(30)
     stats = write_stats(tmp_path / "s.parquet", table)
-    res = run_compare([stats], tmp_path / "out", writer=write_exports, methods=["talr"], batch_seqs=7, seed=3, n_boot=0,
-                              heatmap_sequences=1)
+    res = run_compare([stats], tmp_path / "out", CompareConfig(methods=["talr"], batch_seqs=7, seed=3, bootstrap=0,
+                                                               heatmap_sequences=1), writer=write_exports)
     run = runs.load_run(stats)
     batch = methods.assign_batches(run.seq_codes, 7, 3)
     expected = methods.compute_weights(methods.get_method("talr"), {"logp": run.column("logp")}, batch=batch, seed=3)
@@ -338,8 +340,8 @@ def test_constant_scores_by_kind_is_base_rate():
 
 def test_results_do_not_depend_on_worker_threads(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(30, ref=True))
-    one = quick([stats], workers=1, n_boot=20, scope=["global", "sequence"])
-    two = quick([stats], workers=3, n_boot=20, scope=["global", "sequence"])
+    one = quick([stats], workers=1, bootstrap=20, scope=["global", "sequence"])
+    two = quick([stats], workers=3, bootstrap=20, scope=["global", "sequence"])
     pd.testing.assert_frame_equal(one.table, two.table)
     pd.testing.assert_frame_equal(one.by_kind, two.by_kind)
     pd.testing.assert_frame_equal(one.curves, two.curves)
@@ -357,8 +359,8 @@ def test_a_new_metric_is_one_function_and_one_spec_entry(tmp_path, request):
     with pytest.raises(AuditError, match="f1"):
         metrics.add_metric(metrics.MetricSpec("f1", None, None, interval=False, per_cut=True, counts=f1_at_k))
     stats = write_stats(tmp_path / "s.parquet", make_stats(25))
-    res = run_compare([stats], tmp_path / "out", writer=write_exports, methods=["sft", "entropy"], scope=["global", "sequence"],
-                              n_boot=20, heatmap_sequences=1)
+    res = run_compare([stats], tmp_path / "out", CompareConfig(methods=["sft", "entropy"], scope=["global", "sequence"],
+                                                               bootstrap=20, heatmap_sequences=1), writer=write_exports)
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert list(table.columns[table.columns.get_loc("lift_hi") + 1:][:3]) == ["f1", "f1_lo", "f1_hi"]
     p, r = table["tok_prec"], table["tok_rec"]
@@ -379,7 +381,8 @@ def test_a_new_metric_is_one_function_and_one_spec_entry(tmp_path, request):
 def test_a_failed_compare_leaves_the_previous_report(tmp_path, monkeypatch):
     stats = write_stats(tmp_path / "s.parquet", make_stats(10))
     out = tmp_path / "out"
-    run_compare([stats], out, writer=write_exports, methods=["sft", "dft"], n_boot=0, heatmap_sequences=1)
+    run_compare([stats], out, CompareConfig(methods=["sft", "dft"], bootstrap=0, heatmap_sequences=1),
+                writer=write_exports)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(*args, **kwargs):
@@ -387,6 +390,7 @@ def test_a_failed_compare_leaves_the_previous_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report, "heatmap_html", broken)
     with pytest.raises(RuntimeError):
-        run_compare([stats], out, writer=write_exports, methods=["entropy"], n_boot=0, heatmap_sequences=1)
+        run_compare([stats], out, CompareConfig(methods=["entropy"], bootstrap=0, heatmap_sequences=1),
+                    writer=write_exports)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.parquet"]  # no temporary folder left

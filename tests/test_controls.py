@@ -15,6 +15,7 @@ from helpers import H_A, H_B, hand_stats_table, hand_sweep, make_stats, write_st
 from reweight_audit.evaluation import metrics, runs, strata, sweep
 from reweight_audit.core.errors import AuditError
 from reweight_audit.reporting.exports import write_exports
+from reweight_audit.evaluation.config import CompareConfig, SweepConfig
 
 compare = importlib.import_module("reweight_audit.evaluation.compare")  # the module; the attribute is the API function
 
@@ -168,8 +169,9 @@ def test_stratify_values_use_the_controls_definitions(tmp_path):
 def stratified_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("strata")
     stats = write_stats(d / "stats.parquet", make_stats(seed=2), model="tiny-lm")
-    res = compare.run_compare([stats], d / "out", writer=write_exports, methods=None, scope=["global", "sequence"], n_boot=30,
-                              stratify=["position", "rarity"], strata=4, heatmap_sequences=2)
+    res = compare.run_compare([stats], d / "out", CompareConfig(methods=None, scope=["global", "sequence"],
+                                                                bootstrap=30, stratify=["position", "rarity"], strata=4,
+                                                                heatmap_sequences=2), writer=write_exports)
     return d / "out", res
 
 
@@ -239,7 +241,7 @@ def test_bad_stratify_options_are_one_line_errors(tmp_path):
                           ({"stratify": ["position"], "strata": 0}, "--strata 0"),
                           ({"stratify": ["rarity"]}, "needs the token_id column")):
         with pytest.raises(AuditError, match=match):
-            compare.run_compare([stats], None, methods=["sft"], n_boot=0, **kwargs)
+            compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------- sweep
@@ -294,10 +296,10 @@ def test_compare_prints_the_verdict_with_the_run_label_as_text(tmp_path):
 def test_sweep_and_compare_agree_on_the_stratified_values_and_intervals(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(seed=6), model="tiny-lm")
     methods = ["dft", "entropy", "position", "rarity"]
-    cmp = compare.run_compare([stats], None, methods=methods, scope=["global", "sequence"], n_boot=40,
-                              seed=3, stratify=["position"], strata=5)
-    swept = sweep.run_sweep([stats], None, methods=methods, rank_by=["weight"], scope=["global", "sequence"],
-                            cuts=[10], stratify=["position"], strata=5, n_boot=40, seed=3)
+    cmp = compare.run_compare([stats], None, CompareConfig(methods=methods, scope=["global", "sequence"], bootstrap=40,
+                                                           seed=3, stratify=["position"], strata=5))
+    swept = sweep.run_sweep([stats], None, SweepConfig(methods=methods, rank_by=["weight"], scope=["global", "sequence"],
+                                                       k=[10], stratify=["position"], strata=5, bootstrap=40, seed=3))
     overall = cmp.strata[cmp.strata["stratum"] == strata.ALL].set_index(["scope", "method"])
     rows = swept.table[swept.table["noise"] == "all"]
     assert len(rows) == 2 * len(methods)

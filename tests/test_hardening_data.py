@@ -26,6 +26,8 @@ from reweight_audit.evaluation.runs import load_run
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import run_score
 from reweight_audit.scoring.reader import read_noisy, scan_input
+from reweight_audit.evaluation.config import CompareConfig
+from reweight_audit.injection.config import InjectConfig
 
 ROWS = [{"id": f"r{i}", "prompt": f"Question {i}?", "response": f"First we compute it, then the answer is {i} here."}
         for i in range(6)]
@@ -57,7 +59,7 @@ def test_compare_refuses_a_table_stacked_twice_naming_the_first_repeats(tmp_path
     assert str(refused.value).startswith(f"{stacked}: {table.num_rows} token row(s) repeat a (seq_id, pos) pair, "
                                          f"first {first}; each token must appear once")
     with pytest.raises(AuditError, match="repeat a"):
-        run_compare([stacked], tmp_path / "report", n_boot=0)
+        run_compare([stacked], tmp_path / "report", CompareConfig(bootstrap=0))
     assert not (tmp_path / "report").exists()
     load_run(_written(tmp_path / "one.parquet", table))  # the table alone is fine
 
@@ -99,7 +101,7 @@ def test_inject_gives_the_same_noise_from_bom_csv_json_and_jsonl(tmp_path):
     _csv(sources["csv"], ["id", "prompt", "response"], "utf-8-sig")
     outputs = {}
     for kind, src in sources.items():
-        run_inject(str(src), tmp_path / f"out-{kind}.jsonl", rate=0.5)
+        run_inject(str(src), tmp_path / f"out-{kind}.jsonl", InjectConfig(rate=0.5))
         outputs[kind] = [(r["id"], r["response"]) for r in map(json.loads, open(tmp_path / f"out-{kind}.jsonl"))]
     assert outputs["csv"] == outputs["json"] == outputs["jsonl"]
     assert [i for i, _ in outputs["csv"]] == [r["id"] for r in ROWS]
@@ -136,7 +138,7 @@ def test_the_printed_table_shows_run_labels_that_look_like_markup(tmp_path):
         (tmp_path / sub).mkdir()
         paths.append(_written(tmp_path / sub / "stats.parquet", make_stats(8)))
         (tmp_path / sub / "stats.parquet.manifest.json").write_text(json.dumps({"model": "/m/Smol.Q4_1.gguf"}))
-    result = run_compare(paths, tmp_path / "report", methods=["sft", "dft"], n_boot=0)
+    result = run_compare(paths, tmp_path / "report", CompareConfig(methods=["sft", "dft"], bootstrap=0))
     console = Console(width=160, record=True, file=open(os.devnull, "w"))
     console.print(render_table(result))
     text = console.export_text()

@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import make_stats, write_noisy
+from reweight_audit.demo import DemoConfig
 from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.evaluation.config import CompareConfig
 from reweight_audit.core.io import lock_path
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.engine import run_score
@@ -76,7 +78,7 @@ COMPARE = ("compare", "{stats}", "-o", "{out}", "--methods", "sft,dft,entropy", 
 @pytest.mark.slow
 def test_compare_stopped_mid_write_leaves_the_earlier_report_intact(tmp_path, stats, sig):
     out = tmp_path / "report"
-    run_compare([stats], out, writer=write_exports, methods=["sft", "dft"], n_boot=0)
+    run_compare([stats], out, CompareConfig(methods=["sft", "dft"], bootstrap=0), writer=write_exports)
     before = files(out)
     flag = tmp_path / "flag"
     child = paused_cli(flag, "reporting.exports", "write_tables", *[a.format(stats=stats, out=out) for a in COMPARE])
@@ -93,7 +95,7 @@ def test_compare_stopped_mid_write_leaves_the_earlier_report_intact(tmp_path, st
         assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "report", "stats.parquet"]
     else:  # nothing runs after SIGKILL: the next compare finds the dead run's lock and temporary folder
         assert temporary.exists() and lock_path(out).exists()
-        run_compare([stats], out, writer=write_exports, methods=["sft", "dft", "entropy"], n_boot=0)
+        run_compare([stats], out, CompareConfig(methods=["sft", "dft", "entropy"], bootstrap=0), writer=write_exports)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "report", "stats.parquet"]
         assert "entropy" in (out / "table.csv").read_text()
 
@@ -152,11 +154,11 @@ def test_an_interrupted_demo_leaves_the_previous_folder_and_the_next_one_resumes
     (out / "table.md").write_text("earlier report")
     (out / "mine.txt").write_text("kept beside the results")
     with pytest.raises(KeyboardInterrupt):
-        run_demo(out, limit=2, model=str(tiny_model), device="cpu", hooks=StopAfterOneBatch())
+        run_demo(out, DemoConfig(limit=2, model=str(tiny_model), device="cpu"), hooks=StopAfterOneBatch())
     assert files(out) == {"mine.txt": b"kept beside the results", "table.md": b"earlier report"}
     work = tmp_path / ".demo.partial"
     assert (work / "noisy.jsonl").exists() and list((work / "stats.parquet.shards").glob("batch-*.parquet"))
-    result = run_demo(out, limit=2, model=str(tiny_model), device="cpu")
+    result = run_demo(out, DemoConfig(limit=2, model=str(tiny_model), device="cpu"))
     assert result.scored.manifest["counts"]["batches_resumed_rank0"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # the work folder went in whole
     assert (out / "mine.txt").exists() and (out / "table.md").read_text() != "earlier report"

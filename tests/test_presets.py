@@ -8,6 +8,7 @@ import pytest
 from reweight_audit.core.errors import AuditError
 from reweight_audit.injection.run import run_inject
 from reweight_audit.injection.noise import DEFAULT_NOISE, PRESETS, NoiseConfig, preset_settings
+from reweight_audit.injection.config import InjectConfig
 
 
 def test_table1_is_filler_and_hedge_at_a_word_share():
@@ -37,7 +38,7 @@ def test_inject_with_the_preset_records_it(tmp_path):
     words = " ".join(f"word{i}" for i in range(200))
     src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "", "response": words}) + "\n" for i in range(5)),
                    encoding="utf-8")
-    result = run_inject(str(src), tmp_path / "out.jsonl", preset="table1")
+    result = run_inject(str(src), tmp_path / "out.jsonl", InjectConfig(preset="table1"))
     config = result.manifest["config"]
     assert config["preset"] == "table1" and config["mode"] == "target_frac" and config["target_frac"] == 0.023
     assert config["noise"] == {"filler": 1.0, "hedge": 1.0}

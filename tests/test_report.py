@@ -17,6 +17,7 @@ from reweight_audit.reporting import exports, render as report
 from reweight_audit.evaluation import runs
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.reporting.exports import write_exports
+from reweight_audit.evaluation.config import CompareConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -56,8 +57,8 @@ def render(table) -> str:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = small_stats(tmp_path_factory.mktemp("rep") / "stats.parquet")
-    return run_compare([path], Path("/nonexistent"), methods=["sft", "entropy", "ranktuner", "dft"],
-                               n_boot=30)
+    return run_compare([path], Path("/nonexistent"), CompareConfig(methods=["sft", "entropy", "ranktuner", "dft"],
+                                                                   bootstrap=30))
 
 
 def test_formatting_helpers():
@@ -84,7 +85,8 @@ def test_render_table_shape(result):
 
 def test_render_table_varying_columns_and_na(tmp_path):
     path = small_stats(tmp_path / "clean.parquet", noise=False)
-    res = run_compare([path], tmp_path, writer=write_exports, methods=["sft", "nll"], rank_by=["weight", "loss"], n_boot=5)
+    res = run_compare([path], tmp_path, CompareConfig(methods=["sft", "nll"], rank_by=["weight", "loss"], bootstrap=5),
+                      writer=write_exports)
     table = report.render_table(res)
     assert [c.header for c in table.columns][:2] == ["rank-by", "method"]
     text = render(table)

@@ -12,6 +12,7 @@ from reweight_audit.core.errors import AuditError
 from reweight_audit.injection.run import inject_records, run_inject
 from reweight_audit.core.io import manifest_path
 from reweight_audit.injection.noise import NoiseConfig, Noiser, Span, _Edit, apply_edits, known_kinds, shift_spans
+from reweight_audit.injection.config import InjectConfig
 
 WORDS = ["the", "answer", "is", "$x^2$", "12", "3.5", "apples", "`code`", "so", "we", "get", "café", "数学",
          "\\(a+b\\)", "thus", "hmm,", "(note)", "x_1", "7th", "1,000"]
@@ -107,7 +108,8 @@ def test_noise_touching_a_span_goes_beside_it_not_into_it():
     assert second.start == inj.kept[0].end + 1
     assert inj.response[inj.kept[0].start:inj.kept[0].end] == "two"
     # a span that covers a gap closes it; a span over a number or word blocks digit and typo there
-    shut = Noiser(NoiseConfig(noise="filler,digit,typo", rate=1.0)).inject("one 22 three", "y", [Span(0, 7, "m", "one 22 ")])
+    shut = Noiser(NoiseConfig(noise="filler,digit,typo", rate=1.0)).inject("one 22 three", "y", [Span(0, 7, "m",
+                                                                                                      "one 22 ")])
     assert all(sp.start >= 7 for sp in shut.spans) and shut.response.startswith("one 22 ")
 
 
@@ -121,7 +123,7 @@ def test_noise_none_passes_the_corpus_through(tmp_path):
         rows.append({"id": f"r{i}", "prompt": "p", "response": text, "spans": spans, "meta": {"k": i}})
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    result = run_inject(str(src), out, noise="none")
+    result = run_inject(str(src), out, InjectConfig(noise="none"))
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [(g["response"], g["spans"]) for g in got] == [(r["response"], r["spans"]) for r in rows]
     assert [json.dumps(g["spans"], ensure_ascii=False) for g in got] == [json.dumps(r["spans"], ensure_ascii=False)
@@ -137,8 +139,8 @@ def test_inject_twice_keeps_the_first_noise_as_given_spans(tmp_path):
     src.write_text(json.dumps({"id": "a", "prompt": "p", "response": "one two three four five six seven"}) + "\n",
                    encoding="utf-8")
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    run_inject(str(src), first, noise="filler", rate=0.5, seed=1)
-    result = run_inject(str(first), second, noise="hedge", rate=1.0, seed=2)
+    run_inject(str(src), first, InjectConfig(noise="filler", rate=0.5, seed=1))
+    result = run_inject(str(first), second, InjectConfig(noise="hedge", rate=1.0, seed=2))
     row = json.loads(second.read_text(encoding="utf-8"))
     before = json.loads(first.read_text(encoding="utf-8"))
     n_first = len(before["spans"])
@@ -170,7 +172,7 @@ def test_bad_spans_name_the_record_or_are_skipped(tmp_path, span, message):
     assert [r.id for r in iter_records(str(src), skip_bad=True, report=report)] == ["a"]
     assert report.bad_annotations == [f"{src}:2"]
     out = tmp_path / "out.jsonl"
-    result = run_inject(str(src), out, skip_bad=True)
+    result = run_inject(str(src), out, InjectConfig(skip_bad=True))
     assert result.manifest["skipped"]["bad_annotations"] == 1
     assert result.manifest["skipped"]["first_bad_annotation"] == f"{src}:2"
 

@@ -10,6 +10,7 @@ from reweight_audit.core.spans import BadAnnotation, first_error_spans, steps_fi
 from reweight_audit.injection.corpus import FieldMap, LoadReport, iter_records
 from reweight_audit.core.errors import AuditError
 from reweight_audit.injection.run import run_inject
+from reweight_audit.injection.config import InjectConfig
 
 SAMPLE = Path(__file__).parent / "data" / "processbench_sample.jsonl"
 FIELDS = FieldMap(prompt="problem", steps="steps", first_error="label")
@@ -55,8 +56,8 @@ def test_keep_labels_what_follows_as_after_error():
 
 def test_inject_keeps_the_wrong_step_and_records_the_choice(tmp_path):
     out = tmp_path / "noisy.jsonl"
-    result = run_inject(str(SAMPLE), out, prompt_field="problem", steps_field="steps", after_error="keep",
-                        noise="filler", rate=1.0)
+    result = run_inject(str(SAMPLE), out, InjectConfig(prompt_field="problem", steps_field="steps", after_error="keep",
+                                                       noise="filler", rate=1.0))
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     kept = [s for r in rows for s in r["spans"] if s["kind"] in ("wrong-step", "after-error")]
     assert len(kept) == 5

@@ -16,6 +16,7 @@ from reweight_audit.evaluation import metrics, runs, sweep
 from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import get_method
 from reweight_audit.reporting.sweep_report import write_sweep
+from reweight_audit.evaluation.config import CompareConfig, SweepConfig
 
 # the module: `reweight_audit.evaluation.compare` as an attribute is the API function
 compare = importlib.import_module("reweight_audit.evaluation.compare")
@@ -92,13 +93,12 @@ def test_paired_interval_matches_a_plain_resampling_loop(tmp_path):
     one_kind = pa.array(["filler" if n else "" for n in table.column("is_noise").to_pylist()])
     table = table.set_column(table.schema.get_field_index("noise_kind"), "noise_kind", one_kind)
     stats = write_stats(tmp_path / "s.parquet", table)
-    res = sweep.run_sweep([stats], None, methods=["entropy", "inv-prob", "ranktuner-approx"], rank_by=["weight"],
-                          scope=["sequence"], cuts=[10], n_boot=40, seed=4)
+    res = sweep.run_sweep([stats], None, SweepConfig(methods=["entropy", "inv-prob", "ranktuner-approx"],
+                                                     rank_by=["weight"], scope=["sequence"], k=[10], bootstrap=40,
+                                                     seed=4))
     run = runs.load_run(stats)
     weights = compare.run_weights(run, [get_method(m) for m in ("entropy", "inv-prob", "ranktuner-approx")],
-                                  {}, compare.compare_options([stats], methods=None, rank_by=["weight"], k=10,
-                                                              scope=["global"], params=[], method_files=[],
-                                                              batch_seqs=256, n_boot=0, seed=4, heatmap_sequences=0),
+                                  {}, CompareConfig(bootstrap=0, seed=4),
                                   [])
     rng = np.random.default_rng(4)
     n_seq = len(run.seq_names)
@@ -124,9 +124,10 @@ def test_paired_interval_matches_a_plain_resampling_loop(tmp_path):
 def test_sweep_agrees_with_compare(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(30, seed=7))
     chosen = ["sft", "eaft", "talr", "ranktuner-approx"]
-    res = sweep.run_sweep([stats], None, methods=chosen, cuts=[10], n_boot=30, seed=2, batch_seqs=7)
-    cmp = compare.run_compare([stats], None, methods=chosen, rank_by=list(metrics.RANK_BY), scope=list(metrics.SCOPES),
-                              n_boot=30, seed=2, batch_seqs=7)
+    res = sweep.run_sweep([stats], None, SweepConfig(methods=chosen, k=[10], bootstrap=30, seed=2, batch_seqs=7))
+    cmp = compare.run_compare([stats], None, CompareConfig(methods=chosen, rank_by=list(metrics.RANK_BY),
+                                                           scope=list(metrics.SCOPES), bootstrap=30, seed=2,
+                                                           batch_seqs=7))
     got = res.table[res.table["noise"] == "all"].set_index(["rank_by", "scope", "method"])
     want = cmp.table.set_index(["rank_by", "scope", "method"])
     for col in ("tok_prec", "tok_rec", "seq_hit", "lift", "tok_rec_lo", "tok_rec_hi", "seq_hit_lo"):
@@ -141,8 +142,8 @@ def test_sweep_agrees_with_compare(tmp_path):
 def test_outputs_written_whole_and_notes(tmp_path):
     a = write_stats(tmp_path / "a.parquet", make_stats(20, seed=1), model="model-A")
     b = write_stats(tmp_path / "b.parquet", drop_column(make_stats(20, seed=1), "sum_p2"), model="model-B")
-    res = sweep.run_sweep([a, b], tmp_path / "out", writer=write_sweep, methods=["sft", "eaft", "inv-prob"], n_boot=10,
-                          claim="eaft < inv-prob")
+    res = sweep.run_sweep([a, b], tmp_path / "out", SweepConfig(methods=["sft", "eaft", "inv-prob"], bootstrap=10,
+                                                                claim="eaft < inv-prob"), writer=write_sweep)
     out = tmp_path / "out"
     for name in ("sweep.csv", "pairs.csv", "claim.csv", "robustness.md", "robustness.png", "sweep.json"):
         assert (out / name).is_file(), name
@@ -156,21 +157,21 @@ def test_outputs_written_whole_and_notes(tmp_path):
     assert summary["claim"]["settings"] == len(res.claim)
     assert not any("different corpora" in n for n in res.notes)  # the same seq_ids, the same tokens
     c = write_stats(tmp_path / "c.parquet", hand_stats_table(H_A, corpus="other"), model="model-C")
-    notes = sweep.run_sweep([a, c], None, methods=["sft"], n_boot=0).notes
+    notes = sweep.run_sweep([a, c], None, SweepConfig(methods=["sft"], bootstrap=0)).notes
     assert any("different corpora" in n for n in notes)
     retok = make_stats(20, seed=1)
     retok = retok.set_column(retok.schema.get_field_index("token_id"), "token_id",
                              pa.array(np.arange(retok.num_rows, dtype=np.int32)))
     d = write_stats(tmp_path / "d.parquet", retok, model="model-D")
-    notes = sweep.run_sweep([a, d], None, methods=["sft"], n_boot=0).notes
+    notes = sweep.run_sweep([a, d], None, SweepConfig(methods=["sft"], bootstrap=0)).notes
     assert any("different tokenizers" in n for n in notes) and not any("corpora" in n for n in notes)
 
 
 def test_bad_options(hand_runs):
     with pytest.raises(AuditError, match="--k"):
-        hand_sweep(hand_runs, cuts=[0])
+        hand_sweep(hand_runs, k=[0])
     with pytest.raises(AuditError, match="--bootstrap"):
-        sweep.run_sweep(hand_runs, None, n_boot=-1)
+        sweep.run_sweep(hand_runs, None, SweepConfig(bootstrap=-1))
     assert math.isnan(metrics.nan_quantile(np.full((5, 1), np.nan), (0.5,))[0, 0])
 
 
@@ -207,7 +208,7 @@ def test_a_sweep_is_refused_while_another_writes_its_folder(hand_runs, tmp_path)
     from reweight_audit.core.io import lock_path
 
     out = tmp_path / "out"
-    sweep.run_sweep(hand_runs, out, writer=write_sweep, methods=["sft", "dft"], n_boot=0)
+    sweep.run_sweep(hand_runs, out, SweepConfig(methods=["sft", "dft"], bootstrap=0), writer=write_sweep)
     before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom reweight_audit.core.io import acquire_lock\n"
                                "lock = acquire_lock(sys.argv[1])\nprint('held', flush=True)\nsys.stdin.read()\n"
@@ -216,7 +217,7 @@ def test_a_sweep_is_refused_while_another_writes_its_folder(hand_runs, tmp_path)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(AuditError, match=rf"^{out}: another run is writing it \(pid {holder.pid} on host"):
-            sweep.run_sweep(hand_runs, out, writer=write_sweep, methods=["sft", "inv-prob"], n_boot=0)
+            sweep.run_sweep(hand_runs, out, SweepConfig(methods=["sft", "inv-prob"], bootstrap=0), writer=write_sweep)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -234,7 +235,7 @@ def test_an_interrupted_sweep_says_so_and_leaves_the_earlier_folder(hand_runs, t
     from reweight_audit.core.io import lock_path
 
     out = tmp_path / "out"
-    sweep.run_sweep(hand_runs, out, writer=write_sweep, methods=["sft", "dft"], n_boot=0)
+    sweep.run_sweep(hand_runs, out, SweepConfig(methods=["sft", "dft"], bootstrap=0), writer=write_sweep)
     before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
     def interrupted(*args, **kwargs):  # mid-write: the CSV files are in the temporary folder, the plot not yet

@@ -23,6 +23,7 @@ from reweight_audit.scoring.encoding import choose_template
 from reweight_audit.scoring.engine import run_score
 from reweight_audit.training.run import TrainConfig, make_collator, run_train, training_examples
 from reweight_audit.training.loss import AuditCallback, ReweightedLoss, absorption, load_probe, score_probe
+from reweight_audit.evaluation.config import CompareConfig
 
 METHODS = [m.name for m in available_methods()]
 TOPK = 20
@@ -157,7 +158,7 @@ def test_weights_inside_the_loss_equal_compare_on_a_score_table(tmp_path, tiny_m
     run_score(noisy_file, stats, ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=1 << 16,
                                              ref_model=str(ref_dir)))
     torch.set_grad_enabled(True)
-    result = run_compare([stats], tmp_path / "cmp", n_boot=0, workers=1)
+    result = run_compare([stats], tmp_path / "cmp", CompareConfig(bootstrap=0), workers=1)
     weights = result.run_weights[0]
     assert set(weights) == set(METHODS)
     model, _ = lm

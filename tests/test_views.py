@@ -14,6 +14,7 @@ from helpers import make_stats, write_stats
 from reweight_audit.evaluation import agreement, table1
 from reweight_audit.core.errors import AuditError
 from reweight_audit.reporting.exports import write_exports
+from reweight_audit.evaluation.config import CompareConfig
 
 # the module: `reweight_audit.evaluation.compare` as an attribute is the API function
 compare = importlib.import_module("reweight_audit.evaluation.compare")
@@ -47,8 +48,9 @@ def two_runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("views")
     a = write_stats(d / "a.parquet", make_stats(15, seed=1), model="model-A")
     b = write_stats(d / "b.parquet", make_stats(15, seed=2), model="model-B")
-    res = compare.run_compare([a, b], d / "out", writer=write_exports, methods=["sft", "dft", "inv-prob", "eaft", "ranktuner-approx"],
-                              n_boot=20, heatmap_sequences=1, table1_map="prob=inv-prob")
+    res = compare.run_compare([a, b], d / "out", CompareConfig(
+        methods=["sft", "dft", "inv-prob", "eaft", "ranktuner-approx"], bootstrap=20, heatmap_sequences=1,
+        table1_map="prob=inv-prob"), writer=write_exports)
     return d, res
 
 
@@ -72,7 +74,7 @@ def test_table1_view_beside_the_paper(two_runs):
 
 def test_table1_method_not_computed_is_na(tmp_path):
     stats = write_stats(tmp_path / "s.parquet", make_stats(10))
-    res = compare.run_compare([stats], None, methods=["sft"], n_boot=0)
+    res = compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0))
     assert res.table1["tok_rec"].isna().all() and len(res.table1) == 3
     md = table1.table1_markdown(res.table1, res.runs, table1.DEFAULT_MAP, 10.0)
     assert "| Entropy-Dominant | `eaft` | n/a | 4.54% |" in md
@@ -139,14 +141,15 @@ def test_by_meta_equals_the_groups_own_tables(tmp_path):
     models = ["gpt" if i % 3 else "palm" for i in range(len(ids))]
     records = write_records(tmp_path / "noisy.jsonl", ids, models)
     (tmp_path / "s.parquet.manifest.json").write_text(json.dumps({"input": str(records)}))
-    kw = dict(methods=["entropy", "inv-prob"], rank_by=["weight", "loss"], scope=["global", "sequence"], n_boot=15)
-    res = compare.run_compare([stats], tmp_path / "out", writer=write_exports, by_meta="model", heatmap_sequences=0, **kw)
+    kw = dict(methods=["entropy", "inv-prob"], rank_by=["weight", "loss"], scope=["global", "sequence"], bootstrap=15)
+    res = compare.run_compare([stats], tmp_path / "out", CompareConfig(by_meta="model", heatmap_sequences=0, **kw),
+                              writer=write_exports)
     got = pd.read_csv(tmp_path / "out" / "by_group.csv")
     assert set(got["group"]) == {"gpt", "palm"} and len(got) == 2 * 2 * 2 * 2
     for group in ("gpt", "palm"):
         keep = [sid for sid, m in zip(ids, models) if m == group]
         sub = table.filter(pc.is_in(table.column("seq_id"), value_set=pa_array(keep)))
-        own = compare.run_compare([write_stats(tmp_path / f"{group}.parquet", sub)], None, **kw).table
+        own = compare.run_compare([write_stats(tmp_path / f"{group}.parquet", sub)], None, CompareConfig(**kw)).table
         mine = res.by_group[res.by_group["group"] == group].reset_index(drop=True)
         for col in ("tok_prec", "tok_rec", "seq_hit", "auroc", "ap", "tok_rec_lo", "noise_mass_ratio_hi"):
             np.testing.assert_allclose(mine[col], own[col], rtol=1e-12, err_msg=f"{group} {col}")
@@ -165,14 +168,15 @@ def test_by_meta_errors(tmp_path):
     table = make_stats(6, seed=4)
     stats = write_stats(tmp_path / "s.parquet", table)
     with pytest.raises(AuditError, match="give --records"):
-        compare.run_compare([stats], None, methods=["sft"], n_boot=0, by_meta="model")
+        compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, by_meta="model"))
     ids = sorted(set(table.column("seq_id").to_pylist()))
     partial = write_records(tmp_path / "p.jsonl", ids[:-1], ["m"] * (len(ids) - 1))
     with pytest.raises(AuditError, match=f"no record with id '{ids[-1]}'"):
-        compare.run_compare([stats], None, methods=["sft"], n_boot=0, by_meta="model", records=partial)
+        compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, by_meta="model",
+                                                         records=partial))
     full = write_records(tmp_path / "f.jsonl", ids, ["m"] * len(ids))
     with pytest.raises(AuditError, match="no record of .* has this meta field"):
-        compare.run_compare([stats], None, methods=["sft"], n_boot=0, by_meta="author", records=full)
+        compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, by_meta="author", records=full))
     with pytest.raises(AuditError, match="only with --by-meta"):
-        compare.run_compare([stats], None, methods=["sft"], n_boot=0, records=full)
+        compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0, records=full))
     assert pq.read_table(stats).num_rows == table.num_rows

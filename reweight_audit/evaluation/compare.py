@@ -9,7 +9,6 @@ evaluates every metric (:mod:`reweight_audit.evaluation.metrics`), assembles the
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from reweight_audit.evaluation import groups, metrics, strata, table1
-from reweight_audit.core import options as defaults  # `options` names a CompareOptions here
 from reweight_audit.evaluation.agreement import order_agreement
+from reweight_audit.evaluation.config import CompareConfig, SweepConfig
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import output_lock, prepare_output_dir
 from reweight_audit.methods import (
@@ -47,119 +46,52 @@ NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
 # --------------------------------------------------------------------------- options
 
 
-@dataclass(frozen=True)
-class CompareOptions:
-    """The validated options of one compare."""
-
-    stats_paths: list[Path | StatsTable]
-    methods: list[str] | None  # None: every registered method whose columns exist
-    rank_by: list[str]
-    k: float  # percent
-    scope: list[str]
-    params: list[str]
-    method_files: list[Path]
-    batch_seqs: int
-    n_boot: int
-    seed: int
-    heatmap_sequences: int
-    table1_map: dict[str, str] = field(default_factory=lambda: dict(table1.DEFAULT_MAP))
-    by_meta: str | None = None  # a record meta field: every metric per value (by_group.csv)
-    records: Path | None = None  # the noisy JSONL with the records' meta (default: the score manifest's input)
-    stratify: list[str] = field(default_factory=list)  # variables of strata.csv (position, length, rarity)
-    n_strata: int = defaults.STRATA
-
-    @property
-    def k_frac(self) -> float:
-        return self.k / 100.0
-
-    def record(self) -> dict:
-        """summary.json's ``config``."""
-        return {
-            "stats_paths": [str(p) for p in self.stats_paths],
-            "methods": self.methods,
-            "rank_by": self.rank_by,
-            "k": self.k,
-            "scope": self.scope,
-            "params": self.params,
-            "method_files": [str(p) for p in self.method_files],
-            "batch_seqs": self.batch_seqs,
-            "n_boot": self.n_boot,
-            "seed": self.seed,
-            "heatmap_sequences": self.heatmap_sequences,
-            "table1_map": self.table1_map,
-            "by_meta": self.by_meta,
-            "records": None if self.records is None else str(self.records),
-            "stratify": self.stratify,
-            "strata": self.n_strata,
-            "cuts": [c * 100.0 for c in metrics.CUTS],
-            "tie_rule": TIE_RULE,
-            "noise_mass_of": NOISE_MASS_OF,
-        }
+def summary_config(stats_paths: list[Path | StatsTable], config: CompareConfig) -> dict:
+    """summary.json's ``config``: the options under the names it has always recorded, and the fixed conventions."""
+    return {
+        "stats_paths": [str(p) for p in stats_paths],
+        "methods": config.methods,
+        "rank_by": config.rank_by,
+        "k": config.k,
+        "scope": config.scope,
+        "params": config.params,
+        "method_files": [str(p) for p in config.method_files],
+        "batch_seqs": config.batch_seqs,
+        "n_boot": config.bootstrap,
+        "seed": config.seed,
+        "heatmap_sequences": config.heatmap_sequences,
+        "table1_map": config.table1_map,
+        "by_meta": config.by_meta,
+        "records": None if config.records is None else str(config.records),
+        "stratify": config.stratify,
+        "strata": config.strata,
+        "cuts": [c * 100.0 for c in metrics.CUTS],
+        "tie_rule": TIE_RULE,
+        "noise_mass_of": NOISE_MASS_OF,
+    }
 
 
-def _as_list(values: str | Sequence[Any] | None) -> list:
-    """A list of the values without repeats; one string is one value."""
-    if values is None:
-        return []
-    return list(dict.fromkeys([values] if isinstance(values, (str, Path)) else values))
-
-
-def _known(values: list[str], known: Sequence[str], option: str, default: str) -> list[str]:
-    for value in values:
-        if value not in known:
-            raise AuditError(f"{option} {value!r} is not known; use one of {', '.join(known)}")
-    return values or [default]
-
-
-def compare_options(stats_paths: StatsSource | Sequence[StatsSource], *, methods: Sequence[str] | None, rank_by: Sequence[str],
-                    k: float, scope: Sequence[str], params: Sequence[str], method_files: Sequence[Path],
-                    batch_seqs: int, n_boot: int, seed: int, heatmap_sequences: int,
-                    table1_map: str | Mapping[str, str] | None = None, by_meta: str | None = None,
-                    records: Path | None = None, stratify: Sequence[str] = defaults.STRATIFY,
-                    n_strata: int = defaults.STRATA) -> CompareOptions:
-    """Check every option before any file is read; a bad one is one AuditError line naming the option."""
-    try:
-        k = float(k)
-    except (TypeError, ValueError):
-        raise AuditError(f"--k {k!r}: give a percentage in (0, 100], e.g. --k 10") from None
-    if not (0.0 < k <= 100.0) or not math.isfinite(k):
-        raise AuditError(f"--k {k:g}: the cut is a percentage in (0, 100], e.g. --k 10 for the top 10%")
-    if int(batch_seqs) < 1:
-        raise AuditError(f"--batch-seqs {batch_seqs}: give a positive number of sequences per batch")
-    if int(n_boot) < 0:
-        raise AuditError(f"--bootstrap {n_boot}: give 0 (no intervals) or a positive number of resamples")
-    paths = [_source(stats_paths)] if isinstance(stats_paths, (str, Path, StatsTable)) else \
-        [_source(p) for p in stats_paths]
+def stats_sources(stats_paths: StatsSource | Sequence[StatsSource]) -> list[Path | StatsTable]:
+    """The stats tables to read (paths as paths, tables in memory as they are); none is one AuditError line."""
+    single = isinstance(stats_paths, (str, os.PathLike, StatsTable))
+    paths = [_source(p) for p in ([stats_paths] if single else stats_paths)]
     if not paths:
         raise AuditError("compare: give at least one stats.parquet")
-    if records is not None and not by_meta:
-        raise AuditError(f"--records {records}: it is read only with --by-meta FIELD; add that or drop --records")
-    stratify, n_strata = strata.check_stratify(_as_list(stratify), n_strata)
-    if methods is not None and not _as_list(methods):
-        raise AuditError("--methods is empty; give method names (see `reweight-audit methods`) or leave it out")
-    return CompareOptions(
-        stats_paths=paths, methods=None if methods is None else _as_list(methods),
-        rank_by=_known(_as_list(rank_by), metrics.RANK_BY, "--rank-by", "weight"), k=k,
-        scope=_known(_as_list(scope), metrics.SCOPES, "--scope", "global"), params=list(params or []),
-        method_files=[Path(p) for p in method_files or []], batch_seqs=int(batch_seqs), n_boot=int(n_boot),
-        seed=int(seed), heatmap_sequences=int(heatmap_sequences), table1_map=table1.parse_map(table1_map),
-        by_meta=by_meta or None, records=None if records is None else Path(records), stratify=stratify,
-        n_strata=n_strata)
+    return paths
 
 
 def _source(source: StatsSource) -> Path | StatsTable:
     return source if isinstance(source, StatsTable) else Path(source)
 
 
-def select_methods(options: CompareOptions) -> tuple[list[Method], dict]:
-    """The methods to evaluate (named ones, else every registered one) and their parameters."""
-    for path in options.method_files:
+def select_methods(methods: Sequence[str] | None, params: Sequence[str],
+                   method_files: Sequence[Path] = ()) -> tuple[list[Method], dict]:
+    """The methods to evaluate (named ones, else every registered one) and their parameters, after loading
+    ``method_files``; a parameter of a method not evaluated is one AuditError line."""
+    for path in method_files:
         load_method_file(path)
-    param_map = parse_params(options.params)
-    if options.methods is not None:
-        chosen = [get_method(name) for name in options.methods]
-    else:
-        chosen = list(available_methods())
+    param_map = parse_params(list(params))
+    chosen = [get_method(name) for name in methods] if methods is not None else list(available_methods())
     names = {m.name for m in chosen}
     for name in param_map:
         if name not in names:  # it would silently do nothing
@@ -179,7 +111,7 @@ class _MethodContext:
     columns: Mapping[str, np.ndarray]
     batch: np.ndarray | None
     param_map: dict
-    options: CompareOptions
+    options: CompareConfig
     counts: dict  # the run's token and sequence counts, repeated on every table row
 
 
@@ -224,7 +156,7 @@ def evaluate_method(ctx: _MethodContext, method: Method) -> _RunOutcome:
             ident = {"run": run.label, "method": method.name, "family": getattr(method, "family", ""),
                      "rank_by": rank_by, "scope": scope}
             row, curve = metrics.ranking_metrics(scores, pool.is_noise, pool.seq_codes, k=opts.k_frac,
-                                                 cuts=metrics.CUTS, scope=scope, n_boot=opts.n_boot,
+                                                 cuts=metrics.CUTS, scope=scope, n_boot=opts.bootstrap,
                                                  seed=opts.seed, index=index)
             out.table.append({**ident, "k": opts.k, **row, **ctx.counts})
             out.curves += [{**ident, "k": round(cut * 100.0, 10), **vals} for cut, vals in curve.items()]
@@ -251,7 +183,7 @@ def _computable(run: RunData, methods: list[Method], explicit: bool, skipped: li
     return todo
 
 
-def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: CompareOptions, *,
+def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: CompareConfig, *,
                  say: Callable[[str], None], n_workers: int) -> _RunOutcome:
     """Every computable method on one run, ``n_workers`` methods side by side; rows in method order."""
     base = run.summary()
@@ -271,7 +203,7 @@ def evaluate_run(run: RunData, methods: list[Method], param_map: dict, options: 
     return outcome
 
 
-def _context(run: RunData, todo: list[Method], param_map: dict, options: CompareOptions,
+def _context(run: RunData, todo: list[Method], param_map: dict, options: CompareConfig,
              counts: dict) -> _MethodContext:
     """The inputs every method of the run shares, decoded once before any worker starts."""
     columns = run.stat_columns()
@@ -283,7 +215,7 @@ def _context(run: RunData, todo: list[Method], param_map: dict, options: Compare
     return _MethodContext(run=run, columns=columns, batch=batch, param_map=param_map, options=options, counts=counts)
 
 
-def run_weights(run: RunData, methods: list[Method], param_map: dict, options: CompareOptions,
+def run_weights(run: RunData, methods: list[Method], param_map: dict, options: CompareConfig | SweepConfig,
                 skipped: list[dict]) -> dict[str, np.ndarray]:
     """Each computable method's weight per token of the run, exactly as compare computes it (the whole table
     is the batch); the methods whose columns are missing are appended to ``skipped``."""
@@ -321,22 +253,8 @@ def _map_ordered(fn, items: list, n_workers: int) -> Iterator:
 def run_compare(
     stats_paths: StatsSource | Sequence[StatsSource],
     out_dir: Path | None,
+    config: CompareConfig | None = None,
     *,
-    methods: Sequence[str] | None = defaults.METHODS,
-    rank_by: Sequence[str] = (defaults.RANK_BY,),
-    k: float = defaults.K,
-    scope: Sequence[str] = (defaults.SCOPE,),
-    params: Sequence[str] = (),
-    method_files: Sequence[Path] = (),
-    batch_seqs: int = defaults.BATCH_SEQS,
-    n_boot: int = defaults.BOOTSTRAP,
-    seed: int = defaults.SEED,
-    heatmap_sequences: int = 12,
-    table1_map: str | Mapping[str, str] | None = defaults.TABLE1_MAP,
-    by_meta: str | None = defaults.BY_META,
-    records: Path | None = defaults.RECORDS,
-    stratify: Sequence[str] = defaults.STRATIFY,
-    strata: int = defaults.STRATA,
     writer: Callable[..., Any] | None = None,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -344,7 +262,8 @@ def run_compare(
     """Compare every method on every stats table (files, or :class:`StatsTable` in memory) and write the
     exports into ``out_dir``.
 
-    ``k`` is in percent, (0, 100]. ``methods=None`` takes every registered
+    ``config`` holds the options (:class:`~reweight_audit.evaluation.config.CompareConfig`, validated
+    when it was built; None: the defaults). ``config.methods=None`` takes every registered
     method whose columns exist (the others are listed in ``skipped``); a method
     named explicitly whose columns are missing is an error. ``progress`` is an
     optional callable ``progress(message)`` (called from this thread only).
@@ -357,23 +276,21 @@ def run_compare(
     """
     t_start = time.perf_counter()
     say = progress or (lambda _message: None)
-    options = compare_options(stats_paths, methods=methods, rank_by=rank_by, k=k, scope=scope, params=params,
-                              method_files=method_files, batch_seqs=batch_seqs, n_boot=n_boot, seed=seed,
-                              heatmap_sequences=heatmap_sequences, table1_map=table1_map, by_meta=by_meta,
-                              records=records, stratify=stratify, n_strata=strata)
-    chosen, param_map = select_methods(options)
+    options = config if config is not None else CompareConfig()
+    sources = stats_sources(stats_paths)
+    chosen, param_map = select_methods(options.methods, options.params, options.method_files)
     write = writer is not None and out_dir is not None
     # one compare at a time into a folder, refused before any table is read
     with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
         t0 = time.perf_counter()
-        runs = load_runs(options.stats_paths)
+        runs = load_runs(sources)
         _check_grad_columns(runs, options)
         timings = {"load": time.perf_counter() - t0}
         outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers))
                     for run in runs]
         timings["weights"] = sum(o.t_weights for o in outcomes)
         timings["metrics"] = sum(o.t_metrics for o in outcomes)
-        result = assemble(runs, outcomes, chosen, options, timings)
+        result = assemble(runs, outcomes, chosen, options, timings, summary_config(sources, options))
         result.by_group = by_group(runs, outcomes, chosen, options)
         result.strata = stratified(runs, outcomes, chosen, options)
         result.agreement = order_agreement(result.table)
@@ -388,7 +305,7 @@ def run_compare(
     return result
 
 
-def _check_grad_columns(runs: list[RunData], options: CompareOptions) -> None:
+def _check_grad_columns(runs: list[RunData], options: CompareConfig) -> None:
     if "grad" in options.rank_by:
         for run in runs:
             if "sum_p2" not in run.numeric_columns:
@@ -396,8 +313,8 @@ def _check_grad_columns(runs: list[RunData], options: CompareOptions) -> None:
                                  "rerun `reweight-audit score` or rank by weight/loss")
 
 
-def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method], options: CompareOptions,
-             timings: dict[str, float]) -> CompareResult:
+def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method], options: CompareConfig,
+             timings: dict[str, float], recorded: dict) -> CompareResult:
     """The three tables in Table-1 blocks (run, then rank-by, then scope; methods in registration order)."""
     order = {"run": [r.label for r in runs], "rank_by": options.rank_by, "scope": options.scope,
              "method": [m.name for m in chosen]}
@@ -411,11 +328,11 @@ def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Meth
         by_kind=frame([r for o in outcomes for r in o.by_kind], kind_columns()),
         skipped=[s for o in outcomes for s in o.skipped],
         runs=[{**r.summary(), "manifest": r.manifest} for r in runs],
-        config=options.record(), k=options.k, timings=timings)
+        config=recorded, k=options.k, timings=timings)
 
 
 def by_group(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method],
-             options: CompareOptions) -> pd.DataFrame | None:
+             options: CompareConfig) -> pd.DataFrame | None:
     """by_group.csv (``--by-meta``): every metric per value of the records' meta field; None without it."""
     if not options.by_meta:
         return None
@@ -425,20 +342,20 @@ def by_group(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Meth
         path = groups.records_path(run, options.records)
         grouping = groups.sequence_groups(run, groups.read_meta(path), options.by_meta, path)
         rows += groups.group_rows(run, outcome.weights, families, options.by_meta, grouping, rank_by=options.rank_by,
-                                  scope=options.scope, k=options.k, n_boot=options.n_boot, seed=options.seed)
+                                  scope=options.scope, k=options.k, n_boot=options.bootstrap, seed=options.seed)
     return pd.DataFrame(rows, columns=group_columns())
 
 
 def stratified(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method],
-               options: CompareOptions) -> pd.DataFrame | None:
+               options: CompareConfig) -> pd.DataFrame | None:
     """strata.csv (``--stratify``): every method's metrics within strata of each variable; None without it."""
     if not options.stratify:
         return None
     families = {m.name: getattr(m, "family", "") for m in chosen}
     rows = []
     for run, outcome in zip(runs, outcomes):
-        rows += strata.strata_rows(run, outcome.weights, families, options.stratify, options.n_strata,
-                                   rank_by=options.rank_by, scope=options.scope, k=options.k, n_boot=options.n_boot,
+        rows += strata.strata_rows(run, outcome.weights, families, options.stratify, options.strata,
+                                   rank_by=options.rank_by, scope=options.scope, k=options.k, n_boot=options.bootstrap,
                                    seed=options.seed)
     return strata.strata_frame(rows)
 

@@ -25,44 +25,31 @@ import numpy as np
 import pandas as pd
 
 from reweight_audit.evaluation import metrics, strata
-from reweight_audit.core import options as defaults  # `options` names a SweepOptions here
-from reweight_audit.evaluation.compare import compare_options, run_weights, select_methods
+from reweight_audit.evaluation.compare import run_weights, select_methods, stats_sources
+from reweight_audit.evaluation.config import POOLED, SWEEP_K, SweepConfig
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import output_lock, prepare_output_dir
 from reweight_audit.methods import available_methods
 from reweight_audit.evaluation.runs import Pool, RunData, load_runs
 
 #: The cuts of a sweep (fractions): Table 1's 10% and the range around it.
-SWEEP_CUTS = tuple(k / 100.0 for k in defaults.SWEEP_K)
+SWEEP_CUTS = tuple(k / 100.0 for k in SWEEP_K)
 #: The columns that name a setting.
 SETTING = ("run", "rank_by", "scope", "k", "noise", "stratify")
-#: The stratify value of the pooled settings.
-POOLED = "none"
 #: Bootstrap resamples per setting: enough for a 95% interval's ends to settle to about a point.
-DEFAULT_BOOT = defaults.SWEEP_BOOTSTRAP
+DEFAULT_BOOT = SweepConfig.__dataclass_fields__["bootstrap"].default
 #: The noise of a setting when every kind counts.
 ALL_NOISE = "all"
 LEVEL = 0.95
 
 
-@dataclass(frozen=True)
-class SweepOptions:
-    """The validated options of one sweep."""
-
-    rank_by: list[str]
-    scope: list[str]
-    cuts: tuple[float, ...]  # fractions
-    n_boot: int
-    seed: int
-    metric: str
-    claim: list[str] | None
-    stratify: list[str] = field(default_factory=lambda: [POOLED])
-    n_strata: int = defaults.STRATA
-
-    def record(self) -> dict:
-        return {"rank_by": self.rank_by, "scope": self.scope, "k": [round(c * 100, 10) for c in self.cuts],
-                "n_boot": self.n_boot, "seed": self.seed, "metric": self.metric, "claim": self.claim,
-                "level": LEVEL, "stratify": self.stratify, "strata": self.n_strata}
+def sweep_record(config: SweepConfig, stats_paths: list, methods: list[str] | None) -> dict:
+    """The sweep's ``config`` (summary): the options under the names it has always recorded."""
+    return {"rank_by": config.rank_by, "scope": config.scope, "k": [round(c * 100, 10) for c in config.cuts],
+            "n_boot": config.bootstrap, "seed": config.seed, "metric": config.metric, "claim": config.claim_order,
+            "level": LEVEL, "stratify": config.stratify, "strata": config.strata,
+            "stats_paths": [str(p) for p in stats_paths], "methods": methods, "params": list(config.params),
+            "batch_seqs": config.batch_seqs}
 
 
 @dataclass
@@ -110,36 +97,6 @@ def parse_claim(claim: str | None) -> list[str] | None:
     if len(set(names)) != len(names):
         raise AuditError(f"--claim {claim!r} names a method twice")
     return names
-
-
-def sweep_options(*, rank_by: Sequence[str], scope: Sequence[str], cuts: Sequence[float], n_boot: int, seed: int,
-                  metric: str, claim: str | None, stratify: Sequence[str] = defaults.SWEEP_STRATIFY,
-                  n_strata: int = defaults.STRATA) -> SweepOptions:
-    """Check every option before a table is read; cuts in percent, as on the command line."""
-    variables = list(dict.fromkeys(stratify or [POOLED]))
-    for value in variables:
-        if value != POOLED and value not in strata.STRATIFY_BY:
-            raise AuditError(f"--stratify {value!r} is not known; use {POOLED} (pooled) or one of "
-                             f"{', '.join(strata.STRATIFY_BY)}")
-    _, n_strata = strata.check_stratify([], n_strata)
-    names = per_cut_metrics()
-    if metric not in names:
-        raise AuditError(f"--metric {metric!r}: use one of {', '.join(names)}")
-    if int(n_boot) < 0:
-        raise AuditError(f"--bootstrap {n_boot}: give 0 (no intervals) or a positive number of resamples")
-    fracs = []
-    for c in cuts or [c * 100 for c in SWEEP_CUTS]:
-        if not 0 < float(c) <= 100:
-            raise AuditError(f"--k {c:g}: every cut is a percentage in (0, 100]")
-        fracs.append(float(c) / 100.0)
-    for value, known, option in ((rank_by, metrics.RANK_BY, "--rank-by"), (scope, metrics.SCOPES, "--scope")):
-        for v in value:
-            if v not in known:
-                raise AuditError(f"{option} {v!r} is not known; use one of {', '.join(known)}")
-    return SweepOptions(rank_by=list(dict.fromkeys(rank_by or metrics.RANK_BY)),
-                        scope=list(dict.fromkeys(scope or metrics.SCOPES)), cuts=tuple(sorted(set(fracs))),
-                        n_boot=int(n_boot), seed=int(seed), metric=metric, claim=parse_claim(claim),
-                        stratify=variables, n_strata=n_strata)
 
 
 # --------------------------------------------------------------------------- one block of settings
@@ -210,14 +167,14 @@ def noise_sets(pool: Pool, kinds: list[str]) -> list[tuple[str, np.ndarray | Non
     return sets
 
 
-def sweep_run(run: RunData, weights: dict[str, np.ndarray], options: SweepOptions,
+def sweep_run(run: RunData, weights: dict[str, np.ndarray], options: SweepConfig,
               say: Callable[[str], None]) -> list[tuple[dict, Block]]:
     """Every setting of one run: ``(setting without k, block)`` per rank-by × noise × scope."""
     pool = run.pool
     names = list(weights)
     out = []
     logp = run.column("logp")
-    codes = {by: None if by == POOLED else metrics.stratum_codes(strata.stratify_values(run, by), options.n_strata)
+    codes = {by: None if by == POOLED else metrics.stratum_codes(strata.stratify_values(run, by), options.strata)
              for by in options.stratify}
     for rank_by in options.rank_by:
         if rank_by == "grad" and "sum_p2" not in run.numeric_columns:
@@ -230,7 +187,7 @@ def sweep_run(run: RunData, weights: dict[str, np.ndarray], options: SweepOption
             for scope in options.scope:
                 for by, stratum in codes.items():
                     block = evaluate_block(cols, sub.is_noise, sub.seq_codes, len(run.seq_names), options.cuts,
-                                           scope, options.metric, options.n_boot, options.seed,
+                                           scope, options.metric, options.bootstrap, options.seed,
                                            None if stratum is None else stratum if mask is None else stratum[mask])
                     out.append(({"run": run.label, "rank_by": rank_by, "scope": scope, "noise": noise,
                                  "stratify": by}, block))
@@ -308,7 +265,7 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
-def sweep_notes(runs: list[RunData], options: SweepOptions) -> list[str]:
+def sweep_notes(runs: list[RunData], options: SweepConfig) -> list[str]:
     """What a reader must know before pooling these settings: different corpora or tokenizers, missing grad."""
     notes = []
     corpora = {}
@@ -336,49 +293,41 @@ def sweep_notes(runs: list[RunData], options: SweepOptions) -> list[str]:
 # --------------------------------------------------------------------------- the stage
 
 
-def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, *,
-              methods: Sequence[str] | None = defaults.METHODS, rank_by: Sequence[str] = defaults.SWEEP_RANK_BY,
-              scope: Sequence[str] = defaults.SWEEP_SCOPE, cuts: Sequence[float] = defaults.SWEEP_K,
-              params: Sequence[str] = (), method_files: Sequence[Path] = (), batch_seqs: int = defaults.BATCH_SEQS,
-              n_boot: int = defaults.SWEEP_BOOTSTRAP, seed: int = defaults.SEED, metric: str = defaults.SWEEP_METRIC,
-              claim: str | None = defaults.CLAIM, stratify: Sequence[str] = defaults.SWEEP_STRATIFY,
-              strata: int = defaults.STRATA, writer: Callable[[Any, Path], Any] | None = None,
+def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: SweepConfig | None = None, *,
+              writer: Callable[[Any, Path], Any] | None = None,
               progress: Callable[[str], None] | None = None) -> SweepResult:
     """Every method over every setting of every stats table; writes sweep.csv, pairs.csv, robustness.md,
     robustness.png (and claim.csv with a claim) into ``out_dir`` through ``writer`` (the report stage's
-    ``reporting.sweep_report.write_sweep``), all or none; without one nothing is written. ``cuts`` in percent.
+    ``reporting.sweep_report.write_sweep``), all or none; without one nothing is written. ``config.k`` is in percent; None: the defaults.
 
     The folder is checked and locked before any table is read (:func:`reweight_audit.core.io.output_lock`) and
     swapped in whole at the end (:func:`reweight_audit.core.io.atomic_directory`)."""
     t0 = time.perf_counter()
     say = progress or (lambda _message: None)
-    options = sweep_options(rank_by=rank_by, scope=scope, cuts=cuts, n_boot=n_boot, seed=seed, metric=metric,
-                            claim=claim, stratify=stratify, n_strata=strata)
-    if methods is not None and options.claim:
-        methods = list(dict.fromkeys([*methods, *options.claim]))  # a claim's methods are always computed
-    cmp = compare_options(stats_paths, methods=methods, rank_by=["weight"], k=10.0, scope=["global"], params=params,
-                          method_files=method_files, batch_seqs=batch_seqs, n_boot=0, seed=seed,
-                          heatmap_sequences=0)
-    chosen, param_map = select_methods(cmp)
+    options = config if config is not None else SweepConfig()
+    methods = options.methods
+    if methods is not None and options.claim_order:
+        methods = list(dict.fromkeys([*methods, *options.claim_order]))  # a claim's methods are always computed
+    sources = stats_sources(stats_paths)
+    chosen, param_map = select_methods(methods, options.params, options.method_files)
     write = writer is not None and out_dir is not None
     # one sweep at a time into a folder, refused before any table is read
     with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
-        runs = load_runs(cmp.stats_paths)
+        runs = load_runs(sources)
         skipped: list[dict] = []
         blocks = []
         for run in runs:
-            weights = run_weights(run, chosen, param_map, cmp, skipped)
+            weights = run_weights(run, chosen, param_map, options, skipped)
             blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
         names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
-        _check_claim_computed(options.claim, names, skipped)
+        _check_claim_computed(options.claim_order, names, skipped)
         families = {m.name: m.family for m in chosen}
         result = SweepResult(
             table=sweep_table(blocks, options.cuts, families), pairs=pair_counts(blocks, names, options.metric),
-            claim=None if options.claim is None else claim_table(blocks, options.claim, options.metric, options.cuts),
+            claim=None if options.claim_order is None else claim_table(blocks, options.claim_order, options.metric, options.cuts),
             methods=names, runs=[{k: v for k, v in r.summary().items() if k != "columns"} for r in runs],
             notes=sweep_notes(runs, options), skipped=skipped,
-            config={**options.record(), "stats_paths": [str(p) for p in cmp.stats_paths], "methods": methods,
-                    "params": list(params), "batch_seqs": batch_seqs})
+            config=sweep_record(options, sources, methods))
         result.timings["compute"] = time.perf_counter() - t0
         if write:
             writer(result, Path(out_dir))

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from reweight_audit.core import options
-from reweight_audit.core.spans import check_after_error
+from reweight_audit.injection.config import InjectConfig
 from reweight_audit.injection.corpus import (CHAMP_FWS, FieldMap, LoadReport, Record, check_source, describe_source, is_file_source,
                      iter_records, source_digest)
 from reweight_audit.core.errors import AuditError
@@ -30,7 +29,6 @@ from reweight_audit.injection.noise import (
     Noiser,
     Span,
     load_word_list,
-    preset_settings,
     vocab_noise_pieces,
 )
 
@@ -268,65 +266,41 @@ class InjectResult:
 def run_inject(
     source: Any,
     output: str | os.PathLike | None,
+    config: InjectConfig | None = None,
     *,
-    noise: str | None = options.NOISE,
-    rate: float | None = options.RATE,
-    target_frac: float | None = options.TARGET_FRAC,
-    clean_frac: float = options.CLEAN_FRAC,
-    seed: int = options.SEED,
-    preset: str | None = options.PRESET,
-    limit: int | None = options.LIMIT,
-    split: str = options.SPLIT,
-    prompt_field: str = options.PROMPT_FIELD,
-    response_field: str = options.RESPONSE_FIELD,
-    id_field: str | None = options.ID_FIELD,
-    steps_field: str | None = options.STEPS_FIELD,
-    first_error_field: str = options.FIRST_ERROR_FIELD,
-    after_error: str = options.AFTER_ERROR,
-    tokenizer: str = options.TOKENIZER,
-    skip_bad: bool = options.SKIP_BAD,
-    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     progress: Callable[[int], None] | None = None,
 ) -> InjectResult:
     """Inject labelled noise into the responses of ``source``; write ``output`` and its manifest.
 
     ``source``: a ``.jsonl``/``.json``/``.csv``/``.parquet`` path, ``hf:NAME[:CONFIG]``
-    (with ``split``), ``champ``, ``champ-fws`` or a table in memory (:mod:`reweight_audit.core.frames`). ``noise``: families, optionally
-    weighted (``filler:2,hedge:1``; default ``DEFAULT_NOISE``; ``none`` passes the
-    corpus through), or a ``preset`` (``table1``) that sets noise and rate.
-    ``steps_field``: read step-labelled rows (``first_error_field`` = index of
-    the first wrong step, -1 for none). ``after_error``: ``cut`` or ``keep`` the
-    text after a first wrong step. Spans a record brings are kept and moved
-    through the edits. ``tokenizer`` (a ``--model`` value) gives the vocabulary of
-    the ``random-token`` family. ``limit``: the first N records only.
-    ``id_field``: None takes ``id`` where present and a content hash elsewhere; a
-    field named explicitly must be in every record. ``progress(n)`` is called
+    (with ``config.split``), ``champ``, ``champ-fws`` or a table in memory (:mod:`reweight_audit.core.frames`).
+    ``config`` holds the options (:class:`~reweight_audit.injection.config.InjectConfig`, validated when it
+    was built; None: the defaults): the noise families or a preset, the fields to read, ``after_error``.
+    Spans a record brings are kept and moved through the edits. ``progress(n)`` is called
     after each record. ``output=None`` writes nothing and returns the records in
     memory. One run at a time writes ``output`` (:func:`reweight_audit.core.io.output_lock`).
     """
-    if limit is not None and limit < 1:
-        raise AuditError("--limit must be a positive number of records")
-    noise, rate, target_frac = preset_settings(preset, noise, rate, target_frac)
-    config = NoiseConfig(noise=noise, rate=rate, target_frac=target_frac, clean_frac=clean_frac, seed=seed,
-                         preset=preset)
-    check_after_error(after_error)
+    options = config if config is not None else InjectConfig()
+    config = options.noise_config
     if output is not None:
         prepare_output_file(output, source=source if is_file_source(source) else None, create=False)
     check_source(source)
-    pieces = vocab_pieces(config, tokenizer, trust_remote_code=trust_remote_code)
+    pieces = vocab_pieces(config, options.tokenizer, trust_remote_code=options.trust_remote_code)
     report = LoadReport()
-    fields = FieldMap(prompt=prompt_field, response=response_field, id=id_field or "id", steps=steps_field,
-                      first_error=first_error_field, id_required=id_field is not None)
-    records = iter_records(source, fields, split=split, skip_bad=skip_bad, report=report, after_error=after_error)
-    if limit is not None:
-        records = itertools.islice(records, limit)
+    fields = FieldMap(prompt=options.prompt_field, response=options.response_field, id=options.id_field or "id",
+                      steps=options.steps_field, first_error=options.first_error_field,
+                      id_required=options.id_field is not None)
+    records = iter_records(source, fields, split=options.split, skip_bad=options.skip_bad, report=report,
+                           after_error=options.after_error)
+    if options.limit is not None:
+        records = itertools.islice(records, options.limit)
     if output is None:
         return InjectResult(None, None, report, _in_memory(records, config, pieces, describe_source(source), progress))
     skipped: dict = {}
     with output_lock(prepare_output_file(output)):
         manifest = write_injected(_counting_skips(records, report, skipped), output, config,
                                   input_digest=source_digest(source), input_desc=describe_source(source),
-                                  vocab_pieces=pieces, skipped=skipped, loader=_loader(source, fields, after_error),
+                                  vocab_pieces=pieces, skipped=skipped, loader=_loader(source, fields, options.after_error),
                                   progress=progress)
     return InjectResult(Path(output), manifest, report)
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from reweight_audit.reporting import render as report
 from reweight_audit.evaluation.agreement import agreement_markdown, verdicts
+from reweight_audit.evaluation.config import HEATMAP_SEQUENCES
 from reweight_audit.evaluation.groups import by_group_markdown
 from reweight_audit.core.io import atomic_directory, dump_json, json_safe
 from reweight_audit.reporting.render import render_table, table_markdown  # the command line and the API show them
@@ -61,7 +62,7 @@ PERCENTILE_SAMPLE = 200_000
 
 def write_exports(result: CompareResult, out_dir: Path, *, runs: list[RunData],
                   run_weights: list[dict[str, np.ndarray]], seed: int = 0,
-                  heatmap_sequences: int = 12) -> dict[str, Path]:
+                  heatmap_sequences: int = HEATMAP_SEQUENCES) -> dict[str, Path]:
     """Every file of :data:`EXPORT_FILES` into ``out_dir``, all or none; sets and returns ``result.files``."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:

@@ -254,14 +254,15 @@ def probe_metrics(table: Any, *, methods: Sequence[str] | None = None, k: float 
     ``save_as`` (kept) or to a temporary file; rank by weight, global scope.
     """
     from reweight_audit.evaluation.compare import run_compare
+    from reweight_audit.evaluation.config import CompareConfig
 
     with tempfile.TemporaryDirectory(prefix="reweight-audit-probe-") as tmp:
         path = Path(save_as) if save_as is not None else Path(tmp) / "probe.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_parquet_atomic(table, path)
-        result = run_compare([path], Path(tmp), methods=list(methods) if methods is not None else None, k=k,
-                             params=list(params), batch_seqs=batch_seqs, n_boot=0, seed=seed,
-                             workers=1)
+        config = CompareConfig(methods=list(methods) if methods is not None else None, k=k, params=list(params),
+                               batch_seqs=batch_seqs, bootstrap=0, seed=seed)
+        result = run_compare([path], Path(tmp), config, workers=1)
     out: dict[str, float] = {}
     for row in result.table.to_dict(orient="records"):
         for name in TOPK_LOGGED:
@@ -293,8 +294,8 @@ class AuditCallback(TrainerCallback):
                  k: float = 10.0, params: Sequence[str] = (), tokenizer: Any = None, template: str = "auto",
                  max_length: int | None = None, max_records: int | None = None, batch_seqs: int = 256,
                  seed: int = 0, save_dir: str | Path | None = None) -> None:
-        if int(every) < 0:
-            raise AuditError(f"AuditCallback: every={every}; give a number of steps >= 1 (0: start and end only)")
+        if int(every) < 1:  # as train's --every: a positive number of steps
+            raise AuditError(f"AuditCallback: every={every}; give a number of steps >= 1")
         self.probe_path = Path(probe)
         if not self.probe_path.exists():
             raise AuditError(f"{self.probe_path}: no such probe file; write one with 'reweight-audit inject'")

@@ -19,36 +19,14 @@ import gc
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import atomic_directory, output_lock, prepare_output_dir, write_json_atomic
 from reweight_audit.scoring.batching import IGNORE_INDEX
-
-
-@dataclass
-class TrainConfig:
-    input: Path
-    output: Path
-    methods: list[str]
-    steps: int = 20
-    probe: Path | None = None  # default: the training file itself (how much of *its* noise is learned)
-    probe_records: int | None = 32
-    model: str = "default"
-    ref_model: str | None = None  # Rho-1's reference
-    lora: bool = False
-    learning_rate: float | None = None  # default 5e-5, or 2e-4 with LoRA
-    batch_size: int = 4
-    every: int = 5
-    max_length: int | None = 512
-    k: float = 10.0
-    params: list[str] = field(default_factory=list)
-    seed: int = 0
-    device: str = "auto"
-    template: str = "auto"
-    report_to: str = "none"
+from reweight_audit.training.config import TrainConfig
 
 
 @dataclass
@@ -103,16 +81,10 @@ def make_collator(pad_id: int) -> Callable[[list[dict]], dict]:
 def _check(config: TrainConfig) -> dict[str, dict]:
     from reweight_audit.methods import get_method, parse_params
 
-    if not config.methods:
-        raise AuditError("--methods is empty; give one or more method names (see `reweight-audit methods`)")
     for name in config.methods:
         method = get_method(name)
         if "ref_logp" in method.needs and not config.ref_model:
             raise AuditError(f"method {name} needs a reference model: pass --ref-model")
-    if len(set(config.methods)) != len(config.methods):
-        raise AuditError(f"--methods {','.join(config.methods)}: a method is named twice")
-    if config.steps < 1 or config.batch_size < 1 or config.every < 0:
-        raise AuditError("--steps and --batch-size must be >= 1 and --every >= 0")
     if not Path(config.input).exists():
         raise AuditError(f"{config.input}: no such file; write one with 'reweight-audit inject'")
     params = parse_params(list(config.params))
@@ -371,8 +343,7 @@ def write_outputs(out: Path, config: TrainConfig, rows: list[dict], summary: lis
     probe_desc += f"; noise NLL {first['noise_nll']:.3f}, clean NLL {first['clean_nll']:.3f} at step 0"
     files["absorption.md"].write_text(absorption_markdown(summary, config, n_examples, probe_desc), encoding="utf-8")
     write_json_atomic(files["run.json"], {
-        "tool": "reweight-audit train", "config": {k: str(v) if isinstance(v, Path) else v
-                                                   for k, v in asdict(config).items()},
+        "tool": "reweight-audit train", "config": config.record(),
         "summary": [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in s.items()}
                     for s in summary], "probe_sha256": {m: r["probe_digest"] for m, r in runs.items()},
         "timings": {m: {"seconds_total": r["seconds_total"], "seconds_audit": r["seconds_audit"]}

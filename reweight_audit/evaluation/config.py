@@ -1,0 +1,222 @@
+"""The options of ``compare`` and ``sweep`` (command line, ``ra.compare``, ``run_compare``, ``run_sweep``), once.
+
+The checks import the evaluation modules only when a config is built, so that
+reading these fields (the command line's ``--help``, the API's signature) stays light.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reweight_audit.core.config import Config, option
+from reweight_audit.core.errors import AuditError, require_positive
+
+#: Sequences of one stats table shown in heatmap.html.
+HEATMAP_SEQUENCES = 12
+METHODS_HELP = "Comma list (default: every method whose statistics exist)."
+PARAM_HELP = "Method parameter, e.g. --param talr.w_min=0.1 (repeatable)."
+METHOD_FILE_HELP = "Python file that registers extra methods (repeatable)."
+BATCH_SEQS_HELP = "Sequences per simulated training batch (TALR)."
+SEED_HELP = "Seed of every random choice; the same seed gives the same files."
+STRATA_HELP = "Strata per --stratify variable: quantiles over the tokens (10: deciles)."
+PARAMS_TYPE = "Mapping[str, Mapping[str, Any]] | Sequence[str]"
+
+
+def _methods(methods: list[str]) -> list[str]:
+    if not methods:
+        raise AuditError("--methods is empty; give method names (see `reweight-audit methods`) or leave it out")
+    return list(dict.fromkeys(methods))
+
+
+def _percent(k: float) -> float:
+    k = float(k)
+    if not (0.0 < k <= 100.0) or not math.isfinite(k):
+        raise AuditError(f"--k {k:g}: the cut is a percentage in (0, 100], e.g. --k 10 for the top 10%")
+    return k
+
+
+def known(flag: str, values: Sequence[str], choices: Sequence[str], default: Sequence[str]) -> list[str]:
+    """The values without repeats, each one of ``choices``; none given: ``default``."""
+    for value in values:
+        if value not in choices:
+            raise AuditError(f"{flag} {value!r} is not known; use one of {', '.join(choices)}")
+    return list(dict.fromkeys(values or default))
+
+
+def param_items(params: Any) -> list[str]:
+    """``{"talr": {"w_min": 0.1}}`` or ``["talr.w_min=0.1"]`` as the command line's ``--param`` items."""
+    if isinstance(params, Mapping):
+        items = []
+        for method, values in params.items():
+            if not isinstance(values, Mapping):
+                raise AuditError(f"--param {method}: give the method's parameters as a dict, "
+                                 f"e.g. {{{method!r}: {{'name': value}}}}")
+            items += [f"{method}.{key}={value}" for key, value in values.items()]
+        return items
+    if isinstance(params, str):
+        from reweight_audit.core.config import split_list
+
+        return split_list(params)
+    if not isinstance(params, Sequence):
+        raise AuditError(f"--param {params!r}: give a dict of method parameters or a list of method.name=value")
+    return [str(p) for p in params]
+
+
+def _positive_batch(batch_seqs: int) -> int:
+    require_positive("--batch-seqs", batch_seqs, "number of sequences per batch")
+    return int(batch_seqs)
+
+
+def _resamples(bootstrap: int) -> int:
+    if bootstrap < 0:
+        raise AuditError(f"--bootstrap {bootstrap}: give 0 (no intervals) or a positive number of resamples")
+    return int(bootstrap)
+
+
+def _rank_by(values: list[str]) -> list[str]:
+    from reweight_audit.evaluation.metrics import RANK_BY
+
+    return known("--rank-by", values, RANK_BY, ["weight"])
+
+
+def _scope(values: list[str]) -> list[str]:
+    from reweight_audit.evaluation.metrics import SCOPES
+
+    return known("--scope", values, SCOPES, ["global"])
+
+
+@dataclass
+class CompareConfig(Config):
+    """The options of one compare; validated on construction (one AuditError line naming the flag)."""
+
+    methods: list[str] | None = option(None, help=METHODS_HELP, check=_methods)
+    k: float = option(10.0, help="Top-k cut in percent, in (0, 100].", check=_percent)
+    rank_by: list[str] = option(("weight",), help="weight, loss or grad (repeat or comma list).", check=_rank_by)
+    scope: list[str] = option(("global",), help="global or sequence (repeat or comma list).", check=_scope)
+    params: list[str] = option((), flag="--param", kind="params", api_type=PARAMS_TYPE, help=PARAM_HELP,
+                               check=param_items)
+    method_files: list[Path] = option((), flag="--method-file", help=METHOD_FILE_HELP)
+    batch_seqs: int = option(256, help=BATCH_SEQS_HELP, check=_positive_batch)
+    bootstrap: int = option(200, help="Bootstrap resamples over sequences for the 95% intervals.", check=_resamples)
+    seed: int = option(0, help=SEED_HELP)
+    table1_map: dict[str, str] | None = option(None, kind="any", api_type="str | Mapping[str, str] | None",
+                                               help="The method each Table 1 row stands for (default "
+                                                    "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")
+    by_meta: str | None = option(None, help="Also every metric per value of this record meta field (e.g. model), "
+                                            "read from the noisy JSONL the table was scored from.")
+    records: Path | None = option(None, help="With --by-meta: that noisy JSONL (default: the score manifest's "
+                                             "input).")
+    stratify: list[str] = option((), help="Also every metric within strata of position, length or rarity, averaged "
+                                          "over the strata (strata.csv; repeat or comma list).")
+    strata: int = option(10, help=STRATA_HELP)
+    heatmap_sequences: int = option(HEATMAP_SEQUENCES, cli=False, help="Sequences per run shown in heatmap.html.")
+
+    def check(self) -> None:
+        from reweight_audit.evaluation import strata, table1
+
+        if not (self.table1_map is None or isinstance(self.table1_map, (str, Mapping))):
+            raise AuditError(f"--table1-map {self.table1_map!r}: give a comma list row=method or a dict, or None")
+        self.table1_map = table1.parse_map(self.table1_map)
+        self.by_meta = self.by_meta or None
+        if self.records is not None and not self.by_meta:
+            raise AuditError(f"--records {self.records}: it is read only with --by-meta FIELD; add that or drop "
+                             "--records")
+        self.stratify, self.strata = strata.check_stratify(self.stratify, self.strata)
+
+    @property
+    def k_frac(self) -> float:
+        return self.k / 100.0
+
+
+# --------------------------------------------------------------------------- sweep
+
+#: Cuts of a sweep, in percent: Table 1's 10% and the range around it.
+SWEEP_K = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+#: The stratify value of the pooled settings.
+POOLED = "none"
+
+
+def _cuts(values: Any) -> list[float]:
+    items = [values] if isinstance(values, (str, int, float)) else list(values)
+    try:
+        cuts = [float(c) for item in items for c in (item.split(",") if isinstance(item, str) else [item])
+                if not isinstance(c, str) or c.strip()]
+    except (TypeError, ValueError):
+        raise AuditError(f"--k {','.join(map(str, items))}: give cuts in percent, e.g. --k 1,2,5,10") from None
+    for c in cuts:
+        if not 0 < c <= 100:
+            raise AuditError(f"--k {c:g}: every cut is a percentage in (0, 100]")
+    return cuts or list(SWEEP_K)
+
+
+def _sweep_rank_by(values: list[str]) -> list[str]:
+    from reweight_audit.evaluation.metrics import RANK_BY
+
+    return known("--rank-by", values, RANK_BY, RANK_BY)
+
+
+def _sweep_scope(values: list[str]) -> list[str]:
+    from reweight_audit.evaluation.metrics import SCOPES
+
+    return known("--scope", values, SCOPES, SCOPES)
+
+
+def _metric(metric: str) -> str:
+    from reweight_audit.evaluation.sweep import per_cut_metrics
+
+    names = per_cut_metrics()
+    if metric not in names:
+        raise AuditError(f"--metric {metric!r}: use one of {', '.join(names)}")
+    return metric
+
+
+def _sweep_stratify(values: list[str]) -> list[str]:
+    from reweight_audit.evaluation.strata import STRATIFY_BY
+
+    for value in values:
+        if value != POOLED and value not in STRATIFY_BY:
+            raise AuditError(f"--stratify {value!r} is not known; use {POOLED} (pooled) or one of "
+                             f"{', '.join(STRATIFY_BY)}")
+    return list(dict.fromkeys(values or [POOLED]))
+
+
+@dataclass
+class SweepConfig(Config):
+    """The options of one sweep; validated on construction. ``k`` is in percent, as on the command line."""
+
+    methods: list[str] | None = option(None, help=METHODS_HELP, check=_methods)
+    k: list[float] = option(SWEEP_K, kind="cuts", help="Cuts in percent (repeat or comma list).", check=_cuts)
+    rank_by: list[str] = option(("weight", "loss", "grad"), help="weight, loss, grad (repeat or comma list).",
+                                check=_sweep_rank_by)
+    scope: list[str] = option(("global", "sequence"), help="global, sequence (repeat or comma list).",
+                              check=_sweep_scope)
+    metric: str = option("tok_rec", help="The per-cut metric that orders the methods: tok_rec, tok_prec, seq_hit or "
+                                         "lift.", check=_metric)
+    claim: str | None = option(None, help='A claimed order, lowest first: "ranktuner-approx < eaft < inv-prob"; exit '
+                                          "code 0 only when it holds in every setting.")
+    params: list[str] = option((), flag="--param", kind="params", api_type=PARAMS_TYPE, help=PARAM_HELP,
+                               check=param_items)
+    method_files: list[Path] = option((), flag="--method-file", help=METHOD_FILE_HELP)
+    batch_seqs: int = option(256, help=BATCH_SEQS_HELP, check=_positive_batch)
+    bootstrap: int = option(100, help="Bootstrap resamples over sequences per setting (0: none).", check=_resamples)
+    seed: int = option(0, help=SEED_HELP)
+    stratify: list[str] = option((POOLED,), help="The stratify axis: none (pooled), position, length, rarity (repeat "
+                                                 "or comma list; a claim is checked in every setting of it).",
+                                 check=_sweep_stratify)
+    strata: int = option(10, help=STRATA_HELP)
+    claim_order: list[str] | None = field(init=False, default=None, repr=False, compare=False)
+
+    def check(self) -> None:
+        from reweight_audit.evaluation import strata
+        from reweight_audit.evaluation.sweep import parse_claim
+
+        _, self.strata = strata.check_stratify([], self.strata)
+        self.claim_order = parse_claim(self.claim)
+
+    @property
+    def cuts(self) -> tuple[float, ...]:
+        """The cuts as fractions, sorted, without repeats."""
+        return tuple(sorted({c / 100.0 for c in self.k}))
