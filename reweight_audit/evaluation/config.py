@@ -165,8 +165,6 @@ def _sweep_scope(values: list[str]) -> list[str]:
 
 
 def _metric(metric: str) -> str:
-    from reweight_audit.evaluation.sweep import per_cut_metrics
-
     names = per_cut_metrics()
     if metric not in names:
         raise AuditError(f"--metric {metric!r}: use one of {', '.join(names)}")
@@ -211,7 +209,6 @@ class SweepConfig(Config):
 
     def check(self) -> None:
         from reweight_audit.evaluation import strata
-        from reweight_audit.evaluation.sweep import parse_claim
 
         _, self.strata = strata.check_stratify([], self.strata)
         self.claim_order = parse_claim(self.claim)
@@ -220,3 +217,30 @@ class SweepConfig(Config):
     def cuts(self) -> tuple[float, ...]:
         """The cuts as fractions, sorted, without repeats."""
         return tuple(sorted({c / 100.0 for c in self.k}))
+
+
+def per_cut_metrics() -> list[str]:
+    """The metrics a sweep can order methods by: those with a value per cut from the counts."""
+    from reweight_audit.evaluation import metrics
+
+    return [s.name for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
+
+
+def parse_claim(claim: str | None) -> list[str] | None:
+    """``"a < b < c"`` → ``[a, b, c]`` (lowest first); every name must be a registered method."""
+    if claim is None:
+        return None
+    names = [part.strip() for part in str(claim).split("<")]
+    if len(names) < 2 or not all(names):
+        raise AuditError(f"--claim {claim!r}: write the claimed order lowest first, e.g. "
+                         "\"ranktuner-approx < eaft < inv-prob\"")
+    from reweight_audit.methods import available_methods
+
+    known = [m.name for m in available_methods()]
+    for name in names:
+        if name not in known:
+            raise AuditError(f"--claim names {name!r}, which is not a registered method; registered: "
+                             f"{', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise AuditError(f"--claim {claim!r} names a method twice")
+    return names

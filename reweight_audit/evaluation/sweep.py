@@ -76,29 +76,6 @@ class SweepResult:
 # --------------------------------------------------------------------------- options
 
 
-def per_cut_metrics() -> list[str]:
-    """The metrics a sweep can order methods by: those with a value per cut from the counts."""
-    return [s.name for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
-
-
-def parse_claim(claim: str | None) -> list[str] | None:
-    """``"a < b < c"`` → ``[a, b, c]`` (lowest first); every name must be a registered method."""
-    if claim is None:
-        return None
-    names = [part.strip() for part in str(claim).split("<")]
-    if len(names) < 2 or not all(names):
-        raise AuditError(f"--claim {claim!r}: write the claimed order lowest first, e.g. "
-                         "\"ranktuner-approx < eaft < inv-prob\"")
-    known = [m.name for m in available_methods()]
-    for name in names:
-        if name not in known:
-            raise AuditError(f"--claim names {name!r}, which is not a registered method; registered: "
-                             f"{', '.join(known)}")
-    if len(set(names)) != len(names):
-        raise AuditError(f"--claim {claim!r} names a method twice")
-    return names
-
-
 # --------------------------------------------------------------------------- one block of settings
 
 
