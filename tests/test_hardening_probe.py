@@ -92,3 +92,70 @@ def test_a_planted_link_at_the_work_folder_is_removed_not_followed(tmp_path):
     with atomic_directory(out) as work:
         (work / "a.csv").write_text("new")
     assert sorted(p.name for p in theirs.iterdir()) == ["x"] and (out / "a.csv").read_text() == "new"
+
+
+# --------------------------------------------------------------------------- rendered text is escaped (security)
+
+HOSTILE = "=1+2<img src=x onerror=alert(1)>$\\nosuchcommand{$"
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory):
+    import numpy as np
+    import pyarrow as pa
+
+    from reweight_audit.evaluation.compare import run_compare
+    from reweight_audit.reporting.exports import write_exports
+    from test_compare import make_stats, write_stats
+
+    d = tmp_path_factory.mktemp("hostile")
+    table = make_stats(20)
+    kinds = np.array(table.column("noise_kind").to_pylist(), dtype=object)
+    kinds[kinds == "typo"] = "<b>typo</b>"
+    table = table.set_column(table.schema.get_field_index("noise_kind"), "noise_kind", pa.array(list(kinds)))
+    stats = write_stats(d / f"{HOSTILE}.parquet", table)
+    run_compare([stats], d / "out", writer=write_exports, methods=["sft", "entropy", "position", "rarity"],
+                n_boot=0, heatmap_sequences=2)
+    return d / "out"
+
+
+def test_markdown_pages_carry_no_raw_html_from_labels_or_kinds(hostile_report):
+    import re
+
+    for page in ("table.md", "table1.md"):
+        text = re.sub(r"(`+).*?\1", "", (hostile_report / page).read_text())  # a code span shows HTML as text
+        assert "<img" not in text and "<b>" not in text, page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in (hostile_report / "table.md").read_text()
+    assert "&lt;b&gt;typo&lt;/b&gt;" in (hostile_report / "table.md").read_text()
+
+
+def test_csv_text_cells_cannot_start_a_formula_and_numbers_are_untouched(hostile_report):
+    import pandas as pd
+
+    table = pd.read_csv(hostile_report / "table.csv")
+    assert set(table["run"]) == {"'" + HOSTILE}
+    assert (table["auroc"].dropna() <= 1).all()
+    by_kind = pd.read_csv(hostile_report / "by_kind.csv")
+    assert not by_kind.select_dtypes(["object", "string"]).map(lambda v: str(v).startswith(("=", "+", "-", "@"))).any().any()
+
+
+def test_escaping_leaves_plain_text_as_it_was():
+    from reweight_audit.core.escaping import csv_text, markdown_code, markdown_text, plot_text
+
+    plain = "SmolLM2-135M-Instruct.Q4_1.gguf [a/stats] (x)"
+    assert markdown_text(plain) == plain and plot_text(plain) == plain and csv_text(plain) == plain
+    assert markdown_code("a/b.parquet") == "`a/b.parquet`" and markdown_code("a`b") == "`` a`b ``"
+    assert csv_text(-1.5) == -1.5 and csv_text("-x") == "'-x" and markdown_text("a|b\nc") == "a\\|b c"
+    assert plot_text("$x$") == r"\$x\$"
+
+
+def test_by_meta_values_and_sweep_pages_are_escaped():
+    import pandas as pd
+
+    from reweight_audit.evaluation.groups import by_group_markdown
+
+    frame = pd.DataFrame([{"group_by": "<i>f", "group": "<script>x", "run": "r", "rank_by": "weight",
+                           "scope": "global", "method": "sft", "n_tokens": 1, "n_noise": 0, "n_noise_seqs": 0,
+                           "n_seqs": 1}])
+    text = by_group_markdown(frame, 10.0)
+    assert "<script>" not in text and "<i>" not in text and "&lt;script&gt;x" in text
