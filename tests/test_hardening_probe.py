@@ -159,3 +159,133 @@ def test_by_meta_values_and_sweep_pages_are_escaped():
                            "n_seqs": 1}])
     text = by_group_markdown(frame, 10.0)
     assert "<script>" not in text and "<i>" not in text and "&lt;script&gt;x" in text
+
+
+# --------------------------------------------------------------------------- degenerate tables are ordinary
+
+
+def _variant(tmp_path, name, change):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_compare import make_stats
+
+    table = make_stats(8)
+    column, values = change(table, table.num_rows, np)
+    if column is None:
+        table = values
+    else:
+        index = table.schema.get_field_index(column)
+        table = table.set_column(index, column, values if isinstance(values, (pa.Array, pa.ChunkedArray))
+                                 else pa.array(values))
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+DEGENERATE = {
+    "no-noise": lambda t, n, np: ("is_noise", np.zeros(n, bool)),
+    "all-noise": lambda t, n, np: ("is_noise", np.ones(n, bool)),
+    "one-row": lambda t, n, np: (None, t.slice(0, 1)),
+    "integer-is-noise": lambda t, n, np: ("is_noise", np.asarray(t.column("is_noise")).astype(np.int64)),
+    "integer-tokens": lambda t, n, np: ("token", np.arange(n)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+def test_a_degenerate_table_gives_a_whole_report(tmp_path, name):
+    from reweight_audit.evaluation.compare import run_compare
+    from reweight_audit.reporting.exports import report_markdown, write_exports
+
+    path = _variant(tmp_path, name, DEGENERATE[name])
+    result = run_compare([path], tmp_path / "out", writer=write_exports, n_boot=0, heatmap_sequences=2,
+                         methods=["sft", "entropy", "position", "rarity"], stratify=["position"])
+    text = report_markdown(result)
+    assert "## Controls" in text and (tmp_path / "out" / "heatmap.html").exists()
+    if name in ("no-noise", "all-noise", "one-row"):
+        assert "n/a" in text  # AUROC is undefined with one class
+
+
+def test_more_strata_than_tokens_is_ordinary(tmp_path):
+    from reweight_audit.evaluation.compare import run_compare
+    from reweight_audit.reporting.exports import write_exports
+
+    path = _variant(tmp_path, "t", lambda t, n, np: (None, t))
+    run_compare([path], tmp_path / "out", writer=write_exports, n_boot=0, heatmap_sequences=1,
+                methods=["sft", "entropy", "position", "rarity"], stratify=["position"], strata=100000)
+    assert (tmp_path / "out" / "strata.csv").exists()
+
+
+# --------------------------------------------------------------------------- impossible values are refused
+
+
+IMPOSSIBLE = {
+    "negative entropy": (lambda t, n, np: ("entropy", np.full(n, -0.5, np.float32)), "column entropy", "below 0"),
+    "rank 0": (lambda t, n, np: ("rank", np.zeros(n, np.int64)), "column rank", "below 1"),
+    "negative rank": (lambda t, n, np: ("rank", np.full(n, -3, np.int64)), "column rank", "below 1"),
+    "fractional rank": (lambda t, n, np: ("rank", np.full(n, 1.5)), "column rank", "fractional"),
+    "negative expected rank": (lambda t, n, np: ("expected_rank", np.full(n, -2.0)), "column expected_rank",
+                               "below 1"),
+    "infinite expected rank": (lambda t, n, np: ("expected_rank", np.where(np.arange(n) == 3, np.inf, 2.0)),
+                               "column expected_rank", "infinite, first at row 3"),
+    "null is_noise": (lambda t, n, np: ("is_noise", [None] + [False] * (n - 1)), "column is_noise",
+                      "null value(s), first at row 0"),
+    "is_noise 2": (lambda t, n, np: ("is_noise", np.full(n, 2)), "column is_noise", "other than 0 and 1"),
+    "string entropy": (lambda t, n, np: ("entropy", ["0.5"] * n), "column entropy has type string", "numbers"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMPOSSIBLE))
+def test_an_impossible_value_is_one_line_naming_file_column_and_row(tmp_path, name, recwarn):
+    from reweight_audit.evaluation.runs import load_run
+
+    change, *needles = IMPOSSIBLE[name]
+    path = _variant(tmp_path, name.replace(" ", "-"), change)
+    with pytest.raises(AuditError) as refused:
+        load_run(path)
+    message = str(refused.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    assert all(n in message for n in needles), message
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_float32_entropy_a_hair_below_zero_is_accepted(tmp_path):
+    from reweight_audit.evaluation.runs import load_run
+
+    path = _variant(tmp_path, "hair", lambda t, n, np: ("entropy", np.full(n, -1e-7, np.float32)))
+    load_run(path)
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+def _one_record(tmp_path, row):
+    import json
+
+    from reweight_audit.injection.corpus import FieldMap, iter_records
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps(row) + "\n")
+    return list(iter_records(str(src), FieldMap()))
+
+
+def test_chat_content_parts_are_flattened_as_the_templates_do(tmp_path):
+    row = {"id": "a", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is "}, {"type": "text", "text": "4."}]}]}
+    (record,) = _one_record(tmp_path, row)
+    assert record.prompt == "What is 2+2?" and record.response == "It is 4."
+
+
+def test_a_non_text_content_part_is_refused_by_its_type(tmp_path):
+    row = {"id": "a", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(AuditError, match="chat.jsonl.*'image_url' is not text"):
+        _one_record(tmp_path, row)
+
+
+def test_a_non_text_prompt_is_reported_as_the_prompt(tmp_path):
+    with pytest.raises(AuditError, match="field 'prompt' must be text, got int"):
+        _one_record(tmp_path, {"id": "a", "prompt": 5, "response": "text"})

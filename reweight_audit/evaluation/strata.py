@@ -126,7 +126,9 @@ def control_verdicts(table: pd.DataFrame, strata: pd.DataFrame | None, k: float)
     for (run, rank_by, scope), block in _verdict_columns(table, strata, k).groupby(["run", "rank_by", "scope"],
                                                                                   sort=False):
         heads = list(dict.fromkeys(block["column"]))
-        wide = block.pivot_table(index="method", columns="column", values="value", sort=False, aggfunc="first")
+        # every column kept, undefined ones too (no noise, all noise, one row: AUROC is NaN and shows as n/a)
+        wide = block.pivot_table(index="method", columns="column", values="value", sort=False, aggfunc="first",
+                                 dropna=False).reindex(index=list(dict.fromkeys(block["method"])), columns=heads)
         family = block.drop_duplicates("method").set_index("method")["family"]
         control = family.reindex(wide.index) == CONTROL_FAMILY
         best = wide[control].max()

@@ -201,9 +201,11 @@ def _to_record(row: dict, fields: FieldMap, where: str) -> Record:
             f"{where}: no response field '{fields.response}' and no '{fields.messages}' chat column; "
             f"fields present: {', '.join(map(str, row))}; choose one with --response-field/--prompt-field"
         )
-    prompt = _prompt_text(prompt)
-    if not isinstance(response, str) or not isinstance(prompt, (str, type(None))):
-        raise AuditError(f"{where}: field '{fields.response}'/'{fields.prompt}' must be text, got {type(response).__name__}")
+    prompt = _prompt_text(prompt, where)
+    if not isinstance(response, str):
+        raise AuditError(f"{where}: field '{fields.response}' must be text, got {type(response).__name__}")
+    if not isinstance(prompt, (str, type(None))):
+        raise AuditError(f"{where}: field '{fields.prompt}' must be text, got {type(prompt).__name__}")
     prompt = prompt or ""
     spans = row.get("spans")
     if spans is not None and spans != "":  # an empty CSV cell is no spans
@@ -221,7 +223,7 @@ def _steps_record(row: dict, fields: FieldMap, where: str, after_error: str) -> 
         if name not in row:
             raise AuditError(f"{where}: no field '{name}'; fields present: {', '.join(map(str, row))}; "
                              f"choose one with {option}")
-    prompt = _prompt_text(row[fields.prompt])
+    prompt = _prompt_text(row[fields.prompt], where)
     if not isinstance(prompt, (str, type(None))):
         raise AuditError(f"{where}: field '{fields.prompt}' must be text, got {type(prompt).__name__}")
     steps = _json_text(row[fields.steps])
@@ -231,9 +233,10 @@ def _steps_record(row: dict, fields: FieldMap, where: str, after_error: str) -> 
                   meta=meta, spans=spans)
 
 
-def _prompt_text(prompt: Any) -> Any:
+def _prompt_text(prompt: Any, where: str) -> Any:
     if isinstance(prompt, list):  # a chat history as prompt: keep the text only
-        return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+        return "\n".join(content_text(m.get("content"), f"{where}: the prompt's chat history") for m in prompt
+                         if isinstance(m, dict))
     return prompt
 
 
@@ -268,10 +271,32 @@ def _split_messages(messages: list, where: str) -> tuple[str, str]:
             last = i
     if last is None:
         raise AuditError(f"{where}: 'messages' has no assistant turn; the last assistant turn is the response")
-    response = str(messages[last].get("content") or "")
+    response = content_text(messages[last].get("content"), f"{where}: the assistant turn")
     users = [m for m in messages[:last] if isinstance(m, dict) and m.get("role") == "user"]
-    prompt = str(users[-1].get("content") or "") if users else ""
+    prompt = content_text(users[-1].get("content"), f"{where}: the user turn") if users else ""
     return prompt, response
+
+
+def content_text(content: Any, where: str) -> str:
+    """A chat turn's content as text: a string, or a list of parts (the OpenAI / Hugging Face format) whose text
+    parts are joined as the chat templates join them (no separator); any other part is refused by its type."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise AuditError(f"{where}: content must be text or a list of parts, got {type(content).__name__}")
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise AuditError(f"{where}: a content part of type {kind!r} is not text; only text parts can be "
+                             "scored (drop the other parts or the record)")
+    return "".join(texts)
 
 
 def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tuple[str, dict]]:

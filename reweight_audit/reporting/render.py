@@ -229,15 +229,17 @@ def _scatter_panels(samples: list[dict], *, x_of, y_of, need: tuple[str, ...], x
         y = np.asarray(y_of(s), dtype=float)
         noise = np.asarray(s["is_noise"], dtype=bool)
         ok = np.isfinite(x) & np.isfinite(y) & (y > 0) & ((x > 0) if xlog else True)
+        if not ok.any():  # log axes need a positive value (a table of NaNs, or every value 0)
+            ax.text(0.5, 0.5, "no values to plot", ha="center", va="center", transform=ax.transAxes)
+            continue
         ax.scatter(x[ok & ~noise], y[ok & ~noise], s=4, alpha=0.35, color="steelblue", lw=0,
                    label=f"clean ({int((ok & ~noise).sum()):,})", rasterized=True)
         ax.scatter(x[ok & noise], y[ok & noise], s=5, alpha=0.6, color="crimson", lw=0,
                    label=f"noise ({int((ok & noise).sum()):,})", rasterized=True)
-        if ok.any():
-            xs = np.linspace(x[ok].min(), x[ok].max(), 200) if not xlog else np.geomspace(x[ok].min(), 1.0, 200)
-            bx, by = bound(xs)
-            if len(bx):
-                ax.plot(bx, by, color="navy", lw=1.2, label=bound_label)
+        xs = np.linspace(x[ok].min(), x[ok].max(), 200) if not xlog else np.geomspace(x[ok].min(), 1.0, 200)
+        bx, by = bound(xs)
+        if len(bx):
+            ax.plot(bx, by, color="navy", lw=1.2, label=bound_label)
         if xlog:
             ax.set_xscale("log")
         ax.set_yscale("log")
