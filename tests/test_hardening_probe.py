@@ -145,7 +145,7 @@ def test_escaping_leaves_plain_text_as_it_was():
     plain = "SmolLM2-135M-Instruct.Q4_1.gguf [a/stats] (x)"
     assert markdown_text(plain) == plain and plot_text(plain) == plain and csv_text(plain) == plain
     assert markdown_code("a/b.parquet") == "`a/b.parquet`" and markdown_code("a`b") == "`` a`b ``"
-    assert csv_text(-1.5) == -1.5 and csv_text("-x") == "'-x" and markdown_text("a|b\nc") == "a\\|b c"
+    assert csv_text(-1.5) == -1.5 and csv_text("-x") == "'-x" and csv_text("=") == "=" and markdown_text("a|b\nc") == "a\\|b c"
     assert plot_text("$x$") == r"\$x\$"
 
 

@@ -34,8 +34,9 @@ def markdown_code(value: Any) -> str:
 
 
 def csv_text(value: Any) -> Any:
-    """A text cell a spreadsheet would run as a formula, prefixed with ``'``; anything else as it was."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+    """A text cell a spreadsheet would run as a formula, prefixed with ``'``; anything else as it was. A sign
+    alone (the verdicts ``=``, ``<``, ``>`` of agreement.csv) is no formula and stays."""
+    if isinstance(value, str) and len(value) > 1 and value.startswith(FORMULA_PREFIXES):
         return "'" + value
     return value
 
