@@ -289,3 +289,18 @@ def test_a_non_text_content_part_is_refused_by_its_type(tmp_path):
 def test_a_non_text_prompt_is_reported_as_the_prompt(tmp_path):
     with pytest.raises(AuditError, match="field 'prompt' must be text, got int"):
         _one_record(tmp_path, {"id": "a", "prompt": 5, "response": "text"})
+
+
+def test_numpy_warnings_do_not_print_before_the_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    path = _variant(tmp_path, "huge", lambda t, n, np_: ("logp", np.full(n, -1e30, np.float32)))
+    res = subprocess.run([sys.executable, "-m", "reweight_audit", "compare", str(path), "-o", str(tmp_path / "o"),
+                          "--bootstrap", "0", "--methods", "sft,ranktuner-approx", "-q"], capture_output=True,
+                         text=True)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert "infinite weights" in lines[0], lines[0]
