@@ -304,3 +304,19 @@ def test_numpy_warnings_do_not_print_before_the_error_line(tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     assert "infinite weights" in lines[0], lines[0]
+
+
+def test_score_refuses_a_symlinked_shards_folder_and_deletes_nothing_there(tmp_path, tiny_model, noisy_rows):
+    from conftest import write_noisy
+    from reweight_audit.scoring.config import ScoreConfig
+    from reweight_audit.scoring.engine import run_score
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "draft.tmp").write_text("mine")
+    out = tmp_path / "stats.parquet"
+    (tmp_path / "stats.parquet.shards").symlink_to(theirs)
+    noisy = write_noisy(tmp_path / "noisy.jsonl", noisy_rows)
+    with pytest.raises(AuditError, match="the shards folder is a symbolic link"):
+        run_score(noisy, out, ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=40))
+    assert sorted(p.name for p in theirs.iterdir()) == ["draft.tmp"] and not out.exists()
