@@ -320,3 +320,30 @@ def test_score_refuses_a_symlinked_shards_folder_and_deletes_nothing_there(tmp_p
     with pytest.raises(AuditError, match="the shards folder is a symbolic link"):
         run_score(noisy, out, ScoreConfig(model=str(tiny_model), device="cpu", batch_tokens=40))
     assert sorted(p.name for p in theirs.iterdir()) == ["draft.tmp"] and not out.exists()
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"id": ' + "9" * 5000 + ', "prompt": "p", "response": "r"}', "unreadable JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deep"),
+    ('{"id": "a\\ud800", "prompt": "p", "response": "r"}', "lone surrogate"),
+])
+def test_an_unreadable_record_is_one_line_naming_file_and_line(tmp_path, line, needle):
+    from reweight_audit.injection.corpus import FieldMap, iter_records
+
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"id": "ok", "prompt": "p", "response": "fine"}\n' + line + "\n")
+    with pytest.raises(AuditError, match=f"bad.jsonl:2: .*{needle}"):
+        list(iter_records(str(src), FieldMap()))
+
+
+def test_a_long_csv_cell_is_read_and_a_json_object_without_records_is_named(tmp_path):
+    from reweight_audit.injection.corpus import FieldMap, iter_records
+
+    src = tmp_path / "long.csv"
+    src.write_text("id,prompt,response\na,p," + "word " * 40_000 + "\n")
+    (record,) = list(iter_records(str(src), FieldMap()))
+    assert len(record.response) == 200_000
+    obj = tmp_path / "obj.json"
+    obj.write_text('{"name": "not records", "count": 3}')
+    with pytest.raises(AuditError, match="not of records"):
+        list(iter_records(str(obj), FieldMap()))

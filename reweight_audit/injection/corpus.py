@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,6 +27,8 @@ from reweight_audit.core.errors import AuditError
 from reweight_audit.core.frames import TABLE_KINDS, check_table, is_table, rows_digest, table_rows
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+#: Characters one CSV cell may hold (the csv module's default, 131,072, is shorter than a long response).
+CSV_FIELD_LIMIT = 1 << 30
 CHAMP, CHAMP_FWS = "champ", "champ-fws"
 BUILTIN_SOURCES = (CHAMP, CHAMP_FWS)
 _SOURCE_HINT = "give a .jsonl/.json/.csv/.parquet path, 'hf:NAME[:CONFIG]', 'champ' or 'champ-fws'"
@@ -312,18 +315,47 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
                     continue
                 raise AuditError(f"{path}:{lineno}: not UTF-8 (byte {exc.start}); re-encode the file as UTF-8 or pass --skip-bad") from None
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
+                row = _parsed_json(text)
+            except (ValueError, RecursionError) as exc:
                 if skip_bad:
                     report.bad_lines.append(lineno)
                     continue
-                raise AuditError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno}); fix the line or pass --skip-bad") from None
+                raise AuditError(f"{path}:{lineno}: {_json_problem(exc)}; fix the line or pass --skip-bad") from None
             if not isinstance(row, dict):
                 if skip_bad:
                     report.bad_lines.append(lineno)
                     continue
                 raise AuditError(f"{path}:{lineno}: expected a JSON object per line; fix the line or pass --skip-bad")
             yield f"{path}:{lineno}", row
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parsed_json(text: str) -> Any:
+    """``json.loads``, and a lone surrogate escape (``"\\ud800"``: no character, cannot be written as UTF-8)
+    refused here rather than when the output is written."""
+    value = json.loads(text)
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a \\u escape is a lone surrogate, not a character") from None
+    return value
+
+
+def _json_problem(exc: BaseException) -> str:
+    """What is wrong with a record's JSON, in words (malformed, nested too deep, an integer too long, ...)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON ({exc.msg}, column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deep to read"
+    return f"unreadable JSON ({_one_line(exc)})"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def _read_text(path: Path) -> str:
@@ -335,9 +367,11 @@ def _read_text(path: Path) -> str:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        data = json.loads(_read_text(path))
+        data = _parsed_json(_read_text(path))
     except json.JSONDecodeError as exc:
         raise AuditError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+    except (ValueError, RecursionError) as exc:
+        raise AuditError(f"{path}: {_json_problem(exc)}; fix the file") from None
     if isinstance(data, dict):
         # {"data": [...]} or {"id": {...}, ...}
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -345,6 +379,9 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
             data = lists[0]
         else:
             data = [dict(v, id=v.get("id", k)) for k, v in data.items() if isinstance(v, dict)]
+            if not data:
+                raise AuditError(f"{path}: a JSON object, but not of records (no list of objects, no object per id); "
+                                 "write a list of objects, one per record")
     if not isinstance(data, list):
         raise AuditError(f"{path}: expected a JSON list of objects; write one object per record")
     for i, row in enumerate(data):
@@ -354,9 +391,15 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         # utf-8-sig: with a BOM the first column would be named "\ufeffid" and silently be missing
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # a long response is one cell
         with path.open(newline="", encoding="utf-8-sig") as f:
-            for lineno, row in enumerate(csv.DictReader(f), start=2):
-                yield f"{path}:{lineno}", row
+            reader = csv.DictReader(f)
+            try:
+                for row in reader:
+                    yield f"{path}:{reader.line_num}", row
+            except csv.Error as exc:
+                raise AuditError(f"{path}:{reader.line_num}: not readable as CSV ({_one_line(exc)}); fix the "
+                                 "line") from None
     except UnicodeDecodeError as exc:
         raise AuditError(f"{path}: not UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8") from None
 
