@@ -347,3 +347,17 @@ def test_a_long_csv_cell_is_read_and_a_json_object_without_records_is_named(tmp_
     obj.write_text('{"name": "not records", "count": 3}')
     with pytest.raises(AuditError, match="not of records"):
         list(iter_records(str(obj), FieldMap()))
+
+
+def test_sweep_pages_escape_a_hostile_label(tmp_path):
+    import re
+
+    from reweight_audit.evaluation.sweep import run_sweep
+    from reweight_audit.reporting.sweep_report import write_sweep
+    from test_compare import make_stats, write_stats
+
+    stats = write_stats(tmp_path / f"{HOSTILE}.parquet", make_stats(12))
+    run_sweep([stats], tmp_path / "sw", writer=write_sweep, n_boot=0, methods=["sft", "entropy", "position"])
+    text = re.sub(r"(`+).*?\1", "", (tmp_path / "sw" / "robustness.md").read_text())
+    assert "<img" not in text and "&lt;img" in text
+    assert "'" + HOSTILE in (tmp_path / "sw" / "sweep.csv").read_text()
