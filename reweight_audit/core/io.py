@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -125,6 +126,21 @@ def _make_dir(path: Path) -> None:
                          "choose a writable -o path") from None
 
 
+def refuse_symlink(path: str | os.PathLike, what: str) -> Path:
+    """``path`` itself, refused when it is a symbolic link: a folder or file the tool derives from ``-o``
+    (``<out>.shards``, ``<out>.lock``, a work folder) is written and cleaned, so following a link there would
+    write into, or delete from, whatever the link points to."""
+    path = Path(path)
+    if os.path.islink(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise AuditError(f"{_shown(path)}: {what} is a symbolic link (to {_shown(Path(target))}); the tool does "
+                         "not write through it; remove the link or choose another -o path")
+    return path
+
+
 def prepare_output_file(output: str | os.PathLike, *, source: str | os.PathLike | None = None,
                         create: bool = True) -> Path:
     """Check an output file path before any work and (``create``) make its folder.
@@ -192,6 +208,8 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
     """
     targets = [Path(p) for p in paths]
     temps = tuple(_temporary(p) for p in targets)
+    for tmp in temps:  # a leftover (or a planted link) under this pid's name: never written through
+        _remove_entry(tmp)
     try:
         yield temps
         with _signals_deferred():
@@ -231,21 +249,41 @@ def atomic_directory(output: str | os.PathLike, *, keep_work: bool = False) -> I
     (the demo resumes its scoring); otherwise a temporary ``.<name>.<pid>.tmp``.
     """
     out = prepare_output_dir(output)
-    if out.is_symlink():  # swap the folder it points to; the link stays
-        out = out.resolve()
-    work = work_folder(out) if keep_work else out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)  # a leftover of a killed run with this pid
+    if out.is_symlink():  # the user's link (reports kept on another disk): swap the folder it points to; the link
+        out = prepare_output_dir(out.resolve())  # stays, and the target is checked as an -o of its own
+    if keep_work:
+        work = refuse_symlink(work_folder(out), "the work folder")
+    else:
+        work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        _remove_entry(work)  # a leftover of a killed run with this pid (a link there is removed, not followed)
     _make_dir(work)
     done = False
     try:
         yield work
         _carry_over(out, work)
+        _keep_mode(out, work)
         _swap_in(work, out)
         done = True
     finally:
         if done or not keep_work:
             shutil.rmtree(work, ignore_errors=True)  # after the swap: the previous version
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove whatever is at ``path``: a link itself (never what it points to), a folder with its contents."""
+    if os.path.islink(path) or (os.path.lexists(path) and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _keep_mode(out: Path, work: Path) -> None:
+    """The new version of a folder gets the permissions of the one it replaces (a private 700 folder stays so)."""
+    try:
+        if out.is_dir():
+            os.chmod(work, stat.S_IMODE(os.stat(out).st_mode))
+    except OSError:
+        pass  # not ours to change (another owner): the new folder keeps the default mode
 
 
 def _carry_over(out: Path, work: Path) -> None:
@@ -342,11 +380,7 @@ def acquire_lock(output: str | os.PathLike) -> OutputLock:
     path = lock_path(output)
     _make_dir(path.parent)
     for _attempt in range(5):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise AuditError(f"{_shown(path)}: cannot create the lock file ({exc.strerror}); "
-                             "choose a writable -o path") from None
+        fd = _open_lock(path)
         owner = _read_owner(fd)
         if _held_elsewhere(fd, owner):
             os.close(fd)
@@ -374,6 +408,23 @@ def output_lock(output: str | os.PathLike) -> Iterator[OutputLock]:
         lock.release()
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file, opened without following a link (a planted link would get our JSON, then be deleted)."""
+    refuse_symlink(path, "the lock file")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # made a link between the check and the open
+            refuse_symlink(path, "the lock file")
+        raise AuditError(f"{_shown(path)}: cannot create the lock file ({exc.strerror}); "
+                         "choose a writable -o path") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AuditError(f"{_shown(path)}: the lock file is not a regular file; remove it or choose another -o path")
+    return fd
+
+
 def _held_elsewhere(fd: int, owner: dict | None) -> bool:
     try:
         import fcntl
@@ -398,7 +449,7 @@ def _alive(pid: Any) -> bool:
 
 def _same_inode(fd: int, path: Path) -> bool:
     try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
+        return os.path.samestat(os.fstat(fd), os.lstat(path))  # a link put in its place is not our lock
     except OSError:
         return False
 

@@ -19,6 +19,7 @@ import pandas as pd
 from reweight_audit.evaluation import metrics
 from reweight_audit.evaluation.metrics import metric_headers, table_cells
 from reweight_audit.core.errors import AuditError
+from reweight_audit.core.escaping import markdown_text
 from reweight_audit.evaluation.runs import RunData
 
 #: The group of a record whose metadata lacks the field.
@@ -102,17 +103,17 @@ def by_group_markdown(by_group: pd.DataFrame | None, k: float) -> str:
     """The table.md section: per run × rank-by × scope and group, every shown metric of every method."""
     if by_group is None or not len(by_group):
         return ""
-    field = by_group["group_by"].iloc[0]
+    field = markdown_text(by_group["group_by"].iloc[0])
     lines = [f"## By {field}", "",
              f"Each group is the tokens of the sequences whose record has that `{field}`; weights as in the main "
              "table (computed on the whole table).", ""]
     for (run, rank_by, scope, group), block in by_group.groupby(["run", "rank_by", "scope", "group"], sort=False):
         first = block.iloc[0]
-        lines += [f"### {field} = {group} ({run}, rank by {rank_by}, {scope}): {int(first['n_tokens']):,} tokens, "
+        lines += [f"### {field} = {markdown_text(group)} ({markdown_text(run)}, rank by {rank_by}, {scope}): {int(first['n_tokens']):,} tokens, "
                   f"{int(first['n_noise']):,} noise, {int(first['n_noise_seqs'])}/{int(first['n_seqs'])} sequences "
                   "with noise", "",
                   "| method | " + " | ".join(metric_headers(k)) + " |", "|---|" + "---:|" * len(metric_headers(k))]
         for _, row in block.iterrows():
-            lines.append(f"| {row['method']} | " + " | ".join(table_cells(row)) + " |")
+            lines.append(f"| {markdown_text(row['method'])} | " + " | ".join(table_cells(row)) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

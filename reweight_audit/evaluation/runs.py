@@ -32,6 +32,20 @@ LABEL_COLUMNS = ("is_noise", "noise_kind")
 EXCLUDED_KINDS = (AFTER_ERROR,)
 #: Span kinds that are real errors a person marked, not injected noise (the reports say so).
 REAL_ERROR_KINDS = (WRONG_STEP,)
+#: The statistics ``score`` writes, by name: a table may lack any of them, but one it has must be numbers.
+KNOWN_NUMERIC_COLUMNS = ("logp", "entropy", "rank", "expected_rank", "topk_entropy", "sum_p2", "ref_logp", "token_id",
+                         "seq_len")
+#: Lowest possible value of a known statistic and why (a float32 rounding of TOLERANCE below it is accepted).
+LOWER_BOUNDS = {
+    "entropy": (0.0, "entropy is at least 0 nats"),
+    "topk_entropy": (0.0, "entropy is at least 0 nats"),
+    "rank": (1.0, "a rank counts from 1 (1: the target is the most likely token)"),
+    "expected_rank": (1.0, "an expected rank E[R] is at least 1"),
+}
+#: Known statistics that count something: whole numbers.
+WHOLE_NUMBER_COLUMNS = ("rank", "token_id", "seq_len")
+#: Slack below a lower bound: float32 sums of a near-certain distribution round a little below it.
+TOLERANCE = 1e-4
 #: Columns derived from the table when it lacks them: ``seq_len``, the sequence's rows (its supervised tokens),
 #: for the position control and ``--stratify position|length``.
 DERIVED_COLUMNS = ("seq_len",)
@@ -213,6 +227,7 @@ def load_run(source: StatsSource, label: str | None = None) -> RunData:
         excluded_kinds=excluded_kinds,
     )
     _check_unique_tokens(run)
+    _check_statistics(run)
     logp = run.column("logp")
     bad = ~np.isfinite(logp)
     if bad.any():
@@ -235,6 +250,33 @@ def _check_unique_tokens(run: RunData) -> None:
         raise AuditError(f"{run.path}: {repeated.size} token row(s) repeat a (seq_id, pos) pair, first {first}; "
                          "each token must appear once (a table concatenated twice, or scored from duplicate ids): "
                          "rerun `reweight-audit score` on input with unique ids")
+
+
+def _bad_values(run: RunData, name: str, bad: np.ndarray, problem: str, meaning: str) -> None:
+    """One line naming the file, the column, how many rows, the first one and its value, and what to do."""
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        value = run.column(name)[first]
+        raise AuditError(f"{run.path}: column {name} has {int(bad.sum())} value(s) {problem}, first at row {first} "
+                         f"({value:g}); {meaning}; rerun `reweight-audit score` or fix the table")
+
+
+def _check_statistics(run: RunData) -> None:
+    """The known statistics' ranges: nothing impossible reaches a method (nulls/NaN stay, each method says so)."""
+    with np.errstate(invalid="ignore"):
+        for name in KNOWN_NUMERIC_COLUMNS:
+            if name not in run.table.column_names or name == "logp":
+                continue
+            values = run.column(name)
+            if name in LOWER_BOUNDS:
+                low, meaning = LOWER_BOUNDS[name]
+                _bad_values(run, name, np.isinf(values), "that are infinite", f"{name} is finite ({meaning})")
+                _bad_values(run, name, values < low - TOLERANCE * max(1.0, low), f"below {low:g}", meaning)
+            if name in WHOLE_NUMBER_COLUMNS and values.dtype.kind == "f":
+                _bad_values(run, name, np.isfinite(values) & (values != np.round(values)), "that are fractional",
+                            f"{name} counts something, so it is a whole number")
+            if name in WHOLE_NUMBER_COLUMNS and name not in LOWER_BOUNDS:
+                _bad_values(run, name, values < 0, "below 0", f"{name} is never negative")
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -273,11 +315,49 @@ def _check_table(table: pa.Table, path: Path) -> pa.Table:
     if not pa.types.is_integer(pos_col.type) or pos_col.null_count:
         raise AuditError(f"{path}: column pos must be integers without nulls (it is {pos_col.type}, "
                          f"{pos_col.null_count} null); rerun `reweight-audit score`")
-    noise_type = table.column("is_noise").type
-    if not (pa.types.is_boolean(noise_type) or pa.types.is_integer(noise_type)):
-        raise AuditError(f"{path}: column is_noise has type {noise_type}, expected bool; "
+    table = _checked_labels(table, path)
+    for name in KNOWN_NUMERIC_COLUMNS:
+        if name in table.column_names:
+            kind = table.schema.field(name).type
+            if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+                raise AuditError(f"{path}: column {name} has type {kind}, expected numbers; rerun "
+                                 "`reweight-audit score`, or rename the column if it is not the statistic")
+    return _token_text(table, path)
+
+
+def _checked_labels(table: pa.Table, path: Path) -> pa.Table:
+    """``is_noise`` as booleans without nulls (0/1 integers become booleans; a null is not "clean")."""
+    column = table.column("is_noise")
+    if not (pa.types.is_boolean(column.type) or pa.types.is_integer(column.type)):
+        raise AuditError(f"{path}: column is_noise has type {column.type}, expected bool; "
                          "rerun `reweight-audit score` on the labelled jsonl")
+    if column.null_count:
+        first = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+        raise AuditError(f"{path}: column is_noise has {column.null_count} null value(s), first at row {first}; "
+                         "a token's label must be true or false (a null is not clean): fix the table or rerun "
+                         "`reweight-audit score` on the labelled jsonl")
+    if pa.types.is_integer(column.type):
+        values = column.to_numpy(zero_copy_only=False)
+        outside = (values != 0) & (values != 1)
+        if outside.any():
+            first = int(np.flatnonzero(outside)[0])
+            raise AuditError(f"{path}: column is_noise has {int(outside.sum())} value(s) other than 0 and 1, first "
+                             f"at row {first} ({values[first]}); labels are true/false (or 1/0)")
+        table = table.set_column(table.schema.get_field_index("is_noise"), "is_noise", column.cast(pa.bool_()))
     return table
+
+
+def _token_text(table: pa.Table, path: Path) -> pa.Table:
+    """The ``token`` column as text (it is what the heatmap shows): numbers become their digits."""
+    kind = table.schema.field("token").type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
+        return table
+    try:
+        text = table.column("token").cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise AuditError(f"{path}: column token has type {kind}, expected text (each token's characters); rerun "
+                         "`reweight-audit score`") from None
+    return table.set_column(table.schema.get_field_index("token"), "token", text)
 
 
 def _dictionary_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from reweight_audit.evaluation import metrics
 from reweight_audit.core.errors import AuditError
+from reweight_audit.core.escaping import markdown_text
 from reweight_audit.core.formatting import fmt_num, fmt_pct
 from reweight_audit.methods.control import relative_position, token_rarity
 from reweight_audit.evaluation.runs import RunData
@@ -125,7 +126,9 @@ def control_verdicts(table: pd.DataFrame, strata: pd.DataFrame | None, k: float)
     for (run, rank_by, scope), block in _verdict_columns(table, strata, k).groupby(["run", "rank_by", "scope"],
                                                                                   sort=False):
         heads = list(dict.fromkeys(block["column"]))
-        wide = block.pivot_table(index="method", columns="column", values="value", sort=False, aggfunc="first")
+        # every column kept, undefined ones too (no noise, all noise, one row: AUROC is NaN and shows as n/a)
+        wide = block.pivot_table(index="method", columns="column", values="value", sort=False, aggfunc="first",
+                                 dropna=False).reindex(index=list(dict.fromkeys(block["method"])), columns=heads)
         family = block.drop_duplicates("method").set_index("method")["family"]
         control = family.reindex(wide.index) == CONTROL_FAMILY
         best = wide[control].max()
@@ -149,12 +152,12 @@ def controls_markdown(table: pd.DataFrame, strata: pd.DataFrame | None, k: float
              "table. ✓: above every control in that column.", ""]
     for v in verdicts:
         heads = v["columns"]
-        lines += [f"### {v['run']}, rank by {v['rank_by']}, {v['scope']}" if v["run"]
+        lines += [f"### {markdown_text(v['run'])}, rank by {v['rank_by']}, {v['scope']}" if v["run"]
                   else f"### rank by {v['rank_by']}, {v['scope']}", "",
                   "| method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
         for method in v["values"].index:
             cells = [_cell(h, v["values"].at[method, h]) + (" ✓" if v["above"].at[method, h] else "") for h in heads]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {markdown_text(method)} | " + " | ".join(cells) + " |")
         lines += ["", "Above every control in every column: " + (", ".join(f"`{m}`" for m in v["winners"]) or "none")
                   + ".", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import pandas as pd
 
 from reweight_audit.core.errors import AuditError
+from reweight_audit.core.escaping import markdown_text
 from reweight_audit.core.formatting import fmt_interval, fmt_pct, k_label
 from reweight_audit.methods import get_method
 
@@ -101,11 +102,11 @@ def table1_markdown(frame: pd.DataFrame, runs: list[dict], mapping: Mapping[str,
              "summary.json"]
     if k != PAPER_K:
         lines.append(f"- our cut is {k_label(k)}, the paper's {k_label(PAPER_K)}: the figures are not comparable")
-    lines += [f"- {note}" for note in notes]
+    lines += [f"- {markdown_text(note)}" for note in notes]
     by_run = {r["label"]: r for r in runs}
     for (run, rank_by, scope), block in frame.groupby(["run", "rank_by", "scope"], sort=False):
         r = by_run.get(run, {})
-        lines += ["", f"## {run}, rank by {rank_by}, {scope} top-k", "",
+        lines += ["", f"## {markdown_text(run)}, rank by {rank_by}, {scope} top-k", "",
                   f"Base rate: ours {fmt_pct(r.get('base_rate'))} ({r.get('n_noise', 0):,} noise of "
                   f"{r.get('n_tokens', 0):,} tokens); the paper's implied {_span(implied)}."
                   + _scale_note(r.get("base_rate"), implied), "",

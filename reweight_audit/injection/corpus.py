@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,6 +27,8 @@ from reweight_audit.core.errors import AuditError
 from reweight_audit.core.frames import TABLE_KINDS, check_table, is_table, rows_digest, table_rows
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+#: Characters one CSV cell may hold (the csv module's default, 131,072, is shorter than a long response).
+CSV_FIELD_LIMIT = 1 << 30
 CHAMP, CHAMP_FWS = "champ", "champ-fws"
 BUILTIN_SOURCES = (CHAMP, CHAMP_FWS)
 _SOURCE_HINT = "give a .jsonl/.json/.csv/.parquet path, 'hf:NAME[:CONFIG]', 'champ' or 'champ-fws'"
@@ -201,9 +204,11 @@ def _to_record(row: dict, fields: FieldMap, where: str) -> Record:
             f"{where}: no response field '{fields.response}' and no '{fields.messages}' chat column; "
             f"fields present: {', '.join(map(str, row))}; choose one with --response-field/--prompt-field"
         )
-    prompt = _prompt_text(prompt)
-    if not isinstance(response, str) or not isinstance(prompt, (str, type(None))):
-        raise AuditError(f"{where}: field '{fields.response}'/'{fields.prompt}' must be text, got {type(response).__name__}")
+    prompt = _prompt_text(prompt, where)
+    if not isinstance(response, str):
+        raise AuditError(f"{where}: field '{fields.response}' must be text, got {type(response).__name__}")
+    if not isinstance(prompt, (str, type(None))):
+        raise AuditError(f"{where}: field '{fields.prompt}' must be text, got {type(prompt).__name__}")
     prompt = prompt or ""
     spans = row.get("spans")
     if spans is not None and spans != "":  # an empty CSV cell is no spans
@@ -221,7 +226,7 @@ def _steps_record(row: dict, fields: FieldMap, where: str, after_error: str) -> 
         if name not in row:
             raise AuditError(f"{where}: no field '{name}'; fields present: {', '.join(map(str, row))}; "
                              f"choose one with {option}")
-    prompt = _prompt_text(row[fields.prompt])
+    prompt = _prompt_text(row[fields.prompt], where)
     if not isinstance(prompt, (str, type(None))):
         raise AuditError(f"{where}: field '{fields.prompt}' must be text, got {type(prompt).__name__}")
     steps = _json_text(row[fields.steps])
@@ -231,9 +236,10 @@ def _steps_record(row: dict, fields: FieldMap, where: str, after_error: str) -> 
                   meta=meta, spans=spans)
 
 
-def _prompt_text(prompt: Any) -> Any:
+def _prompt_text(prompt: Any, where: str) -> Any:
     if isinstance(prompt, list):  # a chat history as prompt: keep the text only
-        return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+        return "\n".join(content_text(m.get("content"), f"{where}: the prompt's chat history") for m in prompt
+                         if isinstance(m, dict))
     return prompt
 
 
@@ -268,10 +274,32 @@ def _split_messages(messages: list, where: str) -> tuple[str, str]:
             last = i
     if last is None:
         raise AuditError(f"{where}: 'messages' has no assistant turn; the last assistant turn is the response")
-    response = str(messages[last].get("content") or "")
+    response = content_text(messages[last].get("content"), f"{where}: the assistant turn")
     users = [m for m in messages[:last] if isinstance(m, dict) and m.get("role") == "user"]
-    prompt = str(users[-1].get("content") or "") if users else ""
+    prompt = content_text(users[-1].get("content"), f"{where}: the user turn") if users else ""
     return prompt, response
+
+
+def content_text(content: Any, where: str) -> str:
+    """A chat turn's content as text: a string, or a list of parts (the OpenAI / Hugging Face format) whose text
+    parts are joined as the chat templates join them (no separator); any other part is refused by its type."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise AuditError(f"{where}: content must be text or a list of parts, got {type(content).__name__}")
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise AuditError(f"{where}: a content part of type {kind!r} is not text; only text parts can be "
+                             "scored (drop the other parts or the record)")
+    return "".join(texts)
 
 
 def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tuple[str, dict]]:
@@ -287,18 +315,47 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
                     continue
                 raise AuditError(f"{path}:{lineno}: not UTF-8 (byte {exc.start}); re-encode the file as UTF-8 or pass --skip-bad") from None
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
+                row = _parsed_json(text)
+            except (ValueError, RecursionError) as exc:
                 if skip_bad:
                     report.bad_lines.append(lineno)
                     continue
-                raise AuditError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno}); fix the line or pass --skip-bad") from None
+                raise AuditError(f"{path}:{lineno}: {_json_problem(exc)}; fix the line or pass --skip-bad") from None
             if not isinstance(row, dict):
                 if skip_bad:
                     report.bad_lines.append(lineno)
                     continue
                 raise AuditError(f"{path}:{lineno}: expected a JSON object per line; fix the line or pass --skip-bad")
             yield f"{path}:{lineno}", row
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parsed_json(text: str) -> Any:
+    """``json.loads``, and a lone surrogate escape (``"\\ud800"``: no character, cannot be written as UTF-8)
+    refused here rather than when the output is written."""
+    value = json.loads(text)
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a \\u escape is a lone surrogate, not a character") from None
+    return value
+
+
+def _json_problem(exc: BaseException) -> str:
+    """What is wrong with a record's JSON, in words (malformed, nested too deep, an integer too long, ...)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON ({exc.msg}, column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deep to read"
+    return f"unreadable JSON ({_one_line(exc)})"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def _read_text(path: Path) -> str:
@@ -310,9 +367,11 @@ def _read_text(path: Path) -> str:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        data = json.loads(_read_text(path))
+        data = _parsed_json(_read_text(path))
     except json.JSONDecodeError as exc:
         raise AuditError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+    except (ValueError, RecursionError) as exc:
+        raise AuditError(f"{path}: {_json_problem(exc)}; fix the file") from None
     if isinstance(data, dict):
         # {"data": [...]} or {"id": {...}, ...}
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -320,6 +379,9 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
             data = lists[0]
         else:
             data = [dict(v, id=v.get("id", k)) for k, v in data.items() if isinstance(v, dict)]
+            if not data:
+                raise AuditError(f"{path}: a JSON object, but not of records (no list of objects, no object per id); "
+                                 "write a list of objects, one per record")
     if not isinstance(data, list):
         raise AuditError(f"{path}: expected a JSON list of objects; write one object per record")
     for i, row in enumerate(data):
@@ -329,9 +391,15 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         # utf-8-sig: with a BOM the first column would be named "\ufeffid" and silently be missing
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # a long response is one cell
         with path.open(newline="", encoding="utf-8-sig") as f:
-            for lineno, row in enumerate(csv.DictReader(f), start=2):
-                yield f"{path}:{lineno}", row
+            reader = csv.DictReader(f)
+            try:
+                for row in reader:
+                    yield f"{path}:{reader.line_num}", row
+            except csv.Error as exc:
+                raise AuditError(f"{path}:{reader.line_num}: not readable as CSV ({_one_line(exc)}); fix the "
+                                 "line") from None
     except UnicodeDecodeError as exc:
         raise AuditError(f"{path}: not UTF-8 (byte offset {exc.start}); re-encode the file as UTF-8") from None
 

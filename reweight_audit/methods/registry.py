@@ -519,8 +519,9 @@ def compute_weights(
                 f"method {method.name!r}: batch ids have shape {batch.shape}, expected ({n},)"
             )
 
-    try:
-        result = method.fn(cols, batch=batch, rng=np.random.default_rng(seed), **merged)
+    try:  # NumPy's over/invalid warnings stay silent: _validate names every non-finite weight, in one line
+        with np.errstate(all="ignore"):
+            result = method.fn(cols, batch=batch, rng=np.random.default_rng(seed), **merged)
     except AuditError as exc:
         msg = str(exc)
         raise AuditError(msg if repr(method.name) in msg else f"method {method.name!r}: {msg}") from None

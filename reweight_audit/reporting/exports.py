@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -20,6 +21,7 @@ from reweight_audit.reporting import render as report
 from reweight_audit.evaluation.agreement import agreement_markdown, verdicts
 from reweight_audit.evaluation.config import HEATMAP_SEQUENCES
 from reweight_audit.evaluation.groups import by_group_markdown
+from reweight_audit.core.escaping import csv_text
 from reweight_audit.core.io import atomic_directory, dump_json, json_safe
 from reweight_audit.reporting.render import render_table, table_markdown  # the command line and the API show them
 from reweight_audit.evaluation.results import CompareResult
@@ -27,7 +29,7 @@ from reweight_audit.evaluation.runs import RunData
 from reweight_audit.evaluation.strata import ALL, control_verdicts, controls_markdown
 from reweight_audit.evaluation.table1 import table1_markdown
 
-__all__ = ["EXPORT_FILES", "PLOTS", "write_exports", "figures", "render_table", "table_markdown", "report_markdown",
+__all__ = ["EXPORT_FILES", "PLOTS", "write_exports", "write_csv", "figures", "render_table", "table_markdown", "report_markdown",
            "summary",
            "weights_table"]
 
@@ -79,11 +81,22 @@ def write_exports(result: CompareResult, out_dir: Path, *, runs: list[RunData],
     return result.files
 
 
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as CSV; a text cell a spreadsheet would run as a formula (a run label from a file named
+    ``=cmd…``) is prefixed with ``'`` (:func:`reweight_audit.core.escaping.csv_text`). Numbers are never touched."""
+    text_columns = frame.select_dtypes(include=["object", "string", "category"]).columns
+    if len(text_columns):
+        frame = frame.copy()
+        for column in text_columns:
+            frame[column] = frame[column].map(csv_text)
+    frame.to_csv(path, index=False)
+
+
 def write_tables(result: CompareResult, folder: Path) -> None:
     """table.csv, curves.csv, by_kind.csv and table.md; the views: table1.md/.csv, agreement.csv, by_group.csv."""
-    result.table.to_csv(folder / "table.csv", index=False)
-    result.curves.to_csv(folder / "curves.csv", index=False)
-    result.by_kind.to_csv(folder / "by_kind.csv", index=False)
+    write_csv(result.table, folder / "table.csv")
+    write_csv(result.curves, folder / "curves.csv")
+    write_csv(result.by_kind, folder / "by_kind.csv")
     (folder / "table.md").write_text(report_markdown(result), encoding="utf-8")
     write_views(result, folder)
 
@@ -100,16 +113,16 @@ def write_views(result: CompareResult, folder: Path) -> None:
     """table1.md and table1.csv always; agreement.csv with several runs; by_group.csv with --by-meta; strata.csv
     with --stratify."""
     if result.table1 is not None:
-        result.table1.to_csv(folder / "table1.csv", index=False)
+        write_csv(result.table1, folder / "table1.csv")
         (folder / "table1.md").write_text(table1_markdown(result.table1, result.runs, result.config["table1_map"],
                                                           result.k, report.label_notes(result.runs)),
                                           encoding="utf-8")
     if result.agreement is not None and len(result.agreement):
-        result.agreement.to_csv(folder / "agreement.csv", index=False)
+        write_csv(result.agreement, folder / "agreement.csv")
     if result.by_group is not None:
-        result.by_group.to_csv(folder / "by_group.csv", index=False)
+        write_csv(result.by_group, folder / "by_group.csv")
     if result.strata is not None:
-        result.strata.to_csv(folder / "strata.csv", index=False)
+        write_csv(result.strata, folder / "strata.csv")
 
 
 def write_plots(result: CompareResult, folder: Path, *, runs: list[RunData],

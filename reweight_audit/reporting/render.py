@@ -19,6 +19,7 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
+from reweight_audit.core.escaping import markdown_code, markdown_text, plot_text
 from reweight_audit.core.formatting import finite, fmt_interval, fmt_num, fmt_pct, k_label
 from reweight_audit.evaluation.metrics import metric_headers, metric_specs, table_cells
 from reweight_audit.evaluation.results import CompareResult
@@ -108,16 +109,12 @@ def render_table(result: CompareResult) -> Table:
     return table
 
 
-def _md_escape(s: Any) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
 def table_markdown(result: CompareResult) -> str:
     """table.md: the main table, base rates, skipped methods and recall by noise kind."""
     df = result.table
     lines = [f"# reweight-audit compare: top {k_label(result.k)}", ""]
     for r in result.runs:
-        lines.append(f"- **{_md_escape(r['label'])}** (`{_md_escape(r['path'])}`): {r['n_tokens']:,} tokens, "
+        lines.append(f"- **{markdown_text(r['label'])}** ({markdown_code(r['path'])}): {r['n_tokens']:,} tokens, "
                      f"{r['n_noise']:,} noise (base rate {fmt_pct(r['base_rate'])}), "
                      f"{r['n_noise_seqs']}/{r['n_seqs']} sequences with noise")
     cfg = result.config
@@ -125,7 +122,7 @@ def table_markdown(result: CompareResult) -> str:
                  f"ties at the cut count fractionally; seed {cfg.get('seed')}")
     if cfg.get("n_boot"):
         lines.append(f"- parentheses: bootstrap 95% interval over sequences, {cfg['n_boot']} resamples")
-    lines += [f"- {_md_escape(note)}" for note in label_notes(result.runs)]
+    lines += [f"- {markdown_text(note)}" for note in label_notes(result.runs)]
     lines.append("")
     extra = ["run", "rank_by", "scope"] if len(df) else []
     extra = [c for c in extra if c in _varying(df)] if len(df) else []
@@ -133,27 +130,27 @@ def table_markdown(result: CompareResult) -> str:
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * (len(extra) + 2) + ["---:"] * (len(head) - len(extra) - 2)) + "|")
     for _, row in df.iterrows():
-        cells = [_md_escape(row[c]) for c in extra] + [_md_escape(row["method"]), _md_escape(row.get("family", ""))]
+        cells = [markdown_text(row[c]) for c in extra] + [markdown_text(row["method"]), markdown_text(row.get("family", ""))]
         lines.append("| " + " | ".join(cells + table_cells(row)) + " |")
     if result.skipped:
         lines += ["", "## Skipped methods", ""]
         for s in result.skipped:
-            lines.append(f"- `{_md_escape(s['method'])}` ({_md_escape(s['run'])}): {_md_escape(s['reason'])}")
+            lines.append(f"- {markdown_code(s['method'])} ({markdown_text(s['run'])}): {markdown_text(s['reason'])}")
     bk = result.by_kind
     if len(bk):
         lines += ["", f"## Token recall @{k_label(result.k)} by noise kind", "",
                   "Pool per kind: clean tokens plus that kind's tokens.", ""]
         for key, grp in bk.groupby(["run", "rank_by", "scope"], sort=False):
             if len(bk.groupby(["run", "rank_by", "scope"])) > 1:
-                lines += [f"### {_md_escape(key[0])}, rank by {key[1]}, {key[2]}", ""]
+                lines += [f"### {markdown_text(key[0])}, rank by {key[1]}, {key[2]}", ""]
             kinds = list(dict.fromkeys(grp["kind"]))
-            lines.append("| method | " + " | ".join(_md_escape(k) + (" (real errors)" if k in REAL_ERROR_KINDS else "")
+            lines.append("| method | " + " | ".join(markdown_text(k) + (" (real errors)" if k in REAL_ERROR_KINDS else "")
                                                   for k in kinds) + " |")
             lines.append("|---|" + "|".join(["---:"] * len(kinds)) + "|")
             piv = grp.pivot_table(index="method", columns="kind", values="tok_rec", sort=False, dropna=False)
             for m in dict.fromkeys(grp["method"]):
                 vals = [fmt_pct(piv.at[m, kd]) if kd in piv.columns else "n/a" for kd in kinds]
-                lines.append(f"| {_md_escape(m)} | " + " | ".join(vals) + " |")
+                lines.append(f"| {markdown_text(m)} | " + " | ".join(vals) + " |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -204,13 +201,13 @@ def recall_curves_figure(curves: pd.DataFrame, k: float | None = None) -> Figure
         for m in dict.fromkeys(sub["method"]):
             s = sub[sub["method"] == m].sort_values("k")
             y = s["tok_rec"].to_numpy(dtype=float) * 100
-            ax.plot(s["k"], y, marker="o", ms=3, lw=1.4, label=m, color=colours[m])
+            ax.plot(s["k"], y, marker="o", ms=3, lw=1.4, label=plot_text(m), color=colours[m])
         ax.plot([0, 50], [0, 50], ls=":", color="grey", lw=1, label="chance")
         if k is not None:
             ax.axvline(float(k), color="grey", lw=0.6, alpha=0.5)
         ax.set_xlabel("top k% of tokens")
         ax.set_ylabel("noise recall (%)")
-        ax.set_title(f"{run}\nrank by {rb}, {sc}", fontsize=9)
+        ax.set_title(plot_text(f"{run}\nrank by {rb}, {sc}"), fontsize=9)
         ax.set_xlim(0, 51)
         ax.set_ylim(0, 101)
         ax.grid(alpha=0.3)
@@ -223,7 +220,7 @@ def _scatter_panels(samples: list[dict], *, x_of, y_of, need: tuple[str, ...], x
                     ylabel: str, bound, bound_label: str, xlog: bool) -> Figure:
     fig, axes = _figure(len(samples), 2, 5.2, 4.2)
     for ax, s in zip(axes, samples):
-        ax.set_title(str(s["label"]), fontsize=9)
+        ax.set_title(plot_text(s["label"]), fontsize=9)
         if any(s.get(n) is None for n in need):
             missing = [n for n in need if s.get(n) is None]
             ax.text(0.5, 0.5, f"no {', '.join(missing)} column", ha="center", va="center", transform=ax.transAxes)
@@ -232,15 +229,17 @@ def _scatter_panels(samples: list[dict], *, x_of, y_of, need: tuple[str, ...], x
         y = np.asarray(y_of(s), dtype=float)
         noise = np.asarray(s["is_noise"], dtype=bool)
         ok = np.isfinite(x) & np.isfinite(y) & (y > 0) & ((x > 0) if xlog else True)
+        if not ok.any():  # log axes need a positive value (a table of NaNs, or every value 0)
+            ax.text(0.5, 0.5, "no values to plot", ha="center", va="center", transform=ax.transAxes)
+            continue
         ax.scatter(x[ok & ~noise], y[ok & ~noise], s=4, alpha=0.35, color="steelblue", lw=0,
                    label=f"clean ({int((ok & ~noise).sum()):,})", rasterized=True)
         ax.scatter(x[ok & noise], y[ok & noise], s=5, alpha=0.6, color="crimson", lw=0,
                    label=f"noise ({int((ok & noise).sum()):,})", rasterized=True)
-        if ok.any():
-            xs = np.linspace(x[ok].min(), x[ok].max(), 200) if not xlog else np.geomspace(x[ok].min(), 1.0, 200)
-            bx, by = bound(xs)
-            if len(bx):
-                ax.plot(bx, by, color="navy", lw=1.2, label=bound_label)
+        xs = np.linspace(x[ok].min(), x[ok].max(), 200) if not xlog else np.geomspace(x[ok].min(), 1.0, 200)
+        bx, by = bound(xs)
+        if len(bx):
+            ax.plot(bx, by, color="navy", lw=1.2, label=bound_label)
         if xlog:
             ax.set_xscale("log")
         ax.set_yscale("log")
@@ -316,7 +315,7 @@ def weight_distributions_figure(weight_samples: list[dict]) -> Figure:
         noise = np.asarray(d["noise"], dtype=float)
         clean = np.asarray(d["clean"], dtype=float)
         noise, clean = noise[np.isfinite(noise)], clean[np.isfinite(clean)]
-        ax.set_title(f"{label}: {m}" if multi else m, fontsize=8)
+        ax.set_title(plot_text(f"{label}: {m}" if multi else m), fontsize=8)
         ax.tick_params(labelsize=6)
         ax.set_yticks([])
         both = np.concatenate([noise, clean])

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reweight_audit.core.escaping import markdown_code, markdown_text, plot_text
 from reweight_audit.core.formatting import fmt_pct, k_label
 from reweight_audit.core.io import atomic_directory, dump_json, json_safe
 from reweight_audit.evaluation.metrics import metric_specs
+from reweight_audit.reporting.exports import write_csv
 from reweight_audit.reporting.render import label_notes
 from reweight_audit.evaluation.sweep import SETTING, SweepResult
 
@@ -25,10 +27,10 @@ SWEEP_FILES = ("sweep.csv", "pairs.csv", "claim.csv", "robustness.md", "robustne
 def write_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
     """The sweep's files into ``out_dir``, all or none; sets and returns ``result.files``."""
     with atomic_directory(out_dir) as tmp:
-        result.table.to_csv(tmp / "sweep.csv", index=False)
-        result.pairs.to_csv(tmp / "pairs.csv", index=False)
+        write_csv(result.table, tmp / "sweep.csv")
+        write_csv(result.pairs, tmp / "pairs.csv")
         if result.claim is not None:
-            result.claim.to_csv(tmp / "claim.csv", index=False)
+            write_csv(result.claim, tmp / "claim.csv")
         (tmp / "robustness.md").write_text(robustness_markdown(result), encoding="utf-8")
         plot_pair_matrix(result, tmp / "robustness.png")
         names = [n for n in SWEEP_FILES if (tmp / n).exists() or n == "sweep.json"]
@@ -73,7 +75,7 @@ def robustness_markdown(result: SweepResult) -> str:
     noise = list(dict.fromkeys(result.table["noise"])) if len(result.table) else []
     lines = ["# reweight-audit sweep: which method puts less weight on noise, whatever the convention", ""]
     for r in result.runs:
-        lines.append(f"- **{r['label']}** (`{r['path']}`): {r['n_tokens']:,} tokens, {r['n_noise']:,} noise "
+        lines.append(f"- **{markdown_text(r['label'])}** ({markdown_code(r['path'])}): {r['n_tokens']:,} tokens, {r['n_noise']:,} noise "
                      f"(base rate {fmt_pct(r['base_rate'])})")
     lines += [f"- settings: run × rank by ({', '.join(cfg['rank_by'])}) × scope ({', '.join(cfg['scope'])}) × "
               f"k ({', '.join(k_label(k) for k in cfg['k'])}) × noise ({', '.join(noise)}) × stratify "
@@ -84,9 +86,10 @@ def robustness_markdown(result: SweepResult) -> str:
               f"- order by {metric}; ties at the cut count fractionally; "
               + (f"bootstrap over sequences, {cfg['n_boot']} resamples, the same draws for every method (seed "
                  f"{cfg['seed']})" if cfg["n_boot"] else "no bootstrap (--bootstrap 0)")]
-    lines += [f"- note: {n}" for n in result.notes + label_notes(result.runs)]
+    lines += [f"- note: {markdown_text(n)}" for n in result.notes + label_notes(result.runs)]
     if result.skipped:
-        lines += [f"- skipped: {s['method']} ({s['run']}: {s['reason']})" for s in result.skipped]
+        lines += [f"- skipped: {markdown_text(s['method'])} ({markdown_text(s['run'])}: {markdown_text(s['reason'])})"
+                  for s in result.skipped]
     lines += ["", *pair_matrix_markdown(result, metric), "", *consistent_orders(result, metric)]
     if result.claim is not None:
         lines += ["", *claim_markdown(result, metric)]
@@ -101,13 +104,13 @@ def pair_matrix_markdown(result: SweepResult, metric: str) -> list[str]:
              f"Row A, column B: the share of the settings (both defined) in which A puts less weight on noise than B "
              f"by {metric}; in parentheses, in how many of those settings the paired 95% bootstrap interval of "
              f"{metric}(B) − {metric}(A) lies above 0. Last column: A's mean share over the other methods.", "",
-             "| A \\ B | " + " | ".join(methods) + " | mean |", "|---|" + "---:|" * (len(methods) + 1)]
+             "| A \\ B | " + " | ".join(map(markdown_text, methods)) + " | mean |", "|---|" + "---:|" * (len(methods) + 1)]
     for i, a in enumerate(methods):
         cells = ["·" if i == j else (f"{share[i, j] * 100:.0f}% ({sure[i, j]})" if settings[i, j] else "n/a")
                  for j in range(len(methods))]
         others = share[i, np.arange(len(methods)) != i]
         mean = f"{np.nanmean(others) * 100:.0f}%" if np.isfinite(others).any() else "n/a"
-        lines.append(f"| **{a}** | " + " | ".join(cells) + f" | {mean} |")
+        lines.append(f"| **{markdown_text(a)}** | " + " | ".join(cells) + f" | {mean} |")
     return lines
 
 
@@ -117,7 +120,7 @@ def consistent_orders(result: SweepResult, metric: str) -> list[str]:
     fixed = p[(p["settings"] > 0) & (p["less"] == p["settings"])]
     lines = [f"## Orders that hold in every setting ({len(fixed)} of {len(p) // 2} pairs)", ""]
     for row in fixed.itertuples(index=False):
-        lines.append(f"- {row.a} < {row.b} by {metric} in all {row.settings} settings ({row.sure} sure)")
+        lines.append(f"- {markdown_text(row.a)} < {markdown_text(row.b)} by {metric} in all {row.settings} settings ({row.sure} sure)")
     if not len(fixed):
         lines.append("- none: every pair's order changes with the convention")
     return lines
@@ -133,7 +136,7 @@ def claim_markdown(result: SweepResult, metric: str) -> list[str]:
              "| " + " | ".join([*SETTING, *order, "holds", "sure"]) + " |",
              "|" + "---|" * len(SETTING) + "---:|" * len(order) + "---|---|"]
     for row in claim.sort_values("holds", kind="stable").to_dict(orient="records"):
-        cells = [str(row[c]) if c != "k" else k_label(row[c]) for c in SETTING]
+        cells = [markdown_text(row[c]) if c != "k" else k_label(row[c]) for c in SETTING]
         cells += [fmt_pct(row[m]) for m in order] + ["yes" if row["holds"] else "**no**", "yes" if row["sure"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -162,8 +165,8 @@ def plot_pair_matrix(result: SweepResult, path: Path) -> Path:
     fig = Figure(figsize=(size + 1.2, size), dpi=100, layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(share), cmap="RdYlGn", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.set_xticks(range(len(methods)), [plot_text(m) for m in methods], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(methods)), [plot_text(m) for m in methods], fontsize=8)
     ax.set_xlabel("B")
     ax.set_ylabel("A")
     metric = _header(result.config["metric"])

@@ -25,6 +25,7 @@ from reweight_audit.core.io import (
     manifest_header,
     manifest_path,
     prepare_output_file,
+    refuse_symlink,
     write_parquet_atomic,
 )
 from reweight_audit.scoring.batching import pad_id_of, plan_batches
@@ -195,7 +196,7 @@ def _set_up(input_path: NoisySource, output: Path, config: ScoreConfig, resume: 
     template = choose_template(tokenizer, config.template)
     ref_source = _reference_source(config, tokenizer)
     identity = run_identity(input_path, source, ref_source, template, dtype, config, window)
-    shards = check_shards(shard_dir(output), identity, resume=resume)
+    shards = check_shards(refuse_symlink(shard_dir(output), "the shards folder"), identity, resume=resume)
     counts: dict[str, int] = {}
     read_report: dict = {}
     windows = iter_windows(input_path, tokenizer, template, config.max_length, counts, read_report, window)
