@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from reweight_audit.core.errors import AuditError
+from reweight_audit.evaluation.config import CompareConfig, SweepConfig
 from reweight_audit.core.io import acquire_lock, atomic_directory, atomic_file, lock_path, output_lock, \
     refuse_symlink
 
@@ -106,7 +107,7 @@ def hostile_report(tmp_path_factory):
 
     from reweight_audit.evaluation.compare import run_compare
     from reweight_audit.reporting.exports import write_exports
-    from test_compare import make_stats, write_stats
+    from helpers import make_stats, write_stats
 
     d = tmp_path_factory.mktemp("hostile")
     table = make_stats(20)
@@ -114,8 +115,8 @@ def hostile_report(tmp_path_factory):
     kinds[kinds == "typo"] = "<b>typo</b>"
     table = table.set_column(table.schema.get_field_index("noise_kind"), "noise_kind", pa.array(list(kinds)))
     stats = write_stats(d / f"{HOSTILE}.parquet", table)
-    run_compare([stats], d / "out", writer=write_exports, methods=["sft", "entropy", "position", "rarity"],
-                n_boot=0, heatmap_sequences=2)
+    run_compare([stats], d / "out", CompareConfig(methods=["sft", "entropy", "position", "rarity"], bootstrap=0,
+                                                  heatmap_sequences=2), writer=write_exports)
     return d / "out"
 
 
@@ -169,7 +170,7 @@ def _variant(tmp_path, name, change):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from test_compare import make_stats
+    from helpers import make_stats
 
     table = make_stats(8)
     column, values = change(table, table.num_rows, np)
@@ -199,8 +200,9 @@ def test_a_degenerate_table_gives_a_whole_report(tmp_path, name):
     from reweight_audit.reporting.exports import report_markdown, write_exports
 
     path = _variant(tmp_path, name, DEGENERATE[name])
-    result = run_compare([path], tmp_path / "out", writer=write_exports, n_boot=0, heatmap_sequences=2,
-                         methods=["sft", "entropy", "position", "rarity"], stratify=["position"])
+    result = run_compare([path], tmp_path / "out", CompareConfig(
+        bootstrap=0, heatmap_sequences=2, methods=["sft", "entropy", "position", "rarity"], stratify=["position"]),
+        writer=write_exports)
     text = report_markdown(result)
     assert "## Controls" in text and (tmp_path / "out" / "heatmap.html").exists()
     if name in ("no-noise", "all-noise", "one-row"):
@@ -212,8 +214,9 @@ def test_more_strata_than_tokens_is_ordinary(tmp_path):
     from reweight_audit.reporting.exports import write_exports
 
     path = _variant(tmp_path, "t", lambda t, n, np: (None, t))
-    run_compare([path], tmp_path / "out", writer=write_exports, n_boot=0, heatmap_sequences=1,
-                methods=["sft", "entropy", "position", "rarity"], stratify=["position"], strata=100000)
+    run_compare([path], tmp_path / "out", CompareConfig(
+        bootstrap=0, heatmap_sequences=1, methods=["sft", "entropy", "position", "rarity"], stratify=["position"],
+        strata=100000), writer=write_exports)
     assert (tmp_path / "out" / "strata.csv").exists()
 
 
@@ -307,7 +310,7 @@ def test_numpy_warnings_do_not_print_before_the_error_line(tmp_path):
 
 
 def test_score_refuses_a_symlinked_shards_folder_and_deletes_nothing_there(tmp_path, tiny_model, noisy_rows):
-    from conftest import write_noisy
+    from helpers import write_noisy
     from reweight_audit.scoring.config import ScoreConfig
     from reweight_audit.scoring.engine import run_score
 
@@ -354,10 +357,11 @@ def test_sweep_pages_escape_a_hostile_label(tmp_path):
 
     from reweight_audit.evaluation.sweep import run_sweep
     from reweight_audit.reporting.sweep_report import write_sweep
-    from test_compare import make_stats, write_stats
+    from helpers import make_stats, write_stats
 
     stats = write_stats(tmp_path / f"{HOSTILE}.parquet", make_stats(12))
-    run_sweep([stats], tmp_path / "sw", writer=write_sweep, n_boot=0, methods=["sft", "entropy", "position"])
+    run_sweep([stats], tmp_path / "sw", SweepConfig(bootstrap=0, methods=["sft", "entropy", "position"]),
+              writer=write_sweep)
     text = re.sub(r"(`+).*?\1", "", (tmp_path / "sw" / "robustness.md").read_text())
     assert "<img" not in text and "&lt;img" in text
     assert "'" + HOSTILE in (tmp_path / "sw" / "sweep.csv").read_text()
