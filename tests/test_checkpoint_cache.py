@@ -195,6 +195,17 @@ def test_two_processes_convert_once_and_read_the_finished_entry(tiny_gguf, cache
     assert len(checkpoints.list_entries(cache)) == 1
 
 
+def test_an_unwritable_cache_reads_the_gguf_directly_with_a_note(tiny_gguf, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"  # a cache below a file cannot be made, even by root
+    blocker.write_text("")
+    monkeypatch.setenv(models.CACHE_ENV, str(blocker / "cache"))
+    source = models.resolve_model(str(tiny_gguf))
+    with caplog.at_level(logging.WARNING, logger="reweight_audit"):
+        assert models.checkpoint_source(source) is source
+    assert "not writable" in caplog.records[0].getMessage()
+    assert models.load_tokenizer(source).is_fast
+
+
 def test_cache_list_and_clear(tiny_gguf, cache):
     from reweight_audit.cli import app
 

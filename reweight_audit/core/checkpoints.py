@@ -17,6 +17,7 @@ Core only, and knows nothing of transformers: the conversion itself is a callabl
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -50,15 +51,20 @@ def entry_path(root: Path, digest: str) -> Path:
 
 
 def cached_checkpoint(gguf: Path, digest: str, root: Path, convert: Callable[[Path], None], *,
-                      converter: str, versions: dict) -> Path:
+                      converter: str, versions: dict) -> Path | None:
     """The checked cache folder of ``gguf``; converted now (``convert(folder)``) when absent or damaged.
 
     ``converter`` names what the conversion depends on (``transformers 5.24.0``): an entry made by
-    another is made again. ``versions`` are recorded in the manifest.
+    another is made again. ``versions`` are recorded in the manifest. None, with a note, when the
+    cache folder cannot be written: the caller loads the GGUF itself.
     """
     entry = entry_path(root, digest)
     if _problem(entry, digest, converter) is None:
         return entry
+    if not _writable(entry.parent):
+        log.warning("%s: the checkpoint cache %s is not writable, so the GGUF is read directly (slow); "
+                    "set $REWEIGHT_AUDIT_CACHE to a writable folder", gguf.name, entry.parent)
+        return None
     with output_lock(entry, wait=True):  # another process converting it: wait, then read its entry
         problem = _problem(entry, digest, converter)
         if problem is None:
@@ -68,6 +74,14 @@ def cached_checkpoint(gguf: Path, digest: str, root: Path, convert: Callable[[Pa
         log.warning("%s: %s", gguf.name, note)
         _build(gguf, digest, entry, convert, converter, versions)
     return entry
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _problem(entry: Path, digest: str, converter: str) -> str | None:

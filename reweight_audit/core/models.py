@@ -239,6 +239,8 @@ def checkpoint_source(source: ModelSource, *, trust_remote_code: bool = False) -
     folder = cached_checkpoint(gguf, model_digest(source), cache_dir(),
                                lambda work: convert_gguf(source, work, trust_remote_code=trust_remote_code),
                                converter=_converter(), versions=_versions())
+    if folder is None:  # no writable cache: the GGUF itself
+        return source
     return ModelSource(spec=source.spec, kind="directory", location=str(folder))
 
 
