@@ -508,6 +508,39 @@ def train(
     out.print(f"wrote {escape(str(output))}/: " + ", ".join(p.name for p in result.files.values()))
 
 
+# ---------------------------------------------------------------- cache: the converted checkpoint cache
+
+cache_app = typer.Typer(help="The GGUF models converted for fast loading (in $REWEIGHT_AUDIT_CACHE).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """Each converted checkpoint: path, model, size, date."""
+    from reweight_audit.core.checkpoints import list_entries
+    from reweight_audit.core.models import cache_dir
+
+    entries = list_entries(cache_dir())
+    if not entries:
+        out.print(f"no cached checkpoints in {escape(str(cache_dir()))}", highlight=False)
+    for entry in entries:
+        out.print(f"{escape(str(entry.path))}  {escape(entry.model)}  {entry.size / 1e6:.0f} MB  {entry.created}",
+                  highlight=False, soft_wrap=True)
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every converted checkpoint; the next load of a GGUF model converts it again."""
+    from reweight_audit.core.checkpoints import clear_entries
+    from reweight_audit.core.models import cache_dir
+
+    removed = clear_entries(cache_dir())
+    freed = sum(entry.size for entry in removed) / 1e6
+    out.print(f"removed {len(removed)} cached checkpoint(s) from {escape(str(cache_dir()))}, {freed:.0f} MB",
+              highlight=False)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; library notes print as ``note:``."""
     notes = logging.getLogger("reweight_audit")

@@ -83,3 +83,12 @@ def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(model.sys, "platform", "linux")
     assert model.cache_dir() == tmp_path / "xdg" / "reweight-audit"
+
+
+def test_the_digest_of_a_gguf_is_its_sha256_and_follows_a_rewrite(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(CONTENT)
+    source = model.resolve_model(str(path))
+    assert model.model_digest(source) == "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+    path.write_bytes(CONTENT + b"more")  # another file version: hashed again, not the remembered digest
+    assert model.model_digest(source) == "sha256:" + hashlib.sha256(CONTENT + b"more").hexdigest()

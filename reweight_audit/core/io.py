@@ -368,8 +368,8 @@ def lock_path(output: str | os.PathLike) -> Path:
     return p.with_name(p.name + LOCK_SUFFIX)
 
 
-def acquire_lock(output: str | os.PathLike) -> OutputLock:
-    """Take the lock on ``output`` or refuse at once, naming the run that holds it.
+def acquire_lock(output: str | os.PathLike, *, wait: bool = False) -> OutputLock:
+    """Take the lock on ``output`` or refuse at once, naming the run that holds it (``wait``: until it is free).
 
     A lock whose owner is gone (killed: the kernel let go of its ``flock``)
     is taken over and named in a note. Once held, leftovers of killed runs
@@ -382,7 +382,7 @@ def acquire_lock(output: str | os.PathLike) -> OutputLock:
     for _attempt in range(5):
         fd = _open_lock(path)
         owner = _read_owner(fd)
-        if _held_elsewhere(fd, owner):
+        if _held_elsewhere(fd, owner, wait):
             os.close(fd)
             raise AuditError(f"{_shown(Path(output))}: another run is writing it ({_describe(owner)}); wait for "
                              f"it to finish or stop it; if no such run exists, delete {_shown(path)}")
@@ -399,9 +399,9 @@ def acquire_lock(output: str | os.PathLike) -> OutputLock:
 
 
 @contextmanager
-def output_lock(output: str | os.PathLike) -> Iterator[OutputLock]:
+def output_lock(output: str | os.PathLike, *, wait: bool = False) -> Iterator[OutputLock]:
     """:func:`acquire_lock` for the block, released however it ends."""
-    lock = acquire_lock(output)
+    lock = acquire_lock(output, wait=wait)
     try:
         yield lock
     finally:
@@ -425,11 +425,11 @@ def _open_lock(path: Path) -> int:
     return fd
 
 
-def _held_elsewhere(fd: int, owner: dict | None) -> bool:
+def _held_elsewhere(fd: int, owner: dict | None, wait: bool = False) -> bool:
     try:
         import fcntl
 
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))  # wait: block until the owner lets go
         return False
     except BlockingIOError:
         return True

@@ -1,7 +1,9 @@
 """Model and tokenizer loading: the default GGUF model, a hub id, a local directory or a .gguf path."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -172,7 +174,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
-    """Load the fast tokenizer that belongs to the model (offset mappings are required)."""
+    """Load the fast tokenizer that belongs to the model (offset mappings are required).
+
+    A GGUF model's is read from its converted checkpoint (:func:`checkpoint_source`).
+    """
+    return _load_tokenizer(checkpoint_source(source, trust_remote_code=trust_remote_code), trust_remote_code)
+
+
+def _load_tokenizer(source: ModelSource, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -190,7 +199,12 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> A
 
 
 def load_model(source: ModelSource, *, device: str, dtype: Any, trust_remote_code: bool = False) -> Any:
-    """Load a causal LM in eval mode on ``device``."""
+    """Load a causal LM in eval mode on ``device``; a GGUF model from its converted checkpoint."""
+    return _load_model(checkpoint_source(source, trust_remote_code=trust_remote_code), device, dtype,
+                       trust_remote_code)
+
+
+def _load_model(source: ModelSource, device: str, dtype: Any, trust_remote_code: bool, **extra: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -198,13 +212,73 @@ def load_model(source: ModelSource, *, device: str, dtype: Any, trust_remote_cod
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **_kwargs(source, trust_remote_code))
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **_kwargs(source, trust_remote_code),
+                                                     **extra)
     except Exception as exc:
         raise AuditError(_load_error("model", source, exc)) from None
     model.eval()
     model.to(device)
     torch.set_grad_enabled(False)
     return model
+
+
+# --------------------------------------------------------------------------- the converted checkpoint cache
+
+
+def checkpoint_source(source: ModelSource, *, trust_remote_code: bool = False) -> ModelSource:
+    """Where a model loads from: a GGUF's converted folder in the checkpoint cache (made on first use).
+
+    Other sources are returned as they are. The scored model's identity stays the GGUF
+    (:meth:`ModelSource.describe`, :func:`model_digest`): the folder is only a faster form of it.
+    """
+    if not source.gguf_file:
+        return source
+    from reweight_audit.core.checkpoints import cached_checkpoint
+
+    gguf = Path(source.location) / source.gguf_file
+    folder = cached_checkpoint(gguf, model_digest(source), cache_dir(),
+                               lambda work: convert_gguf(source, work, trust_remote_code=trust_remote_code),
+                               converter=_converter(), versions=_versions())
+    if folder is None:  # no writable cache: the GGUF itself
+        return source
+    return ModelSource(spec=source.spec, kind="directory", location=str(folder))
+
+
+def convert_gguf(source: ModelSource, folder: Path, *, trust_remote_code: bool = False) -> None:
+    """Write a GGUF model into ``folder`` as ``from_pretrained`` reads it: config, tokenizer files, safetensors.
+
+    The weights are de-quantised to float32, what the GGUF loader gives in float32 (every
+    quantisation type de-quantises to it exactly), so a load from the folder in any dtype gets
+    the same tensors as the same load from the GGUF.
+    """
+    import torch
+    from transformers.utils.quantization_config import GgufConfig
+
+    tokenizer = _load_tokenizer(source, trust_remote_code)
+    model = _load_model(source, "cpu", torch.float32, trust_remote_code,
+                        quantization_config=GgufConfig(dequantize=True))  # plain tensors, even where kernels exist
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the legacy loader's mark on a de-quantised model: it would refuse to save
+        quantizer.remove_quantization_config(model)
+    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+
+
+def _converter() -> str:
+    """What a converted checkpoint depends on: another transformers may read a GGUF differently."""
+    return f"transformers {importlib.metadata.version('transformers')}"
+
+
+def _versions() -> dict:
+    from reweight_audit.core import __version__
+
+    versions: dict[str, str | None] = {"reweight-audit": __version__}
+    for name in ("transformers", "tokenizers", "torch", "gguf", "safetensors"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _load_error(what: str, source: ModelSource, exc: BaseException) -> str:
@@ -223,19 +297,8 @@ def model_digest(source: ModelSource) -> str:
     """Identify the exact weights: a hash of the GGUF file / config, or the hub revision."""
     if source.gguf_file:
         path = Path(source.location) / source.gguf_file
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            # the whole 100 MB file hashes in well under a second; large files use size + head + tail
-            size = path.stat().st_size
-            if size <= 512 << 20:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            else:
-                h.update(str(size).encode())
-                h.update(f.read(1 << 24))
-                f.seek(-(1 << 24), os.SEEK_END)
-                h.update(f.read())
-        return "sha256:" + h.hexdigest()
+        st = path.stat()
+        return _gguf_digest(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if source.kind == "directory":
         h = hashlib.sha256()
         for name in sorted(os.listdir(source.location)):
@@ -247,3 +310,20 @@ def model_digest(source: ModelSource) -> str:
                     h.update(p.read_bytes())
         return "sha256:" + h.hexdigest()
     return "hub:" + source.location
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """A GGUF's digest, once per process and file version (the cache key and the manifests both ask)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        # the whole 100 MB file hashes in well under a second; large files use size + head + tail
+        if size <= 512 << 20:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(1 << 24))
+            f.seek(-(1 << 24), os.SEEK_END)
+            h.update(f.read())
+    return "sha256:" + h.hexdigest()
