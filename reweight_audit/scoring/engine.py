@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from reweight_audit.core.errors import AuditError, require_positive
+from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import (
     acquire_lock,
     atomic_files,
@@ -111,7 +111,7 @@ def run_score(
     config = config or ScoreConfig()
     input_path = input_path if isinstance(input_path, NoisyRows) else Path(input_path)
     output = Path(output)
-    _check_options(input_path, output, config)
+    _check_paths(input_path, output, config)
     started = time.time()
     # one run per output: rank 0 holds the lock for the whole run, and a refusal reaches every rank
     lock = on_every_rank(world_size, lambda: acquire_lock(prepare_output_file(output)) if rank == 0 else None)
@@ -143,15 +143,11 @@ def on_every_rank(world_size: int, stage: Callable[[], T]) -> T:
     return result
 
 
-def _check_options(input_path: NoisySource, output: Path, config: ScoreConfig) -> None:
-    """Options and paths, before anything is read or loaded (0 or a negative count is never "the default")."""
+def _check_paths(input_path: NoisySource, output: Path, config: ScoreConfig) -> None:
+    """Paths, before anything is read or loaded (the options were checked when the ScoreConfig was built)."""
     if isinstance(input_path, Path) and not input_path.exists():
         raise AuditError(f"{input_path}: no such file; run 'reweight-audit inject' first or check the path")
     prepare_output_file(output, source=_input_file(input_path), create=False)
-    require_positive("--batch-tokens", config.batch_tokens, "number of tokens")
-    require_positive("--chunk-rows", config.chunk_rows, "number of rows")
-    if config.max_length is not None and config.max_length < 2:
-        raise AuditError(f"--max-length {config.max_length}: give at least 2 tokens")
 
 
 @dataclass
