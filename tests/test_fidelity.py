@@ -155,6 +155,12 @@ def test_focal_issue_figures_and_default_unchanged():
 
 
 def test_focal_training_gradient_is_the_focal_loss_gradient():
+    # enable_grad: an earlier test module can leave autograd switched off process-wide
+    with torch.enable_grad():
+        _check_focal_training_gradient()
+
+
+def _check_focal_training_gradient():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 7, (2, 5))
