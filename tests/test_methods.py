@@ -245,8 +245,9 @@ def test_talr_rejects_bad_params(params):
 
 def test_talr_is_flagged_batch_dependent():
     assert M.get_method("talr").batch_dependent
-    # MiLe and DEFT-Cayley normalise by batch statistics too (tests/test_methods_2025.py)
-    batch_dependent = {"talr", "mile", "deft-cayley"}
+    # MiLe and DEFT-Cayley normalise by batch statistics too (tests/test_methods_2025.py); rho1's
+    # select=top-k ranks within the batch (tests/test_fidelity.py)
+    batch_dependent = {"talr", "mile", "deft-cayley", "rho1"}
     assert not any(m.batch_dependent for m in M.available_methods() if m.name not in batch_dependent)
 
 
@@ -346,7 +347,7 @@ def test_builtins_registered_in_family_order():
     ]
     for m in M.available_methods():
         assert m.family in M.FAMILIES and m.formula and m.source
-    assert M.get_method("focal").params == {"gamma": 2.0}
+    assert M.get_method("focal").params == {"gamma": 2.0, "detach": True}
     assert M.get_method("eaft").params == {"alpha": 1.0}
     assert M.get_method("rho1").needs == ("logp", "ref_logp")
     assert hash(M.get_method("focal"))  # usable as a dict key despite the params dict
@@ -413,7 +414,7 @@ def test_parse_params_types():
         ("focal.gamma=", "expected METHOD.PARAM=VALUE"),
         (".gamma=3", "expected METHOD.PARAM=VALUE"),
         ("nope.gamma=3", "unknown method 'nope'"),
-        ("focal.beta=3", "method 'focal' has no parameter 'beta' \\(parameters: gamma\\)"),
+        ("focal.beta=3", "method 'focal' has no parameter 'beta' \\(parameters: gamma, detach\\)"),
         ("sft.x=1", "method 'sft' has no parameter 'x' \\(parameters: none\\)"),
         ("focal.gamma=two", "focal.gamma=two: expected a number"),
         ("focal.gamma=nan", "expected a finite number"),

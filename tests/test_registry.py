@@ -81,25 +81,28 @@ def test_registry_isolated_restores_entries_and_order():
 # ------------------------------------------------- methods: defaults from the signature
 
 # name -> params of every built-in, as the code declared them (params={...}) before the
-# defaults moved into the function signatures. Values and types must not change.
+# defaults moved into the function signatures. Values and types must not change; issue 22 added
+# parameters (talr.tau, focal.detach, ranktuner*.base, rho1.select/k_pct, deft.eps,
+# deft-cayley.micro_batch_seqs) and ranktuner-approx-dft, each default the old behaviour.
 BUILTIN_PARAMS = {
     "sft": {},
     "random": {},
     "dft": {},
     "inv-prob": {},
-    "talr": {"w_min": 0.01, "tau_min": 1e-6},
+    "talr": {"w_min": 0.01, "tau_min": 1e-6, "tau": "per-token"},
     "entropy": {},
     "eaft": {"alpha": 1.0},
     "nll": {},
-    "focal": {"gamma": 2.0},
-    "ranktuner": {},
-    "ranktuner-approx": {"low_entropy": "smooth"},
+    "focal": {"gamma": 2.0, "detach": True},
+    "ranktuner": {"base": "1"},
+    "ranktuner-approx": {"low_entropy": "smooth", "base": "1"},
+    "ranktuner-approx-dft": {"low_entropy": "smooth"},
     "ranktuner-dft": {},
-    "rho1": {},
+    "rho1": {"select": "graded", "k_pct": 60.0},
     "profit": {"tau": 0.1},
     "deformed-log": {"alpha": 10.0},
-    "deft": {},
-    "deft-cayley": {},
+    "deft": {"eps": 0.0},
+    "deft-cayley": {"micro_batch_seqs": 0},
     "mile": {"gamma": 1.0},
     "position": {},
     "position-rev": {},
@@ -217,7 +220,7 @@ def test_docs_name_every_builtin_and_family():
     table = catalog.documented_table(text)
     for m in M.registered_methods():
         assert f"| `{m.name}` | {m.family} |" in table
-    assert len(M.registered_methods()) == 21
+    assert len(M.registered_methods()) == 22
     assert set(M.FAMILIES) == {m.family for m in M.registered_methods()} and len(M.FAMILIES) == 7
     for family in M.FAMILIES:
         assert f"`{family}`" in text  # the "Families:" sentence of the prose

@@ -47,8 +47,9 @@ WHOLE_NUMBER_COLUMNS = ("rank", "token_id", "seq_len")
 #: Slack below a lower bound: float32 sums of a near-certain distribution round a little below it.
 TOLERANCE = 1e-4
 #: Columns derived from the table when it lacks them: ``seq_len``, the sequence's rows (its supervised tokens),
-#: for the position control and ``--stratify position|length``.
-DERIVED_COLUMNS = ("seq_len",)
+#: for the position control and ``--stratify position|length``; ``seq_code``, the sequence's code (for methods
+#: whose parameter takes a per-sequence statistic: talr.tau=per-sequence, deft-cayley.micro_batch_seqs).
+DERIVED_COLUMNS = ("seq_len", "seq_code")
 
 
 class StatColumns(Mapping):
@@ -145,6 +146,8 @@ class RunData:
         arr = self._cache.get(name)
         if arr is None and name == "seq_len" and name not in self.table.column_names:
             arr = self._cache[name] = np.bincount(self.seq_codes)[self.seq_codes].astype(np.int64)
+        if arr is None and name == "seq_code" and name not in self.table.column_names:
+            arr = self._cache[name] = self.seq_codes
         if arr is None:
             col = self.table.column(name)
             if pa.types.is_floating(col.type) or (pa.types.is_integer(col.type) and col.null_count):

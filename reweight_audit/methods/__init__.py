@@ -12,7 +12,8 @@ Importing the package registers the built-in methods, one module per family:
 (entropy, eaft), ``loss`` (nll, focal), ``rank`` (ranktuner,
 ranktuner-approx, ranktuner-dft) and ``reference`` (rho1); then the
 2025-2026 objectives: ``gate`` (profit), ``deformed`` (deformed-log, deft,
-deft-cayley) and ``entropy_scaled`` (mile); last the controls, ``control`` (position,
+deft-cayley) and ``entropy_scaled`` (mile); then ``rank_math``
+(ranktuner-approx-dft, RankTuner's math weight, added later); last the controls, ``control`` (position,
 position-rev, rarity), trivial rankings every method should beat. Third-party
 methods come from the entry-point group ``reweight_audit.methods`` or
 ``load_method_file``. A method's parameters and defaults are its function's
@@ -39,7 +40,7 @@ from .registry import (
 )
 
 # Import order is registration order, which is the order methods are listed.
-from . import baseline, prob, entropy, loss, rank, reference, gate, deformed, entropy_scaled, control  # noqa: E402,F401  (registers built-ins)
+from . import baseline, prob, entropy, loss, rank, reference, gate, deformed, entropy_scaled, rank_math, control  # noqa: E402,F401  (registers built-ins)
 from .catalog import methods_markdown, splice_table  # noqa: E402
 
 __all__ = [

@@ -28,3 +28,37 @@ def batch_max(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
     top = np.full(int(codes.max()) + 1, -np.inf)
     np.maximum.at(top, codes, values)
     return top[codes]
+
+
+def sequence_codes(columns, why: str) -> np.ndarray:
+    """Per token, a code for its sequence: the ``seq_code`` column when given, else runs of ``pos``.
+
+    ``compare`` hands methods ``seq_code`` (derived from the table's ``seq_id``); training's rows are
+    row-major, so there a sequence is a run of ``pos`` = 0, 1, 2, ... and a new one starts wherever
+    ``pos`` does not go up by one. Neither column: ``ValueError`` naming ``why`` (the parameter setting).
+    """
+    if "seq_code" in columns:
+        return np.asarray(columns["seq_code"]).reshape(-1)
+    if "pos" not in columns:
+        raise ValueError(f"parameter {why} needs each token's sequence: a 'seq_code' or 'pos' column")
+    pos = np.asarray(columns["pos"], dtype=np.int64).reshape(-1)
+    starts = np.ones(pos.size, dtype=bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    return np.cumsum(starts) - 1
+
+
+def micro_batch_codes(codes: np.ndarray, seqs: np.ndarray, per_micro: int) -> np.ndarray:
+    """Dense codes for micro-batches: each batch's sequences, in order of their codes, cut into runs of ``per_micro``.
+
+    ``codes`` are the dense batch codes (``batch_codes``), ``seqs`` the sequence codes; a token's
+    micro-batch is (its batch, the index of its sequence among the batch's sorted sequences // per_micro).
+    """
+    if codes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    pairs, inverse = np.unique(np.stack([codes, np.asarray(seqs, dtype=np.int64)]), axis=1, return_inverse=True)
+    # pairs is sorted by batch, then sequence: a sequence's index within its batch is its column
+    # minus the column where its batch starts
+    first = np.searchsorted(pairs[0], pairs[0], side="left")
+    micro = (np.arange(pairs.shape[1]) - first) // int(per_micro)
+    _, dense = np.unique(np.stack([pairs[0], micro]), axis=1, return_inverse=True)
+    return dense.reshape(-1)[inverse.reshape(-1)]

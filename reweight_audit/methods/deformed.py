@@ -24,7 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ._batches import batch_codes, batch_mean
+from ._batches import batch_codes, batch_mean, micro_batch_codes, sequence_codes
 from ._common import check_range, col, logp_col
 from .registry import register
 
@@ -64,48 +64,75 @@ def deformed_log(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, alp
     "deft",
     family="prob",
     needs=("logp", "sum_p2"),
-    formula="w = p_t^α_t, α_t = sg(Σ_i p_i²): NLL-gradient weight of L = (1 − p_t^α_t)/α_t",
+    formula=(
+        "w = p_t^α_t · α_t/(α_t + eps), α_t = sg(Σ_i p_i²): NLL-gradient weight of L = (1 − p_t^α_t)/(α_t + eps)"
+    ),
     source=(
         "DEFT, arXiv 2602.11424 (trust gate set by Rényi-2 concentration); loss −(exp(α·log p_t) − 1)/α "
-        "with α = Σp² detached, from the authors' code (github.com/luludus/DEFT, fsdp_sft_trainer.py); "
-        "we read the abstract and code, not the paper body"
+        "with α = Σp² detached, from the authors' code (github.com/luludus/DEFT, fsdp_sft_trainer.py), which "
+        "divides by α + 1e-6 (eps=1e-6; a factor ≈ 0.79 on a flat row at a 262k vocabulary); eps=0 (default, "
+        "unchanged) is the family as written; we read the abstract and code, not the paper body"
     ),
 )
-def deft(columns: Mapping[str, np.ndarray], *, batch=None, rng=None) -> np.ndarray:
+def deft(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, eps: float = 0.0) -> np.ndarray:
     """w_t = p_t^(Σ_i p_i²): Dynamic Entropy Fine-Tuning's gate, parameter-free.
 
     Σp² runs from 1/V (flat row: α → 0, the NLL) to 1 (one-hot row: α = 1, DFT's
     w = p). A confident row whose mass sits on another token ("confident conflict",
     α ≈ 1, p_t ≈ 0) is gated to ≈ p_t ≈ 0; an unsure row keeps NLL-like weight.
-    Σp² is clipped into [0, 1] against rounding. The authors' code divides by
-    α + 1e-6 instead of α (a factor α/(α + 1e-6) on w, > 0.95 for V < 50k); the
-    loss as written in the family, without that guard, is what is scored here.
+    Σp² is clipped into [0, 1] against rounding. The authors' code divides the
+    loss by α + 1e-6 instead of α, which puts a factor α/(α + eps) on w: on a flat
+    row α = 1/V, so the factor is 1/(1 + eps·V): > 0.95 for V < 50k, about 0.79 at
+    V = 262k. ``eps=0`` (default) scores the loss as written in the family, without
+    that guard; ``eps=1e-6`` scores the authors' code. eps >= 0.
     """
+    eps = check_range("eps", eps, 0.0)
     alpha = np.clip(col(columns, "sum_p2"), 0.0, 1.0)
-    return deformed_weight(logp_col(columns), alpha)
+    w = deformed_weight(logp_col(columns), alpha)
+    if eps == 0.0:
+        return w
+    return w * (alpha / (alpha + eps))
 
 
 @register(
     "deft-cayley",
     family="prob",
     needs=("logp",),
-    formula="w = p_t^α_t, α_t = clip(f + (1 − f)·p_t/(2 − p_t), 0.001, 1), f = ½·mean_batch(p)",
+    formula=(
+        "w = p_t^α_t, α_t = clip(f + (1 − f)·p_t/(2 − p_t), 0.001, 1), f = ½·mean(p) over the simulated batch "
+        "(micro_batch_seqs=0) or over micro-batches of N sequences (micro_batch_seqs=N)"
+    ),
     source=(
         "DEFT paper's Cayley-transform focus trajectory, arXiv 2602.11424; equation read from the authors' "
-        "code (github.com/luludus/DEFT, objective 'Cayley_Trans'), not from the paper body"
+        "code (github.com/luludus/DEFT, objective 'Cayley_Trans'), not from the paper body; the code averages p "
+        "over the per-GPU micro-batch (4 sequences by default: micro_batch_seqs=4); micro_batch_seqs=0 "
+        "(default, unchanged) averages over the whole simulated batch"
     ),
     batch_dependent=True,
 )
-def deft_cayley(columns: Mapping[str, np.ndarray], *, batch: np.ndarray | None = None, rng=None) -> np.ndarray:
+def deft_cayley(
+    columns: Mapping[str, np.ndarray], *, batch: np.ndarray | None = None, rng=None, micro_batch_seqs: int = 0
+) -> np.ndarray:
     """w_t = p_t^α_t with the focus index moved along the Cayley map of the uncertainty d = 1 − p_t.
 
     α_local = (1 − d)/(1 + d) = p/(2 − p) runs from 0 (p = 0: NLL-like) to 1
     (p = 1: DFT-like); a floor f = ½ · (mean p over the simulated batch) lifts it,
     α = f + (1 − f) · α_local, clamped into [0.001, 1]. The code's 1e-8 guards are
     left out (they move α by < 1e-7). ``batch=None`` treats all tokens as one batch.
+
+    ``micro_batch_seqs``: 0 (default) averages p over the whole simulated batch;
+    N >= 1 over micro-batches of N sequences, each simulated batch's sequences cut
+    in order of their codes (the authors' code averages over the per-GPU micro-batch,
+    4 sequences by default; needs the ``seq_code`` or ``pos`` column).
     """
+    if isinstance(micro_batch_seqs, bool) or int(micro_batch_seqs) != micro_batch_seqs or micro_batch_seqs < 0:
+        raise ValueError(f"parameter micro_batch_seqs must be a whole number >= 0, got {micro_batch_seqs!r}")
     logp = logp_col(columns)
     p = np.exp(logp)
-    floor = 0.5 * batch_mean(p, batch_codes(batch, p.size))
+    codes = batch_codes(batch, p.size)
+    if micro_batch_seqs:
+        seqs = sequence_codes(columns, f"micro_batch_seqs={micro_batch_seqs}")
+        codes = micro_batch_codes(codes, seqs, int(micro_batch_seqs))
+    floor = 0.5 * batch_mean(p, codes)
     alpha = np.clip(floor + (1.0 - floor) * p / (2.0 - p), CAYLEY_ALPHA_MIN, 1.0)
     return deformed_weight(logp, alpha)

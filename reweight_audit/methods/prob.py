@@ -5,6 +5,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ._batches import sequence_codes
 from ._common import check_range, logp_col, one_minus_p
 from .registry import register
 
@@ -62,11 +63,25 @@ def _floor_mean_one(q: np.ndarray, w_min: float) -> np.ndarray:
     return w / w.mean()  # removes the last ulps of drift (floored stay >= w_min·(1−ε))
 
 
-def _talr_one_batch(logp: np.ndarray, w_min: float, tau_min: float) -> np.ndarray:
+#: TALR's temperature: the median per-token NLL of the batch, or the median of its sequences' mean NLLs.
+TAU_MODES = ("per-token", "per-sequence")
+
+
+def _median_nll(logp: np.ndarray, seqs: np.ndarray | None) -> float:
+    """Median of −log p over the tokens (``seqs`` None) or of each sequence's mean −log p."""
+    if seqs is None:
+        return float(np.median(-logp))
+    _, inverse = np.unique(seqs, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    means = np.bincount(inverse, weights=-logp) / np.bincount(inverse)
+    return float(np.median(means))
+
+
+def _talr_one_batch(logp: np.ndarray, w_min: float, tau_min: float, seqs: np.ndarray | None = None) -> np.ndarray:
     n = logp.size
     if n == 0:
         return np.zeros(0)
-    tau = max(float(np.median(-logp)), tau_min)
+    tau = max(_median_nll(logp, seqs), tau_min)
     z = logp / tau
     e = np.exp(z - z.max())  # max-shift: softmax without overflow
     q = n * e / e.sum()  # softmax scaled to mean 1
@@ -77,8 +92,14 @@ def _talr_one_batch(logp: np.ndarray, w_min: float, tau_min: float) -> np.ndarra
     "talr",
     family="prob",
     needs=("logp",),
-    formula="w = n·softmax_batch(log p_t / τ), τ = median NLL of the batch; w >= w_min; batch mean 1",
-    source="TALR, arXiv 2509.20758",
+    formula=(
+        "w = n·softmax_batch(log p_t / τ), τ = median NLL of the batch (tau=per-token: over its tokens; "
+        "per-sequence: over its sequences' mean NLLs); w >= w_min; batch mean 1"
+    ),
+    source=(
+        "TALR, arXiv 2509.20758; the sources read τ as the batch's median per-token loss (tau=per-token, "
+        "default, unchanged) or the median of per-sequence mean losses (tau=per-sequence)"
+    ),
     batch_dependent=True,
 )
 def talr(
@@ -88,6 +109,7 @@ def talr(
     rng=None,
     w_min: float = 0.01,
     tau_min: float = 1e-6,
+    tau: str = "per-token",
 ) -> np.ndarray:
     """Token-Adaptive Loss Reweighting, per simulated training batch.
 
@@ -102,19 +124,29 @@ def talr(
     (default 1e-6 nats) then sends every token with any loss to the floor.
     ``w_min`` defaults to 0.01, i.e. a token keeps at least 1% of plain SFT's
     weight; it must lie in [0, 1] (mean 1 is impossible with a floor above 1).
+
+    ``tau`` says what the median is taken over: ``"per-token"`` (default) the
+    batch's per-token NLLs; ``"per-sequence"`` each sequence's mean NLL (one value
+    per sequence, so a few long sequences do not set τ alone; needs the
+    ``seq_code`` or ``pos`` column). On a batch where most tokens are near-certain
+    the per-token median is tiny (e.g. 0.005 nats) and sends every token with any
+    loss to the floor; a per-sequence median is usually larger.
     """
     w_min = check_range("w_min", w_min, 0.0, 1.0)
     tau_min = check_range("tau_min", tau_min, 0.0)
     if tau_min <= 0:
         raise ValueError("parameter tau_min must be > 0")
+    if tau not in TAU_MODES:
+        raise ValueError(f"parameter tau must be one of {', '.join(TAU_MODES)}, got {tau!r}")
     logp = logp_col(columns)
+    seqs = sequence_codes(columns, "tau=per-sequence") if tau == "per-sequence" else None
     if batch is None:
-        return _talr_one_batch(logp, w_min, tau_min)
+        return _talr_one_batch(logp, w_min, tau_min, seqs)
     out = np.empty_like(logp)
     _, inverse = np.unique(np.asarray(batch), return_inverse=True)
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")
     bounds = np.flatnonzero(np.diff(inverse[order])) + 1
     for idx in np.split(order, bounds):
-        out[idx] = _talr_one_batch(logp[idx], w_min, tau_min)
+        out[idx] = _talr_one_batch(logp[idx], w_min, tau_min, None if seqs is None else seqs[idx])
     return out

@@ -13,6 +13,16 @@ E[R] at fixed R (the same miss is forgiven at a harder position); and with
 both large, f(·) → 0 so S → 1: the "noise region" where high-entropy,
 low-probability tokens get neutral weight. Since 0 < f <= 1 for x >= 1,
 S lies in (1/2, 2).
+
+The paper multiplies S into a base weight, w̃_t = w_t · S_t: w_t = p_t for its
+mathematical-reasoning SFT (the DFT base) and w_t = 1 for general tasks (the
+reference note's "Loss & Training"). ``base="1"`` or ``base="p"`` picks one on
+both the exact and the practical S; the registered names fix the common pairs:
+``ranktuner`` (1 · exact S), ``ranktuner-dft`` (p · exact S),
+``ranktuner-approx`` (1 · practical S) and ``ranktuner-approx-dft``
+(p · practical S: the weight the paper trains math with, its Table 1 weight
+not being stated; registered in ``rank_math``, after the 2025-2026 methods, so
+the older names keep their places in every listing).
 """
 from __future__ import annotations
 
@@ -26,6 +36,9 @@ from .registry import register
 
 LN2 = math.log(2.0)
 
+#: RankTuner's base weight w_t in w̃_t = w_t · S_t: "1" (general tasks) or "p" (math, the DFT base).
+BASES = ("1", "p")
+
 
 def rank_discount(x: np.ndarray) -> np.ndarray:
     """The NDCG-style compression f(x) = 1/log2(x + 1) = ln 2 / log1p(x); f(1) = 1 exactly."""
@@ -35,6 +48,19 @@ def rank_discount(x: np.ndarray) -> np.ndarray:
 def _ranks(columns: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """A rank column clamped to >= 1: E[R] computed in floating point can land a hair below 1."""
     return np.maximum(col(columns, name), 1.0)
+
+
+def _check_base(base: str) -> str:
+    if base not in BASES:
+        raise ValueError(f"parameter base must be one of {', '.join(BASES)}, got {base!r}")
+    return base
+
+
+def on_base(scale: np.ndarray, columns: Mapping[str, np.ndarray], base: str) -> np.ndarray:
+    """w̃ = w · S with w = 1 or w = p_t (needs ``logp`` then)."""
+    if base == "p" and "logp" not in columns:
+        raise ValueError("parameter base=p needs the logp column")
+    return np.exp(logp_col(columns)) * scale if base == "p" else scale
 
 
 def relative_scale(rank: np.ndarray, expected_rank: np.ndarray) -> np.ndarray:
@@ -48,52 +74,61 @@ def relative_scale(rank: np.ndarray, expected_rank: np.ndarray) -> np.ndarray:
     "ranktuner",
     family="rank",
     needs=("rank", "expected_rank"),
-    formula="S = 2^(f(E[R_t]) − f(R_t)), f(x) = 1/log2(x+1)",
-    source="RankTuner, arXiv 2602.01745 (exact indicator)",
+    formula="w = b_t · S_t, S = 2^(f(E[R_t]) − f(R_t)), f(x) = 1/log2(x+1); b_t = 1 (base=1) or p_t (base=p)",
+    source=(
+        "RankTuner, arXiv 2602.01745 (exact indicator); base=1 is the paper's general-task setting (w_t = 1), "
+        "base=p its math setting (w_t = p_t, as ranktuner-dft); base=p needs the logp column"
+    ),
 )
-def ranktuner(columns: Mapping[str, np.ndarray], *, batch=None, rng=None) -> np.ndarray:
-    """w_t = S_t = 1/I_t = 2^(f(E[R_t]) − f(R_t)), f(x) = 1/log2(x + 1)."""
-    return relative_scale(_ranks(columns, "rank"), _ranks(columns, "expected_rank"))
+def ranktuner(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, base: str = "1") -> np.ndarray:
+    """w_t = b_t · S_t, S_t = 1/I_t = 2^(f(E[R_t]) − f(R_t)), f(x) = 1/log2(x + 1).
+
+    ``base`` is the paper's base weight b_t: ``"1"`` (default; its general-task
+    setting) or ``"p"`` (b_t = p_t, its math setting; the same as ``ranktuner-dft``).
+    """
+    _check_base(base)
+    return on_base(relative_scale(_ranks(columns, "rank"), _ranks(columns, "expected_rank")), columns, base)
 
 
 LOW_ENTROPY_MODES = ("smooth", "trivial")
 
-
-@register(
-    "ranktuner-approx",
-    family="rank",
-    needs=("logp", "entropy", "rank"),
-    formula="S = (p_t·s(H_t))^(−K(ξ_t)), s(H) = 2^(H_bits−2)+1, ξ_t = max(R_t, s(H_t)), K(ξ) = log2(ξ+1)^(−2)",
-    source="RankTuner, arXiv 2602.01745 (practical form)",
+PRACTICAL_FORMULA = "S = (p_t·s(H_t))^(−K(ξ_t)), s(H) = 2^(H_bits−2)+1, ξ_t = max(R_t, s(H_t)), K(ξ) = log2(ξ+1)^(−2)"
+LOW_ENTROPY_SOURCE = (
+    "s(H) is Massey's bound E[R] ≥ 2^(H_bits−2)+1, proved only for H_bits ≥ 2; what the paper does below is "
+    "not stated: low_entropy=smooth (default) keeps the formula (s(0) = 1.25), trivial uses s = 1 (E[R] ≥ 1, "
+    "true everywhere); p = 0.9, H = 0.3 nats, R = 1 gives S = 0.884 smooth, 1.111 trivial"
 )
-def ranktuner_approx(
-    columns: Mapping[str, np.ndarray],
-    *,
-    batch=None,
-    rng=None,
-    low_entropy: str = "smooth",
-) -> np.ndarray:
-    """w_t = (p_t · s(H_t))^(−K(ξ_t)), RankTuner's practical form (no expected rank needed).
+
+
+def check_low_entropy(low_entropy: str) -> str:
+    if low_entropy not in LOW_ENTROPY_MODES:
+        raise ValueError(
+            f"parameter low_entropy must be one of {', '.join(LOW_ENTROPY_MODES)}, got {low_entropy!r}"
+        )
+    return low_entropy
+
+
+def practical_scale(columns: Mapping[str, np.ndarray], low_entropy: str) -> np.ndarray:
+    """RankTuner's practical S_t = (p_t · s(H_t))^(−K(ξ_t)) (no expected rank needed).
 
     s(H) = 2^(H_bits − 2) + 1 with H_bits = H / ln 2 is Massey's lower bound on
     E[R] and replaces it; ξ_t = max(R_t, s(H_t)); K(ξ) = log2(ξ + 1)^(−2)
     (the paper drops a ξ/(ξ+1) factor for stability).
 
-    The bound holds only for H_bits >= 2. ``low_entropy`` picks what to use
-    below that:
+    The bound holds only for H_bits >= 2 (the paper states it "for H_t ≥ 2"
+    and says nothing about lower entropies). ``low_entropy`` picks what to use below that:
 
     * ``"smooth"`` (default): the same formula, so s(H) runs smoothly from 1.25
-      at H = 0 to 2 at H_bits = 2 (not a proven bound there, but continuous).
+      at H = 0 to 2 at H_bits = 2. Not a bound there: s(0) = 1.25 > E[R] = 1 for
+      a one-hot row, so a confident token (p ≈ 1, R = 1) gets S < 1, e.g.
+      p = 0.9, H = 0.3 nats, R = 1: s = 1.337, K = 0.667, S = 0.884.
     * ``"trivial"``: s(H) = 1, the only bound that holds everywhere (E[R] >= 1);
-      s jumps from 1 to 2 at H_bits = 2.
+      s jumps from 1 to 2 at H_bits = 2. The same token: s = ξ = K = 1, S = 1/p = 1.111.
+      Below 2 bits K = 1 whenever R = 1, so S = 1/p there: confident tokens sit above 1.
 
     Computed in log space: log s = softplus(H − 2 ln 2), log(ξ + 1) =
     softplus(log ξ), so nothing overflows for any entropy.
     """
-    if low_entropy not in LOW_ENTROPY_MODES:
-        raise ValueError(
-            f"parameter low_entropy must be one of {', '.join(LOW_ENTROPY_MODES)}, got {low_entropy!r}"
-        )
     logp = logp_col(columns)
     h = np.maximum(col(columns, "entropy"), 0.0)
     log_r = np.log(_ranks(columns, "rank"))
@@ -107,11 +142,39 @@ def ranktuner_approx(
 
 
 @register(
+    "ranktuner-approx",
+    family="rank",
+    needs=("logp", "entropy", "rank"),
+    formula=f"w = b_t · {PRACTICAL_FORMULA}; b_t = 1 (base=1) or p_t (base=p)",
+    source=(
+        "RankTuner, arXiv 2602.01745 (practical form); base=1 (default) is the paper's general-task setting "
+        f"(w_t = 1), base=p its math setting (= ranktuner-approx-dft); {LOW_ENTROPY_SOURCE}"
+    ),
+)
+def ranktuner_approx(
+    columns: Mapping[str, np.ndarray],
+    *,
+    batch=None,
+    rng=None,
+    low_entropy: str = "smooth",
+    base: str = "1",
+) -> np.ndarray:
+    """w_t = b_t · (p_t · s(H_t))^(−K(ξ_t)), RankTuner's practical form (see ``practical_scale``).
+
+    ``base``: ``"1"`` (default, the paper's general-task setting) or ``"p"``
+    (b_t = p_t, its math setting; the same as ``ranktuner-approx-dft``).
+    """
+    check_low_entropy(low_entropy)
+    _check_base(base)
+    return on_base(practical_scale(columns, low_entropy), columns, base)
+
+
+@register(
     "ranktuner-dft",
     family="rank",
     needs=("logp", "rank", "expected_rank"),
     formula="w = p_t · 2^(f(E[R_t]) − f(R_t))",
-    source="RankTuner on the DFT base (math setting), arXiv 2602.01745",
+    source="RankTuner on the DFT base (math setting, w_t = p_t) with the exact S, arXiv 2602.01745",
 )
 def ranktuner_dft(columns: Mapping[str, np.ndarray], *, batch=None, rng=None) -> np.ndarray:
     """w_t = p_t · S_t: RankTuner's scale on DFT's base weight w_t = p_t (its math-reasoning setting)."""
