@@ -329,14 +329,16 @@ def run_bench(
     import torch
 
     check_options(batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len, chunk_rows=chunk_rows, repeats=repeats)
-    torch.set_grad_enabled(False)
-    if vocab is not None or seq_len is not None:
-        case = synthetic_case(151_936 if vocab is None else vocab, 4096 if seq_len is None else seq_len, device, chunk_rows)
-    else:
-        case = default_case(model, batch_tokens, device, dtype, chunk_rows)
-    if stats_only:
-        return run_stats_only(case, repeats=repeats, contended=contended)
-    return run_case(case, repeats=repeats, variants=variants, check=check, contended=contended)
+    # no autograd while measuring, but only here: the caller's process keeps its own setting
+    with torch.no_grad():
+        if vocab is not None or seq_len is not None:
+            case = synthetic_case(151_936 if vocab is None else vocab, 4096 if seq_len is None else seq_len, device,
+                                  chunk_rows)
+        else:
+            case = default_case(model, batch_tokens, device, dtype, chunk_rows)
+        if stats_only:
+            return run_stats_only(case, repeats=repeats, contended=contended)
+        return run_case(case, repeats=repeats, variants=variants, check=check, contended=contended)
 
 
 def check_options(*, batch_tokens: int, vocab: int | None, seq_len: int | None, chunk_rows: int | None,
