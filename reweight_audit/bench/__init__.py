@@ -15,6 +15,10 @@ memory does not fit what is available is skipped with the reason, never started.
 ``stats_only`` times the statistics alone on one chunk of the model's real logits
 (ns per logit: ours, ``log_softmax``, and softmax + sort + E[R]); ``contended`` runs
 the timings while one CPU-bound process per core (started and stopped here) competes.
+
+Each further mode lives in a module of its own in this package (the modes of other stages:
+compare at scale, the fused training loss). The package may import every stage below the faces
+(training, reporting, evaluation, injection, scoring, methods, core), never ``cli``.
 """
 from __future__ import annotations
 
