@@ -192,16 +192,15 @@ def _report_score(result: Any) -> None:
     if not result.manifest:  # a rank other than 0: rank 0 reports
         return
     counts = result.manifest["counts"]
+    cut = (f"; {counts['truncated_sequences']:,} sequences truncated to {result.manifest.get('truncate_to')} tokens"
+           if counts.get("truncated_sequences") else "")
     out.print(f"wrote {escape(str(result.output))} ({counts['rows_written']:,} tokens, "
-              f"{counts['noise_tokens']:,} noise) "
+              f"{counts['noise_tokens']:,} noise{cut}) "
               f"and {result.output.name}.manifest.json")
     if counts.get("records_without_spans"):
         out.print(f"note: {counts['records_without_spans']} records had no 'spans': all their tokens were scored as clean")
     if counts.get("nonfinite_tokens"):
         out.print(f"note: {counts['nonfinite_tokens']} tokens had NaN/inf logits and were left out (see the manifest)")
-    if counts.get("truncated_sequences"):
-        out.print(f"note: {counts['truncated_sequences']} sequences truncated by --max-length "
-                  f"({counts.get('noise_tokens_lost_to_truncation', 0)} noise tokens lost)")
 
 
 def _report_compare(result: Any) -> None:
@@ -541,6 +540,13 @@ def cache_clear() -> None:
               highlight=False)
 
 
+def _os_error_line(exc: OSError) -> str:
+    """An I/O error as one line: the path, the OS's reason, and that earlier outputs were kept."""
+    reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{reason}; outputs are written whole or not at all, so earlier outputs were kept"
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; library notes print as ``note:``."""
     notes = logging.getLogger("reweight_audit")
@@ -552,6 +558,9 @@ def main() -> None:
         app()
     except AuditError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:  # an I/O error no stage turned into its own line (the outputs are atomic: none is half-written)
+        console.print(f"[red]error:[/red] {escape(_os_error_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # outside any command (while typer parses): nothing started
         console.print("interrupted: nothing was written", highlight=False)

@@ -126,17 +126,58 @@ def estimate_bytes(case: BenchCase, variant: str) -> int:
     workspaces (at most six fp32 copies of [chunk_rows, vocab]).
     """
     config = case.model.config.get_text_config()
-    vocab = int(config.vocab_size)
     batch, width = len(case.sequences), max(len(s.input_ids) for s in case.sequences)
-    heads = int(getattr(config, "num_attention_heads", 1) or 1)
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    return variant_bytes(variant, vocab=int(config.vocab_size), batch=batch, width=width,
+                         heads=int(getattr(config, "num_attention_heads", 1) or 1),
+                         hidden=int(getattr(config, "hidden_size", 0) or 0), supervised=case.supervised_tokens,
+                         chunk_rows=case.chunk_rows)
+
+
+def variant_bytes(variant: str, *, vocab: int, batch: int, width: int, heads: int, hidden: int, supervised: int,
+                  chunk_rows: int) -> int:
+    """:func:`estimate_bytes` from the shapes alone (Python integers: no overflow at any size)."""
     activations = batch * width * hidden * 4 * 8 + batch * heads * width * width * 4
     logits = batch * width * vocab * 4
     if variant == "forward":
         return activations + logits
     if variant == "naive":
-        return activations + 2 * logits + 6 * case.supervised_tokens * vocab * 4
-    return activations + 6 * min(case.chunk_rows, case.supervised_tokens) * vocab * 4
+        return activations + 2 * logits + 6 * supervised * vocab * 4
+    return activations + 6 * min(chunk_rows, supervised) * vocab * 4
+
+
+#: Bytes a synthetic sequence holds per token before any model runs: the id list (a Python int and its
+#: pointer), the supervised index and labels, and the token text list's pointers.
+SEQUENCE_BYTES_PER_TOKEN = 8 + 28 + 8 + 1 + 8 + 8
+
+
+def synthetic_bytes(*, vocab: int, seq_len: int, hidden: int, layers: int, intermediate: int, heads: int,
+                    sequences: int) -> tuple[int, int]:
+    """(bytes on the device, bytes in host memory) the synthetic case needs at the least: the Llama's weights
+    (fp32) with the cheapest variant's working memory, and the sequences. Estimated before anything is allocated."""
+    weights = 4 * (2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate))
+    cheapest = variant_bytes("ours", vocab=vocab, batch=sequences, width=seq_len, heads=heads, hidden=hidden,
+                             supervised=sequences * (seq_len - 1), chunk_rows=1)
+    return weights + cheapest, sequences * seq_len * SEQUENCE_BYTES_PER_TOKEN
+
+
+def check_synthetic_fits(device: str, *, vocab: int, seq_len: int, hidden: int, layers: int, intermediate: int,
+                         heads: int, sequences: int, headroom: float = 0.85) -> None:
+    """Refuse, in one line, a ``--vocab``/``--seq-len`` whose synthetic case cannot fit in this machine's memory.
+
+    Checked before the model or the sequences are made: an allocation that large would end in an
+    allocator traceback, or in the kernel's out-of-memory killer with no message at all.
+    """
+    on_device, on_host = synthetic_bytes(vocab=vocab, seq_len=seq_len, hidden=hidden, layers=layers,
+                                         intermediate=intermediate, heads=heads, sequences=sequences)
+    host = available_bytes("cpu")
+    budgets = [(on_host + (on_device if device == "cpu" else 0), host, "memory")]
+    if device != "cpu":
+        budgets.append((on_device, available_bytes(device), f"{device} memory"))
+    for need, have, where in budgets:
+        if need > headroom * have:
+            raise AuditError(f"--vocab {vocab:,} --seq-len {seq_len:,}: the synthetic case needs at least "
+                             f"{need / 2**30:,.1f} GiB of {where}, {have / 2**30:,.1f} GiB available; choose a "
+                             "smaller --vocab or --seq-len")
 
 
 def skip_reason(case: BenchCase, variant: str, headroom: float = 0.85) -> str | None:
@@ -293,6 +334,8 @@ def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None
 
     check_options(batch_tokens=1, vocab=vocab, seq_len=seq_len, chunk_rows=chunk_rows, repeats=1)
     device = resolve_device(device)
+    check_synthetic_fits(device, vocab=vocab, seq_len=seq_len, hidden=hidden, layers=layers,
+                         intermediate=intermediate or 2 * hidden, heads=heads, sequences=sequences)
     torch.manual_seed(0)
     from reweight_audit.core.models import resolve_dtype
 

@@ -175,6 +175,43 @@ def prepare_output_dir(output: str | os.PathLike, *, create: bool = True) -> Pat
     return out
 
 
+# --------------------------------------------------------------------------- write failures
+
+#: errno values that mean "no room": the message adds what to do about it.
+_NO_ROOM = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
+def _reason(exc: OSError) -> str:
+    """The OS's words for a failed write (pyarrow's I/O errors carry no errno, only text)."""
+    if exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    detail = re.search(r"\[errno \d+\] ([^\n]+)", text, re.IGNORECASE)  # pyarrow: "... Detail: [errno 28] No space ..."
+    if detail:
+        return detail.group(1).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _no_room(exc: OSError) -> bool:
+    return exc.errno in _NO_ROOM or "No space left" in str(exc) or "Disk quota" in str(exc)
+
+
+def write_failed(path: str | os.PathLike, exc: OSError, kept: str) -> AuditError:
+    """The one line for a write that failed (disk full, I/O error): the path, the OS's reason, what was kept.
+
+    ``kept`` says what the user still has (the previous file, finished shards); the failed
+    write's temporaries are already gone when this is raised.
+    """
+    where = f" ({_shown(Path(exc.filename))})" if exc.filename and Path(str(exc.filename)).name != Path(path).name \
+        and not str(exc.filename).endswith(".tmp") else ""
+    hint = "; free some space and run again" if _no_room(exc) else ""
+    return AuditError(f"{_shown(Path(path))}: could not be written ({_reason(exc)}{where}); {kept}{hint}")
+
+
+def _kept_file(path: Path) -> str:
+    return f"the previous {path.name} is kept unchanged" if os.path.lexists(path) else "nothing was written"
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 
@@ -198,34 +235,48 @@ def _signals_deferred() -> Iterator[None]:
 
 
 @contextmanager
-def atomic_files(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
+def atomic_files(*paths: str | os.PathLike, kept: str | None = None) -> Iterator[tuple[Path, ...]]:
     """Temporary siblings to write; renamed onto ``paths`` together when the block succeeds.
 
     Before any rename, the existing files after the first are removed: they
     describe the first (a manifest), and a stale one must never sit beside new
     data. On failure or interrupt the temporaries are removed and the old files
-    stay as they were; an interrupt during the renames waits for them.
+    stay as they were; an interrupt during the renames waits for them. A write
+    that fails in the OS (disk full, I/O error) is one :class:`AuditError` line
+    naming the first path and what was kept (``kept``; by default the previous
+    file, or that nothing was written).
     """
     targets = [Path(p) for p in paths]
     temps = tuple(_temporary(p) for p in targets)
-    for tmp in temps:  # a leftover (or a planted link) under this pid's name: never written through
-        _remove_entry(tmp)
+    kept = kept or _kept_file(targets[0])  # decided before the renames can change it
     try:
+        for tmp in temps:  # a leftover (or a planted link) under this pid's name: never written through
+            _remove_entry(tmp)
         yield temps
         with _signals_deferred():
             for target in targets[1:]:
                 target.unlink(missing_ok=True)
             for tmp, target in zip(temps, targets):
                 os.replace(tmp, target)
+    except OSError as exc:
+        raise write_failed(targets[0], exc, kept) from None
     finally:
         for tmp in temps:
-            tmp.unlink(missing_ok=True)
+            _quietly_unlink(tmp)
+
+
+def _quietly_unlink(path: Path) -> None:
+    """Clean-up that must not replace the error being raised (an I/O error on the cleaning itself)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, kept: str | None = None) -> Iterator[Path]:
     """One temporary sibling of ``path``, renamed onto it when the block succeeds (see :func:`atomic_files`)."""
-    with atomic_files(path) as (tmp,):
+    with atomic_files(path, kept=kept) as (tmp,):
         yield tmp
 
 
@@ -258,12 +309,16 @@ def atomic_directory(output: str | os.PathLike, *, keep_work: bool = False) -> I
         _remove_entry(work)  # a leftover of a killed run with this pid (a link there is removed, not followed)
     _make_dir(work)
     done = False
+    kept = (f"the previous {out.name} is kept unchanged" if out.is_dir() else "nothing was written") + (
+        f"; what was done is kept in {_shown(work)} for the next run" if keep_work else "")
     try:
         yield work
         _carry_over(out, work)
         _keep_mode(out, work)
         _swap_in(work, out)
         done = True
+    except OSError as exc:
+        raise write_failed(out, exc, kept) from None
     finally:
         if done or not keep_work:
             shutil.rmtree(work, ignore_errors=True)  # after the swap: the previous version
@@ -392,9 +447,14 @@ def acquire_lock(output: str | os.PathLike, *, wait: bool = False) -> OutputLock
         if owner:
             log.warning("%s: took over the stale lock of a run that ended without cleaning up (%s)",
                         _shown(Path(output)), _describe(owner))
-        _write_owner(fd)
+        lock = OutputLock(path, fd)
+        try:
+            _write_owner(fd)
+        except OSError as exc:  # a full disk: no lock is left behind (release removes the file it made)
+            lock.release()
+            raise write_failed(path, exc, "nothing was written") from None
         _sweep_temporaries(Path(output))
-        return OutputLock(path, fd)
+        return lock
     raise AuditError(f"{_shown(path)}: the lock keeps changing hands; another run is starting on this output")
 
 
@@ -539,6 +599,35 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(dump_json(data), encoding="utf-8")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` for a record read from a user's file: a lone surrogate escape (``"\\ud800"``: no
+    character, cannot be written as UTF-8) is refused here rather than when an output is written.
+
+    Raises ``ValueError`` (malformed JSON, an integer too long, a lone surrogate) or ``RecursionError``
+    (nested too deep); :func:`json_problem` puts either in words.
+    """
+    value = json.loads(text)
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a \\u escape is a lone surrogate, not a character") from None
+    return value
+
+
+def json_problem(exc: BaseException) -> str:
+    """What is wrong with a record's JSON, in words (malformed, nested too deep, an integer too long, ...)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON ({exc.msg}, column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deep to read"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"unreadable JSON ({text if len(text) <= 200 else text[:200] + '…'})"
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """A JSON file's value; an unreadable or invalid file is one AuditError line."""
     try:
@@ -574,9 +663,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def write_parquet_atomic(table: Any, path: str | os.PathLike, **options: Any) -> None:
-    """``pyarrow.parquet.write_table`` into ``path``, atomically: a failed write (disk full) leaves no file."""
+def write_parquet_atomic(table: Any, path: str | os.PathLike, *, kept: str | None = None, **options: Any) -> None:
+    """``pyarrow.parquet.write_table`` into ``path``, atomically: a failed write (disk full) leaves no file and is
+    one line saying what was ``kept`` (:func:`atomic_files`)."""
     import pyarrow.parquet as pq
 
-    with atomic_file(path) as tmp:
+    with atomic_file(path, kept=kept) as tmp:
         pq.write_table(table, tmp, **options)

@@ -124,11 +124,30 @@ class CompareConfig(Config):
         if self.records is not None and not self.by_meta:
             raise AuditError(f"--records {self.records}: it is read only with --by-meta FIELD; add that or drop "
                              "--records")
+        if self.records is not None:
+            _check_records_file(Path(self.records))
         self.stratify, self.strata = strata.check_stratify(self.stratify, self.strata)
 
     @property
     def k_frac(self) -> float:
         return self.k / 100.0
+
+
+def _check_records_file(path: Path) -> None:
+    """``--records`` is a noisy JSONL: a parquet (a stats table) or binary file is refused before anything loads."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return  # absent or unreadable: the --by-meta step names it
+    hint = "give the noisy JSONL the table was scored from (inject's output)"
+    if head.startswith(b"PAR1"):
+        raise AuditError(f"--records {path}: a parquet file (a stats table?), not the noisy JSONL; {hint}")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not a character cut at the end of the block read
+            raise AuditError(f"--records {path}: not UTF-8 text (byte {exc.start}); {hint}") from None
 
 
 # --------------------------------------------------------------------------- sweep

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -24,6 +23,7 @@ from typing import Any, Iterable, Iterator
 from reweight_audit.core.spans import (BadAnnotation, check_after_error, check_spans, first_error_spans,
                                         steps_first_error)
 from reweight_audit.core.errors import AuditError
+from reweight_audit.core.io import json_problem, parse_json
 from reweight_audit.core.frames import TABLE_KINDS, check_table, is_table, rows_digest, table_rows
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -315,42 +315,18 @@ def _jsonl_rows(path: Path, skip_bad: bool, report: LoadReport) -> Iterator[tupl
                     continue
                 raise AuditError(f"{path}:{lineno}: not UTF-8 (byte {exc.start}); re-encode the file as UTF-8 or pass --skip-bad") from None
             try:
-                row = _parsed_json(text)
+                row = parse_json(text)
             except (ValueError, RecursionError) as exc:
                 if skip_bad:
                     report.bad_lines.append(lineno)
                     continue
-                raise AuditError(f"{path}:{lineno}: {_json_problem(exc)}; fix the line or pass --skip-bad") from None
+                raise AuditError(f"{path}:{lineno}: {json_problem(exc)}; fix the line or pass --skip-bad") from None
             if not isinstance(row, dict):
                 if skip_bad:
                     report.bad_lines.append(lineno)
                     continue
                 raise AuditError(f"{path}:{lineno}: expected a JSON object per line; fix the line or pass --skip-bad")
             yield f"{path}:{lineno}", row
-
-
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _parsed_json(text: str) -> Any:
-    """``json.loads``, and a lone surrogate escape (``"\\ud800"``: no character, cannot be written as UTF-8)
-    refused here rather than when the output is written."""
-    value = json.loads(text)
-    if _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("a \\u escape is a lone surrogate, not a character") from None
-    return value
-
-
-def _json_problem(exc: BaseException) -> str:
-    """What is wrong with a record's JSON, in words (malformed, nested too deep, an integer too long, ...)."""
-    if isinstance(exc, json.JSONDecodeError):
-        return f"malformed JSON ({exc.msg}, column {exc.colno})"
-    if isinstance(exc, RecursionError):
-        return "JSON nested too deep to read"
-    return f"unreadable JSON ({_one_line(exc)})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -367,11 +343,11 @@ def _read_text(path: Path) -> str:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        data = _parsed_json(_read_text(path))
+        data = parse_json(_read_text(path))
     except json.JSONDecodeError as exc:
         raise AuditError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
     except (ValueError, RecursionError) as exc:
-        raise AuditError(f"{path}: {_json_problem(exc)}; fix the file") from None
+        raise AuditError(f"{path}: {json_problem(exc)}; fix the file") from None
     if isinstance(data, dict):
         # {"data": [...]} or {"id": {...}, ...}
         lists = [v for v in data.values() if isinstance(v, list)]

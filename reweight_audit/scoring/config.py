@@ -36,8 +36,16 @@ class ScoreConfig(Config):
     batch_tokens: int = option(2048, help="Padded tokens per forward batch.",
                                check=_positive("--batch-tokens", "number of tokens"))
     chunk_rows: int | None = option(None, help=CHUNK_ROWS_HELP, check=_positive("--chunk-rows", "number of rows"))
-    max_length: int | None = option(None, help="Truncate sequences to this many tokens.", check=_check_max_length)
+    max_length: int | None = option(None, help="Truncate sequences to this many tokens (default: the model's "
+                                    "context).", check=_check_max_length)
+    no_truncate: bool = option(False, help="Refuse a sequence longer than the model's context instead of "
+                               "truncating it.")
     template: str = option("auto", help="auto, chat or plain.")
     ref_model: str | None = option(None, kind="model", help="Reference model for Rho-1 (adds ref_logp).")
     trust_remote_code: bool = option(False, help="Allow model code from the hub to run.")
     resume: bool = option(False, help="Continue an interrupted run from its finished shards.")
+
+    def check(self) -> None:
+        if self.no_truncate and self.max_length is not None:
+            raise AuditError(f"--max-length {self.max_length} asks for truncation and --no-truncate refuses it; "
+                             "give one of them")

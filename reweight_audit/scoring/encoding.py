@@ -3,7 +3,13 @@
 A record is rendered (``chat``: the tokenizer's chat template; ``plain``: prompt, blank line,
 response), tokenised with offsets, and every token that covers response text is supervised
 (but the first of the sequence, which nothing predicts). A token is noise under
-:data:`NOISE_RULE`; its kind is the first covering span's.
+:data:`NOISE_RULE`; its kind is the first covering span's. A token's ``token`` text is the
+response characters it covers that no earlier token covered: byte-level BPE splits one character
+(a Hebrew letter, an emoji) across tokens that each report the whole character's offsets, and
+the character belongs to the first of them, so the texts of a response's tokens join to it.
+
+A sequence longer than ``max_length`` (``score``: ``--max-length``, else the model's context) is
+truncated and counted, or (``truncate=False``, ``--no-truncate``) refused in one line naming it.
 """
 from __future__ import annotations
 
@@ -73,14 +79,24 @@ def encode(
     template: str,
     max_length: int | None,
     counts: dict,
+    *,
+    truncate: bool = True,
 ) -> Encoded | None:
-    """Tokenise one record; map spans to tokens; None when nothing supervised remains."""
+    """Tokenise one record; map spans to tokens; None when nothing supervised remains.
+
+    A sequence over ``max_length`` tokens is cut (counted), or refused when not ``truncate``.
+    """
     full, resp_start, has_specials = render(tokenizer, record.prompt, record.response, template)
     try:
         enc = tokenizer(full, add_special_tokens=not has_specials, return_offsets_mapping=True)
     except NotImplementedError:
         raise AuditError("the tokenizer cannot return offset mappings; use a fast (tokenizers-backed) tokenizer") from None
     ids: list[int] = enc["input_ids"]
+    if not truncate and max_length is not None and len(ids) > max_length:
+        where = f"line {record.line}, " if record.line else ""
+        raise AuditError(f"record {record.id!r} ({where}{len(ids):,} tokens) is longer than the model's context of "
+                         f"{max_length:,} tokens; leave out --no-truncate to score its first {max_length:,} tokens "
+                         "(counted in the manifest), or shorten it")
     sup, text, noise, kind = _supervised_tokens(record, enc["offset_mapping"], resp_start, counts)
     if not sup:
         _count(counts, "empty_sequences")
@@ -98,15 +114,18 @@ def _supervised_tokens(record: NoisyRecord, offsets: Any, resp_start: int,
     resp_end = resp_start + len(record.response)
     span_of_char, kinds, space = _span_of_char(record)
     sup, text, noise, kind = [], [], [], []
+    claimed = 0  # response characters already given to a token (a split character belongs to its first token)
     for j, (s, e) in enumerate(offsets):
         if e <= resp_start or s >= resp_end or e <= s:
             continue
+        lo, hi = max(s, resp_start) - resp_start, min(e, resp_end) - resp_start
+        own = max(lo, claimed)
+        claimed = max(claimed, hi)
         if j == 0:  # nothing predicts the first token of a sequence
             _count(counts, "unscorable_first_tokens")
             continue
-        lo, hi = max(s, resp_start) - resp_start, min(e, resp_end) - resp_start
         sup.append(j)
-        text.append(record.response[lo:hi])
+        text.append(record.response[own:hi] if own < hi else "")
         label = -1
         if record.spans:
             covered = span_of_char[lo:hi][~space[lo:hi]]
@@ -150,13 +169,15 @@ def _count(counts: dict, name: str, n: int = 1) -> None:
 
 
 def encode_records(source: NoisySource, tokenizer: Any, template: str, max_length: int | None, counts: dict,
-                   read_report: dict | None = None, *, limit: int | None = None) -> Iterator[Encoded]:
+                   read_report: dict | None = None, *, limit: int | None = None,
+                   truncate: bool = True) -> Iterator[Encoded]:
     """Every record of ``source`` (the first ``limit``) encoded, in input order; records with nothing
-    supervised are left out (``counts`` says why; ``counts["records"]``: records read)."""
+    supervised are left out (``counts`` says why; ``counts["records"]``: records read). ``truncate``:
+    see :func:`encode`."""
     for order, record in enumerate(read_noisy(source, read_report)):
         if limit is not None and order >= limit:
             break
         _count(counts, "records")
-        encoded = encode(record, order, tokenizer, template, max_length, counts)
+        encoded = encode(record, order, tokenizer, template, max_length, counts, truncate=truncate)
         if encoded is not None:
             yield encoded

@@ -22,6 +22,7 @@ from reweight_audit.core.io import (
     acquire_lock,
     atomic_files,
     dump_json,
+    log,
     manifest_header,
     manifest_path,
     prepare_output_file,
@@ -47,6 +48,7 @@ from reweight_audit.scoring.shards import (
     batch_table,
     check_shards,
     claim_shards,
+    damaged_shards,
     merge_shards,
     run_identity,
     shard_dir,
@@ -66,11 +68,13 @@ class ScoreResult:
 
 def iter_windows(
     input_path: NoisySource, tokenizer: Any, template: str, max_length: int | None, counts: dict, read_report: dict,
-    window: int
+    window: int, *, truncate: bool = True
 ) -> Iterator[list[Encoded]]:
-    """Encoded sequences in windows of ``window`` records, streamed from the file."""
+    """Encoded sequences in windows of ``window`` records, streamed from the file (``truncate``: see
+    :func:`~reweight_audit.scoring.encoding.encode`)."""
     current: list[Encoded] = []
-    for encoded in encode_records(input_path, tokenizer, template, max_length, counts, read_report):
+    for encoded in encode_records(input_path, tokenizer, template, max_length, counts, read_report,
+                                  truncate=truncate):
         current.append(encoded)
         if len(current) >= window:
             yield current
@@ -173,6 +177,8 @@ class _Setup:
     chunk_rows: int
     identity: dict
     shards: Path
+    context: int | None  # the model's context in tokens (None: its config does not say)
+    limit: int | None  # sequences are cut to this many tokens (--max-length, else the context)
 
 
 def _set_up(input_path: NoisySource, output: Path, config: ScoreConfig, resume: bool, rank: int, world_size: int,
@@ -191,19 +197,54 @@ def _set_up(input_path: NoisySource, output: Path, config: ScoreConfig, resume: 
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     template = choose_template(tokenizer, config.template)
     ref_source = _reference_source(config, tokenizer)
-    identity = run_identity(input_path, source, ref_source, template, dtype, config, window)
+    context = model_context(source, config.trust_remote_code)
+    limit = _length_limit(config, context)
+    identity = run_identity(input_path, source, ref_source, template, dtype, config, window, limit)
     shards = check_shards(refuse_symlink(shard_dir(output), "the shards folder"), identity, resume=resume)
+    damaged = damaged_shards(shards) if resume and rank == 0 else []
     counts: dict[str, int] = {}
     read_report: dict = {}
-    windows = iter_windows(input_path, tokenizer, template, config.max_length, counts, read_report, window)
+    windows = iter_windows(input_path, tokenizer, template, limit, counts, read_report, window,
+                           truncate=not config.no_truncate)
     first = _first_window(windows, input_path, counts)
     model, head, vocab = _load_scorer(source, config, device, dtype, first)
     ref = _load_scorer(ref_source, config, device, dtype, first)[:2] if ref_source else None
-    claim_shards(shards, identity, resume=resume, write_state=rank == 0)
+    claim_shards(shards, identity, resume=resume, write_state=rank == 0, damaged=damaged)
     pad_id = pad_id_of(tokenizer)
     chunk_rows = config.chunk_rows if config.chunk_rows is not None else auto_chunk_rows(vocab, device)
     return _Setup(input_path, output, config, device, source, template, windows, first, total_records, counts,
-                  read_report, model, head, ref, pad_id, vocab, chunk_rows, identity, shards)
+                  read_report, model, head, ref, pad_id, vocab, chunk_rows, identity, shards, context, limit)
+
+
+def model_context(source: Any, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens, from its config (read before the weights load); None when it does not say."""
+    from transformers import AutoConfig
+
+    from reweight_audit.core.hub import offline_reason
+    from reweight_audit.core.models import checkpoint_source
+
+    where = checkpoint_source(source, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if where.gguf_file:
+        kwargs["gguf_file"] = where.gguf_file
+    if where.kind != "hub" or offline_reason():
+        kwargs["local_files_only"] = True
+    try:
+        model_config = AutoConfig.from_pretrained(where.location, **kwargs).get_text_config()
+    except Exception:  # the model load that follows names what is wrong with the model, in its own line
+        return None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def _length_limit(config: ScoreConfig, context: int | None) -> int | None:
+    """Tokens a sequence is cut to: ``--max-length``, never past the model's context, else the context."""
+    if config.max_length is None:
+        return context
+    return min(config.max_length, context) if context else config.max_length
 
 
 def _input_file(source: NoisySource) -> Path | None:
@@ -298,7 +339,8 @@ def _score_shard(setup: _Setup, batch: list[Encoded], index: int, resume: bool, 
         stats = score_batch(setup.model, setup.head, batch, device=setup.device, chunk_rows=setup.chunk_rows,
                             pad_id=setup.pad_id, ref=setup.ref)
         tally.forward_seconds += time.perf_counter() - t0
-        write_parquet_atomic(batch_table(batch, stats), path)
+        write_parquet_atomic(batch_table(batch, stats), path,
+                             kept=f"the finished shards are kept in {setup.shards}; run again with --resume")
         tally.scored_tokens += n_tok
     tally.done_seqs += len(batch)
     tally.done_tokens += n_tok
@@ -310,12 +352,29 @@ def _merge(setup: _Setup, tally: _Tally, world_size: int, started: float) -> dic
     missing = [p for p in shard_paths if not p.exists()]
     if missing:
         raise AuditError(f"{setup.shards}: {len(missing)} batch shards are missing; run again with --resume to finish")
-    with atomic_files(setup.output, manifest_path(setup.output)) as (data_tmp, manifest_tmp):
+    kept = (f"the previous {setup.output.name} is kept unchanged" if setup.output.exists() else "nothing was written"
+            ) + f"; every batch is kept in {setup.shards}, so a run with --resume only merges"
+    with atomic_files(setup.output, manifest_path(setup.output), kept=kept) as (data_tmp, manifest_tmp):
         rows = merge_shards(shard_paths, data_tmp)
         manifest = score_manifest(setup, tally, rows, world_size, started)
         manifest_tmp.write_text(dump_json(manifest), encoding="utf-8")
     shutil.rmtree(setup.shards, ignore_errors=True)
+    _warn_truncated(setup, manifest["counts"])
     return manifest
+
+
+def _warn_truncated(setup: _Setup, counts: dict) -> None:
+    """One warning line when sequences were cut: how many, to what, and what was left out of the table."""
+    cut = counts.get("truncated_sequences", 0)
+    if not cut:
+        return
+    why = ("--max-length" if setup.config.max_length is not None and setup.limit == setup.config.max_length
+           else "the model's context")
+    log.warning("%s: %d of %d sequence(s) were longer than %s and were truncated to %d tokens: %d supervised "
+                "token(s) left out (%d noise), %d sequence(s) with none left; counted in the manifest (--no-truncate "
+                "refuses such sequences instead)", setup.output.name, cut, counts.get("records", cut), why,
+                setup.limit, counts.get("tokens_lost_to_truncation", 0),
+                counts.get("noise_tokens_lost_to_truncation", 0), counts.get("empty_after_truncation", 0))
 
 
 def score_manifest(setup: _Setup, tally: _Tally, rows: int, world_size: int, started: float) -> dict:
@@ -334,6 +393,9 @@ def score_manifest(setup: _Setup, tally: _Tally, rows: int, world_size: int, sta
         "batch_tokens": config.batch_tokens,
         "chunk_rows": setup.chunk_rows,
         "max_length": config.max_length,
+        "context_length": setup.context,
+        "truncate_to": setup.limit,
+        "truncate": not config.no_truncate,
         "window": identity["window"],
         "vocab_size": setup.vocab,
         "head": setup.head.describe(),

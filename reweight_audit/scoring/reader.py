@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Iterable, Iterator, Union
 
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.frames import row_json, rows_digest
-from reweight_audit.core.io import file_sha256
+from reweight_audit.core.io import file_sha256, json_problem, parse_json
 from reweight_audit.core.spans import BadAnnotation, check_spans
 
 __all__ = ["NOT_JSONL", "NoisyRecord", "NoisyRows", "NoisySource", "input_digest", "read_noisy", "scan_input"]
@@ -92,13 +91,15 @@ def _checked_spans(response: str, spans: Any, where: str) -> list[dict]:
 def _decode_line(raw: bytes, where: str, *, first: bool) -> Any:
     """One JSON value; a first line that is not JSON says what score reads."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         hint = NOT_JSONL if first else "re-encode the file as UTF-8"
         raise AuditError(f"{where}: not UTF-8 text; {hint}") from None
-    except json.JSONDecodeError as exc:
+    try:
+        return parse_json(text)
+    except (ValueError, RecursionError) as exc:  # malformed, an integer too long, a lone surrogate, too deep
         hint = NOT_JSONL if first else "fix the line or re-run inject"
-        raise AuditError(f"{where}: malformed JSON ({exc.msg}); {hint}") from None
+        raise AuditError(f"{where}: {json_problem(exc)}; {hint}") from None
 
 
 def scan_input(path: NoisySource) -> int:

@@ -15,13 +15,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from reweight_audit.core.errors import AuditError
-from reweight_audit.core.io import read_json, write_json_atomic
+from reweight_audit.core.io import log, read_json, write_json_atomic
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.encoding import Encoded
 from reweight_audit.scoring.reader import NoisySource, input_digest
 
-__all__ = ["SHARD_FORMAT", "assign_to_ranks", "batch_table", "check_shards", "claim_shards", "fingerprint",
-           "merge_shards", "run_identity", "shard_dir"]
+__all__ = ["SHARD_FORMAT", "assign_to_ranks", "batch_table", "check_shards", "claim_shards", "damaged_shards",
+           "fingerprint", "merge_shards", "run_identity", "shard_dir"]
 
 SHARD_FORMAT = 1
 
@@ -35,7 +35,7 @@ def fingerprint(parts: dict) -> str:
 
 
 def run_identity(input_path: NoisySource, source: Any, ref_source: Any, template: str, dtype: Any, config: ScoreConfig,
-                 window: int) -> dict:
+                 window: int, limit: int | None = None) -> dict:
     """What makes two runs the same run (``state.json``'s fingerprint; ``--resume`` needs it equal)."""
     from reweight_audit.core.models import model_digest
 
@@ -48,7 +48,7 @@ def run_identity(input_path: NoisySource, source: Any, ref_source: Any, template
         "template": template,
         "dtype": str(dtype).replace("torch.", ""),
         "batch_tokens": config.batch_tokens,
-        "max_length": config.max_length,
+        "max_length": limit,  # what sequences are cut to: --max-length, else the model's context
         "window": window,
     }
 
@@ -72,13 +72,57 @@ def check_shards(shards: Path, identity: dict, *, resume: bool) -> Path:
     return shards
 
 
-def claim_shards(shards: Path, identity: dict, *, resume: bool, write_state: bool) -> Path:
-    """:func:`check_shards`, then make ``shards`` this run's folder (``write_state``: rank 0 records the run)."""
+def damaged_shards(shards: Path) -> list[Path]:
+    """Kept shards that would not merge (unreadable parquet, or without a shard's columns), named in a note.
+
+    Every kept shard is read whole (a shard is one batch), before any model loads: a damaged one
+    found here is scored again (:func:`claim_shards` removes it), never found by the merge after
+    every other batch was scored.
+    """
+    damaged = _unreadable(shards)
+    if damaged:
+        first, why = damaged[0]
+        log.warning("%s: %d kept shard(s) cannot be read (%s: %s); their batches will be scored again", shards,
+                    len(damaged), first.name, why)
+    return [path for path, _why in damaged]
+
+
+def _unreadable(shards: Path) -> list[tuple[Path, str]]:
+    """Each kept shard that cannot be read as a shard, with the reason."""
+    import pyarrow.parquet as pq
+
+    needed = {"seq_id", "pos", "token_id", "token", "logp", "is_noise", "seq_order"}
+    damaged = []
+    for path in sorted(shards.glob("batch-*.parquet")):
+        try:
+            missing = needed - set(pq.read_table(path).column_names)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            damaged.append((path, _first_line(exc)))
+            continue
+        if missing:
+            damaged.append((path, f"no {', '.join(sorted(missing))} column"))
+    return damaged
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def claim_shards(shards: Path, identity: dict, *, resume: bool, write_state: bool,
+                 damaged: Sequence[Path] = ()) -> Path:
+    """:func:`check_shards`, then make ``shards`` this run's folder (``write_state``: rank 0 records the run).
+
+    Rank 0 removes a killed run's temporaries and the ``damaged`` kept shards
+    (:func:`damaged_shards`), so their batches are scored again.
+    """
     check_shards(shards, identity, resume=resume)
     shards.mkdir(parents=True, exist_ok=True)
     if write_state:
         for leftover in shards.glob("*.tmp"):  # a killed run's half-written shards; no other writer runs now
             leftover.unlink(missing_ok=True)
+        for path in damaged:
+            path.unlink(missing_ok=True)
         write_json_atomic(shards / "state.json", {"key": fingerprint(identity), "identity": identity})
     return shards
 
@@ -135,6 +179,17 @@ def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> A
     return table
 
 
+def _read_shard(shard: Path) -> Any:
+    """A finished shard's table; one that became unreadable since it was written is one line naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(shard)
+    except Exception as exc:  # ArrowInvalid, OSError: the file changed under us
+        raise AuditError(f"{shard}: a finished shard cannot be read ({_first_line(exc)}); run again with --resume "
+                         "to score its batch again") from None
+
+
 def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 << 17) -> int:
     """Stream shard tables into one parquet file, sorted by input order then position within each shard.
 
@@ -148,7 +203,7 @@ def merge_shards(shards: Sequence[Path], output: Path, row_group_size: int = 1 <
     rows = 0
     try:
         for shard in shards:
-            table = pq.read_table(shard)
+            table = _read_shard(shard)
             table = table.take(pc.sort_indices(table, sort_keys=[("seq_order", "ascending"), ("pos", "ascending")]))
             table = table.drop_columns(["seq_order"])
             if writer is None:

@@ -1,6 +1,7 @@
 """The options of ``reweight-audit train`` (``run_train``), each defined once with its flag, default and check."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,25 @@ def _positive(flag: str):
         return value
 
     return check
+
+
+def _learning_rate(value: float) -> float:
+    """A finite rate above 0: a negative or NaN rate would train (or diverge) without a word."""
+    if not math.isfinite(value) or value <= 0:
+        raise AuditError(f"--lr {value}: give a finite learning rate above 0, e.g. 5e-5 (leave it out for the default)")
+    return value
+
+
+def _max_length(value: int) -> int:
+    if value < 2:
+        raise AuditError(f"--max-length {value}: give at least 2 tokens")
+    return value
+
+
+def _k_percent(value: float) -> float:
+    if not math.isfinite(value) or not 0 < value <= 100:
+        raise AuditError(f"--k {value}: give a top-k cut in percent, above 0 and at most 100")
+    return value
 
 
 @dataclass
@@ -32,11 +52,12 @@ class TrainConfig(Config):
                                                       "directory or a .gguf file.")
     ref_model: str | None = option(None, kind="model", help="Reference model for rho1.")
     lora: bool = option(False, help="Train LoRA adapters (needs peft: pip install 'reweight-audit[train]').")
-    learning_rate: float | None = option(None, flag="--lr", help="Learning rate (default 5e-5, 2e-4 with --lora).")
+    learning_rate: float | None = option(None, flag="--lr", help="Learning rate (default 5e-5, 2e-4 with --lora).",
+                                         check=_learning_rate)
     batch_size: int = option(4, help="Sequences per step.", check=_positive("--batch-size"))
     every: int = option(5, help="Audit every N steps (and at the start and end).", check=_positive("--every"))
-    max_length: int | None = option(512, help="Truncate sequences to this many tokens.")
-    k: float = option(10.0, help="Top-k cut in percent for the audit metrics.")
+    max_length: int | None = option(512, help="Truncate sequences to this many tokens.", check=_max_length)
+    k: float = option(10.0, help="Top-k cut in percent for the audit metrics.", check=_k_percent)
     params: list[str] = option((), flag="--param", kind="params", check=param_items,
                                help="Method parameter, e.g. --param focal.gamma=3 (repeatable).")
     seed: int = option(0, help="Seed of every random choice; the same seed gives the same files.")
