@@ -187,7 +187,10 @@ def score(noisy: PathLike | pd.DataFrame, *, output: PathLike | None = None, **o
     chunk_rows
         Rows per output-head chunk (None: from free memory).
     max_length
-        Truncate sequences to this many tokens (None: no truncation).
+        Truncate sequences to this many tokens (None: the model's context).
+    no_truncate
+        Refuse a sequence longer than the model's context instead of
+        truncating it (the manifest counts what truncation left out).
     template
         ``auto``, ``chat`` or ``plain``: how prompt and response are rendered.
     ref_model

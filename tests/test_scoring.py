@@ -293,6 +293,6 @@ def test_a_failed_shard_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq, "write_table", disk_full)
     target = tmp_path / "batch-000001.parquet"
-    with pytest.raises(OSError):
+    with pytest.raises(AuditError, match=r"batch-000001.parquet: could not be written \(No space left on device\)"):
         write_parquet_atomic(pa.table({"a": [1, 2]}), target)
     assert list(tmp_path.iterdir()) == []
