@@ -151,24 +151,26 @@ SEQUENCE_BYTES_PER_TOKEN = 8 + 28 + 8 + 1 + 8 + 8
 
 
 def synthetic_bytes(*, vocab: int, seq_len: int, hidden: int, layers: int, intermediate: int, heads: int,
-                    sequences: int) -> tuple[int, int]:
+                    sequences: int, weight_bytes: int = 4) -> tuple[int, int]:
     """(bytes on the device, bytes in host memory) the synthetic case needs at the least: the Llama's weights
-    (fp32) with the cheapest variant's working memory, and the sequences. Estimated before anything is allocated."""
-    weights = 4 * (2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate))
+    (``weight_bytes`` each) with the cheapest variant's working memory, and the sequences. Estimated before
+    anything is allocated."""
+    weights = weight_bytes * (2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate))
     cheapest = variant_bytes("ours", vocab=vocab, batch=sequences, width=seq_len, heads=heads, hidden=hidden,
                              supervised=sequences * (seq_len - 1), chunk_rows=1)
     return weights + cheapest, sequences * seq_len * SEQUENCE_BYTES_PER_TOKEN
 
 
 def check_synthetic_fits(device: str, *, vocab: int, seq_len: int, hidden: int, layers: int, intermediate: int,
-                         heads: int, sequences: int, headroom: float = 0.85) -> None:
+                         heads: int, sequences: int, weight_bytes: int = 4, headroom: float = 0.85) -> None:
     """Refuse, in one line, a ``--vocab``/``--seq-len`` whose synthetic case cannot fit in this machine's memory.
 
     Checked before the model or the sequences are made: an allocation that large would end in an
     allocator traceback, or in the kernel's out-of-memory killer with no message at all.
     """
     on_device, on_host = synthetic_bytes(vocab=vocab, seq_len=seq_len, hidden=hidden, layers=layers,
-                                         intermediate=intermediate, heads=heads, sequences=sequences)
+                                         intermediate=intermediate, heads=heads, sequences=sequences,
+                                         weight_bytes=weight_bytes)
     host = available_bytes("cpu")
     budgets = [(on_host + (on_device if device == "cpu" else 0), host, "memory")]
     if device != "cpu":
@@ -334,8 +336,10 @@ def synthetic_case(vocab: int, seq_len: int, device: str, chunk_rows: int | None
 
     check_options(batch_tokens=1, vocab=vocab, seq_len=seq_len, chunk_rows=chunk_rows, repeats=1)
     device = resolve_device(device)
+    on_cuda = device.startswith("cuda")  # auto is bf16 there
     check_synthetic_fits(device, vocab=vocab, seq_len=seq_len, hidden=hidden, layers=layers,
-                         intermediate=intermediate or 2 * hidden, heads=heads, sequences=sequences)
+                         intermediate=intermediate or 2 * hidden, heads=heads, sequences=sequences,
+                         weight_bytes=2 if dtype in ("bfloat16", "float16") or (dtype == "auto" and on_cuda) else 4)
     torch.manual_seed(0)
     from reweight_audit.core.models import resolve_dtype
 
