@@ -152,7 +152,8 @@ def figures(result: CompareResult, *, runs: list[RunData], run_weights: list[dic
     plot_samples = [plot_sample(run, seed) for run in runs] if {"rank_vs_prob", "expected_rank_vs_entropy"} & set(names) \
         else []
     draw = {
-        "recall_curves": lambda: report.recall_curves_figure(result.curves, k=result.k),
+        "recall_curves": lambda: report.recall_curves_figure(
+            result.curves, k=result.k, highlight=tuple((result.config.get("table1_map") or {}).values())),
         "rank_vs_prob": lambda: report.rank_vs_prob_figure(plot_samples),
         "expected_rank_vs_entropy": lambda: report.expected_rank_vs_entropy_figure(plot_samples),
         "weight_distributions": lambda: report.weight_distributions_figure(
