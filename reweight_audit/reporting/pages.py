@@ -291,3 +291,90 @@ def _paper_k() -> str:
     from reweight_audit.evaluation.table1 import PAPER_K
 
     return k_label(PAPER_K)
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+
+def _share(value: Any) -> str:
+    return "n/a" if _number(value) is None else f"{float(value) * 100:.0f}%"
+
+
+def sweep_ranking(result: Any) -> HtmlTable:
+    """Per method: family and its mean share of "below" over the other methods (the sweep's one-number summary)."""
+    pairs = result.pairs
+    families = dict(zip(result.table["method"], result.table["family"])) if "family" in result.table.columns else {}
+    table = HtmlTable(["method", "family", "mean share below the others", "settings"], text_columns=2)
+    for method in result.methods:
+        mine = pairs[(pairs["a"] == method) & (pairs["settings"] > 0)] if len(pairs) else pairs
+        mean = float(mine["share"].mean()) if len(mine) else float("nan")
+        settings = int(mine["settings"].max()) if len(mine) else 0
+        table.rows.append(Row([Cell(str(method)), Cell(str(families.get(method, ""))), Cell(_share(mean), _number(mean)),
+                               Cell(f"{settings:,}", settings)], _row_class(str(method), str(families.get(method, "")))))
+    return table
+
+
+def sweep_claim(result: Any) -> dict | None:
+    """The claim's verdict and one row per setting (failing settings first)."""
+    from reweight_audit.evaluation.sweep import SETTING
+
+    if result.claim is None:
+        return None
+    order, claim = result.config["claim"], result.claim
+    table = HtmlTable([*SETTING, *order, "holds", "sure"], text_columns=len(SETTING))
+    for row in claim.sort_values("holds", kind="stable").to_dict(orient="records"):
+        cells = [Cell(k_label(row[c]) if c == "k" else str(row[c])) for c in SETTING]
+        cells += [Cell(fmt_pct(row[m]), _number(row[m])) for m in order]
+        cells += [Cell("yes" if row["holds"] else "no"), Cell("yes" if row["sure"] else "no")]
+        table.rows.append(Row(cells))
+    return {"order": " < ".join(order), "held": int(claim["holds"].sum()), "total": len(claim),
+            "sure": int(claim["sure"].sum()), "everywhere": bool(result.claim_holds), "table": table}
+
+
+def sweep_page(result: Any, heat_map: bytes, metric: str, files: Iterable[str] = ()) -> str:
+    """report.html of a sweep (``result``: :class:`~reweight_audit.evaluation.sweep.SweepResult`): the claim's
+    verdict first, the methods by mean share, the pair heat map, the orders that hold in every setting."""
+    from reweight_audit.reporting.render import label_notes
+
+    cfg, p = result.config, result.pairs
+    fixed = p[(p["settings"] > 0) & (p["less"] == p["settings"])] if len(p) else p
+    context = {
+        "title": "reweight-audit sweep: which method puts less weight on noise, whatever the convention",
+        "runs": [{"label": r["label"], "path": r["path"],
+                  "text": f"{r['n_tokens']:,} tokens, {r['n_noise']:,} noise (base rate {fmt_pct(r['base_rate'])})"}
+                 for r in result.runs],
+        "settings": f"settings: run × rank by ({', '.join(cfg['rank_by'])}) × scope ({', '.join(cfg['scope'])}) × "
+                    f"k ({', '.join(k_label(k) for k in cfg['k'])}) × noise kind × stratify "
+                    f"({', '.join(cfg['stratify'])}); ordered by {metric}",
+        "notes": [*result.notes, *label_notes(result.runs)], "metric": metric, "claim": sweep_claim(result),
+        "ranking": sweep_ranking(result), "n_pairs": len(p) // 2, "files": list(files),
+        "fixed": [f"{r.a} < {r.b} in all {r.settings} settings ({r.sure} sure)" for r in fixed.itertuples(index=False)],
+        "figures": [{"uri": data_uri(heat_map), "alt": "pair heat map",
+                     "caption": f"Row A, column B: the share of the settings in which A's {metric} is lower than B's. "
+                                "Methods grouped by family (lines), within a family by mean share."}],
+    }
+    return render_page("sweep.html", **context)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+def train_page(summary: list[dict], audit_png: bytes, absorption: str, setting: str, k: float,
+               files: Iterable[str] = ()) -> str:
+    """report.html of a train run: the absorption table (run.json's summary), the audit curves, absorption.md."""
+    own_rec = f"own_tok_rec@{k:g}"
+    columns = ["method", "steps", "train_loss_first", "train_loss_last", "clean_nll_change", "noise_nll_change",
+               "noise_per_clean", own_rec, "own_noise_mass", "seconds_per_step"]
+    frame = pd.DataFrame(summary).reindex(columns=columns)
+
+    def three(v: Any) -> str:
+        return "n/a" if _number(v) is None else f"{float(v):.3f}"
+
+    formats = {c: three for c in columns[2:]}
+    formats["steps"] = lambda v: "n/a" if _number(v) is None else f"{int(v)}"
+    return render_page("train.html", title="reweight-audit train: how much noise each loss absorbs",
+                       setting=setting, summary=frame_table(frame, columns, formats=formats), absorption=absorption,
+                       files=list(files),
+                       figures=[{"uri": data_uri(audit_png), "alt": "audit curves",
+                                 "caption": "Against the training step, one line per trained method: the probe's noise "
+                                            "and clean NLL change, and the method's own weights on the probe."}])

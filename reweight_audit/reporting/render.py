@@ -570,3 +570,35 @@ def heatmap_html(runs: list[dict], k: float | None = None, title: str = "reweigh
     out.append(f'<script type="application/json" id="rwa-data">{_json_for_script({"runs": js_runs})}</script>')
     out.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- train's audit curves
+
+
+def audit_figure(rows: pd.DataFrame, k: float) -> Figure:
+    """Train's audit against the step, one line per trained method (same colour in every panel), chance-free
+    zero lines on the NLL changes, the legend outside the panels."""
+    panels = [("noise_nll_change", "noise NLL change on the probe"), ("clean_nll_change", "clean NLL change on the probe"),
+              ("own/noise_mass", "own weights: share of weight on noise"),
+              (f"own/tok_rec@{k:g}", f"own weights: noise recall @{k:g}%")]
+    fig, axes = _figure(4, 2, 4.6, 3.2)
+    methods = list(dict.fromkeys(rows["train_method"])) if len(rows) else []
+    colours = dict(zip(methods, _colours(len(methods))))
+    handles = {}
+    for ax, (key, title) in zip(axes, panels):
+        for method in methods:
+            mine = rows[rows["train_method"] == method].sort_values("step")
+            column = key.replace("own/", f"{method}/")
+            if column not in mine.columns:
+                continue
+            line, = ax.plot(mine["step"], mine[column].astype(float), marker="o", ms=3, lw=1.5, color=colours[method])
+            handles.setdefault(plot_text(method), line)
+        if key.endswith("nll_change"):
+            ax.axhline(0.0, color="black", lw=0.7, ls=":")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False,
+                   title="trained with", title_fontsize=8)
+    return fig
