@@ -38,6 +38,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # help texts are plain text: "pip install 'reweight-audit[train]'" must not lose "[train]" as rich markup
+    rich_markup_mode=None,
 )
 # a pipe or CI log is not a terminal: give tables room instead of rich's 80-column default
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
