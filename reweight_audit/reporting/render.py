@@ -581,6 +581,8 @@ def audit_figure(rows: pd.DataFrame, k: float) -> Figure:
     panels = [("noise_nll_change", "noise NLL change on the probe"), ("clean_nll_change", "clean NLL change on the probe"),
               ("own/noise_mass", "own weights: share of weight on noise"),
               (f"own/tok_rec@{k:g}", f"own weights: noise recall @{k:g}%")]
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = _figure(4, 2, 4.6, 3.2)
     methods = list(dict.fromkeys(rows["train_method"])) if len(rows) else []
     colours = dict(zip(methods, _colours(len(methods))))
@@ -595,6 +597,7 @@ def audit_figure(rows: pd.DataFrame, k: float) -> Figure:
             handles.setdefault(plot_text(method), line)
         if key.endswith("nll_change"):
             ax.axhline(0.0, color="black", lw=0.7, ls=":")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
