@@ -399,6 +399,7 @@ def _report_sweep(result: Any, output: Path, metric: str) -> None:
         out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
               highlight=False)
+    fails: list[str] = []
     if result.claim is not None:
         holds, fails = claim_lines(result)
         out.print(f"claim {' < '.join(result.config['claim'])} ({metric}) holds in {len(holds)} of "
@@ -406,8 +407,10 @@ def _report_sweep(result: Any, output: Path, metric: str) -> None:
         for title, lines in (("holds", holds), ("fails", fails)):
             for line in lines:
                 out.print(f"  {title}: {line}", highlight=False, soft_wrap=True)
-        if fails:
-            raise typer.Exit(1)
+    if "report.html" in result.files:
+        out.print(f"[bold]report:[/bold] {escape(str(result.files['report.html']))}", highlight=False, soft_wrap=True)
+    if result.claim is not None and fails:
+        raise typer.Exit(1)
 
 
 def _demo_hooks(quiet: bool) -> Any:
