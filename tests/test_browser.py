@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import small_report
-
 pytestmark = pytest.mark.slow
 
 INSTALL = "apt-get install chromium (make browser does it) and pip install playwright (the test extra)"
@@ -50,10 +48,8 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("browser")
-    small_report(folder)
-    return folder / "out"
+def report(small_report_run):
+    return small_report_run[1]
 
 
 def _open(browser, path: Path):

@@ -5,11 +5,10 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import EVIL_MODEL, PAGE_METHODS, hand_stats_table, hand_sweep, H_A, H_B, small_report, write_stats
+from helpers import EVIL_MODEL, hand_stats_table, hand_sweep, H_A, H_B, write_stats
 from reweight_audit.reporting import pages, render
 from reweight_audit.reporting.sweep_report import heat_map_order, write_sweep
 from reweight_audit.reporting.train_report import write_train_page
@@ -20,10 +19,9 @@ pytestmark_compare = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("page")
-    result = small_report(folder)
-    return result, (folder / "out" / "report.html").read_text(encoding="utf-8")
+def compared(small_report_run):
+    result, folder = small_report_run
+    return result, (folder / "report.html").read_text(encoding="utf-8")
 
 
 def _no_network(page: str) -> None:
