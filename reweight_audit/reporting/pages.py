@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["Cell", "HtmlTable", "png_bytes", "data_uri", "compare_page", "sweep_page", "train_page", "frame_table",
            "TABLE1_COLOURED"]
 
-#: The methods the main table colours as Table 1's (the default map's three methods).
+#: The methods coloured as Table 1's where no map is given (the default --table1-map's three).
 TABLE1_COLOURED = ("eaft", "dft", "ranktuner-approx")
 CONTROL_FAMILY = "control"
 #: What each plot shows, under it on the page.
@@ -130,8 +130,13 @@ def _varying(frame: pd.DataFrame, columns: tuple[str, ...] = ("run", "rank_by", 
     return [c for c in columns if c in frame.columns and frame[c].nunique(dropna=False) > 1]
 
 
-def _row_class(method: str, family: str) -> str:
-    return "control" if family == CONTROL_FAMILY else ("table1" if method in TABLE1_COLOURED else "")
+def _row_class(method: str, family: str, table1: Iterable[str] = TABLE1_COLOURED) -> str:
+    return "control" if family == CONTROL_FAMILY else ("table1" if method in table1 else "")
+
+
+def table1_methods(result: CompareResult) -> set[str]:
+    """The methods standing for Table 1's rows in this compare (``--table1-map``)."""
+    return set((result.config.get("table1_map") or {}).values()) or set(TABLE1_COLOURED)
 
 
 def main_table(result: CompareResult) -> HtmlTable:
@@ -141,11 +146,12 @@ def main_table(result: CompareResult) -> HtmlTable:
     specs = [s for s in metric_specs() if s.header is not None]
     table = HtmlTable([c.replace("_", "-") for c in extra] + ["method", "family"]
                       + [s.header.format(k=k_label(result.k)) for s in specs], text_columns=len(extra) + 2)
+    table1 = table1_methods(result)
     for row in frame.to_dict(orient="records"):
         cells = [Cell(str(row[c])) for c in extra] + [Cell(str(row["method"])), Cell(str(row.get("family", "")))]
         cells += [Cell(s.fmt(row.get(s.name), row.get(f"{s.name}_lo"), row.get(f"{s.name}_hi")), _number(row.get(s.name)))
                   for s in specs]
-        table.rows.append(Row(cells, _row_class(str(row["method"]), str(row.get("family", "")))))
+        table.rows.append(Row(cells, _row_class(str(row["method"]), str(row.get("family", "")), table1)))
     return table
 
 
@@ -164,7 +170,7 @@ def verdict_blocks(result: CompareResult) -> list[dict]:
                         (f"{value:.3f}" if column.upper().startswith("AUROC") else fmt_pct(value)))
                 cells.append(Cell(text + (" ✓" if v["above"].at[method, column] else ""), _number(value)))
             table.rows.append(Row(cells, "control" if method in v["controls"] else
-                                  ("table1" if method in v["winners"] else "")))
+                                  ("win" if method in v["winners"] else "")))
         where = ", ".join(x for x in (v["run"], f"rank by {v['rank_by']}", v["scope"]) if x)
         blocks.append({"where": where, "winners": list(v["winners"]), "controls": list(v["controls"]),
                        "columns": list(v["columns"]), "table": table})
