@@ -38,6 +38,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # help texts are plain text: "pip install 'reweight-audit[train]'" must not lose "[train]" as rich markup
+    rich_markup_mode=None,
 )
 # a pipe or CI log is not a terminal: give tables room instead of rich's 80-column default
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -90,6 +92,8 @@ class _NoteHandler(logging.Handler):
 # ---------------------------------------------------------------- options shared by several commands
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", callback=_quiet)]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print every table (the main table, the Table 1 "
+                                                               "view), not only the compact one.")]
 Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 Dtype = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
 ChunkRows = Annotated[Optional[int], typer.Option("--chunk-rows", help=CHUNK_ROWS_HELP)]
@@ -102,8 +106,9 @@ def options_of(config_cls: type) -> Callable[[Callable], Callable]:
     inputs, ``-o``) and before ``-q``; the command gets them as ``**options`` and builds the config from them."""
     def apply(fn: Callable) -> Callable:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
-        return with_signature(fn, [p for p in own if p.name != "quiet"], config_cls,
-                              [p for p in own if p.name == "quiet"], api=False)
+        last = ("verbose", "quiet")
+        return with_signature(fn, [p for p in own if p.name not in last], config_cls,
+                              [p for p in own if p.name in last], api=False)
 
     return apply
 
@@ -203,26 +208,81 @@ def _report_score(result: Any) -> None:
         out.print(f"note: {counts['nonfinite_tokens']} tokens had NaN/inf logits and were left out (see the manifest)")
 
 
-def _report_compare(result: Any) -> None:
+#: Rows of compare's compact table besides Table 1's methods and the controls: the best by token recall.
+TOP_METHODS = 5
+#: The compact table's columns (every metric: --verbose, table.md, report.html).
+COMPACT_METRICS = ("tok_prec", "tok_rec", "seq_hit", "auroc")
+
+
+def _report_compare(result: Any, verbose: bool = False) -> None:
+    """The compact view (one table: the first rank-by and scope, the top methods, Table 1's and the controls; the
+    verdict; where report.html is), or with ``verbose`` every table as well; the last line names report.html."""
     from reweight_audit.reporting.exports import render_table
 
-    out.print(render_table(result))
-    _print_table1(result)
+    if verbose:
+        out.print(render_table(result))
+        _print_table1(result)
+    else:
+        out.print(_compact_table(result))
     _print_controls(result)
     folder = next(iter(result.files.values())).parent if result.files else ""
     out.print(f"wrote {len(result.files)} files to {escape(str(folder))}/: "
-              + ", ".join(sorted(Path(p).name for p in result.files.values())))
+              + ", ".join(sorted(Path(p).name for p in result.files.values())), highlight=False)
+    if "report.html" in result.files:
+        out.print(f"[bold]report:[/bold] {escape(str(result.files['report.html']))}", highlight=False, soft_wrap=True)
+
+
+def _compact_table(result: Any) -> Any:
+    """The first rank-by × scope: per run the top methods by token recall, Table 1's methods and the controls."""
+    from rich.table import Table
+
+    from reweight_audit.core.formatting import fmt_pct, k_label
+    from reweight_audit.evaluation.metrics import metric_specs
+
+    specs = [s for s in metric_specs() if s.name in COMPACT_METRICS]
+    df = result.table
+    cfg = result.config
+    rank_by, scope = (cfg.get("rank_by") or ["weight"])[0], (cfg.get("scope") or ["global"])[0]
+    chosen = df[(df["rank_by"] == rank_by) & (df["scope"] == scope)] if len(df) else df
+    wanted = set((cfg.get("table1_map") or {}).values())
+    several = len(result.runs) > 1
+    table = Table(title=f"Noise in the top {k_label(result.k)} (rank by {rank_by}, {scope}): the {TOP_METHODS} best "
+                        "by recall, Table 1's methods, the controls (all: --verbose, report.html)",
+                  caption="; ".join(f"{escape(r['label'])}: base rate {fmt_pct(r['base_rate'])}" for r in result.runs),
+                  caption_justify="left")
+    for column in (["run"] if several else []) + ["method", "family"]:
+        table.add_column(column, style="bold" if column == "method" else None, overflow="fold")
+    for spec in specs:
+        table.add_column(spec.header.format(k=k_label(result.k)), justify="right")
+    for run, block in chosen.groupby("run", sort=False):
+        top = set(block.sort_values("tok_rec", ascending=False, kind="stable")["method"].head(TOP_METHODS))
+        keep = block[block["method"].isin(top | wanted) | (block["family"] == "control")]
+        keep = keep.sort_values("tok_rec", ascending=False, kind="stable")
+        if several and table.row_count:
+            table.add_section()
+        for i, row in enumerate(keep.to_dict(orient="records")):
+            cells = ([escape(str(run)) if i == 0 else ""] if several else []) + [escape(str(row["method"])),
+                                                                                 escape(str(row["family"]))]
+            table.add_row(*cells, *(s.fmt(row.get(s.name), row.get(f"{s.name}_lo"), row.get(f"{s.name}_hi"))
+                                    for s in specs))
+    return table
 
 
 def _print_controls(result: Any) -> None:
-    """One line per run × rank-by × scope: the methods above every control (the Controls section of table.md)."""
+    """The verdict, one readable block: for each set of controls and columns, the methods above every control in
+    every column, one line per run × rank-by × scope (the Controls section of table.md)."""
     from reweight_audit.evaluation.strata import control_verdicts
 
+    blocks: dict[tuple, list[str]] = {}
     for v in control_verdicts(result.table, getattr(result, "strata", None), result.k):
         where = ", ".join(x for x in (v["run"], f"rank by {v['rank_by']}", v["scope"]) if x)
-        line = (f"above every control ({', '.join(v['controls'])}) in {', '.join(v['columns'])} [{where}]: "
-                + (", ".join(v["winners"]) or "none"))
-        out.print(escape(line), highlight=False, soft_wrap=True)
+        blocks.setdefault((tuple(v["controls"]), tuple(v["columns"])), []).append(
+            f"  [{where}]: " + (", ".join(v["winners"]) or "none"))
+    for (controls, columns), lines in blocks.items():
+        out.print(escape(f"above every control ({', '.join(controls)}) in every column ({', '.join(columns)}):"),
+                  highlight=False, soft_wrap=True)
+        for line in lines:
+            out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _print_table1(result: Any) -> None:
@@ -296,18 +356,20 @@ def score(
 @options_of(CompareConfig)
 def compare(
     stats: Annotated[list[Path], typer.Argument(help="One or more stats.parquet files (several runs side by side).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the tables, plots and heatmap.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for report.html, the tables, plots and "
+                                                                 "heatmap.")],
+    verbose: Verbose = False,
     quiet: Quiet = False,
     **options: Any,
 ) -> None:
-    """Every method × every metric: the Table 1 diagnostic, printed and exported."""
+    """Every method × every metric: the Table 1 diagnostic, printed (compact; --verbose: everything) and exported."""
     from reweight_audit.evaluation.compare import run_compare
     from reweight_audit.reporting.exports import write_exports
 
     config = CompareConfig(**options)
     with _compare_progress(quiet) as progress:
         result = run_compare(stats, output, config, writer=write_exports, progress=progress)
-    _report_compare(result)
+    _report_compare(result, verbose)
 
 
 @command(on_interrupt="{output} is unchanged (an earlier sweep stays whole); run the command again")
@@ -336,6 +398,7 @@ def _report_sweep(result: Any, output: Path, metric: str) -> None:
         out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
               highlight=False)
+    fails: list[str] = []
     if result.claim is not None:
         holds, fails = claim_lines(result)
         out.print(f"claim {' < '.join(result.config['claim'])} ({metric}) holds in {len(holds)} of "
@@ -343,8 +406,10 @@ def _report_sweep(result: Any, output: Path, metric: str) -> None:
         for title, lines in (("holds", holds), ("fails", fails)):
             for line in lines:
                 out.print(f"  {title}: {line}", highlight=False, soft_wrap=True)
-        if fails:
-            raise typer.Exit(1)
+    if "report.html" in result.files:
+        out.print(f"[bold]report:[/bold] {escape(str(result.files['report.html']))}", highlight=False, soft_wrap=True)
+    if result.claim is not None and fails:
+        raise typer.Exit(1)
 
 
 def _demo_hooks(quiet: bool) -> Any:
@@ -354,12 +419,22 @@ def _demo_hooks(quiet: bool) -> Any:
     report = {"inject": _report_inject, "score": _report_score, "compare": _report_compare}
 
     class Printed(DemoHooks):
+        """Each stage under its rule, its result, and how long it took; ``elapsed`` keeps every stage's seconds."""
+
+        def __init__(self) -> None:
+            self.started = time.perf_counter()
+            self.elapsed: list[tuple[str, float]] = []
+
         def stage(self, step: str, title: str):
             out.rule(title)
+            self.title, self.started = title, time.perf_counter()
             return progress[step](quiet)
 
         def done(self, step: str, result: Any) -> None:
             report[step](result)
+            seconds = time.perf_counter() - self.started
+            self.elapsed.append((self.title.split(":")[0], seconds))
+            out.print(f"[dim]{step} took {seconds:.1f} s[/dim]", highlight=False)
 
     return Printed()
 
@@ -377,13 +452,17 @@ def demo(
     real-error diagnostic on the first 80 annotated model solutions of champ-fws."""
     from reweight_audit.demo import run_demo
 
-    result = run_demo(output, DemoConfig(**options), hooks=_demo_hooks(quiet))
-    out.print(f"\n[bold]demo done[/bold]: open {escape(str(output / 'heatmap.html'))} and "
-              f"{escape(str(output / 'table.md'))}; "
-              f"noisy corpus {result.noisy}, token statistics {result.stats}")
+    started = time.perf_counter()
+    hooks = _demo_hooks(quiet)
+    result = run_demo(output, DemoConfig(**options), hooks=hooks)
+    total = time.perf_counter() - started
+    out.print("\n[bold]demo done[/bold] in " + f"{total:.0f} s ("
+              + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in hooks.elapsed) + ")", highlight=False)
+    out.print(f"noisy corpus {escape(str(result.noisy))}, token statistics {escape(str(result.stats))}", highlight=False)
     if result.real is not None:
-        out.print(f"real errors: {escape(str(result.real.folder / 'table.md'))} (by model: by_group.csv), "
-                  f"{escape(str(result.real.folder / 'table1.md'))}")
+        out.print(f"real errors: {escape(str(result.real.folder / 'report.html'))} (by source model too)",
+                  highlight=False)
+    out.print(f"[bold]report:[/bold] {escape(str(output / 'report.html'))}", highlight=False, soft_wrap=True)
 
 
 @command(name="methods")

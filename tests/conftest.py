@@ -33,3 +33,13 @@ def noisy_rows() -> list[dict]:
                 spans.append({"start": at, "end": at + len(word), "kind": "filler" if word != "basically" else "hedge", "text": word})
         rows.append({"id": f"s{i}", "prompt": prompt, "response": response, "clean_response": response, "spans": spans, "meta": {}})
     return rows
+
+
+@pytest.fixture(scope="session")
+def small_report_run(tmp_path_factory):
+    """One small two-run compare shared by the report page tests (test_report_html.py, test_browser.py): its result
+    and the folder it wrote (report.html, heatmap.html, ...)."""
+    from helpers import small_report
+
+    folder = tmp_path_factory.mktemp("small-report")
+    return small_report(folder), folder / "out"

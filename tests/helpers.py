@@ -168,3 +168,25 @@ def gumbel(rows: int, vocab: int, g: torch.Generator, scale: float = 2.0) -> tor
     """Gumbel-distributed logits (float32): realistic heavy-topped rows."""
     u = torch.rand(rows, vocab, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     return (-torch.log(-torch.log(u)) * scale).float()
+
+
+# ------------------------------------------------------------------------------------------------ report pages
+
+#: The methods of the small compare behind the report.html tests: Table 1's three, two others, two controls.
+PAGE_METHODS = ["sft", "entropy", "eaft", "dft", "talr", "ranktuner-approx", "position", "rarity"]
+#: A run label with markup in it: every page must show it as text.
+EVIL_MODEL = "<script>alert(1)</script>&"
+
+
+def small_report(folder: Path):
+    """A small two-run compare written to ``folder/out`` (its report.html): controls, strata, bootstrap, markup
+    in a run label and in tokens. Returns the result."""
+    from reweight_audit.evaluation.compare import run_compare
+    from reweight_audit.evaluation.config import CompareConfig
+    from reweight_audit.reporting.exports import write_exports
+
+    a = write_stats(folder / "a.parquet", make_stats(24, seed=1, odd_token="<img src=x onerror=alert(1)>"),
+                    model=EVIL_MODEL)
+    b = write_stats(folder / "b.parquet", make_stats(24, seed=2), model="m-b")
+    config = CompareConfig(methods=PAGE_METHODS, bootstrap=20, stratify=["position"], heatmap_sequences=3)
+    return run_compare([a, b], folder / "out", config, writer=write_exports)

@@ -100,6 +100,8 @@ def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
     rules = [line.strip("─ ") for line in result.output.splitlines() if line.startswith("─")]
     assert [rule[:3] for rule in rules] == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
     assert "wrote" in result.output and "demo done" in result.output
+    assert result.output.count(" took ") == 6 and "1/6 inject" in result.output  # each stage's time, then the total
+    assert result.output.rstrip().splitlines()[-1] == f"report: {out / 'report.html'}"
     assert json.loads((out / "noisy.jsonl.manifest.json").read_text())["records"] == 3
     assert json.loads((out / "stats.parquet.manifest.json").read_text())["stage"] == "score"
     for name in EXPORT_FILES:
@@ -111,3 +113,9 @@ def test_demo_runs_inject_score_compare_into_one_folder(tmp_path, tiny_model):
     assert json.loads((real / "fws.jsonl.manifest.json").read_text())["records"] == 3
     assert (real / "table1.md").is_file() and (real / "by_group.csv").is_file()
     assert "wrong-step is real errors" in (real / "table.md").read_text()
+
+
+def test_train_help_names_the_train_extra():
+    """Help texts are plain text: the extra's name in brackets is not eaten as rich markup."""
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "pip install 'reweight-audit[train]'" in " ".join(result.output.split())

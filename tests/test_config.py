@@ -23,7 +23,7 @@ TRAIN_METHODS = ({"methods": ["sft"]}, {"method": "sft"})  # one of the two name
 COMMANDS = {
     "inject": (InjectConfig, ("input", "output", "quiet")),
     "score": (ScoreConfig, ("input", "output", "quiet")),
-    "compare": (CompareConfig, ("stats", "output", "quiet")),
+    "compare": (CompareConfig, ("stats", "output", "verbose", "quiet")),
     "sweep": (SweepConfig, ("stats", "output", "quiet")),
     "train": (TrainConfig, ("input", "output", "quiet")),
     "demo": (DemoConfig, ("output", "quiet")),

@@ -289,8 +289,10 @@ def test_compare_prints_the_verdict_with_the_run_label_as_text(tmp_path):
     result = CliRunner().invoke(app, ["compare", str(stats), "-o", str(tmp_path / "out"), "--bootstrap", "0",
                                       "--methods", "nll,dft,position,rarity", "--stratify", "position", "-q"])
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("above every control")]
-    assert len(lines) == 1 and "[gemma-3-270m-q4_k_m.gguf, rank by weight, global]: " in " ".join(result.output.split())
+    lines = result.output.splitlines()
+    head = [i for i, line in enumerate(lines) if line.startswith("above every control (position, rarity)")]
+    assert len(head) == 1 and lines[head[0] + 1].startswith("  [gemma-3-270m-q4_k_m.gguf, rank by weight, global]: ")
+    assert lines[-1].startswith("report: ") and lines[-1].endswith("report.html")
 
 
 def test_sweep_and_compare_agree_on_the_stratified_values_and_intervals(tmp_path):

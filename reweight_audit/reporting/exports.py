@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reweight_audit.reporting import render as report
+from reweight_audit.reporting import pages, render as report
 from reweight_audit.evaluation.agreement import agreement_markdown, verdicts
 from reweight_audit.evaluation.config import HEATMAP_SEQUENCES
 from reweight_audit.evaluation.groups import by_group_markdown
@@ -48,6 +48,7 @@ EXPORT_FILES = (
     "table1.md",
     "table1.csv",
     "summary.json",
+    "report.html",
 )
 #: Files written only when they have content: several runs (agreement.csv), --by-meta (by_group.csv),
 #: --stratify (strata.csv).
@@ -73,11 +74,15 @@ def write_exports(result: CompareResult, out_dir: Path, *, runs: list[RunData],
         # than the whole write and gains nothing
         pq.write_table(weights_table(runs, run_weights), tmp / "weights.parquet",
                        use_dictionary=["run", "seq_id", "token", "noise_kind"])
-        write_plots(result, tmp, runs=runs, run_weights=run_weights, seed=seed,
-                    heatmap_sequences=heatmap_sequences)
+        plots, heatmap = write_plots(result, tmp, runs=runs, run_weights=run_weights, seed=seed,
+                                     heatmap_sequences=heatmap_sequences)
         result.files = {name: out_dir / name for name in EXPORT_FILES + OPTIONAL_FILES
-                        if (tmp / name).exists() or name == "summary.json"}
+                        if (tmp / name).exists() or name in ("summary.json", "report.html")}
         (tmp / "summary.json").write_text(dump_json(summary(result), ensure_ascii=True), encoding="utf-8")
+        # the page last: it lists every other file of the folder
+        (tmp / "report.html").write_text(
+            pages.compare_page(result, plots, heatmap, files=[n for n in result.files if n != "report.html"]),
+            encoding="utf-8")
     return result.files
 
 
@@ -126,13 +131,19 @@ def write_views(result: CompareResult, folder: Path) -> None:
 
 
 def write_plots(result: CompareResult, folder: Path, *, runs: list[RunData],
-                run_weights: list[dict[str, np.ndarray]], seed: int, heatmap_sequences: int) -> None:
-    """The PNG plots (:data:`PLOTS`) and heatmap.html, from seeded samples of every run."""
+                run_weights: list[dict[str, np.ndarray]], seed: int,
+                heatmap_sequences: int) -> tuple[dict[str, bytes], str]:
+    """The PNG plots (:data:`PLOTS`) and heatmap.html, from seeded samples of every run; returns both (the PNGs'
+    bytes by name and the heatmap's text) for report.html."""
+    plots = {}
     for name, figure in figures(result, runs=runs, run_weights=run_weights, seed=seed).items():
-        figure.savefig(folder / f"{name}.png", format="png")
+        plots[name] = pages.png_bytes(figure)
+        (folder / f"{name}.png").write_bytes(plots[name])
     heatmap_runs = [heatmap_run_data(run, choose_heatmap_sequences(run, int(heatmap_sequences), seed), weights, seed)
                     for run, weights in zip(runs, run_weights)]
-    (folder / "heatmap.html").write_text(report.heatmap_html(heatmap_runs, k=result.k), encoding="utf-8")
+    heatmap = report.heatmap_html(heatmap_runs, k=result.k)
+    (folder / "heatmap.html").write_text(heatmap, encoding="utf-8")
+    return plots, heatmap
 
 
 def figures(result: CompareResult, *, runs: list[RunData], run_weights: list[dict[str, np.ndarray]], seed: int,
@@ -141,7 +152,8 @@ def figures(result: CompareResult, *, runs: list[RunData], run_weights: list[dic
     plot_samples = [plot_sample(run, seed) for run in runs] if {"rank_vs_prob", "expected_rank_vs_entropy"} & set(names) \
         else []
     draw = {
-        "recall_curves": lambda: report.recall_curves_figure(result.curves, k=result.k),
+        "recall_curves": lambda: report.recall_curves_figure(
+            result.curves, k=result.k, highlight=tuple((result.config.get("table1_map") or {}).values())),
         "rank_vs_prob": lambda: report.rank_vs_prob_figure(plot_samples),
         "expected_rank_vs_entropy": lambda: report.expected_rank_vs_entropy_figure(plot_samples),
         "weight_distributions": lambda: report.weight_distributions_figure(

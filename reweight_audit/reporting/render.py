@@ -183,26 +183,66 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_recall_curves(curves: pd.DataFrame, path: Path, k: float | None = None) -> Path:
+def plot_recall_curves(curves: pd.DataFrame, path: Path, k: float | None = None,
+                       highlight: tuple[str, ...] = ()) -> Path:
     """:func:`recall_curves_figure` as a PNG file."""
-    return _save(recall_curves_figure(curves, k), path)
+    return _save(recall_curves_figure(curves, k, highlight), path)
 
 
-def recall_curves_figure(curves: pd.DataFrame, k: float | None = None) -> Figure:
-    """Token recall at every cut, one line per method; one panel per run × rank-by × scope."""
+#: Colours of the highlighted methods in the recall curves: Table 1's three, then the controls (dashed).
+HIGHLIGHT_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#e377c2", "#8c564b")
+CONTROL_COLOURS = ("#ff7f0e", "#d62728", "#bcbd22", "#7f7f7f")
+#: Longest legend label of a group of coinciding lines before it is shortened to "a = b = … (n methods)".
+GROUP_LABEL_MEMBERS = 4
+
+
+def coinciding_groups(curves: pd.DataFrame) -> list[list[str]]:
+    """The methods of one panel grouped by identical recall curves (same value at every cut), in table order."""
+    groups: dict[tuple, list[str]] = {}
+    for method, s in curves.groupby("method", sort=False):
+        y = s.sort_values("k")["tok_rec"].to_numpy(dtype=float)
+        key = tuple(np.round(np.nan_to_num(y, nan=-1.0), 9))
+        groups.setdefault(key, []).append(str(method))
+    return list(groups.values())
+
+
+def _group_label(members: list[str]) -> str:
+    if len(members) <= GROUP_LABEL_MEMBERS:
+        return " = ".join(members)
+    return " = ".join(members[:GROUP_LABEL_MEMBERS - 1]) + f" = … ({len(members)} methods)"
+
+
+def _highlight_styles(methods: list[str], families: dict[str, str], highlight: tuple[str, ...]) -> dict[str, dict]:
+    """A colour (and dashes for controls) per highlighted method; the rest grey."""
+    styles, main, control = {}, iter(HIGHLIGHT_COLOURS), iter(CONTROL_COLOURS)
+    for m in methods:
+        if families.get(m) == "control":
+            styles[m] = {"color": next(control, "#7f7f7f"), "ls": "--", "lw": 1.6, "zorder": 3}
+        elif m in highlight:
+            styles[m] = {"color": next(main, "#1f77b4"), "ls": "-", "lw": 2.0, "zorder": 4}
+    return styles
+
+
+def recall_curves_figure(curves: pd.DataFrame, k: float | None = None, highlight: tuple[str, ...] = ()) -> Figure:
+    """Token recall at every cut; one panel per run × rank-by × scope.
+
+    ``highlight`` (Table 1's methods) and the controls are drawn in colour, every other method in thin grey;
+    lines that coincide are drawn once and labelled as one group (``dft = talr = …``); chance is the diagonal;
+    the legend sits outside the panels."""
     keys = list(dict.fromkeys(zip(curves["run"], curves["rank_by"], curves["scope"]))) if len(curves) else []
-    fig, axes = _figure(len(keys), 3)
+    fig, axes = _figure(len(keys), 3, 4.4, 3.6)
     methods = list(dict.fromkeys(curves["method"])) if len(curves) else []
-    colours = dict(zip(methods, _colours(len(methods))))
+    families = dict(zip(curves["method"], curves["family"])) if "family" in curves.columns else {}
+    styles = _highlight_styles(methods, families, tuple(highlight))
+    legend: dict[str, list] = {}  # lead method (or a fixed name) -> [line, methods coinciding with it in every panel]
     if not keys:
         axes[0].text(0.5, 0.5, "no methods computed", ha="center", va="center", transform=axes[0].transAxes)
     for ax, (run, rb, sc) in zip(axes, keys):
         sub = curves[(curves["run"] == run) & (curves["rank_by"] == rb) & (curves["scope"] == sc)]
-        for m in dict.fromkeys(sub["method"]):
-            s = sub[sub["method"] == m].sort_values("k")
-            y = s["tok_rec"].to_numpy(dtype=float) * 100
-            ax.plot(s["k"], y, marker="o", ms=3, lw=1.4, label=plot_text(m), color=colours[m])
-        ax.plot([0, 50], [0, 50], ls=":", color="grey", lw=1, label="chance")
+        for members in coinciding_groups(sub):
+            _draw_group(ax, sub, members, styles, legend)
+        chance, = ax.plot([0, 100], [0, 100], ls=":", color="black", lw=1)
+        legend.setdefault(" chance", [chance, None])
         if k is not None:
             ax.axvline(float(k), color="grey", lw=0.6, alpha=0.5)
         ax.set_xlabel("top k% of tokens")
@@ -211,9 +251,29 @@ def recall_curves_figure(curves: pd.DataFrame, k: float | None = None) -> Figure
         ax.set_xlim(0, 51)
         ax.set_ylim(0, 101)
         ax.grid(alpha=0.3)
-    if keys:
-        axes[0].legend(fontsize=7, ncols=2, loc="lower right")
+    if legend:
+        entries = sorted(legend.items(), key=lambda e: (e[0].startswith(" "), methods.index(e[0]) if e[0] in methods
+                                                        else 0))
+        labels = [{" chance": "chance (random order)", " other": "other methods (see the table)"}.get(name) or
+                  plot_text(_group_label([name, *sorted(entry[1] - {name}, key=methods.index)]))
+                  for name, entry in entries]
+        fig.legend([entry[0] for _, entry in entries], labels, loc="outside right upper", fontsize=8, frameon=False)
     return fig
+
+
+def _draw_group(ax: Any, sub: pd.DataFrame, members: list[str], styles: dict[str, dict], legend: dict) -> None:
+    """One line for a group of coinciding methods: coloured as its first highlighted member, else grey."""
+    s = sub[sub["method"] == members[0]].sort_values("k")
+    y = s["tok_rec"].to_numpy(dtype=float) * 100
+    lead = next((m for m in members if m in styles), None)
+    if lead is None:
+        line, = ax.plot(s["k"], y, color="0.72", lw=0.9, zorder=1)
+        legend.setdefault(" other", [line, None])
+        return
+    line, = ax.plot(s["k"], y, marker="o", ms=3, **styles[lead])
+    # the label names the methods that coincide with the lead in every panel
+    entry = legend.setdefault(lead, [line, set(members)])
+    entry[1] &= set(members)
 
 
 def _scatter_panels(samples: list[dict], *, x_of, y_of, need: tuple[str, ...], xlabel: str,
@@ -510,3 +570,38 @@ def heatmap_html(runs: list[dict], k: float | None = None, title: str = "reweigh
     out.append(f'<script type="application/json" id="rwa-data">{_json_for_script({"runs": js_runs})}</script>')
     out.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- train's audit curves
+
+
+def audit_figure(rows: pd.DataFrame, k: float) -> Figure:
+    """Train's audit against the step, one line per trained method (same colour in every panel), chance-free
+    zero lines on the NLL changes, the legend outside the panels."""
+    panels = [("noise_nll_change", "noise NLL change on the probe"), ("clean_nll_change", "clean NLL change on the probe"),
+              ("own/noise_mass", "own weights: share of weight on noise"),
+              (f"own/tok_rec@{k:g}", f"own weights: noise recall @{k:g}%")]
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(4, 2, 4.6, 3.2)
+    methods = list(dict.fromkeys(rows["train_method"])) if len(rows) else []
+    colours = dict(zip(methods, _colours(len(methods))))
+    handles = {}
+    for ax, (key, title) in zip(axes, panels):
+        for method in methods:
+            mine = rows[rows["train_method"] == method].sort_values("step")
+            column = key.replace("own/", f"{method}/")
+            if column not in mine.columns:
+                continue
+            line, = ax.plot(mine["step"], mine[column].astype(float), marker="o", ms=3, lw=1.5, color=colours[method])
+            handles.setdefault(plot_text(method), line)
+        if key.endswith("nll_change"):
+            ax.axhline(0.0, color="black", lw=0.7, ls=":")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False,
+                   title="trained with", title_fontsize=8)
+    return fig

@@ -16,12 +16,13 @@ from reweight_audit.core.escaping import markdown_code, markdown_text, plot_text
 from reweight_audit.core.formatting import fmt_pct, k_label
 from reweight_audit.core.io import atomic_directory, dump_json, json_safe
 from reweight_audit.evaluation.metrics import metric_specs
+from reweight_audit.reporting import pages
 from reweight_audit.reporting.exports import write_csv
 from reweight_audit.reporting.render import label_notes
 from reweight_audit.evaluation.sweep import SETTING, SweepResult
 
 #: Every file of a sweep folder (claim.csv only with a claim).
-SWEEP_FILES = ("sweep.csv", "pairs.csv", "claim.csv", "robustness.md", "robustness.png", "sweep.json")
+SWEEP_FILES = ("sweep.csv", "pairs.csv", "claim.csv", "robustness.md", "robustness.png", "sweep.json", "report.html")
 
 
 def write_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
@@ -33,10 +34,19 @@ def write_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
             write_csv(result.claim, tmp / "claim.csv")
         (tmp / "robustness.md").write_text(robustness_markdown(result), encoding="utf-8")
         plot_pair_matrix(result, tmp / "robustness.png")
-        names = [n for n in SWEEP_FILES if (tmp / n).exists() or n == "sweep.json"]
+        names = [n for n in SWEEP_FILES if (tmp / n).exists() or n in ("sweep.json", "report.html")]
         result.files = {name: Path(out_dir) / name for name in names}
         (tmp / "sweep.json").write_text(dump_json(sweep_summary(result), ensure_ascii=True), encoding="utf-8")
+        write_sweep_page(result, tmp)
     return result.files
+
+
+def write_sweep_page(result: SweepResult, folder: Path) -> Path:
+    """report.html of the sweep (:func:`reweight_audit.reporting.pages.sweep_page`), the heat map embedded."""
+    page = pages.sweep_page(result, (folder / "robustness.png").read_bytes(), _header(result.config["metric"]),
+                            files=[n for n in result.files if n != "report.html"])
+    (folder / "report.html").write_text(page, encoding="utf-8")
+    return folder / "report.html"
 
 
 def sweep_summary(result: SweepResult) -> dict:
@@ -154,27 +164,54 @@ def claim_lines(result: SweepResult) -> tuple[list[str], list[str]]:
     return holds, fails
 
 
-def plot_pair_matrix(result: SweepResult, path: Path) -> Path:
-    """Heat map of the share matrix (row below column), each cell labelled with its percentage."""
-    from matplotlib.figure import Figure
-
+def heat_map_order(result: SweepResult) -> list[str]:
+    """The methods by family (the registry's order of families), within a family by their mean share of
+    "A below B" (lowest weight on noise first), so that similar methods sit together at any number of methods."""
     methods = result.methods
     share, _, _ = share_matrix(result.pairs, methods)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(np.where(np.eye(len(methods), dtype=bool), np.nan, share), axis=1) if len(methods) else []
+    families = dict(zip(result.table["method"], result.table["family"])) if "family" in result.table.columns else {}
+    family_order = list(dict.fromkeys(families.get(m, "") for m in methods))
+    rank = {m: (family_order.index(families.get(m, "")), -(v if math.isfinite(v) else -1.0), i)
+            for i, (m, v) in enumerate(zip(methods, mean))}
+    return sorted(methods, key=rank.__getitem__)
+
+
+def pair_matrix_figure(result: SweepResult):
+    """Heat map of the share matrix (row below column), methods ordered by :func:`heat_map_order`, families
+    separated by lines; cells labelled with their percentage up to 24 methods (beyond, the colour alone)."""
+    from matplotlib.figure import Figure
+
+    methods = heat_map_order(result)
+    share, _, _ = share_matrix(result.pairs, methods)
     n = max(len(methods), 1)
-    size = max(4.0, 0.55 * n + 2.5)
-    fig = Figure(figsize=(size + 1.2, size), dpi=100, layout="constrained")
+    size = max(4.5, 0.42 * n + 2.5)
+    fig = Figure(figsize=(size + 1.4, size), dpi=100, layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(share), cmap="RdYlGn", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(methods)), [plot_text(m) for m in methods], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(methods)), [plot_text(m) for m in methods], fontsize=8)
+    fontsize = 8 if n <= 16 else 7
+    ax.set_xticks(range(len(methods)), [plot_text(m) for m in methods], rotation=60, ha="right", fontsize=fontsize)
+    ax.set_yticks(range(len(methods)), [plot_text(m) for m in methods], fontsize=fontsize)
     ax.set_xlabel("B")
     ax.set_ylabel("A")
     metric = _header(result.config["metric"])
     ax.set_title(f"share of settings with {metric}(A) < {metric}(B)", fontsize=10)
-    for i in range(len(methods)):
-        for j in range(len(methods)):
-            if i != j and math.isfinite(share[i, j]):
-                ax.text(j, i, f"{share[i, j] * 100:.0f}", ha="center", va="center", fontsize=7)
+    families = dict(zip(result.table["method"], result.table["family"])) if "family" in result.table.columns else {}
+    for i in range(1, len(methods)):
+        if families.get(methods[i]) != families.get(methods[i - 1]):
+            ax.axhline(i - 0.5, color="black", lw=0.8)
+            ax.axvline(i - 0.5, color="black", lw=0.8)
+    if n <= 24:
+        for i in range(len(methods)):
+            for j in range(len(methods)):
+                if i != j and math.isfinite(share[i, j]):
+                    ax.text(j, i, f"{share[i, j] * 100:.0f}", ha="center", va="center", fontsize=6 if n > 12 else 7)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of settings")
-    fig.savefig(path, format="png")
+    return fig
+
+
+def plot_pair_matrix(result: SweepResult, path: Path) -> Path:
+    """:func:`pair_matrix_figure` as a PNG file."""
+    pair_matrix_figure(result).savefig(path, format="png")
     return path

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import atomic_directory, output_lock, prepare_output_dir, write_json_atomic
+from reweight_audit.reporting.train_report import write_train_page
 from reweight_audit.scoring.batching import IGNORE_INDEX
 from reweight_audit.training.config import TrainConfig
 
@@ -226,6 +227,7 @@ def run_train(config: TrainConfig, progress: Callable[[str], None] | None = None
             rows = audit_rows(runs)
             summary = absorption_summary(runs, config.k)
             written = write_outputs(work, config, rows, summary, runs, len(data["examples"]))
+            written["report.html"] = write_train_page(work)
     files = {name: out / path.name for name, path in written.items()}
     return TrainResult(out, rows, summary, files)
 
