@@ -47,7 +47,7 @@ def both(paths, **options):
     return results["memory"], results["duckdb"]
 
 
-def assert_same(mem, ooc) -> None:
+def assert_same(mem, ooc, engines=("memory", "duckdb")) -> None:
     assert_frames_equal(mem.table, ooc.table)
     assert_frames_equal(mem.curves, ooc.curves)
     assert_frames_equal(mem.by_kind, ooc.by_kind)
@@ -55,13 +55,13 @@ def assert_same(mem, ooc) -> None:
     for a, b in zip(mem.runs, ooc.runs):
         assert {k: v for k, v in a.items() if k != "base_rate"} == {k: v for k, v in b.items() if k != "base_rate"}
         assert math.isclose(a["base_rate"], b["base_rate"], rel_tol=1e-12)
-    assert mem.config["engine"] == "memory" and ooc.config["engine"] == "duckdb"
+    assert (mem.config["engine"], ooc.config["engine"]) == engines
 
 
 @pytest.mark.slow
 def test_every_method_rank_by_and_scope_agree(tmp_path):
-    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(40, seed=3, ref=True), model="m")
-    mem, ooc = both(path, rank_by=["weight", "loss", "grad"], scope=["global", "sequence"], bootstrap=30,
+    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(24, seed=3, ref=True), model="m")
+    mem, ooc = both(path, rank_by=["weight", "loss", "grad"], scope=["global", "sequence"], bootstrap=10,
                     batch_seqs=7)
     assert_same(mem, ooc)
 
@@ -164,3 +164,23 @@ def test_sweep_one_kind_agrees(tmp_path):
     mem, ooc = sweep_both(path, methods=["dft", "mile"], bootstrap=10, k=[5, 30], rank_by=["loss"])
     assert_frames_equal(mem.table, ooc.table)
     assert_frames_equal(mem.pairs, ooc.pairs)
+
+
+@pytest.mark.slow
+def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
+    """Shards of whole sequences as Ray tasks (a local Ray, one CPU), their aggregates added: the same tables."""
+    ray = pytest.importorskip("ray")
+    from reweight_audit.evaluation.outofcore import distributed
+
+    monkeypatch.setattr(distributed, "SHARD_ROWS", 400)  # several shards, each read in several chunks
+    path = write_stats(tmp_path / "stats.parquet", make_stats(30, seed=11), model="m")
+    options = dict(methods=["dft", "random", "rarity", "talr"], scope=["global", "sequence"], bootstrap=10,
+                   batch_seqs=8)
+    single = run_compare(path, None, CompareConfig(engine="duckdb", **options))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        mapped = run_compare(path, None, CompareConfig(engine="duckdb", ray="auto", **options))
+    finally:
+        ray.shutdown()
+    assert_same(single, mapped, ("duckdb", "duckdb"))
+    assert mapped.config["ray"] == "auto"

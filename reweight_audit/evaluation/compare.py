@@ -307,10 +307,11 @@ def run_compare(
 def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> str:
     """``memory`` or ``duckdb``: as asked, or (``auto``) duckdb when the files would not fit in half the memory
     available (``MEMORY_BYTES_PER_TOKEN`` each) and no in-memory-only option (--stratify, --by-meta) is set."""
-    if options.engine != "auto":
-        if options.engine == "duckdb":
-            _check_out_of_core(options, sources)
-        return options.engine
+    if options.engine == "duckdb" or getattr(options, "ray", None):
+        _check_out_of_core(options, sources)
+        return "duckdb"
+    if options.engine == "memory":
+        return "memory"
     if any(isinstance(s, StatsTable) for s in sources) or getattr(options, "stratify", None) \
             or getattr(options, "by_meta", None):
         return "memory"
@@ -407,7 +408,7 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
         labels.append(label)
         t0 = time.perf_counter()
     result = assemble(labels, summaries, outcomes, chosen, options, timings,
-                      {**summary_config(sources, options), "engine": "duckdb"})
+                      {**summary_config(sources, options), "engine": "duckdb", "ray": options.ray})
     # weights.parquet, the plots and heatmap.html show each run's first chunk (batch-dependent methods aside)
     return result, [r.sample for r in samples], [r.sample_weights for r in samples]
 

@@ -69,6 +69,17 @@ class RunTotals:
         if "token_id" in run.numeric_columns:
             self.token_digest.update(np.ascontiguousarray(run.column("token_id")).tobytes())
 
+    def merge(self, other: "RunTotals") -> None:
+        """Add another shard's totals (the sequences of two shards are disjoint)."""
+        for name in ("length", "n_noise", "n_kind", "kind_seqs", "kind_noise"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.n_rows += other.n_rows
+        for kind, n in other.excluded_kinds.items():
+            self.excluded_kinds[kind] = self.excluded_kinds.get(kind, 0) + n
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "token_digest": None}  # a hash object does not travel; shards do not need it
+
     @property
     def n_clean(self) -> int:
         return int(self.length.sum() - self.n_kind.sum())
@@ -78,7 +89,7 @@ class RunTotals:
 class RankingSums:
     """One method × rank-by: its spill file and what is summed per sequence and per kind over the chunks."""
 
-    spill: Path
+    spill: Path  # where this process writes its scores
     n_seqs: int
     n_kinds: int
     ks: tuple[float, ...]
@@ -107,6 +118,7 @@ class RankingSums:
         pool = chunk.run.pool
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
         if self.writer is None:
+            self.spill.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA)
         self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
                                          schema=SPILL_SCHEMA))
@@ -136,6 +148,26 @@ class RankingSums:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    @property
+    def pattern(self) -> Path:
+        """Every shard's spill of this ranking: what DuckDB reads (``work/<shard>/<name>``)."""
+        return self.spill.parent.parent / "*" / self.spill.name
+
+    def shard(self, folder: str) -> "RankingSums":
+        """An empty copy writing into ``work/<folder>/`` (a map task's)."""
+        return RankingSums(self.spill.parent.parent / folder / self.spill.name, self.n_seqs, self.n_kinds, self.ks,
+                           self.k, self.sequence)
+
+    def merge(self, other: "RankingSums") -> None:
+        """Add a map task's sums (its spill file stays where it is, matched by :attr:`pattern`)."""
+        for name in ("w_total", "w_noise", "kind_w", "seq_fields", "seq_totals", "kind_totals"):
+            if getattr(self, name) is not None:
+                getattr(self, name).__iadd__(getattr(other, name))
+        self.clean_w += other.clean_w
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "writer": None}
 
 
 def _totals(per: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ class TableScan:
     kinds: list[str] = field(default_factory=list)
     contiguous: bool = True
     columns: tuple[str, ...] = ()
+    seq_starts: list[int] = field(default_factory=list)  # the row where each sequence starts (code order)
 
     @property
     def n_seqs(self) -> int:
@@ -74,10 +75,11 @@ def scan_table(path: Path) -> TableScan:
                          "rerun `reweight-audit score` to write the current format")
     scan = TableScan(path, int(pf.metadata.num_rows), columns=tuple(names))
     kinds: set[str] = set()
-    last = None
+    last, row = None, 0
     read = ["seq_id", "is_noise"] + (["noise_kind"] if "noise_kind" in names else [])
     for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=read):
-        last = _scan_sequences(scan, batch.column("seq_id").cast(pa.string()).to_pylist(), last)
+        last = _scan_sequences(scan, batch.column("seq_id").cast(pa.string()).to_pylist(), last, row)
+        row += batch.num_rows
         if "noise_kind" in names:
             kinds |= _noise_kinds(batch)
         elif pc.any(batch.column("is_noise").cast(pa.bool_())).as_py():
@@ -86,15 +88,16 @@ def scan_table(path: Path) -> TableScan:
     return scan
 
 
-def _scan_sequences(scan: TableScan, ids: list, last: str | None) -> str | None:
+def _scan_sequences(scan: TableScan, ids: list, last: str | None, row: int) -> str | None:
     """Codes for new sequence ids; a sequence seen before, after another one, makes the table non-contiguous."""
     codes = scan.seq_code
-    for sid in ids:
+    for i, sid in enumerate(ids):
         if sid != last:
             if sid in codes:
                 scan.contiguous = False
             else:
                 codes[sid] = len(codes)
+                scan.seq_starts.append(row + i)
             last = sid
     return last
 
@@ -164,3 +167,27 @@ def _last_boundary(seq_id: pa.ChunkedArray) -> int:
     ids = seq_id.cast(pa.string()).to_numpy(zero_copy_only=False)
     change = np.flatnonzero(ids[1:] != ids[:-1])
     return int(change[-1]) + 1 if change.size else 0
+
+
+def shard_ranges(scan: TableScan, rows: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of whole sequences, each of at least ``rows`` rows (the last may be smaller)."""
+    ranges, start = [], 0
+    for begin in scan.seq_starts[1:] + [scan.n_rows]:
+        if begin - start >= rows or begin == scan.n_rows:
+            ranges.append((start, begin))
+            start = begin
+    return [r for r in ranges if r[1] > r[0]]
+
+
+def read_rows(path: Path, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows ``[start, stop)`` of a parquet file, reading only the row groups that hold them."""
+    pf = pq.ParquetFile(path)
+    groups, first, at = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if at < stop and at + n > start:
+            groups.append(g)
+            first = at if first is None else first
+        at += n
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first, stop - start)

@@ -1,0 +1,98 @@
+"""The map step on Ray: shards of whole sequences evaluated by Ray tasks, their partial aggregates added.
+
+A map task reads one row range of whole sequences (:func:`.chunks.read_rows`,
+only the row groups that hold it), computes every method's weights on it
+(methods that are not batch-dependent), writes its ranking scores into its own
+folder of the work folder and returns its sums per sequence and per kind.
+The sums add (:meth:`.accumulate.RankingSums.merge`); the scores of every shard
+are read by DuckDB in place (one glob), so the reduce is the single-process
+one. Batch-dependent methods need whole simulated batches, which cross shards:
+they run in the driver's batch pass. Ray is an existing engine (``ray start``
+on each node); the work folder and the tables must be on storage every node
+reads (``docs/scaling.md``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from reweight_audit.evaluation.outofcore import chunks as ch
+from reweight_audit.evaluation.outofcore.accumulate import RunTotals
+from reweight_audit.evaluation.outofcore.weights import chunk_rankings
+
+#: Rows per map task.
+SHARD_ROWS = 1 << 22
+
+
+def connect_ray(address: str) -> Any:
+    """Ray, started here (``local``) or joined (``auto`` or an address); reused when this process already has it."""
+    import ray
+
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def map_shard(job: Any, scan: ch.TableScan, index: int, start: int, stop: int, methods: list,
+              sums: dict) -> tuple[RunTotals, dict]:
+    """One map task: rows ``[start, stop)`` of the table, chunk by chunk; returns its totals and sums."""
+    job.say = _quiet
+    totals = RunTotals(scan.n_seqs, len(scan.kinds))
+    mine = {key: s.shard(f"shard-{index}") for key, s in sums.items()}
+    rngs = {m.name: _generator_at(job.options.seed, start) for m in methods}
+    for lo in range(start, stop, ch.CHUNK_ROWS):
+        hi = _chunk_end(scan, lo, stop)
+        chunk = ch.make_chunk(ch.read_rows(scan.path, lo, hi, list(scan.columns)), scan)
+        totals.add(chunk)
+        chunk_rankings(job, chunk, methods, mine, rngs)
+        if hi >= stop:
+            break
+    for s in mine.values():
+        s.close()
+    return totals, mine
+
+
+def _quiet(_message: str) -> None:
+    return None
+
+
+def _chunk_end(scan: ch.TableScan, lo: int, stop: int) -> int:
+    """The first sequence start at or after ``lo + CHUNK_ROWS`` (``stop`` if none before it)."""
+    starts = np.asarray(scan.seq_starts)
+    at = int(np.searchsorted(starts, lo + ch.CHUNK_ROWS, side="left"))
+    return min(stop, int(starts[at])) if at < starts.size else stop
+
+
+def _generator_at(seed: int, row: int) -> np.random.Generator:
+    """The method's generator as the single-process pass has it at ``row``: ``row`` 64-bit draws on (one per
+    token for a method that draws one uniform per token, as ``random`` does)."""
+    rng = np.random.default_rng(seed)
+    if row:
+        rng.bit_generator.advance(row)
+    return rng
+
+
+def ray_weight_pass(job: Any, scan: ch.TableScan, methods: list, sums: dict, address: str) -> RunTotals:
+    """The map step of ``methods`` on Ray, one task per shard; the shards' sums are added into ``sums``."""
+    ray = connect_ray(address)
+    task = ray.remote(map_shard)
+    say = job.say
+    job.say = None  # the driver's progress callback stays here
+    try:
+        refs = [task.remote(job, scan, i, a, b, methods, sums)
+                for i, (a, b) in enumerate(ch.shard_ranges(scan, SHARD_ROWS))]
+    finally:
+        job.say = say
+    totals = RunTotals(scan.n_seqs, len(scan.kinds))
+    for done, ref in enumerate(refs, 1):
+        shard_totals, shard_sums = ray.get(ref)
+        totals.merge(shard_totals)
+        for key, s in shard_sums.items():
+            sums[key].merge(s)
+        say(f"map: {done}/{len(refs)} shards")
+    return totals
