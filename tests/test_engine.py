@@ -184,3 +184,37 @@ def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
         ray.shutdown()
     assert_same(single, mapped, ("duckdb", "duckdb"))
     assert mapped.config["ray"] == "auto"
+
+
+class Stop(Exception):
+    """Stands for an interruption (Ctrl-C, a killed job) in the middle of the map step."""
+
+
+def test_interrupted_compare_reuses_finished_shards(tmp_path, monkeypatch):
+    """Shards finished before an interruption are read back on the next run (same table, same options), the
+    previous report stays as it was, and the result is the uninterrupted one."""
+    from reweight_audit.evaluation.outofcore import distributed
+    from reweight_audit.reporting.exports import write_exports
+
+    monkeypatch.setattr(distributed, "SHARD_ROWS", 250)
+    path = write_stats(tmp_path / "stats.parquet", make_stats(16, seed=12), model="m")
+    options = CompareConfig(engine="duckdb", methods=["dft", "random"], scope=["global", "sequence"], bootstrap=10)
+    expected = run_compare(path, None, options)
+    out = tmp_path / "report"
+    real, calls, stop = distributed.map_shard, [], [True]
+
+    def failing(job, scan, index, *args):
+        calls.append(index)
+        if index == 2 and stop.pop() if stop else False:
+            raise Stop
+        return real(job, scan, index, *args)
+
+    monkeypatch.setattr(distributed, "map_shard", failing)
+    with pytest.raises(Stop):
+        run_compare(path, out, options, writer=write_exports)
+    assert not out.exists() and calls == [0, 1, 2]
+    calls.clear()
+    again = run_compare(path, out, options, writer=write_exports)
+    assert calls == [2]  # shards 0 and 1 were read back, only the last one computed
+    assert_same(expected, again, ("duckdb", "duckdb"))
+    assert not (tmp_path / ".report.engine").exists()  # the work folder goes once the run is done

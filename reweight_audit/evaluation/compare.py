@@ -386,8 +386,6 @@ def out_of_core_runs(sources, chosen: list[Method], param_map: dict, options: Co
 
 def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say, out_dir):
     """The DuckDB engine (:mod:`reweight_audit.evaluation.outofcore`): chunks, spilled scores, exact aggregates."""
-    import tempfile
-
     from reweight_audit.evaluation.outofcore import engine as ooc
 
     t0 = time.perf_counter()
@@ -397,8 +395,8 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
                                                                          skip_grad=False):
         timings["load"] += time.perf_counter() - t0
         outcome = _RunOutcome(skipped=skipped)
-        with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as work:
-            rows = ooc.evaluate_run(ooc.RunJob(path, label, todo, param_map, options, Path(work), say), scan)
+        with ooc.work_folder(out_dir, path, summary_config(sources, options)) as work:
+            rows = ooc.evaluate_run(ooc.RunJob(path, label, todo, param_map, options, work, say), scan)
         outcome.table, outcome.curves, outcome.by_kind = rows.table, rows.curves, rows.by_kind
         timings["weights"] += rows.t_weights
         timings["metrics"] += rows.t_metrics

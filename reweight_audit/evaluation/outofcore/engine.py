@@ -6,8 +6,13 @@ Memory is O(sequences × methods), not O(tokens).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from reweight_audit.evaluation.metrics.bootstrap import LEVEL, field_intervals
 from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS
 from reweight_audit.evaluation.metrics.declarations import NAN, count_values, ranking_values
 from reweight_audit.evaluation.outofcore import chunks as ch
+from reweight_audit.evaluation.outofcore import distributed
 from reweight_audit.evaluation.outofcore import tables
 from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, totals_counts
 from reweight_audit.evaluation.outofcore.weights import chunk_rankings, method_weights
@@ -60,6 +66,30 @@ class RunJob:
     def __post_init__(self) -> None:
         if self.rank_by is None:
             self.rank_by = list(self.options.rank_by)
+
+
+@contextmanager
+def work_folder(out_dir: Path | None, path: Path, record: dict) -> Iterator[Path]:
+    """Where a run's shards, spilled scores and DuckDB's temporary files go; removed once the run is evaluated.
+
+    With an output folder it is ``.<out>.engine/<key>`` beside it, the key a digest of the table (path, size,
+    modification time), the options and the shard size: an interrupted run leaves its finished shards there and
+    the next run with the same table and options reads them back. Without one, a temporary folder.
+    """
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as tmp:
+            yield Path(tmp)
+        return
+    stat = Path(path).stat()
+    key = json.dumps({"table": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+                      "options": record, "shard_rows": distributed.SHARD_ROWS, "chunk_rows": ch.CHUNK_ROWS},
+                     sort_keys=True, default=str)
+    folder = Path(out_dir).parent / f".{Path(out_dir).name}.engine" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder  # an exception leaves it for the next run
+    shutil.rmtree(folder, ignore_errors=True)
+    with suppress(OSError):
+        folder.parent.rmdir()  # the last run's folder gone: the parent too
 
 
 def scan_run(path: Path) -> ch.TableScan:
@@ -103,16 +133,10 @@ def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTo
     batched = [m for m in job.methods if getattr(m, "batch_dependent", False)]
     address = getattr(job.options, "ray", None)
     if address:
-        from reweight_audit.evaluation.outofcore.distributed import ray_weight_pass
-
-        totals.merge(ray_weight_pass(job, scan, plain, sums, address))
-        first = ch.make_chunk(ch.read_rows(scan.path, 0, _first_end(scan), list(scan.columns)), scan)
-        first.run.label = job.label
-        seed = job.options.seed
-        sample, sample_weights = first.run, {m.name: method_weights(job, m, first, np.random.default_rng(seed))
-                                             for m in plain}
+        totals.merge(distributed.ray_weight_pass(job, scan, plain, sums, address))
     else:
-        sample, sample_weights = _row_pass(job, scan, plain, sums, totals)
+        totals.merge(distributed.local_weight_pass(job, scan, plain, sums))
+    sample, sample_weights = _sample(job, scan, plain)
     if batched:
         for chunk in _progress(_batch_chunks(job, scan, con), scan.n_rows, job.say, "batch-dependent weights"):
             chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
@@ -121,16 +145,12 @@ def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTo
     return totals, sample, sample_weights
 
 
-def _row_pass(job: RunJob, scan: ch.TableScan, plain: list[Method], sums: dict, totals: RunTotals):
-    """The plain methods chunk by chunk in this process; the first chunk and its weights (the report's sample)."""
-    sample, sample_weights = None, {}
-    for chunk in _progress(ch.row_chunks(scan, list(scan.columns)), scan.n_rows, job.say, "weights"):
-        totals.add(chunk)
-        weights = chunk_rankings(job, chunk, plain, sums, _generators(job, plain))
-        if sample is None:
-            chunk.run.label = job.label
-            sample, sample_weights = chunk.run, weights
-    return sample, sample_weights
+def _sample(job: RunJob, scan: ch.TableScan, plain: list[Method]) -> tuple[RunData, dict]:
+    """The first chunk and the plain methods' weights on it: what weights.parquet, the plots and the heatmap show."""
+    first = ch.make_chunk(ch.read_rows(scan.path, 0, _first_end(scan), list(scan.columns)), scan)
+    first.run.label = job.label
+    seed = job.options.seed
+    return first.run, {m.name: method_weights(job, m, first, np.random.default_rng(seed)) for m in plain}
 
 
 def _first_end(scan: ch.TableScan) -> int:
