@@ -218,3 +218,20 @@ def test_interrupted_compare_reuses_finished_shards(tmp_path, monkeypatch):
     assert calls == [2]  # shards 0 and 1 were read back, only the last one computed
     assert_same(expected, again, ("duckdb", "duckdb"))
     assert not (tmp_path / ".report.engine").exists()  # the work folder goes once the run is done
+
+
+def test_by_meta_groups_agree(tmp_path):
+    import json
+
+    table = make_stats(20, seed=13)
+    path = write_stats(tmp_path / "s.parquet", table)
+    ids = list(dict.fromkeys(table.column("seq_id").to_pylist()))
+    with open(tmp_path / "noisy.jsonl", "w", encoding="utf-8") as fh:
+        for i, sid in enumerate(ids):
+            meta = {"model": "gpt" if i % 3 else "palm"} if i != 5 else {}
+            fh.write(json.dumps({"id": sid, "prompt": "", "response": "x", "spans": [], "meta": meta}) + "\n")
+    mem, ooc = both(path, methods=["entropy", "talr"], rank_by=["weight", "loss"], scope=["global", "sequence"],
+                    bootstrap=10, by_meta="model", records=tmp_path / "noisy.jsonl")
+    assert set(ooc.by_group["group"]) == {"gpt", "palm", "(none)"}
+    assert_frames_equal(mem.by_group, ooc.by_group)
+    assert_same(mem, ooc)

@@ -23,15 +23,15 @@ import pyarrow.parquet as pq
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import read_manifest
 from reweight_audit.evaluation import metrics
-from reweight_audit.evaluation.metrics.bootstrap import LEVEL, field_intervals
-from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS
 from reweight_audit.evaluation.metrics.declarations import NAN, count_values, ranking_values
 from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import distributed
 from reweight_audit.evaluation.outofcore import tables
 from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, totals_counts
 from reweight_audit.evaluation.outofcore.weights import chunk_rankings, method_weights
+from reweight_audit.evaluation.outofcore.grouped import group_rows
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts, HistogramIndex
+from reweight_audit.evaluation.outofcore.rows import metric_row
 from reweight_audit.evaluation.runs import RunData
 from reweight_audit.methods import Method, assign_batches
 
@@ -46,6 +46,7 @@ class RunRows:
     summary: dict = field(default_factory=dict)
     sample: RunData | None = None  # the first chunk: what weights.parquet, the plots and the heatmap show
     sample_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    by_group: list[dict] = field(default_factory=list)
     t_weights: float = 0.0
     t_metrics: float = 0.0
 
@@ -62,6 +63,7 @@ class RunJob:
     work: Path
     say: Callable[[str], None]
     rank_by: list[str] | None = None  # None: options.rank_by
+    grouping: tuple[np.ndarray, list[str]] | None = None  # --by-meta: per sequence code its group, the names
 
     def __post_init__(self) -> None:
         if self.rank_by is None:
@@ -119,6 +121,8 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
             for r in opts.rank_by:
                 _ranking_rows(job, con, m, r, sums[(m.name, r)], totals, ks, out, scan.kinds)
             job.say(f"{job.label}: {m.name} done")
+        if job.grouping is not None:
+            out.by_group = group_rows(job, con, totals, sums)
     out.t_metrics = time.perf_counter() - t0
     out.summary = run_summary(job.label, scan, totals)
     return out
@@ -268,18 +272,7 @@ def _sequence_scope(sums: RankingSums, totals: RunTotals, ks):
 
 def _main_row(main: metrics.Counts, per_seq: np.ndarray, sums: RankingSums, totals: RunTotals,
               index: HistogramIndex, opts) -> dict:
-    from dataclasses import replace
-
-    main = replace(main, w_total=float(sums.w_total.sum()), w_noise=float(sums.w_noise.sum()))
-    row = {**count_values(main), **ranking_values(index)}
-    bounds = {}
-    if opts.bootstrap:
-        fields = np.column_stack([per_seq, sums.w_total, sums.w_noise])[totals.length > 0]
-        bounds = field_intervals(SEQUENCE_FIELDS + ("w_total", "w_noise"), fields, n_boot=int(opts.bootstrap),
-                                 seed=int(opts.seed), level=LEVEL)
-    for spec in metrics.metric_specs(interval=True):
-        row[f"{spec.name}_lo"], row[f"{spec.name}_hi"] = bounds.get(spec.name, (NAN, NAN))
-    return row
+    return metric_row(main, per_seq, sums.w_total, sums.w_noise, totals.length, index, opts)
 
 
 def _kind_rows(ident: dict, k: float, kind_counts: list, sums: RankingSums, totals: RunTotals,
