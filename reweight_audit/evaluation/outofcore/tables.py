@@ -53,19 +53,37 @@ def value_counts(con: duckdb.DuckDBPyConnection, spill: Path, counts: Descending
                  where: str = "", kind_columns: list[str] | None = None) -> None:
     """Feed ``counts`` the clean and per-kind tokens at every distinct score, highest first, batch by batch.
 
-    ``where``: a condition on the rows (""; all); ``kind_columns``: the positives' conditions (default: each kind).
+    ``where``: a condition on the rows (""; all); ``kind_columns``: the positives' conditions (default: each
+    kind). DuckDB sorts the rows (spilling to disk past its memory limit); each streamed batch is counted per
+    distinct score here, the last score of a batch carried to the next (it may continue there).
     """
     conds = kind_columns if kind_columns is not None else [f"kind = {j}" for j in range(n_kinds)]
-    n_kinds = len(conds)
-    kinds = "".join(f", count(*) FILTER (WHERE {c}) AS k{j}" for j, c in enumerate(conds))
-    reader = con.sql(f"""SELECT score, count(*) FILTER (WHERE kind < 0) AS clean{kinds}
-                             FROM read_parquet('{_quote(spill)}') {f"WHERE {where}" if where else ""}
-                             GROUP BY score ORDER BY score DESC""").to_arrow_reader(_FETCH_ROWS)
+    label = " ".join(["CASE WHEN kind < 0 THEN 0"] + [f"WHEN {c} THEN {j + 1}" for j, c in enumerate(conds)]
+                     + ["ELSE -1 END"])
+    reader = con.sql(f"""SELECT score, ({label})::SMALLINT AS label
+                         FROM read_parquet('{_quote(spill)}') {f"WHERE {where}" if where else ""}
+                         ORDER BY score DESC""").to_arrow_reader(_FETCH_ROWS)
+    carry = None
     for batch in _batches(reader):
-        value = batch.column(0).to_numpy()
-        per_kind = np.stack([batch.column(2 + j).to_numpy() for j in range(n_kinds)]) if n_kinds else \
-            np.zeros((0, value.size), dtype=np.int64)
-        counts.feed(value, batch.column(1).to_numpy(), per_kind)
+        value, table = _distinct_counts(batch.column(0).to_numpy(), batch.column(1).to_numpy(), len(conds) + 1)
+        if carry is not None and value[0] == carry[0]:
+            table[:, 0] += carry[1]
+        elif carry is not None:
+            counts.feed(np.array([carry[0]]), carry[1][:1], carry[1][1:, None])
+        if value.size > 1:
+            counts.feed(value[:-1], table[0, :-1], table[1:, :-1])
+        carry = (value[-1], table[:, -1].copy())
+    if carry is not None:
+        counts.feed(np.array([carry[0]]), carry[1][:1], carry[1][1:, None])
+
+
+def _distinct_counts(score: np.ndarray, label: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct scores of a descending run and, per label (0: clean, 1 + j: the j-th positive set), the rows at each."""
+    start = np.flatnonzero(np.r_[True, score[1:] != score[:-1]])
+    group = np.repeat(np.arange(start.size), np.diff(np.r_[start, score.size]))
+    keep = label >= 0  # rows in none of the sets (another kind, for a kind's pool) count nowhere
+    table = np.bincount(label[keep].astype(np.int64) * start.size + group[keep], minlength=n_labels * start.size)
+    return score[start], table.reshape(n_labels, start.size)
 
 
 def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
