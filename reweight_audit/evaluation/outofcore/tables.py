@@ -38,10 +38,12 @@ def _quote(path: Path) -> str:
 
 
 def batch_ordered_copy(con: duckdb.DuckDBPyConnection, source: Path, seq_ids: list[str], batch_of_seq: np.ndarray,
-                       target: Path) -> None:
-    """``source`` rows sorted by their sequence's simulated batch, in table order within a batch, with ``_batch``."""
+                       target: Path, columns: list[str]) -> None:
+    """``columns`` of ``source``, rows sorted by their sequence's simulated batch (table order within a batch),
+    with ``_batch``."""
     con.register("_seq_batch", pa.table({"_sid": pa.array(seq_ids, pa.string()), "_batch": batch_of_seq}))
-    con.execute(f"""COPY (SELECT t.* EXCLUDE (file_row_number), m._batch
+    keep = ", ".join("t." + '"' + c.replace('"', '""') + '"' for c in columns)
+    con.execute(f"""COPY (SELECT {keep}, m._batch
                           FROM read_parquet('{_quote(source)}', file_row_number = true) t
                           JOIN _seq_batch m ON CAST(t.seq_id AS VARCHAR) = m._sid
                           ORDER BY m._batch, t.file_row_number)
