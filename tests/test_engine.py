@@ -234,3 +234,13 @@ def test_by_meta_groups_agree(tmp_path):
     assert set(ooc.by_group["group"]) == {"gpt", "palm", "(none)"}
     assert_frames_equal(mem.by_group, ooc.by_group)
     assert_same(mem, ooc)
+
+
+def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
+    from reweight_audit.evaluation import compare
+    from reweight_audit.evaluation.config import SweepConfig
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
+    monkeypatch.setattr(compare, "available_memory", lambda: 1000)
+    assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
+    assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "memory"
