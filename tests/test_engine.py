@@ -1,0 +1,254 @@
+"""The out-of-core engine (``--engine duckdb``) against the in-memory one: the same tables on small inputs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from reweight_audit.core.errors import AuditError
+from reweight_audit.evaluation.compare import run_compare
+from reweight_audit.evaluation.config import CompareConfig
+from reweight_audit.evaluation.outofcore import chunks, tables
+
+from tests.helpers import make_stats, write_stats
+
+COUNT_COLUMNS = ("n_tokens", "n_noise", "n_seqs", "n_noise_seqs", "n_kind", "n_pool")
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """A few hundred rows a chunk: every table below is read in several chunks."""
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 300)
+    monkeypatch.setattr(chunks, "_READ_ROWS", 128)
+    monkeypatch.setattr(tables, "_FETCH_ROWS", 64)  # distinct scores, and runs of ties, span streamed batches
+
+
+def assert_frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.columns) == list(b.columns)
+    assert len(a) == len(b)
+    for col in a.columns:
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        if a[col].dtype.kind in "fiu" and b[col].dtype.kind in "fiu":
+            x, y = x.astype(np.float64), y.astype(np.float64)
+            if col in COUNT_COLUMNS:
+                assert np.array_equal(x, y, equal_nan=True), col
+            else:
+                assert np.allclose(x, y, rtol=1e-12, atol=1e-15, equal_nan=True), (col, x - y)
+        else:
+            assert list(x) == list(y), col
+
+
+def both(paths, **options):
+    results = {}
+    for engine in ("memory", "duckdb"):
+        results[engine] = run_compare(paths, None, CompareConfig(engine=engine, **options))
+    return results["memory"], results["duckdb"]
+
+
+def assert_same(mem, ooc, engines=("memory", "duckdb")) -> None:
+    assert_frames_equal(mem.table, ooc.table)
+    assert_frames_equal(mem.curves, ooc.curves)
+    assert_frames_equal(mem.by_kind, ooc.by_kind)
+    assert mem.skipped == ooc.skipped
+    for a, b in zip(mem.runs, ooc.runs):
+        assert {k: v for k, v in a.items() if k != "base_rate"} == {k: v for k, v in b.items() if k != "base_rate"}
+        assert math.isclose(a["base_rate"], b["base_rate"], rel_tol=1e-12)
+    assert (mem.config["engine"], ooc.config["engine"]) == engines
+
+
+@pytest.mark.slow
+def test_every_method_rank_by_and_scope_agree(tmp_path):
+    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(24, seed=3, ref=True), model="m")
+    mem, ooc = both(path, rank_by=["weight", "loss", "grad"], scope=["global", "sequence"], bootstrap=10,
+                    batch_seqs=7)
+    assert_same(mem, ooc)
+
+
+@pytest.mark.slow
+def test_ties_and_two_runs_agree(tmp_path):
+    table = make_stats(30, seed=5)
+    logp = np.round(table.column("logp").to_numpy(), 1)  # many tied weights
+    table = table.set_column(table.schema.get_field_index("logp"), "logp", pa.array(logp.astype(np.float32)))
+    a = write_stats(tmp_path / "a" / "stats.parquet", table, model="m1")
+    b = write_stats(tmp_path / "b" / "stats.parquet", make_stats(25, seed=6), model="m2")
+    mem, ooc = both([a, b], methods=["sft", "dft", "random", "rarity", "talr", "position"], k=7.5,
+                    scope=["global", "sequence"], bootstrap=20)
+    assert_same(mem, ooc)
+
+
+def test_no_noise_and_one_sequence_agree(tmp_path):
+    clean = make_stats(12, seed=1, noise_rate=0.0)
+    one = make_stats(1, seed=2, noise_rate=0.3, clean_frac=0.0)
+    for i, table in enumerate((clean, one)):
+        path = write_stats(tmp_path / f"t{i}" / "stats.parquet", table)
+        mem, ooc = both(path, methods=["dft", "entropy", "mile"], scope=["global", "sequence"], bootstrap=10)
+        assert_same(mem, ooc)
+
+
+def test_duckdb_refuses_what_it_cannot_do(tmp_path):
+    table = make_stats(6, seed=1)
+    order = np.r_[np.arange(0, table.num_rows, 2), np.arange(1, table.num_rows, 2)]  # sequences interleaved
+    path = write_stats(tmp_path / "s.parquet", table.take(pa.array(order)))
+    with pytest.raises(AuditError, match="not contiguous"):
+        run_compare(path, None, CompareConfig(engine="duckdb"))
+    with pytest.raises(AuditError, match="--stratify"):
+        run_compare(path, None, CompareConfig(engine="duckdb", stratify=["position"]))
+
+
+@pytest.mark.slow
+def test_written_reports_agree_and_say_the_engine(tmp_path):
+    from reweight_audit.reporting.exports import write_exports
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(15, seed=4), model="m")
+    for engine in ("memory", "duckdb"):
+        run_compare(path, tmp_path / engine, CompareConfig(engine=engine, methods=["dft", "talr"], bootstrap=10),
+                    writer=write_exports)
+    for name in ("table.csv", "curves.csv", "by_kind.csv"):
+        assert_frames_equal(pd.read_csv(tmp_path / "memory" / name), pd.read_csv(tmp_path / "duckdb" / name))
+    import json
+
+    summaries = {e: json.loads((tmp_path / e / "summary.json").read_text()) for e in ("memory", "duckdb")}
+    assert summaries["duckdb"]["config"]["engine"] == "duckdb"
+    assert_frames_equal(pd.DataFrame(summaries["memory"]["table"]), pd.DataFrame(summaries["duckdb"]["table"]))
+
+
+def test_auto_picks_by_size(tmp_path, monkeypatch):
+    from reweight_audit.evaluation import compare
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
+    assert compare.choose_engine(CompareConfig(), [path]) == "memory"
+    monkeypatch.setattr(compare, "available_memory", lambda: 1000)
+    assert compare.choose_engine(CompareConfig(), [path]) == "duckdb"
+    assert compare.choose_engine(CompareConfig(engine="memory"), [path]) == "memory"
+    assert compare.choose_engine(CompareConfig(stratify=["position"]), [path]) == "memory"
+
+
+def test_duckdb_memory_limit_is_set(tmp_path):
+    with tables.connect(tmp_path) as con:
+        limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        temp = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
+    assert limit.replace(" ", "").upper().startswith(("1.0GB", "953.6MIB", "1GB", "954.0MIB", "953MIB")), limit
+    assert temp.startswith(str(tmp_path))
+
+
+def sweep_both(paths, **options):
+    from reweight_audit.evaluation.config import SweepConfig
+    from reweight_audit.evaluation.sweep import run_sweep
+
+    return [run_sweep(paths, None, SweepConfig(engine=e, **options)) for e in ("memory", "duckdb")]
+
+
+@pytest.mark.slow
+def test_sweep_engines_agree(tmp_path):
+    a = write_stats(tmp_path / "a" / "stats.parquet", make_stats(30, seed=7), model="m1")
+    table = make_stats(20, seed=8).drop_columns(["sum_p2"])  # no grad settings for this run
+    b = write_stats(tmp_path / "b" / "stats.parquet", table, model="m2")
+    mem, ooc = sweep_both([a, b], methods=["dft", "entropy", "talr", "random"], bootstrap=25, batch_seqs=6,
+                          claim="entropy < dft")
+    assert_frames_equal(mem.table, ooc.table)
+    assert_frames_equal(mem.pairs, ooc.pairs)
+    assert_frames_equal(mem.claim, ooc.claim)
+    assert mem.runs == ooc.runs and mem.notes == ooc.notes and mem.skipped == ooc.skipped
+    assert ooc.config["engine"] == "duckdb"
+
+
+def test_sweep_one_kind_agrees(tmp_path):
+    table = make_stats(15, seed=9)
+    kinds = pa.array(["typo" if n else "" for n in table.column("is_noise").to_pylist()])
+    table = table.set_column(table.schema.get_field_index("noise_kind"), "noise_kind", kinds)
+    path = write_stats(tmp_path / "stats.parquet", table)
+    mem, ooc = sweep_both(path, methods=["dft", "mile"], bootstrap=10, k=[5, 30], rank_by=["loss"])
+    assert_frames_equal(mem.table, ooc.table)
+    assert_frames_equal(mem.pairs, ooc.pairs)
+
+
+@pytest.mark.slow
+def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
+    """Shards of whole sequences as Ray tasks (a local Ray, one CPU), their aggregates added: the same tables."""
+    ray = pytest.importorskip("ray")
+    from reweight_audit.evaluation.outofcore import distributed
+
+    monkeypatch.setattr(distributed, "SHARD_ROWS", 400)  # several shards, each read in several chunks
+    path = write_stats(tmp_path / "stats.parquet", make_stats(30, seed=11), model="m")
+    options = dict(methods=["dft", "random", "rarity", "talr"], scope=["global", "sequence"], bootstrap=10,
+                   batch_seqs=8)
+    single = run_compare(path, None, CompareConfig(engine="duckdb", **options))
+    from reweight_audit.evaluation.config import SweepConfig
+    from reweight_audit.evaluation.sweep import run_sweep
+
+    sweep_options = dict(methods=["dft", "random", "talr"], bootstrap=10, batch_seqs=8, k=[5, 20])
+    swept = run_sweep(path, None, SweepConfig(engine="duckdb", **sweep_options))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        mapped = run_compare(path, None, CompareConfig(engine="duckdb", ray="auto", **options))
+        swept_on_ray = run_sweep(path, None, SweepConfig(engine="duckdb", ray="auto", **sweep_options))
+    finally:
+        ray.shutdown()
+    assert_same(single, mapped, ("duckdb", "duckdb"))
+    assert mapped.config["ray"] == "auto"
+    assert_frames_equal(swept.table, swept_on_ray.table)
+    assert_frames_equal(swept.pairs, swept_on_ray.pairs)
+
+
+class Stop(Exception):
+    """Stands for an interruption (Ctrl-C, a killed job) in the middle of the map step."""
+
+
+def test_interrupted_compare_reuses_finished_shards(tmp_path, monkeypatch):
+    """Shards finished before an interruption are read back on the next run (same table, same options), the
+    previous report stays as it was, and the result is the uninterrupted one."""
+    from reweight_audit.evaluation.outofcore import distributed
+    from reweight_audit.reporting.exports import write_exports
+
+    monkeypatch.setattr(distributed, "SHARD_ROWS", 250)
+    path = write_stats(tmp_path / "stats.parquet", make_stats(16, seed=12), model="m")
+    options = CompareConfig(engine="duckdb", methods=["dft", "random"], scope=["global", "sequence"], bootstrap=10)
+    expected = run_compare(path, None, options)
+    out = tmp_path / "report"
+    real, calls, stop = distributed.map_shard, [], [True]
+
+    def failing(job, scan, index, *args):
+        calls.append(index)
+        if index == 2 and stop.pop() if stop else False:
+            raise Stop
+        return real(job, scan, index, *args)
+
+    monkeypatch.setattr(distributed, "map_shard", failing)
+    with pytest.raises(Stop):
+        run_compare(path, out, options, writer=write_exports)
+    assert not out.exists() and calls == [0, 1, 2]
+    calls.clear()
+    again = run_compare(path, out, options, writer=write_exports)
+    assert calls == [2]  # shards 0 and 1 were read back, only the last one computed
+    assert_same(expected, again, ("duckdb", "duckdb"))
+    assert not (tmp_path / ".report.engine").exists()  # the work folder goes once the run is done
+
+
+def test_by_meta_groups_agree(tmp_path):
+    import json
+
+    table = make_stats(20, seed=13)
+    path = write_stats(tmp_path / "s.parquet", table)
+    ids = list(dict.fromkeys(table.column("seq_id").to_pylist()))
+    with open(tmp_path / "noisy.jsonl", "w", encoding="utf-8") as fh:
+        for i, sid in enumerate(ids):
+            meta = {"model": "gpt" if i % 3 else "palm"} if i != 5 else {}
+            fh.write(json.dumps({"id": sid, "prompt": "", "response": "x", "spans": [], "meta": meta}) + "\n")
+    mem, ooc = both(path, methods=["entropy", "talr"], rank_by=["weight", "loss"], scope=["global", "sequence"],
+                    bootstrap=10, by_meta="model", records=tmp_path / "noisy.jsonl")
+    assert set(ooc.by_group["group"]) == {"gpt", "palm", "(none)"}
+    assert_frames_equal(mem.by_group, ooc.by_group)
+    assert_same(mem, ooc)
+
+
+def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
+    from reweight_audit.evaluation import compare
+    from reweight_audit.evaluation.config import SweepConfig
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
+    monkeypatch.setattr(compare, "available_memory", lambda: 1000)
+    assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
+    assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "memory"
