@@ -112,6 +112,9 @@ def test_written_reports_agree_and_say_the_engine(tmp_path):
 
     summaries = {e: json.loads((tmp_path / e / "summary.json").read_text()) for e in ("memory", "duckdb")}
     assert summaries["duckdb"]["config"]["engine"] == "duckdb"
+    for engine in ("memory", "duckdb"):  # the reader sees which engine ran, in table.md and report.html
+        assert f"{engine} engine" in (tmp_path / engine / "table.md").read_text()
+        assert f"{engine} engine" in (tmp_path / engine / "report.html").read_text()
     assert_frames_equal(pd.DataFrame(summaries["memory"]["table"]), pd.DataFrame(summaries["duckdb"]["table"]))
 
 

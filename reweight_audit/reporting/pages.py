@@ -277,7 +277,8 @@ def compare_page(result: CompareResult, plots: dict[str, bytes], heatmap: str, f
         "title": f"reweight-audit compare: noise in the top {k_label(result.k)} of tokens",
         "runs": run_lines(result), "notes": label_notes(result.runs), "k": k_label(result.k),
         "settings": f"rank by {', '.join(cfg.get('rank_by', []))}; scope {', '.join(cfg.get('scope', []))}; "
-                    f"ties at the cut count fractionally; seed {cfg.get('seed')}",
+                    f"ties at the cut count fractionally; seed {cfg.get('seed')}; "
+                    f"{cfg.get('engine', 'memory')} engine",
         "verdicts": verdicts, "verdict_columns": ", ".join(verdicts[0]["columns"]) if verdicts else "",
         "table1": table1_table(result), "paper_k": _paper_k(), "main": main_table(result),
         "n_boot": cfg.get("n_boot", 0), "kinds": kind_blocks(result), "agreement": agreement_blocks(result),

@@ -119,7 +119,7 @@ def table_markdown(result: CompareResult) -> str:
                      f"{r['n_noise_seqs']}/{r['n_seqs']} sequences with noise")
     cfg = result.config
     lines.append(f"- rank by: {', '.join(cfg.get('rank_by', []))}; scope: {', '.join(cfg.get('scope', []))}; "
-                 f"ties at the cut count fractionally; seed {cfg.get('seed')}")
+                 f"ties at the cut count fractionally; seed {cfg.get('seed')}; {cfg.get('engine', 'memory')} engine")
     if cfg.get("n_boot"):
         lines.append(f"- parentheses: bootstrap 95% interval over sequences, {cfg['n_boot']} resamples")
     lines += [f"- {markdown_text(note)}" for note in label_notes(result.runs)]
