@@ -101,3 +101,15 @@ def test_deformed_loss_limits():
     np.testing.assert_allclose(deformed_loss(x, alpha=0.0), -x)  # α = 0: the NLL
     np.testing.assert_allclose(deformed_loss(x, alpha=1.0), 1 - np.exp(x), rtol=1e-12)  # α = 1: 1 − p
     np.testing.assert_array_equal(deformed_weight(np.array([-np.inf]), alpha=0.0), [1.0])
+
+
+def test_every_builtin_parameter_names_its_source():
+    for m in M.registered_methods():
+        for key in m.params:
+            text = m.param_sources.get(key, "")
+            assert "(default)" in text, f"{m.name}.{key}: param_sources must say which source gives the default"
+    doc = M.methods_markdown()
+    assert "### Parameters and their sources" in doc and "`rho1.k_pct` = `60.0`" in doc
+    assert "### Declared loss shapes" in doc and "`focal`: ℓ = −(1 − p_t)^γ·log p_t" in doc
+    for name in ("profit", "deformed-log", "deft", "deft-cayley", "mile"):  # the five 2025–26 methods
+        assert f"| `{name}` |" in doc
