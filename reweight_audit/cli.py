@@ -337,6 +337,11 @@ def _report_sweep(result: Any, output: Path, metric: str) -> None:
         out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
               highlight=False)
+    if result.target is not None:
+        from reweight_audit.evaluation.table1_search import target_lines
+
+        for line in target_lines(result.target):
+            out.print(escape(line), highlight=False, soft_wrap=True)
     if result.claim is not None:
         holds, fails = claim_lines(result)
         out.print(f"claim {' < '.join(result.config['claim'])} ({metric}) holds in {len(holds)} of "

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from reweight_audit.evaluation import metrics, strata
+from reweight_audit.evaluation import metrics, param_grid, strata, table1_search
 from reweight_audit.evaluation.compare import run_weights, select_methods, stats_sources
 from reweight_audit.evaluation.config import POOLED, SWEEP_K, SweepConfig
 from reweight_audit.core.errors import AuditError
@@ -35,7 +35,7 @@ from reweight_audit.evaluation.runs import Pool, RunData, load_runs
 #: The cuts of a sweep (fractions): Table 1's 10% and the range around it.
 SWEEP_CUTS = tuple(k / 100.0 for k in SWEEP_K)
 #: The columns that name a setting.
-SETTING = ("run", "rank_by", "scope", "k", "noise", "stratify")
+SETTING = ("run", "rank_by", "scope", "k", "noise", "stratify", "params")
 #: Bootstrap resamples per setting: enough for a 95% interval's ends to settle to about a point.
 DEFAULT_BOOT = SweepConfig.__dataclass_fields__["bootstrap"].default
 #: The noise of a setting when every kind counts.
@@ -49,7 +49,7 @@ def sweep_record(config: SweepConfig, stats_paths: list, methods: list[str] | No
             "n_boot": config.bootstrap, "seed": config.seed, "metric": config.metric, "claim": config.claim_order,
             "level": LEVEL, "stratify": config.stratify, "strata": config.strata,
             "stats_paths": [str(p) for p in stats_paths], "methods": methods, "params": list(config.params),
-            "batch_seqs": config.batch_seqs}
+            "batch_seqs": config.batch_seqs, "grid": list(config.grid), "target": config.target}
 
 
 @dataclass
@@ -66,6 +66,8 @@ class SweepResult:
     config: dict
     files: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    flips: pd.DataFrame | None = None  # with --grid: per axis and pair, the settings where the order flips
+    target: table1_search.TargetResult | None = None  # with --target table1
 
     @property
     def claim_holds(self) -> bool | None:
@@ -292,10 +294,7 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
     with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
         runs = load_runs(sources)
         skipped: list[dict] = []
-        blocks = []
-        for run in runs:
-            weights = run_weights(run, chosen, param_map, options, skipped)
-            blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
+        blocks = grid_blocks(runs, chosen, param_map, options, skipped, say)
         names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
         _check_claim_computed(options.claim_order, names, skipped)
         families = {m.name: m.family for m in chosen}
@@ -305,11 +304,39 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
             methods=names, runs=[{k: v for k, v in r.summary().items() if k != "columns"} for r in runs],
             notes=sweep_notes(runs, options), skipped=skipped,
             config=sweep_record(options, sources, methods))
+        add_grid_and_target(result, options, families)
         result.timings["compute"] = time.perf_counter() - t0
         if write:
             writer(result, Path(out_dir))
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def grid_blocks(runs: list[RunData], chosen: list, param_map: dict, options: SweepConfig, skipped: list[dict],
+                say: Callable[[str], None]) -> list[tuple[dict, Block, list[str]]]:
+    """Every run's blocks at every point of the method-parameter grid (``--grid``; none: the defaults)."""
+    axes = param_grid.parse_grid(options.grid)
+    names = {m.name for m in chosen}
+    for axis in axes:
+        if axis.method not in names:
+            raise AuditError(f"--grid {axis.name}: method {axis.method} is not in --methods; add it there")
+    blocks = []
+    for run in runs:
+        for i, (label, items) in enumerate(param_grid.grid_points(axes)):
+            weights = run_weights(run, chosen, param_grid.point_params(param_map, items), options,
+                                  skipped if i == 0 else [])
+            blocks += [({**setting, "params": label}, block, list(weights))
+                       for setting, block in sweep_run(run, weights, options, say)]
+    return blocks
+
+
+def add_grid_and_target(result: SweepResult, options: SweepConfig, families: dict[str, str]) -> None:
+    """The parameter flips (with ``--grid``) and the Table 1 search (with ``--target table1``) on ``result``."""
+    axes = [a.name for a in param_grid.parse_grid(options.grid)]
+    if axes:
+        result.flips = param_grid.flips(result.table, options.metric, axes, SETTING)
+    if options.target == "table1":
+        result.target = table1_search.search_table1(result.table, families, SETTING)
 
 
 def _check_claim_computed(claim: list[str] | None, names: list[str], skipped: list[dict]) -> None:
