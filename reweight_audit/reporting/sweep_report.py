@@ -50,6 +50,10 @@ def sweep_summary(result: SweepResult) -> dict:
            "notes": result.notes + label_notes(result.runs), "skipped": result.skipped, "methods": result.methods,
            "pairs": [json_safe(r) for r in result.pairs.to_dict(orient="records")],
            "files": {name: p.name for name, p in result.files.items()}}
+    if result.target is not None:
+        out["table1_target"] = {"settings": result.target.n_settings, "candidates": int(len(result.target.candidates)),
+                                "any_all_within": result.target.any_all_within,
+                                "closest": [json_safe(r) for r in result.target.closest().to_dict(orient="records")]}
     if result.claim is not None:
         out["claim"] = {"order": result.config["claim"], "holds_everywhere": result.claim_holds,
                         "settings": int(len(result.claim)), "holds": int(result.claim["holds"].sum()),
