@@ -104,7 +104,7 @@ class CompareConfig(Config):
     seed: int = option(0, help=SEED_HELP)
     table1_map: dict[str, str] | None = option(None, kind="any", api_type="str | Mapping[str, str] | None",
                                                help="The method each Table 1 row stands for (default "
-                                                    "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")
+                                                    "entropy=entropy,prob=inv-prob,ranktuner=ranktuner-approx).")
     by_meta: str | None = option(None, help="Also every metric per value of this record meta field (e.g. model), "
                                             "read from the noisy JSONL the table was scored from.")
     records: Path | None = option(None, help="With --by-meta: that noisy JSONL (default: the score manifest's "
