@@ -109,7 +109,7 @@ def test_every_builtin_parameter_names_its_source():
             text = m.param_sources.get(key, "")
             assert "(default)" in text, f"{m.name}.{key}: param_sources must say which source gives the default"
     doc = M.methods_markdown()
-    assert "### Parameters and their sources" in doc and "`rho1.k_pct` = `60.0`" in doc
+    assert "### Parameters and their sources" in doc and "`rho1.k_pct` = `60.0`: 60 (default): the paper" in doc
     assert "### Declared loss shapes" in doc and "`focal`: ℓ = −(1 − p_t)^γ·log p_t" in doc
     for name in ("profit", "deformed-log", "deft", "deft-cayley", "mile"):  # the five 2025–26 methods
         assert f"| `{name}` |" in doc
