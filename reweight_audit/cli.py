@@ -398,6 +398,11 @@ def _report_sweep(result: Any, output: Path, metric: str) -> None:
         out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
               highlight=False)
+    if result.target is not None:
+        from reweight_audit.evaluation.table1_search import target_lines
+
+        for line in target_lines(result.target):
+            out.print(escape(line), highlight=False, soft_wrap=True)
     fails: list[str] = []
     if result.claim is not None:
         holds, fails = claim_lines(result)
