@@ -1,0 +1,400 @@
+"""The fused, chunked reweighted loss: from the last hidden states and the output head, never [N, V] logits.
+
+``FusedReweightedLoss(method, **params)(hidden, labels, head)`` computes, for the supervised positions
+of a batch (labels shifted by one, ``-100`` ignored),
+
+    L = Σ_t w_t · (−log p_t) / D,   D = num_items_in_batch if given, else #supervised tokens,
+
+with ``w`` the *registered* method's weights (detached), in two passes over row chunks of the
+supervised hidden states:
+
+1. **statistics** (no grad): each chunk's logits (score's head: bias, scale, soft-cap), reduced at
+   once to the columns the method needs — ``logp``, ``entropy``, ``sum_p2`` by a light torch
+   reduction, ``rank``, ``expected_rank``, ``topk_entropy`` by score's ``token_statistics`` (the
+   numba kernel on CPU, the sync-free torch path elsewhere). The whole micro-batch's columns then
+   go to the method at once, so batch-dependent methods (TALR, MiLe, deft-cayley) see the batch.
+2. **loss** (``ReweightedHead``, a ``torch.autograd.Function``): the forward is Σ c_t·nll_t with
+   c = w / D and the nll of pass 1 (no second projection); the backward recomputes each chunk's
+   logits and turns them into c_t·(softmax(z_t) − onehot(y_t))·∂z/∂u in place, then
+   ``grad_hidden[chunk] = g @ W`` and ``grad_W += gᵀ @ h`` (docs/training.md has the derivation).
+
+Methods whose statistics TRL's fused head already gives (log p, entropy, Σp²) may instead run on
+TRL's ``ChunkedLogProbFunction`` (``backend="trl"``; Triton tiles on CUDA): its detached entropy
+and ``log Σp²`` feed the weights and its differentiable log p the loss. ``backend="auto"`` takes
+TRL there when it is installed and the device is CUDA, ours otherwise.
+
+Weights: methods with a torch port (``DEVICE_WEIGHTS``) are evaluated on the device with no host
+synchronisation; every other method goes through the numpy registry (``compute_weights``) on the
+host, once per micro-batch. A test checks the ports against the numpy definitions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from reweight_audit.core.errors import AuditError
+from reweight_audit.methods import Method, compute_weights, get_method
+from reweight_audit.scoring.batching import IGNORE_INDEX
+from reweight_audit.scoring.head import Head, find_head, to_host
+from reweight_audit.scoring.stats import token_statistics
+
+__all__ = ["BACKENDS", "DEVICE_WEIGHTS", "FusedReweightedLoss", "ReweightedHead", "chunk_rows_for", "device_weights",
+           "head_statistics", "host_weights", "linear_head", "position_columns", "reference_logp"]
+
+#: statistics TRL's fused head gives (log p with grad, detached entropy and log Σp²)
+TRL_STATISTICS = frozenset({"logp", "entropy", "sum_p2"})
+#: statistics only score's kernel gives (exact rank, expected rank, top-k entropy)
+KERNEL_STATISTICS = frozenset({"rank", "expected_rank", "topk_entropy"})
+#: columns that need no projection: the token, its position, the reference model's log p
+FREE_COLUMNS = frozenset({"token_id", "pos", "seq_len", "ref_logp"})
+BACKENDS = ("auto", "ours", "trl")
+_CPU_CHUNK_ELEMENTS = 1 << 25  # [rows, vocab] float32 buffers of 128 MiB: rows fixed, so memory flat in T
+_DEVICE_CHUNK_ELEMENTS = 1 << 27  # 512 MiB on an accelerator: larger GEMMs
+
+
+def linear_head(model: Any) -> Head:
+    """score's ``find_head``: the head matrix, bias, scale and soft-cap; an error for heads we cannot fuse."""
+    head = find_head(model)
+    if head.mode != "linear":
+        raise AuditError(f"{type(model).__name__}: the output head is not a plain linear layer, so the fused loss "
+                         "cannot reproduce it; train with ReweightedLoss (full logits) instead")
+    return head
+
+
+def chunk_rows_for(vocab: int, device: torch.device, chunk_rows: int | None = None) -> int:
+    """Rows per head chunk: a fixed budget of logits per chunk (not a fraction of the batch)."""
+    if chunk_rows is not None:
+        return max(1, int(chunk_rows))
+    budget = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    return max(8, budget // max(vocab, 1))
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the projection runs in: autocast's when it is on (as the model's own head), else the input's."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+def _pre_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, head: Head) -> Tensor:
+    """u = (h Wᵀ + b)·scale / divide in float32: the logits before the soft-cap."""
+    u = (hidden @ weight.T).float()
+    if bias is not None:
+        u = u + bias.float()
+    if head.scale is not None:
+        u = u * head.scale
+    if head.divide is not None:
+        u = u / head.divide
+    return u
+
+
+def _cap(u: Tensor, head: Head) -> Tensor:
+    """z = c·tanh(u / c) (Gemma's soft-cap), or u."""
+    return u if head.softcap is None else torch.tanh(u / head.softcap) * head.softcap
+
+
+# --------------------------------------------------------------------------- pass 1: statistics
+
+
+def _light_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str, Tensor]:
+    """log p (and entropy, Σp² when needed) of float32 logits [r, V], with S = Σ exp(z − max) in float64."""
+    row_max = z.amax(-1, keepdim=True)
+    finite = torch.isfinite(row_max).squeeze(1)
+    t = z - row_max
+    e = torch.exp(t)
+    s = e.sum(-1, dtype=torch.float64)
+    log_s = torch.log(s)
+    out = {"logp": (t.gather(1, targets[:, None]).squeeze(1) - log_s).float(), "finite": finite}
+    if "entropy" in needs:
+        out["entropy"] = (log_s - torch.linalg.vecdot(e, t.nan_to_num(neginf=0.0)) / s).float()
+    if "sum_p2" in needs:
+        out["sum_p2"] = (torch.linalg.vecdot(e, e) / (s * s)).float()
+    return out
+
+
+def _kernel_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str, Tensor]:
+    """score's ``token_statistics`` of one chunk, the needed columns plus logp and finite."""
+    stats = token_statistics(z, targets)
+    return {name: stats[name] for name in {"logp", "finite", *(needs & (TRL_STATISTICS | KERNEL_STATISTICS))}}
+
+
+@torch.no_grad()
+def head_statistics(hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, head: Head,
+                    needs: frozenset | set, chunk_rows: int) -> dict[str, Tensor]:
+    """The columns ``needs`` asks for (and ``logp``, ``finite``) of the N supervised rows, chunk by chunk.
+
+    Only a ``[chunk_rows, V]`` block of logits exists at a time; the reductions are score's.
+    """
+    needs = frozenset(needs)
+    reduce = _kernel_statistics if needs & KERNEL_STATISTICS else _light_statistics
+    dtype = _compute_dtype(hidden)
+    w = weight.to(dtype)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h = hidden[start:start + chunk_rows].detach().to(dtype)
+        z = _cap(_pre_logits(h, w, bias, head), head).contiguous()
+        for name, value in reduce(z, targets[start:start + chunk_rows], needs).items():
+            parts.setdefault(name, []).append(value)
+        del z
+    if not parts:
+        empty = torch.empty(0, device=hidden.device)
+        return {"logp": empty, "finite": empty.bool()}
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+@torch.no_grad()
+def reference_logp(hidden: Tensor, targets: Tensor, head: Head, chunk_rows: int) -> Tensor:
+    """The reference model's log p of each supervised row from its own hidden states and head (Rho-1)."""
+    return head_statistics(hidden, targets, head.weight, head.bias, head, frozenset({"logp"}), chunk_rows)["logp"]
+
+
+# --------------------------------------------------------------------------- pass 2: the loss and its gradient
+
+
+class ReweightedHead(torch.autograd.Function):
+    """Σ_t c_t·nll_t with the gradient of Σ_t c_t·(−log softmax(z_t)[y_t]) for the hidden states, W and b.
+
+    ``coef`` (c = w / D) and ``nll`` are detached [N] tensors from the statistics pass. The backward
+    recomputes one chunk of logits at a time; neither [N, V] logits nor their gradient ever exist.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coef: Tensor,
+                nll: Tensor, head: Head, chunk_rows: int) -> Tensor:
+        ctx.save_for_backward(hidden, weight, bias, targets, coef)
+        ctx.head, ctx.chunk_rows, ctx.dtype = head, chunk_rows, _compute_dtype(hidden)
+        # 0·nll stays 0 for a zero-weight row; a NaN nll (non-finite logits) keeps weight 1, so NaN reaches the loss
+        return (coef.double() * nll.double()).sum().float()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        hidden, weight, bias, targets, coef = ctx.saved_tensors
+        head, rows, dtype = ctx.head, ctx.chunk_rows, ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        scale = coef.float() * grad_out.float()
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows].to(dtype)
+            g = _logit_gradient(h, w, bias, head, targets[start:start + rows], scale[start:start + rows])
+            if grad_h is not None:
+                grad_h[start:start + rows] = (g.to(dtype) @ w).float()
+            if grad_w is not None:
+                grad_w.addmm_(g.T, h.float())
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            del g
+        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+
+
+def _logit_gradient(h: Tensor, w: Tensor, bias: Tensor | None, head: Head, targets: Tensor, scale: Tensor) -> Tensor:
+    """∂L/∂u for one chunk: c_t·(softmax(z_t) − onehot(y_t)) times the soft-cap and scale slopes, float32 [r, V]."""
+    z = _pre_logits(h, w, bias, head)
+    slope = None
+    if head.softcap is not None:  # z = c·tanh(u / c), dz/du = 1 − tanh²; in place, one buffer less
+        tanh = z.div_(head.softcap).tanh_()
+        slope = 1.0 - tanh.square()
+        z = tanh.mul_(head.softcap)
+    g = torch.softmax(z, dim=-1)
+    del z
+    g.scatter_add_(1, targets[:, None], torch.full_like(targets[:, None], -1, dtype=g.dtype))
+    g.mul_(scale[:, None])
+    if slope is not None:
+        g.mul_(slope)
+    factor = (head.scale or 1.0) / (head.divide or 1.0)
+    if factor != 1.0:
+        g.mul_(factor)
+    return g
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def host_weights(method: Method, columns: Mapping[str, np.ndarray], params: Mapping[str, Any],
+                 seed: int) -> np.ndarray:
+    """The registry's float64 weights; rows whose statistics are not finite keep weight 1 (their NaN reaches the loss)."""
+    columns = dict(columns)
+    n = len(next(iter(columns.values())))
+    ok = np.ones(n, dtype=bool)
+    for name in ("logp", "entropy", "expected_rank", "ref_logp"):
+        if name in columns:
+            ok &= np.isfinite(columns[name])
+    if "finite" in columns:
+        ok &= columns.pop("finite")
+    weights = np.ones(n, dtype=np.float64)
+    if ok.any():
+        kept = {name: value[ok] for name, value in columns.items()}
+        weights[ok] = compute_weights(method, kept, params=params, seed=seed)
+    return weights
+
+
+def _dft(c: Mapping[str, Tensor]) -> Tensor:
+    return c["logp"].double().exp()
+
+
+def _sft(c: Mapping[str, Tensor]) -> Tensor:
+    return torch.ones_like(c["logp"], dtype=torch.float64)
+
+
+def _nll(c: Mapping[str, Tensor]) -> Tensor:
+    return -c["logp"].double()
+
+
+def _inv_prob(c: Mapping[str, Tensor]) -> Tensor:
+    return -torch.expm1(c["logp"].double())
+
+
+#: torch ports of registered methods with their default parameters: name -> columns -> float64 weights.
+#: A method is evaluated here only when its parameters are the defaults (tests check each against numpy).
+DEVICE_WEIGHTS: dict[str, Callable[[Mapping[str, Tensor]], Tensor]] = {
+    "sft": _sft, "dft": _dft, "nll": _nll, "inv-prob": _inv_prob,
+}
+
+
+def device_weights(method: Method, columns: Mapping[str, Tensor], params: Mapping[str, Any]) -> Tensor | None:
+    """The method's weights on the columns' device, or None when it has no port (or non-default parameters)."""
+    port = DEVICE_WEIGHTS.get(method.name)
+    if port is None or any(method.params.get(k) != v for k, v in params.items()):
+        return None
+    weights = port(columns)
+    # as host_weights: a row with non-finite statistics keeps weight 1
+    return torch.where(columns["finite"] & torch.isfinite(weights), weights, torch.ones_like(weights))
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def position_columns(supervised: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """token_id, pos (index among its row's supervised tokens) and seq_len, as score's table numbers them."""
+    pos = (supervised.cumsum(1) - 1)[supervised]
+    seq_len = supervised.sum(1, keepdim=True).expand_as(supervised)[supervised]
+    return {"token_id": targets, "pos": pos, "seq_len": seq_len}
+
+
+@dataclass
+class FusedBatch:
+    """The supervised rows of one micro-batch: their hidden states [N, H], targets [N] and mask [B, T-1]."""
+
+    hidden: Tensor
+    targets: Tensor
+    supervised: Tensor
+
+    @classmethod
+    def of(cls, hidden: Tensor, labels: Tensor) -> "FusedBatch":
+        shifted = labels[:, 1:].to(hidden.device)  # token t+1 is predicted at position t
+        supervised = shifted != IGNORE_INDEX
+        return cls(hidden[:, :-1][supervised], shifted[supervised], supervised)
+
+
+class FusedReweightedLoss:
+    """Σ_t w_t·(−log p_t) / D from the last hidden states and the head, in chunks (module docstring).
+
+    ``method`` is a registered name (or a ``Method``); ``params`` override its defaults, checked now.
+    ``seed`` seeds methods that draw random numbers (call i uses ``seed + i``). ``backend``: ``ours``,
+    ``trl`` (TRL's ``ChunkedLogProbFunction``, only for methods needing log p / entropy / Σp²) or
+    ``auto``. ``last_weights`` keeps the last call's weights (a tensor on the device).
+    """
+
+    def __init__(self, method: str | Method = "sft", /, *, seed: int = 0, chunk_rows: int | None = None,
+                 backend: str = "auto", **params: Any) -> None:
+        self.method = method if isinstance(method, Method) else get_method(str(method))
+        unknown = sorted(set(params) - set(self.method.params))
+        if unknown:
+            known = ", ".join(self.method.params) or "none"
+            raise AuditError(f"FusedReweightedLoss({self.method.name!r}): unknown parameter(s) {', '.join(unknown)} "
+                             f"(parameters: {known})")
+        if backend not in BACKENDS:
+            raise AuditError(f"FusedReweightedLoss: backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.params, self.seed, self.chunk_rows, self.backend = dict(params), int(seed), chunk_rows, backend
+        self.needs = frozenset(self.method.needs)
+        self.calls = 0
+        self.last_weights: Tensor | None = None
+        self.last_backend: str | None = None
+
+    def backend_for(self, device: torch.device) -> str:
+        """``ours`` or ``trl`` for this method on this device."""
+        fits = not (self.needs - TRL_STATISTICS - FREE_COLUMNS)
+        if self.backend == "trl" and not fits:
+            raise AuditError(f"method {self.method.name!r} needs {', '.join(sorted(self.needs & KERNEL_STATISTICS))}, "
+                             "which TRL's fused head does not give; use backend='ours' or 'auto'")
+        if self.backend != "auto":
+            return self.backend
+        return "trl" if fits and device.type == "cuda" and _trl_function() is not None else "ours"
+
+    def __call__(self, hidden: Tensor, labels: Tensor, head: Head, *, num_items_in_batch: Any = None,
+                 ref_hidden: Tensor | None = None, ref_head: Head | None = None) -> Tensor:
+        """The loss of one micro-batch: ``hidden`` [B, T, H] (the body's last hidden states), ``labels`` [B, T]."""
+        if "ref_logp" in self.needs and (ref_hidden is None or ref_head is None):
+            raise AuditError(f"method {self.method.name!r} needs the reference model's hidden states "
+                             "(patch(model, ..., reference=ref_model))")
+        batch = FusedBatch.of(hidden, labels)
+        rows = chunk_rows_for(head.weight.shape[0], hidden.device, self.chunk_rows)
+        backend = self.backend_for(hidden.device)
+        self.last_backend = backend
+        if backend == "trl":
+            logp, columns = self._trl_columns(batch, head, rows)
+        else:
+            columns = head_statistics(batch.hidden, batch.targets, head.weight, head.bias, head, self.needs, rows)
+        columns.update(position_columns(batch.supervised, batch.targets))
+        if ref_hidden is not None and ref_head is not None:
+            ref = ref_hidden[:, :-1][batch.supervised.to(ref_hidden.device)]
+            columns["ref_logp"] = reference_logp(ref, batch.targets.to(ref.device), ref_head, rows).to(hidden.device)
+        coef = self.weights(columns) / _denominator(num_items_in_batch, batch.targets.numel(), hidden.device)
+        if backend == "trl":
+            return -(coef * logp).sum()
+        return ReweightedHead.apply(batch.hidden, head.weight, head.bias, batch.targets, coef, -columns["logp"],
+                                    head, rows)
+
+    def weights(self, columns: Mapping[str, Tensor]) -> Tensor:
+        """float32 weights on the device, one per supervised row: the torch port, else the numpy registry."""
+        weights = device_weights(self.method, columns, self.params) if columns["logp"].numel() else None
+        if weights is None:
+            host = to_host({name: value.contiguous() for name, value in columns.items()}) if columns["logp"].numel() \
+                else {}
+            values = host_weights(self.method, host, self.params, self.seed + self.calls) if host else np.zeros(0)
+            weights = torch.from_numpy(values).to(columns["logp"].device)
+        self.calls += 1
+        self.last_weights = weights.float()
+        return self.last_weights
+
+    def _trl_columns(self, batch: FusedBatch, head: Head, rows: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """TRL's fused head: log p with its gradient, and the detached entropy and Σp² the method needs."""
+        function = _trl_function()
+        if function is None:
+            raise AuditError("backend='trl' needs TRL: pip install 'reweight-audit[train]'")
+        outputs = tuple(name for name, want in (("entropy", "entropy"), ("log_sum_sq_probs", "sum_p2"))
+                        if want in self.needs)
+        scale = (head.scale or 1.0) / (head.divide or 1.0)
+        logp, entropy, log_sum_sq, _, _ = function.apply(batch.hidden, head.weight, head.bias, batch.targets, 1.0,
+                                                         max(rows, 1024), head.softcap, scale, outputs)
+        columns = {"logp": logp.detach(), "finite": torch.isfinite(logp.detach())}
+        if entropy is not None:
+            columns["entropy"] = entropy.detach()
+        if log_sum_sq is not None:
+            columns["sum_p2"] = log_sum_sq.exp()
+        return logp, columns
+
+
+def _denominator(num_items_in_batch: Any, count: int, device: torch.device) -> Tensor | float:
+    """D: num_items_in_batch (a tensor stays on the device: no host sync) or the supervised count (at least 1)."""
+    if num_items_in_batch is None:
+        return float(max(count, 1))
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device)
+    return float(num_items_in_batch)
+
+
+def _trl_function() -> Any:
+    """TRL's ``ChunkedLogProbFunction`` (trl >= 1.16), or None without TRL."""
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError:
+        return None
+    return ChunkedLogProbFunction
