@@ -15,8 +15,9 @@ from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import available_methods, compute_weights, get_method
 from reweight_audit.scoring.encoding import choose_template
 from reweight_audit.testing import save_tiny_model
-from reweight_audit.training.fused import (DEVICE_WEIGHTS, FusedReweightedLoss, head_statistics, linear_head,
-                                           position_columns)
+from reweight_audit.scoring.head import Head
+from reweight_audit.training.fused import (DEVICE_WEIGHTS, FusedReweightedLoss, device_weights, head_statistics,
+                                           linear_head, position_columns)
 from reweight_audit.training.run import make_collator, training_examples
 
 METHODS = [m.name for m in available_methods()]
@@ -158,21 +159,36 @@ def test_weights_equal_the_numpy_registry(lm, ref_lm, batch):
                                    err_msg=name)
 
 
+PORT_PARAMS = {"focal": [{"gamma": 0.5}], "eaft": [{"alpha": 2.5}], "ranktuner": [{"base": "p"}],
+               "ranktuner-approx": [{"low_entropy": "trivial"}, {"base": "p"}], "profit": [{"tau": 0.0}, {"tau": 0.3}],
+               "deformed-log": [{"alpha": 0.0}, {"alpha": 0.5}], "deft": [{"eps": 1e-3}],
+               "ranktuner-approx-dft": [{"low_entropy": "trivial"}]}
+
+
 @pytest.mark.parametrize("name", sorted(DEVICE_WEIGHTS))
 def test_device_ports_equal_the_numpy_definitions(name):
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(64, 50, generator=g) * 3
-    targets = torch.randint(0, 50, (64,), generator=g)
-    columns = head_statistics(z, targets, torch.eye(50), None, linear_head_stub(), {"entropy", "sum_p2"}, 16)
-    got = DEVICE_WEIGHTS[name](columns).numpy()
+    vocab = 200
+    z = torch.randn(96, vocab, generator=g) * torch.linspace(0.1, 12, 96)[:, None]  # flat to peaked rows
+    targets = torch.randint(0, vocab, (96,), generator=g)
+    targets[:8] = z[:8].argmax(-1)  # rank 1 rows
+    columns = head_statistics(z, targets, torch.eye(vocab), None, Head(torch.eye(vocab), None),
+                              {"entropy", "sum_p2", "rank", "expected_rank", "topk_entropy"}, 32)
     host = {k: v.numpy() for k, v in columns.items() if k != "finite"}
-    np.testing.assert_allclose(got, compute_weights(get_method(name), host, seed=0), rtol=1e-12, atol=0)
+    method = get_method(name)
+    for params in [{}, *PORT_PARAMS.get(name, [])]:
+        got = device_weights(method, columns, params)
+        assert got is not None and got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), compute_weights(method, host, params=params, seed=0), rtol=1e-12,
+                                   atol=1e-15, err_msg=f"{name} {params}")
 
 
-def linear_head_stub():
-    from reweight_audit.scoring.head import Head
-
-    return Head(torch.eye(50), None)
+def test_methods_without_a_port_go_through_the_registry():
+    columns = {"logp": torch.tensor([-0.5, -2.0]), "finite": torch.tensor([True, True])}
+    assert device_weights(get_method("talr"), columns, {}) is None
+    assert device_weights(get_method("focal"), columns, {"detach": False}) is None
+    with pytest.raises(AuditError, match="gamma"):
+        FusedReweightedLoss("focal", gamma=-1.0)
 
 
 def test_chunking_does_not_change_the_statistics(lm, batch):

@@ -41,7 +41,7 @@ from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import Method, compute_weights, get_method
 from reweight_audit.scoring.batching import IGNORE_INDEX
 from reweight_audit.scoring.head import Head, find_head, to_host
-from reweight_audit.scoring.stats import token_statistics
+from reweight_audit.scoring.stats import TOPK, token_statistics
 
 __all__ = ["BACKENDS", "DEVICE_WEIGHTS", "FusedReweightedLoss", "ReweightedHead", "chunk_rows_for", "device_weights",
            "head_statistics", "host_weights", "linear_head", "position_columns", "reference_logp"]
@@ -235,35 +235,87 @@ def host_weights(method: Method, columns: Mapping[str, np.ndarray], params: Mapp
     return weights
 
 
-def _dft(c: Mapping[str, Tensor]) -> Tensor:
-    return c["logp"].double().exp()
+def _logp(c: Mapping[str, Tensor]) -> Tensor:
+    return c["logp"].double().clamp(max=0.0)  # as the registry's logp_col: p <= 1
 
 
-def _sft(c: Mapping[str, Tensor]) -> Tensor:
-    return torch.ones_like(c["logp"], dtype=torch.float64)
+def _power(logp: Tensor, alpha: Tensor | float) -> Tensor:
+    """p^α from log p; α = 0 gives 1 (the registry's deformed_weight)."""
+    alpha = torch.as_tensor(alpha, dtype=torch.float64, device=logp.device)
+    return torch.where(alpha == 0.0, torch.ones_like(logp), torch.exp(alpha * logp))
 
 
-def _nll(c: Mapping[str, Tensor]) -> Tensor:
-    return -c["logp"].double()
+def _relative_scale(c: Mapping[str, Tensor]) -> Tensor:
+    """RankTuner's exact S = 2^(f(E[R]) − f(R)), f(x) = ln 2 / log1p(x), ranks clamped to >= 1."""
+    f = lambda x: math.log(2.0) / torch.log1p(x.double().clamp(min=1.0))  # noqa: E731
+    return torch.exp2(f(c["expected_rank"]) - f(c["rank"]))
 
 
-def _inv_prob(c: Mapping[str, Tensor]) -> Tensor:
-    return -torch.expm1(c["logp"].double())
+def _practical_scale(c: Mapping[str, Tensor], low_entropy: str) -> Tensor:
+    """RankTuner's practical S = (p·s(H))^(−K(ξ)) in log space (the registry's practical_scale)."""
+    ln2 = math.log(2.0)
+    logp, h = _logp(c), c["entropy"].double().clamp(min=0.0)
+    log_s = torch.logaddexp(torch.zeros_like(h), h - 2.0 * ln2)
+    if low_entropy == "trivial":
+        log_s = torch.where(h < 2.0 * ln2, torch.zeros_like(log_s), log_s)
+    log_xi = torch.maximum(torch.log(c["rank"].double().clamp(min=1.0)), log_s)
+    k = (ln2 / torch.logaddexp(torch.zeros_like(log_xi), log_xi)) ** 2
+    return torch.exp(-k * (logp + log_s))
 
 
-#: torch ports of registered methods with their default parameters: name -> columns -> float64 weights.
-#: A method is evaluated here only when its parameters are the defaults (tests check each against numpy).
-DEVICE_WEIGHTS: dict[str, Callable[[Mapping[str, Tensor]], Tensor]] = {
-    "sft": _sft, "dft": _dft, "nll": _nll, "inv-prob": _inv_prob,
+def _on_base(scale: Tensor, c: Mapping[str, Tensor], base: str) -> Tensor:
+    return scale * _logp(c).exp() if base == "p" else scale
+
+
+def _focal(c: Mapping[str, Tensor], gamma: float = 2.0, detach: bool = True) -> Tensor | None:
+    if not detach:
+        return None  # the published loss's weight: the numpy path
+    return torch.pow(-torch.expm1(_logp(c)), float(gamma))
+
+
+def _deft(c: Mapping[str, Tensor], eps: float = 0.0) -> Tensor:
+    alpha = c["sum_p2"].double().clamp(0.0, 1.0)
+    w = _power(_logp(c), alpha)
+    return w if eps == 0.0 else w * (alpha / (alpha + eps))
+
+
+def _profit(c: Mapping[str, Tensor], tau: float = 0.1) -> Tensor:
+    logp = _logp(c)
+    return torch.ones_like(logp) if tau == 0.0 else (logp >= math.log(tau)).double()
+
+
+#: torch ports of registered methods: name -> (columns, **params) -> float64 weights on the device (None: use
+#: the numpy registry for these parameters). Parameters are checked by the registry once, at construction;
+#: test_fused checks every port against its numpy definition.
+DEVICE_WEIGHTS: dict[str, Callable[..., Tensor | None]] = {
+    "sft": lambda c: torch.ones_like(c["logp"], dtype=torch.float64),
+    "dft": lambda c: _logp(c).exp(),
+    "inv-prob": lambda c: -torch.expm1(_logp(c)),
+    "nll": lambda c: -_logp(c) + 0.0,
+    "focal": _focal,
+    "entropy": lambda c: c["entropy"].double().clamp(min=0.0),
+    "eaft": lambda c, alpha=1.0: torch.pow((c["topk_entropy"].double() / math.log(TOPK)).clamp(0.0, 1.0), float(alpha)),
+    "ranktuner": lambda c, base="1": _on_base(_relative_scale(c), c, base),
+    "ranktuner-dft": lambda c: _on_base(_relative_scale(c), c, "p"),
+    "ranktuner-approx": lambda c, low_entropy="smooth", base="1": _on_base(_practical_scale(c, low_entropy), c, base),
+    "ranktuner-approx-dft": lambda c, low_entropy="smooth": _on_base(_practical_scale(c, low_entropy), c, "p"),
+    "profit": _profit,
+    "deformed-log": lambda c, alpha=10.0: _power(_logp(c), float(alpha)),
+    "deft": _deft,
 }
 
 
 def device_weights(method: Method, columns: Mapping[str, Tensor], params: Mapping[str, Any]) -> Tensor | None:
-    """The method's weights on the columns' device, or None when it has no port (or non-default parameters)."""
+    """The method's weights on the columns' device, or None when it has no port for these parameters.
+
+    Ports are looked up by name and trusted only for the built-in function (a plugin reusing a name is not).
+    """
     port = DEVICE_WEIGHTS.get(method.name)
-    if port is None or any(method.params.get(k) != v for k, v in params.items()):
+    if port is None or method.fn.__module__.split(".")[:2] != ["reweight_audit", "methods"]:
         return None
-    weights = port(columns)
+    weights = port(columns, **params)
+    if weights is None:
+        return None
     # as host_weights: a row with non-finite statistics keeps weight 1
     return torch.where(columns["finite"] & torch.isfinite(weights), weights, torch.ones_like(weights))
 
@@ -313,6 +365,7 @@ class FusedReweightedLoss:
         if backend not in BACKENDS:
             raise AuditError(f"FusedReweightedLoss: backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.params, self.seed, self.chunk_rows, self.backend = dict(params), int(seed), chunk_rows, backend
+        _check_values(self.method, self.params)
         self.needs = frozenset(self.method.needs)
         self.calls = 0
         self.last_weights: Tensor | None = None
@@ -380,6 +433,16 @@ class FusedReweightedLoss:
         if log_sum_sq is not None:
             columns["sum_p2"] = log_sum_sq.exp()
         return logp, columns
+
+
+#: one plausible row of every statistic: the registry checks a method's parameter values on it
+_PROBE_ROW = {"logp": -1.0, "entropy": 1.0, "rank": 2, "expected_rank": 2.0, "topk_entropy": 1.0, "sum_p2": 0.5,
+              "token_id": 0, "pos": 0, "seq_len": 1, "ref_logp": -1.0}
+
+
+def _check_values(method: Method, params: Mapping[str, Any]) -> None:
+    """Bad parameter values fail now, with the registry's one-line error, not at the first training step."""
+    compute_weights(method, {name: np.array([value]) for name, value in _PROBE_ROW.items()}, params=params)
 
 
 def _denominator(num_items_in_batch: Any, count: int, device: torch.device) -> Tensor | float:
