@@ -108,7 +108,10 @@ def _light_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str,
     e = torch.exp(t)
     s = e.sum(-1, dtype=torch.float64)
     log_s = torch.log(s)
-    out = {"logp": (t.gather(1, targets[:, None]).squeeze(1) - log_s).float(), "finite": finite}
+    t_target = t.gather(1, targets[:, None]).squeeze(1)
+    out = {"logp": (t_target - log_s).float(), "finite": finite}
+    if "is_top1" in needs:  # the target is a largest logit (TRL's metric; the rank is not needed for it)
+        out["is_top1"] = t_target >= 0
     if "entropy" in needs:
         out["entropy"] = (log_s - torch.linalg.vecdot(e, t.nan_to_num(neginf=0.0)) / s).float()
     if "sum_p2" in needs:
@@ -119,7 +122,10 @@ def _light_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str,
 def _kernel_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str, Tensor]:
     """score's ``token_statistics`` of one chunk, the needed columns plus logp and finite."""
     stats = token_statistics(z, targets)
-    return {name: stats[name] for name in {"logp", "finite", *(needs & (TRL_STATISTICS | KERNEL_STATISTICS))}}
+    out = {name: stats[name] for name in {"logp", "finite", *(needs & (TRL_STATISTICS | KERNEL_STATISTICS))}}
+    if "is_top1" in needs:
+        out["is_top1"] = stats["rank"] == 1
+    return out
 
 
 @torch.no_grad()
@@ -367,6 +373,8 @@ class FusedReweightedLoss:
         self.params, self.seed, self.chunk_rows, self.backend = dict(params), int(seed), chunk_rows, backend
         _check_values(self.method, self.params)
         self.needs = frozenset(self.method.needs)
+        self.extra: frozenset = frozenset()  # statistics wanted beside the method's (TRL's metrics: entropy, is_top1)
+        self.last_columns: dict[str, Tensor] = {}
         self.calls = 0
         self.last_weights: Tensor | None = None
         self.last_backend: str | None = None
@@ -391,14 +399,16 @@ class FusedReweightedLoss:
         rows = chunk_rows_for(head.weight.shape[0], hidden.device, self.chunk_rows)
         backend = self.backend_for(hidden.device)
         self.last_backend = backend
+        needs = self.needs | self.extra
         if backend == "trl":
-            logp, columns = self._trl_columns(batch, head, rows)
+            logp, columns = self._trl_columns(batch, head, rows, needs)
         else:
-            columns = head_statistics(batch.hidden, batch.targets, head.weight, head.bias, head, self.needs, rows)
+            columns = head_statistics(batch.hidden, batch.targets, head.weight, head.bias, head, needs, rows)
         columns.update(position_columns(batch.supervised, batch.targets))
         if ref_hidden is not None and ref_head is not None:
             ref = ref_hidden[:, :-1][batch.supervised.to(ref_hidden.device)]
             columns["ref_logp"] = reference_logp(ref, batch.targets.to(ref.device), ref_head, rows).to(hidden.device)
+        self.last_columns = columns
         coef = self.weights(columns) / _denominator(num_items_in_batch, batch.targets.numel(), hidden.device)
         if backend == "trl":
             return -(coef * logp).sum()
@@ -417,21 +427,23 @@ class FusedReweightedLoss:
         self.last_weights = weights.float()
         return self.last_weights
 
-    def _trl_columns(self, batch: FusedBatch, head: Head, rows: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _trl_columns(self, batch: FusedBatch, head: Head, rows: int, needs: frozenset) -> tuple[Tensor, dict[str, Tensor]]:
         """TRL's fused head: log p with its gradient, and the detached entropy and Σp² the method needs."""
         function = _trl_function()
         if function is None:
             raise AuditError("backend='trl' needs TRL: pip install 'reweight-audit[train]'")
-        outputs = tuple(name for name, want in (("entropy", "entropy"), ("log_sum_sq_probs", "sum_p2"))
-                        if want in self.needs)
+        outputs = tuple(name for name, want in (("entropy", "entropy"), ("log_sum_sq_probs", "sum_p2"),
+                                                ("is_top1", "is_top1")) if want in needs)
         scale = (head.scale or 1.0) / (head.divide or 1.0)
-        logp, entropy, log_sum_sq, _, _ = function.apply(batch.hidden, head.weight, head.bias, batch.targets, 1.0,
+        logp, entropy, log_sum_sq, _, is_top1 = function.apply(batch.hidden, head.weight, head.bias, batch.targets, 1.0,
                                                          max(rows, 1024), head.softcap, scale, outputs)
         columns = {"logp": logp.detach(), "finite": torch.isfinite(logp.detach())}
         if entropy is not None:
             columns["entropy"] = entropy.detach()
         if log_sum_sq is not None:
             columns["sum_p2"] = log_sum_sq.exp()
+        if is_top1 is not None:
+            columns["is_top1"] = is_top1
         return logp, columns
 
 
