@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -169,3 +171,25 @@ def test_rho1_reference_runs_its_own_fused_pass(lm, examples, tmp_path):
         batch["labels"], linear_head(patched), ref_hidden=ref_hidden.last_hidden_state, ref_head=linear_head(reference))
     torch.testing.assert_close(loss, expected)
     assert 0 < float((loss_fn.last_weights > 0).float().mean()) < 1  # Rho-1 keeps a share of the tokens
+
+
+@pytest.mark.slow
+def test_train_command_uses_the_fused_loss_and_agrees_with_full_logits(tmp_path, tiny_model, examples, noisy_rows):
+    import pandas as pd
+
+    from reweight_audit.training.config import TrainConfig
+    from reweight_audit.training.run import run_train
+
+    noisy = write_noisy(tmp_path / "train.jsonl", noisy_rows)
+    tables = {}
+    for loss in ("fused", "logits"):
+        config = TrainConfig(input=noisy, output=tmp_path / loss, methods=["ranktuner-approx"], steps=1, every=1,
+                             model=str(tiny_model), device="cpu", batch_size=2, learning_rate=1e-2, loss=loss)
+        run_train(config)
+        tables[loss] = pd.read_csv(tmp_path / loss / "audit.csv")
+    fused, logits = tables["fused"], tables["logits"]
+    assert fused["train_loss"].iloc[1:].notna().all()
+    for column in ("train_loss", "noise_nll", "clean_nll"):
+        np.testing.assert_allclose(fused[column], logits[column], rtol=1e-4, err_msg=column)
+    with pytest.raises(AuditError, match="--loss"):
+        TrainConfig(input=noisy, output=tmp_path / "x", methods=["dft"], loss="chunked")
