@@ -55,6 +55,7 @@ FREE_COLUMNS = frozenset({"token_id", "pos", "seq_len", "ref_logp"})
 BACKENDS = ("auto", "ours", "trl")
 _CPU_CHUNK_ELEMENTS = 1 << 25  # [rows, vocab] float32 buffers of 128 MiB: rows fixed, so memory flat in T
 _DEVICE_CHUNK_ELEMENTS = 1 << 27  # 512 MiB on an accelerator: larger GEMMs
+_T_MIN = -87.0  # exp(t) below is subnormal or 0 in float32 (score's stats clamp the same way)
 
 
 def linear_head(model: Any) -> Head:
@@ -82,38 +83,51 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 def _pre_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, head: Head) -> Tensor:
     """u = (h Wᵀ + b)·scale / divide in float32: the logits before the soft-cap."""
-    u = (hidden @ weight.T).float()
+    u = (hidden @ weight.T).float()  # a fresh buffer: everything after works in place
     if bias is not None:
-        u = u + bias.float()
+        u.add_(bias.float())
     if head.scale is not None:
-        u = u * head.scale
+        u.mul_(head.scale)
     if head.divide is not None:
-        u = u / head.divide
+        u.div_(head.divide)
     return u
 
 
 def _cap(u: Tensor, head: Head) -> Tensor:
-    """z = c·tanh(u / c) (Gemma's soft-cap), or u."""
-    return u if head.softcap is None else torch.tanh(u / head.softcap) * head.softcap
+    """z = c·tanh(u / c) (Gemma's soft-cap), or u; in place."""
+    return u if head.softcap is None else u.div_(head.softcap).tanh_().mul_(head.softcap)
 
 
 # --------------------------------------------------------------------------- pass 1: statistics
 
 
+def _sum64(e: Tensor, block: int = 8192) -> Tensor:
+    """Row sums in float64 (a peaked row's S = 1 + tiny needs them); on CPU by column blocks, as a float64
+    reduction there materialises a float64 copy of the whole chunk."""
+    if e.device.type != "cpu":
+        return e.sum(-1, dtype=torch.float64)
+    s = torch.zeros(e.shape[0], dtype=torch.float64, device=e.device)
+    for start in range(0, e.shape[1], block):
+        s += e[:, start:start + block].sum(-1, dtype=torch.float64)
+    return s
+
+
 def _light_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str, Tensor]:
-    """log p (and entropy, Σp² when needed) of float32 logits [r, V], with S = Σ exp(z − max) in float64."""
+    """log p (and entropy, Σp² when needed) of float32 logits [r, V], consumed in place; S = Σ exp(z − max) in
+    float64. As score's torch path, t = z − max is clamped at −87 (exp below is 0 in float32), so no −inf·0."""
     row_max = z.amax(-1, keepdim=True)
     finite = torch.isfinite(row_max).squeeze(1)
-    t = z - row_max
-    e = torch.exp(t)
-    s = e.sum(-1, dtype=torch.float64)
-    log_s = torch.log(s)
+    t = z.sub_(row_max)
     t_target = t.gather(1, targets[:, None]).squeeze(1)
+    t.clamp_(min=_T_MIN)
+    e = torch.exp(t) if "entropy" in needs else t.exp_()  # the entropy needs t beside e; otherwise in place
+    s = _sum64(e)
+    log_s = torch.log(s)
     out = {"logp": (t_target - log_s).float(), "finite": finite}
     if "is_top1" in needs:  # the target is a largest logit (TRL's metric; the rank is not needed for it)
         out["is_top1"] = t_target >= 0
     if "entropy" in needs:
-        out["entropy"] = (log_s - torch.linalg.vecdot(e, t.nan_to_num(neginf=0.0)) / s).float()
+        out["entropy"] = (log_s - torch.linalg.vecdot(e, t) / s).float()
     if "sum_p2" in needs:
         out["sum_p2"] = (torch.linalg.vecdot(e, e) / (s * s)).float()
     return out
@@ -208,8 +222,9 @@ def _logit_gradient(h: Tensor, w: Tensor, bias: Tensor | None, head: Head, targe
         tanh = z.div_(head.softcap).tanh_()
         slope = 1.0 - tanh.square()
         z = tanh.mul_(head.softcap)
-    g = torch.softmax(z, dim=-1)
-    del z
+    # softmax in place: the chunk's only [r, V] buffer (plus the soft-cap slope)
+    g = z.sub_(z.amax(-1, keepdim=True)).exp_()
+    g.div_(g.sum(-1, keepdim=True))
     g.scatter_add_(1, targets[:, None], torch.full_like(targets[:, None], -1, dtype=g.dtype))
     g.mul_(scale[:, None])
     if slope is not None:
