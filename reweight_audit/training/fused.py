@@ -55,6 +55,7 @@ FREE_COLUMNS = frozenset({"token_id", "pos", "seq_len", "ref_logp"})
 BACKENDS = ("auto", "ours", "trl")
 _CPU_CHUNK_ELEMENTS = 1 << 25  # [rows, vocab] float32 buffers of 128 MiB: rows fixed, so memory flat in T
 _DEVICE_CHUNK_ELEMENTS = 1 << 27  # 512 MiB on an accelerator: larger GEMMs
+TRL_VOCAB_TILE = 32768  # vocabulary columns per tile of TRL's function, as its own add_fused_lm_head uses
 _T_MIN = -87.0  # exp(t) below is subnormal or 0 in float32 (score's stats clamp the same way)
 
 
@@ -416,7 +417,7 @@ class FusedReweightedLoss:
         self.last_backend = backend
         needs = self.needs | self.extra
         if backend == "trl":
-            logp, columns = self._trl_columns(batch, head, rows, needs)
+            logp, columns = self._trl_columns(batch, head, needs)
         else:
             columns = head_statistics(batch.hidden, batch.targets, head.weight, head.bias, head, needs, rows)
         columns.update(position_columns(batch.supervised, batch.targets))
@@ -442,7 +443,7 @@ class FusedReweightedLoss:
         self.last_weights = weights.float()
         return self.last_weights
 
-    def _trl_columns(self, batch: FusedBatch, head: Head, rows: int, needs: frozenset) -> tuple[Tensor, dict[str, Tensor]]:
+    def _trl_columns(self, batch: FusedBatch, head: Head, needs: frozenset) -> tuple[Tensor, dict[str, Tensor]]:
         """TRL's fused head: log p with its gradient, and the detached entropy and Σp² the method needs."""
         function = _trl_function()
         if function is None:
@@ -451,7 +452,7 @@ class FusedReweightedLoss:
                                                 ("is_top1", "is_top1")) if want in needs)
         scale = (head.scale or 1.0) / (head.divide or 1.0)
         logp, entropy, log_sum_sq, _, is_top1 = function.apply(batch.hidden, head.weight, head.bias, batch.targets, 1.0,
-                                                         max(rows, 1024), head.softcap, scale, outputs)
+                                                         TRL_VOCAB_TILE, head.softcap, scale, outputs)
         columns = {"logp": logp.detach(), "finite": torch.isfinite(logp.detach())}
         if entropy is not None:
             columns["entropy"] = entropy.detach()
