@@ -120,11 +120,13 @@ def _light_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str,
     finite = torch.isfinite(row_max).squeeze(1)
     t = z.sub_(row_max)
     t_target = t.gather(1, targets[:, None]).squeeze(1)
-    t.clamp_(min=_T_MIN)
-    e = torch.exp(t) if "entropy" in needs else t.exp_()  # the entropy needs t beside e; otherwise in place
+    if "entropy" in needs:  # the entropy needs t beside e (clamped: no −inf·0); otherwise e replaces t
+        e = torch.exp(t.clamp_(min=_T_MIN))
+    else:
+        e = t.exp_()
     s = _sum64(e)
     log_s = torch.log(s)
-    out = {"logp": (t_target - log_s).float(), "finite": finite}
+    out = {"logp": (t_target - log_s).float(), "finite": finite, "lse": row_max.squeeze(1).double() + log_s}
     if "is_top1" in needs:  # the target is a largest logit (TRL's metric; the rank is not needed for it)
         out["is_top1"] = t_target >= 0
     if "entropy" in needs:
@@ -138,6 +140,7 @@ def _kernel_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str
     """score's ``token_statistics`` of one chunk, the needed columns plus logp and finite."""
     stats = token_statistics(z, targets)
     out = {name: stats[name] for name in {"logp", "finite", *(needs & (TRL_STATISTICS | KERNEL_STATISTICS))}}
+    out["lse"] = z.gather(1, targets[:, None]).squeeze(1).double() - stats["logp"].double()  # log Σ exp z
     if "is_top1" in needs:
         out["is_top1"] = stats["rank"] == 1
     return out
@@ -146,7 +149,8 @@ def _kernel_statistics(z: Tensor, targets: Tensor, needs: frozenset) -> dict[str
 @torch.no_grad()
 def head_statistics(hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, head: Head,
                     needs: frozenset | set, chunk_rows: int) -> dict[str, Tensor]:
-    """The columns ``needs`` asks for (and ``logp``, ``finite``) of the N supervised rows, chunk by chunk.
+    """The columns ``needs`` asks for (and ``logp``, ``finite``, ``lse`` = log Σ_v exp z_v) of the N supervised rows,
+    chunk by chunk.
 
     Only a ``[chunk_rows, V]`` block of logits exists at a time; the reductions are score's.
     """
@@ -170,7 +174,7 @@ def head_statistics(hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tenso
 @torch.no_grad()
 def reference_logp(hidden: Tensor, targets: Tensor, head: Head, chunk_rows: int) -> Tensor:
     """The reference model's log p of each supervised row from its own hidden states and head (Rho-1)."""
-    return head_statistics(hidden, targets, head.weight, head.bias, head, frozenset({"logp"}), chunk_rows)["logp"]
+    return head_statistics(hidden, targets, head.weight, head.bias, head, frozenset(), chunk_rows)["logp"]
 
 
 # --------------------------------------------------------------------------- pass 2: the loss and its gradient
@@ -185,15 +189,15 @@ class ReweightedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, coef: Tensor,
-                nll: Tensor, head: Head, chunk_rows: int) -> Tensor:
-        ctx.save_for_backward(hidden, weight, bias, targets, coef)
+                nll: Tensor, lse: Tensor, head: Head, chunk_rows: int) -> Tensor:
+        ctx.save_for_backward(hidden, weight, bias, targets, coef, lse)
         ctx.head, ctx.chunk_rows, ctx.dtype = head, chunk_rows, _compute_dtype(hidden)
         # 0·nll stays 0 for a zero-weight row; a NaN nll (non-finite logits) keeps weight 1, so NaN reaches the loss
         return (coef.double() * nll.double()).sum().float()
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple:
-        hidden, weight, bias, targets, coef = ctx.saved_tensors
+        hidden, weight, bias, targets, coef, lse = ctx.saved_tensors
         head, rows, dtype = ctx.head, ctx.chunk_rows, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.to(dtype)
@@ -203,7 +207,8 @@ class ReweightedHead(torch.autograd.Function):
         scale = coef.float() * grad_out.float()
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows].to(dtype)
-            g = _logit_gradient(h, w, bias, head, targets[start:start + rows], scale[start:start + rows])
+            part = slice(start, start + rows)
+            g = _logit_gradient(h, w, bias, head, targets[part], scale[part], lse[part])
             if grad_h is not None:
                 grad_h[start:start + rows] = (g.to(dtype) @ w).float()
             if grad_w is not None:
@@ -212,22 +217,23 @@ class ReweightedHead(torch.autograd.Function):
                 grad_b += g.sum(0)
             del g
         return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
-def _logit_gradient(h: Tensor, w: Tensor, bias: Tensor | None, head: Head, targets: Tensor, scale: Tensor) -> Tensor:
-    """∂L/∂u for one chunk: c_t·(softmax(z_t) − onehot(y_t)) times the soft-cap and scale slopes, float32 [r, V]."""
+def _logit_gradient(h: Tensor, w: Tensor, bias: Tensor | None, head: Head, targets: Tensor, scale: Tensor,
+                    lse: Tensor) -> Tensor:
+    """∂L/∂u for one chunk: c_t·(softmax(z_t) − onehot(y_t)) times the soft-cap and scale slopes, float32 [r, V].
+
+    softmax(z_t) = exp(z_t − lse_t) with the statistics pass's log Σ exp z: three passes over the chunk."""
     z = _pre_logits(h, w, bias, head)
     slope = None
     if head.softcap is not None:  # z = c·tanh(u / c), dz/du = 1 − tanh²; in place, one buffer less
         tanh = z.div_(head.softcap).tanh_()
         slope = 1.0 - tanh.square()
         z = tanh.mul_(head.softcap)
-    # softmax in place: the chunk's only [r, V] buffer (plus the soft-cap slope)
-    g = z.sub_(z.amax(-1, keepdim=True)).exp_()
-    g.div_(g.sum(-1, keepdim=True))
-    g.scatter_add_(1, targets[:, None], torch.full_like(targets[:, None], -1, dtype=g.dtype))
-    g.mul_(scale[:, None])
+    # c·softmax in place: the chunk's only [r, V] buffer (plus the soft-cap slope)
+    g = z.sub_(lse.float()[:, None]).exp_().mul_(scale[:, None])
+    g.scatter_add_(1, targets[:, None], -scale[:, None])
     if slope is not None:
         g.mul_(slope)
     factor = (head.scale or 1.0) / (head.divide or 1.0)
@@ -420,6 +426,7 @@ class FusedReweightedLoss:
             logp, columns = self._trl_columns(batch, head, needs)
         else:
             columns = head_statistics(batch.hidden, batch.targets, head.weight, head.bias, head, needs, rows)
+        lse = columns.pop("lse", None)
         columns.update(position_columns(batch.supervised, batch.targets))
         if ref_hidden is not None and ref_head is not None:
             ref = ref_hidden[:, :-1][batch.supervised.to(ref_hidden.device)]
@@ -429,7 +436,7 @@ class FusedReweightedLoss:
         if backend == "trl":
             return -(coef * logp).sum()
         return ReweightedHead.apply(batch.hidden, head.weight, head.bias, batch.targets, coef, -columns["logp"],
-                                    head, rows)
+                                    lse, head, rows)
 
     def weights(self, columns: Mapping[str, Tensor]) -> Tensor:
         """float32 weights on the device, one per supervised row: the torch port, else the numpy registry."""
