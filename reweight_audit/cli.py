@@ -543,6 +543,10 @@ def bench(
     gpu_check: Annotated[bool, typer.Option(
         "--gpu-check", help="The prepared GPU run: default model, gemma3-270m if installed, a 1B-class model with "
                             "vocab 151,936.")] = False,
+    train_step: Annotated[bool, typer.Option(
+        "--train", help="One training step of the fused reweighted loss vs HF's loss, ReweightedLoss and TRL's fused "
+                        "DFT, each in its own process (--vocab, --seq-len pick one size; default the issue's grid).")
+    ] = False,
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="JSON file for the figures.")] = Path("reports/bench.json"),
 ) -> None:
@@ -556,6 +560,9 @@ def bench(
     if unknown or not chosen:
         raise AuditError(f"--variants {variants}: use a comma list of forward, naive, ours")
     prepare_output_file(output)  # before the minutes of benchmarking
+    if train_step:
+        _bench_train(output, vocab=vocab, seq_len=seq_len, device=device, dtype=dtype, repeats=repeats)
+        return
     with output_lock(output):
         if gpu_check:
             results = bench_module.gpu_check(repeats=repeats)
@@ -566,6 +573,22 @@ def bench(
         for result in results:
             _print_bench(result)
         write_json_atomic(output, results if gpu_check else results[0])
+    out.print(f"wrote {escape(str(output))}")
+
+
+def _bench_train(output: Path, *, vocab: int | None, seq_len: int | None, device: str, dtype: str,
+                 repeats: int) -> None:
+    from reweight_audit.bench import train as train_bench
+    from reweight_audit.core.io import output_lock, write_json_atomic
+
+    # --vocab / --seq-len pick one size (no flatness runs); without them the grid
+    sizes = {"vocabs": (vocab,) if vocab else train_bench.VOCABS, "seq_len": seq_len or train_bench.SEQ_LEN,
+             "flat_seq_lens": () if vocab or seq_len else train_bench.FLAT_SEQ_LENS}
+    with output_lock(output):
+        result = train_bench.run_train_bench(**sizes, device=device, dtype=dtype, repeats=repeats)
+        for line in train_bench.format_lines(result):
+            out.print(escape(line))
+        write_json_atomic(output, result)
     out.print(f"wrote {escape(str(output))}")
 
 
