@@ -1,0 +1,403 @@
+"""``reweight-audit bench --compare``: ``compare`` (and ``sweep``) at growing table sizes, every engine side by side.
+
+For each size in ``--tokens`` a seeded synthetic stats table (:mod:`reweight_audit.bench.synthetic`, cached in
+the work folder) is evaluated by each engine in a **fresh subprocess** (``python -m reweight_audit compare
+TABLE --engine E -o DIR``): its wall time and its peak RSS (the child's ``ru_maxrss`` from ``os.wait4``) are
+measured, one line a run. Then, in the same run:
+
+* the ratios of issue 20's targets: the duckdb engine's peak RSS at the largest size ÷ at the smallest, its
+  seconds per million tokens at the largest size ÷ the memory engine's at the smallest, and its peak RSS at
+  the largest size against :data:`RSS_TARGET`;
+* at every size where both engines ran, whether their ``table.csv``, ``curves.csv``, ``by_kind.csv`` and
+  ``summary.json`` are equal (counts exactly, other numbers to :data:`RTOL` relative; what says how or where a
+  run ran — timings, the engine, paths — is left out).
+
+The memory engine is skipped, with the reason, where its estimated peak (:data:`MEMORY_ENGINE_BYTES_PER_TOKEN`,
+measured on main) does not fit the memory available; the whole bench is refused at once, in one line, where
+its estimated disk use does not fit the work folder's filesystem. The per-run ``weights.parquet`` files are
+removed once a size is checked (they are the bulk of the disk a run takes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from reweight_audit.bench import synthetic
+from reweight_audit.core.errors import AuditError, require_positive
+from reweight_audit.evaluation.config import CompareConfig
+from reweight_audit.evaluation.runs import DERIVED_COLUMNS
+from reweight_audit.methods import available_methods
+
+#: The engines bench knows; the ones this build's ``compare`` offers are :func:`engines_available`.
+ENGINES = ("memory", "duckdb")
+#: The in-memory engine's peak RSS per token (issue 20: 4.4 GB at 10M, 12.6 GB at 30M tokens, linear).
+MEMORY_ENGINE_BYTES_PER_TOKEN = 420
+#: Share of the available memory (or disk) a run may be expected to take before it is skipped (refused).
+HEADROOM = 0.85
+#: Issue 20's targets: peak RSS at the largest size, its growth over the sizes, time per token against memory's.
+RSS_TARGET = 3e9
+RSS_GROWTH_TARGET = 1.3
+TIME_RATIO_TARGET = 1.5
+#: The report files compared between engines, and the relative tolerance for numbers that are not counts.
+COMPARED = ("table.csv", "curves.csv", "by_kind.csv", "summary.json")
+RTOL = 1e-12
+#: Keys (summary.json) and columns (csv) that say how or where a run ran, not what it found.
+IGNORED = re.compile(r"^(engine.*|path|paths|stats_paths|output|timing|timings|seconds|elapsed|workers|records"
+                     r"|t_.*|.*_seconds|.*_s)$")
+#: Disk estimates, bytes per token: the synthetic table (measured 33.3), the compare folder's weights.parquet per
+#: method (float32, plus a few bytes of identity per token), and an engine's scratch per method (spilled weights).
+TABLE_BYTES_PER_TOKEN = 36
+WEIGHTS_BYTES_PER_TOKEN_METHOD = 4.5
+SCRATCH_BYTES_PER_TOKEN_METHOD = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareBench:
+    """What one ``bench --compare`` measures."""
+
+    tokens: tuple[int, ...] = (10_000_000, 100_000_000)
+    methods: tuple[str, ...] | None = None  # None: compare's defaults (every method the table's columns allow)
+    bootstrap: int = 200
+    seed: int = 0
+    engines: tuple[str, ...] = ENGINES
+    sweep: bool = True
+    work: Path = Path("reports/bench-compare-work")
+
+
+# ------------------------------------------------------------------ options
+
+
+def parse_tokens(text: str) -> tuple[int, ...]:
+    """``"10M,100M"`` → (10_000_000, 100_000_000); k, M and B suffixes, sorted, without repeats."""
+    sizes = []
+    for part in (p.strip() for p in text.split(",")):
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMbB]?)", part)
+        if not match:
+            raise AuditError(f"--tokens {text}: give a comma list of token counts such as 10M,100M (k, M, B suffixes)")
+        value = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[match.group(2).lower()]
+        require_positive("--tokens", int(value), "token count")
+        sizes.append(int(value))
+    return tuple(sorted(set(sizes)))
+
+
+def engines_available() -> tuple[str, ...]:
+    """The engines this build's ``compare`` offers: memory alone until it has an ``--engine`` option."""
+    fields = {f.name for f in dataclasses.fields(CompareConfig)}
+    return ENGINES if "engine" in fields else ("memory",)
+
+
+def check(bench: CompareBench) -> None:
+    """Every option, before any table is generated: one AuditError line for the first problem."""
+    for size in bench.tokens:
+        require_positive("--tokens", size, "token count")
+    if not bench.tokens:
+        raise AuditError("--tokens: give at least one size, e.g. 10M,100M")
+    require_positive("--bootstrap", bench.bootstrap, "number of resamples")
+    offered = engines_available()
+    unknown = [e for e in bench.engines if e not in offered]
+    if unknown or not bench.engines:
+        raise AuditError(f"--engines {','.join(bench.engines)}: this compare offers {', '.join(offered)}")
+    if bench.methods is not None:
+        names = {m.name for m in available_methods()}
+        missing = [m for m in bench.methods if m not in names]
+        if missing or not bench.methods:
+            raise AuditError(f"--methods: {', '.join(missing) or 'none given'} not registered; see "
+                             "`reweight-audit methods`")
+
+
+def method_count(bench: CompareBench) -> int:
+    """How many methods each run evaluates: the named ones, else those the synthetic table's columns allow."""
+    if bench.methods is not None:
+        return len(bench.methods)
+    columns = set(synthetic.schema().names) | set(DERIVED_COLUMNS)
+    return sum(1 for m in available_methods() if set(m.needs) <= columns)
+
+
+# ------------------------------------------------------------------ estimates
+
+
+def disk_needed(bench: CompareBench) -> int:
+    """Bytes the bench may write: the tables not yet cached, and at the largest size two runs' weights and the
+    scratch of one (earlier sizes' weights are removed before the next size starts)."""
+    methods = method_count(bench)
+    tables = sum(size * TABLE_BYTES_PER_TOKEN for size in bench.tokens
+                 if not (bench.work / synthetic.file_name(size, bench.seed)).exists())
+    largest = max(bench.tokens)
+    runs = len(bench.engines) * largest * (2 + WEIGHTS_BYTES_PER_TOKEN_METHOD * methods)
+    return int(tables + runs + largest * SCRATCH_BYTES_PER_TOKEN_METHOD * methods)
+
+
+def check_disk(bench: CompareBench) -> int:
+    """Refuse, in one line, a bench whose estimated disk use does not fit; return the estimate."""
+    need = disk_needed(bench)
+    where = bench.work if bench.work.exists() else next(p for p in bench.work.parents if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > HEADROOM * free:
+        raise AuditError(f"bench --compare needs about {need / 1e9:,.1f} GB of disk in {where}, "
+                         f"{free / 1e9:,.1f} GB free: free space, give --work on a larger disk, or drop sizes "
+                         "from --tokens")
+    return need
+
+
+def skip_reason(engine: str, n_tokens: int) -> str | None:
+    """Why ``engine`` cannot run ``n_tokens`` here (one line), or None: only the memory engine's peak grows."""
+    if engine != "memory":
+        return None
+    import psutil
+
+    need, have = n_tokens * MEMORY_ENGINE_BYTES_PER_TOKEN, psutil.virtual_memory().available
+    if need <= HEADROOM * have:
+        return None
+    return (f"skipped: needs about {need / 1e9:,.1f} GB ({MEMORY_ENGINE_BYTES_PER_TOKEN} B/token), "
+            f"{have / 1e9:,.1f} GB available")
+
+
+# ------------------------------------------------------------------ one run in a fresh process
+
+
+def command(stage: str, table: Path, out: Path, engine: str, bench: CompareBench) -> list[str]:
+    """The child's command line: this interpreter, ``-m reweight_audit STAGE``, the bench's options."""
+    cmd = [sys.executable, "-m", "reweight_audit", stage, str(table), "-o", str(out), "-q",
+           "--bootstrap", str(bench.bootstrap), "--seed", str(bench.seed)]
+    if bench.methods is not None:
+        cmd += ["--methods", ",".join(bench.methods)]
+    if "engine" in {f.name for f in dataclasses.fields(CompareConfig)}:
+        cmd += ["--engine", engine]
+    return cmd
+
+
+def measure_child(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd`` to its end; its exit code, wall seconds and peak RSS (``ru_maxrss`` of this child alone)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as sink:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # an interrupt: the child goes with us
+            proc.kill()
+            proc.wait()
+            raise
+        seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits for it again
+    return {"exit": proc.returncode, "seconds": seconds, "peak_rss_bytes": int(usage.ru_maxrss) * 1024}
+
+
+def run_one(stage: str, table: Path, n_tokens: int, engine: str, bench: CompareBench) -> dict:
+    """One stage on one table by one engine, in a fresh process; skipped where it would not fit."""
+    row: dict[str, Any] = {"stage": stage, "tokens": n_tokens, "engine": engine}
+    reason = skip_reason(engine, n_tokens)
+    if reason is not None:
+        return {**row, "skipped": reason}
+    out = bench.work / "runs" / f"{stage}-{n_tokens}-{engine}"
+    cmd = command(stage, table, out, engine, bench)
+    measured = measure_child(cmd, bench.work / "runs" / f"{stage}-{n_tokens}-{engine}.log")
+    row.update(measured, folder=str(out), command=" ".join(cmd),
+               s_per_m_tokens=measured["seconds"] / (n_tokens / 1e6))
+    if measured["exit"] != 0:
+        tail = (bench.work / "runs" / f"{stage}-{n_tokens}-{engine}.log").read_text(errors="replace")
+        row["error"] = (tail.strip().splitlines() or ["(no output)"])[-1][:300]
+    return row
+
+
+def run_line(row: dict) -> str:
+    """One printed line per run."""
+    head = f"{row['stage']:7s} {human(row['tokens']):>5s} tokens  {row['engine']:6s}"
+    if "skipped" in row:
+        return f"{head}  {row['skipped']}"
+    text = (f"{head}  {row['seconds']:8.1f} s  {row['s_per_m_tokens']:7.2f} s/M tokens  "
+            f"peak RSS {row['peak_rss_bytes'] / 1e9:6.2f} GB")
+    return text if row["exit"] == 0 else f"{text}  FAILED (exit {row['exit']}): {row['error']}"
+
+
+def human(n: int) -> str:
+    """10_000_000 → "10M"."""
+    for suffix, unit in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= unit and n % (unit // 10) == 0:
+            return f"{n / unit:g}{suffix}"
+    return str(n)
+
+
+# ------------------------------------------------------------------ equality between engines
+
+
+def _frames_differ(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
+    """The first difference between two report frames, or None: counts exactly, other numbers to RTOL."""
+    keep_a = [c for c in a.columns if not IGNORED.match(c)]
+    keep_b = [c for c in b.columns if not IGNORED.match(c)]
+    if keep_a != keep_b:
+        return f"columns differ: {sorted(set(keep_a) ^ set(keep_b)) or 'order'}"
+    if len(a) != len(b):
+        return f"{len(a)} rows vs {len(b)}"
+    for col in keep_a:
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        if x.dtype.kind in "iub" and y.dtype.kind in "iub":
+            bad = x != y
+        elif x.dtype.kind in "iufb" and y.dtype.kind in "iufb":
+            bad = ~np.isclose(x.astype(float), y.astype(float), rtol=RTOL, atol=0.0, equal_nan=True)
+        else:
+            bad = a[col].fillna("").astype(str).to_numpy() != b[col].fillna("").astype(str).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            return f"column {col}, row {i + 1}: {x[i]!r} vs {y[i]!r}"
+    return None
+
+
+def _values_differ(a: Any, b: Any, where: str = "") -> str | None:
+    """The first difference between two JSON values (keys in IGNORED left out), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys_a = {k for k in a if not IGNORED.match(k)}
+        keys_b = {k for k in b if not IGNORED.match(k)}
+        if keys_a != keys_b:
+            return f"{where or '/'}: keys {sorted(keys_a ^ keys_b)}"
+        return next((d for k in sorted(keys_a) if (d := _values_differ(a[k], b[k], f"{where}/{k}"))), None)
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{where}: {len(a)} items vs {len(b)}"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _values_differ(x, y, f"{where}[{i}]"))), None)
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return None if a == b else f"{where}: {a!r} vs {b!r}"
+    if isinstance(a, int) and isinstance(b, int):
+        return None if a == b else f"{where}: {a} vs {b}"
+    same = (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=RTOL, abs_tol=0.0)
+    return None if same else f"{where}: {a!r} vs {b!r}"
+
+
+def reports_differ(first: Path, second: Path) -> dict[str, str | None]:
+    """Per compared file, its first difference between two compare folders (None: equal)."""
+    found: dict[str, str | None] = {}
+    for name in COMPARED:
+        a, b = first / name, second / name
+        if not a.exists() or not b.exists():
+            found[name] = f"missing in {a.parent if not a.exists() else b.parent}"
+        elif name.endswith(".json"):
+            found[name] = _values_differ(json.loads(a.read_text()), json.loads(b.read_text()))
+        else:
+            found[name] = _frames_differ(pd.read_csv(a), pd.read_csv(b))
+    return found
+
+
+# ------------------------------------------------------------------ the bench
+
+
+def ratios(runs: list[dict], sizes: tuple[int, ...]) -> dict[str, float]:
+    """Issue 20's ratios from the compare runs that finished (a ratio whose runs did not is left out)."""
+    done = {(r["engine"], r["tokens"]): r for r in runs if r["stage"] == "compare" and r.get("exit") == 0}
+    small, large = min(sizes), max(sizes)
+    found: dict[str, float] = {}
+    duck_small, duck_large, memory_small = done.get(("duckdb", small)), done.get(("duckdb", large)), done.get(
+        ("memory", small))
+    if duck_large is not None:
+        found["duckdb_peak_rss_gb_at_largest"] = duck_large["peak_rss_bytes"] / 1e9
+    if duck_small is not None and duck_large is not None and large > small:
+        found["duckdb_peak_rss_largest_over_smallest"] = duck_large["peak_rss_bytes"] / duck_small["peak_rss_bytes"]
+    if duck_large is not None and memory_small is not None:
+        found["duckdb_s_per_m_largest_over_memory_s_per_m_smallest"] = (
+            duck_large["s_per_m_tokens"] / memory_small["s_per_m_tokens"])
+    return found
+
+
+def verdict(runs: list[dict], found: dict[str, float], equal: dict[int, dict]) -> dict[str, bool]:
+    """Each target of issue 20 that this run measured: met or not."""
+    checks: dict[str, bool] = {"every run completed": all(r.get("exit") == 0 for r in runs if "skipped" not in r)}
+    if "duckdb_peak_rss_gb_at_largest" in found:
+        checks[f"duckdb peak RSS at the largest size <= {RSS_TARGET / 1e9:g} GB"] = (
+            found["duckdb_peak_rss_gb_at_largest"] * 1e9 <= RSS_TARGET)
+    if "duckdb_peak_rss_largest_over_smallest" in found:
+        checks[f"duckdb peak RSS growth <= {RSS_GROWTH_TARGET}x"] = (
+            found["duckdb_peak_rss_largest_over_smallest"] <= RSS_GROWTH_TARGET)
+    if "duckdb_s_per_m_largest_over_memory_s_per_m_smallest" in found:
+        checks[f"duckdb time per token at the largest size <= {TIME_RATIO_TARGET}x memory's at the smallest"] = (
+            found["duckdb_s_per_m_largest_over_memory_s_per_m_smallest"] <= TIME_RATIO_TARGET)
+    for size, files in equal.items():
+        checks[f"engines' reports equal at {human(size)} tokens"] = all(v is None for v in files.values())
+    return checks
+
+
+def _table(bench: CompareBench, size: int, say: Callable[[str], None]) -> tuple[Path, dict]:
+    """The size's synthetic table, generated (one line with the time) or taken from the work folder."""
+    started = time.perf_counter()
+    path, manifest, made = synthetic.cached_table(bench.work, size, bench.seed)
+    if made:
+        say(f"table   {human(size):>5s} tokens  generated in {time.perf_counter() - started:.1f} s, "
+            f"{manifest['bytes'] / 1e6:,.1f} MB: {path}")
+    else:
+        say(f"table   {human(size):>5s} tokens  cached: {path}")
+    return path, {**manifest, "path": str(path), "generated_now": made}
+
+
+def _check_size(runs: list[dict], size: int, say: Callable[[str], None]) -> dict[str, str | None] | None:
+    """Both engines' compare reports at ``size`` checked against each other (None: not both ran); their
+    weights.parquet removed."""
+    done = {r["engine"]: r for r in runs if r["tokens"] == size and r["stage"] == "compare" and r.get("exit") == 0}
+    found = None
+    if {"memory", "duckdb"} <= set(done):
+        found = reports_differ(Path(done["memory"]["folder"]), Path(done["duckdb"]["folder"]))
+        bad = {k: v for k, v in found.items() if v is not None}
+        say(f"equal   {human(size):>5s} tokens  " + ("yes: " + ", ".join(COMPARED) if not bad else
+                                                   "NO: " + "; ".join(f"{k}: {v}" for k, v in bad.items())))
+    for row in runs:
+        if row["tokens"] == size and "folder" in row:
+            (Path(row["folder"]) / "weights.parquet").unlink(missing_ok=True)
+    return found
+
+
+def run_compare_bench(bench: CompareBench, say: Callable[[str], None] = lambda line: None) -> dict:
+    """Every size × stage × engine, one fresh process each; the lines go to ``say`` as they come."""
+    check(bench)
+    disk = check_disk(bench)
+    runs: list[dict] = []
+    tables: dict[str, dict] = {}
+    equal: dict[int, dict] = {}
+    for size in bench.tokens:
+        path, tables[str(size)] = _table(bench, size, say)
+        for stage in ("compare", "sweep") if bench.sweep else ("compare",):
+            for engine in bench.engines:
+                runs.append(run_one(stage, path, size, engine, bench))
+                say(run_line(runs[-1]))
+        found = _check_size(runs, size, say)
+        if found is not None:
+            equal[size] = found
+    found_ratios = ratios(runs, bench.tokens)
+    return {"mode": "compare", "tokens": list(bench.tokens), "methods": list(bench.methods or ()) or "defaults",
+            "n_methods": method_count(bench), "bootstrap": bench.bootstrap, "seed": bench.seed,
+            "engines": list(bench.engines), "sweep": bench.sweep, "work": str(bench.work),
+            "disk_estimate_bytes": disk, "generator_version": synthetic.GENERATOR_VERSION, "machine": _machine(),
+            "tables": tables, "runs": runs, "equal": {str(k): v for k, v in equal.items()},
+            "ratios": found_ratios, "verdict": verdict(runs, found_ratios, equal)}
+
+
+def _machine() -> dict:
+    import platform
+
+    import psutil
+
+    return {"cpus": os.cpu_count(), "memory_bytes": int(psutil.virtual_memory().total),
+            "available_bytes": int(psutil.virtual_memory().available), "python": platform.python_version(),
+            "load_average": list(os.getloadavg())}
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The ratio lines and the verdict, printed after the runs."""
+    names = {"duckdb_peak_rss_gb_at_largest": f"duckdb peak RSS at the largest size, GB (target <= "
+                                              f"{RSS_TARGET / 1e9:g})",
+             "duckdb_peak_rss_largest_over_smallest": f"duckdb peak RSS, largest size / smallest (target <= "
+                                                      f"{RSS_GROWTH_TARGET})",
+             "duckdb_s_per_m_largest_over_memory_s_per_m_smallest": "duckdb s/M tokens at the largest size / memory "
+                                                                    f"s/M tokens at the smallest (target <= "
+                                                                    f"{TIME_RATIO_TARGET})"}
+    lines = [f"{names[k]}: {v:.3f}" for k, v in result["ratios"].items()]
+    lines += [f"{'met' if ok else 'NOT MET'}: {what}" for what, ok in result["verdict"].items()]
+    return lines
