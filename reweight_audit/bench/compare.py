@@ -50,8 +50,9 @@ HEADROOM = 0.85
 RSS_TARGET = 3e9
 RSS_GROWTH_TARGET = 1.3
 TIME_RATIO_TARGET = 1.5
-#: The report files compared between engines, and the relative tolerance for numbers that are not counts.
-COMPARED = ("table.csv", "curves.csv", "by_kind.csv", "summary.json")
+#: The report files compared between engines, per stage, and the relative tolerance for numbers that are not counts.
+COMPARED = {"compare": ("table.csv", "curves.csv", "by_kind.csv", "summary.json"),
+            "sweep": ("sweep.csv", "pairs.csv", "sweep.json")}
 RTOL = 1e-12
 #: Keys (summary.json) and columns (csv) that say how or where a run ran, not what it found.
 IGNORED = re.compile(r"^(engine.*|path|paths|stats_paths|output|timing|timings|seconds|elapsed|workers|records"
@@ -275,10 +276,10 @@ def _values_differ(a: Any, b: Any, where: str = "") -> str | None:
     return None if same else f"{where}: {a!r} vs {b!r}"
 
 
-def reports_differ(first: Path, second: Path) -> dict[str, str | None]:
-    """Per compared file, its first difference between two compare folders (None: equal)."""
+def reports_differ(first: Path, second: Path, stage: str = "compare") -> dict[str, str | None]:
+    """Per compared file of ``stage``, its first difference between two report folders (None: equal)."""
     found: dict[str, str | None] = {}
-    for name in COMPARED:
+    for name in COMPARED[stage]:
         a, b = first / name, second / name
         if not a.exists() or not b.exists():
             found[name] = f"missing in {a.parent if not a.exists() else b.parent}"
@@ -339,15 +340,19 @@ def _table(bench: CompareBench, size: int, say: Callable[[str], None]) -> tuple[
 
 
 def _check_size(runs: list[dict], size: int, say: Callable[[str], None]) -> dict[str, str | None] | None:
-    """Both engines' compare reports at ``size`` checked against each other (None: not both ran); their
-    weights.parquet removed."""
-    done = {r["engine"]: r for r in runs if r["tokens"] == size and r["stage"] == "compare" and r.get("exit") == 0}
-    found = None
-    if {"memory", "duckdb"} <= set(done):
-        found = reports_differ(Path(done["memory"]["folder"]), Path(done["duckdb"]["folder"]))
-        bad = {k: v for k, v in found.items() if v is not None}
-        say(f"equal   {human(size):>5s} tokens  " + ("yes: " + ", ".join(COMPARED) if not bad else
-                                                   "NO: " + "; ".join(f"{k}: {v}" for k, v in bad.items())))
+    """Both engines' reports at ``size`` checked against each other, per stage (None: no stage ran on both);
+    the runs' weights.parquet removed."""
+    found: dict[str, str | None] | None = None
+    for stage in COMPARED:
+        done = {r["engine"]: r for r in runs
+                if r["tokens"] == size and r["stage"] == stage and r.get("exit") == 0}
+        if not {"memory", "duckdb"} <= set(done):
+            continue
+        differ = reports_differ(Path(done["memory"]["folder"]), Path(done["duckdb"]["folder"]), stage)
+        found = {**(found or {}), **{f"{stage}/{name}": v for name, v in differ.items()}}
+        bad = {k: v for k, v in differ.items() if v is not None}
+        say(f"equal   {human(size):>5s} tokens  {stage}: " + (
+            "yes: " + ", ".join(COMPARED[stage]) if not bad else "NO: " + "; ".join(f"{k}: {v}" for k, v in bad.items())))
     for row in runs:
         if row["tokens"] == size and "folder" in row:
             (Path(row["folder"]) / "weights.parquet").unlink(missing_ok=True)
