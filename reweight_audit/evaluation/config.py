@@ -23,6 +23,10 @@ BATCH_SEQS_HELP = "Sequences per simulated training batch (TALR)."
 SEED_HELP = "Seed of every random choice; the same seed gives the same files."
 STRATA_HELP = "Strata per --stratify variable: quantiles over the tokens (10: deciles)."
 PARAMS_TYPE = "Mapping[str, Mapping[str, Any]] | Sequence[str]"
+#: The evaluation engines: auto picks by the table's size.
+ENGINES = ("auto", "memory", "duckdb")
+ENGINE_HELP = ("auto, memory or duckdb: memory holds the whole table; duckdb is out of core (exact, memory flat "
+               "in the tokens); auto picks duckdb when the table would not fit comfortably in memory.")
 
 
 def _methods(methods: list[str]) -> list[str]:
@@ -63,6 +67,12 @@ def param_items(params: Any) -> list[str]:
     if not isinstance(params, Sequence):
         raise AuditError(f"--param {params!r}: give a dict of method parameters or a list of method.name=value")
     return [str(p) for p in params]
+
+
+def _engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise AuditError(f"--engine {engine!r} is not known; use one of {', '.join(ENGINES)}")
+    return engine
 
 
 def _positive_batch(batch_seqs: int) -> int:
@@ -113,6 +123,7 @@ class CompareConfig(Config):
                                           "over the strata (strata.csv; repeat or comma list).")
     strata: int = option(10, help=STRATA_HELP)
     heatmap_sequences: int = option(HEATMAP_SEQUENCES, cli=False, help="Sequences per run shown in heatmap.html.")
+    engine: str = option("auto", help=ENGINE_HELP, check=_engine)
 
     def check(self) -> None:
         from reweight_audit.evaluation import strata, table1
@@ -205,6 +216,7 @@ class SweepConfig(Config):
                                                  "or comma list; a claim is checked in every setting of it).",
                                  check=_sweep_stratify)
     strata: int = option(10, help=STRATA_HELP)
+    engine: str = option("auto", help=ENGINE_HELP, check=_engine)
     claim_order: list[str] | None = field(init=False, default=None, repr=False, compare=False)
 
     def check(self) -> None:
