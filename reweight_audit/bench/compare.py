@@ -210,7 +210,20 @@ def run_one(stage: str, table: Path, n_tokens: int, engine: str, bench: CompareB
     if measured["exit"] != 0:
         tail = (bench.work / "runs" / f"{stage}-{n_tokens}-{engine}.log").read_text(errors="replace")
         row["error"] = (tail.strip().splitlines() or ["(no output)"])[-1][:300]
+    else:
+        row["engine_reported"] = reported_engine(out, stage)
     return row
+
+
+def reported_engine(folder: Path, stage: str) -> str | None:
+    """The engine the report says ran (its summary's ``engine``, top level or in its config), or None."""
+    path = folder / ("summary.json" if stage == "compare" else "sweep.json")
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    found = summary.get("engine") or (summary.get("config") or {}).get("engine")
+    return found if isinstance(found, str) else None
 
 
 def run_line(row: dict) -> str:
@@ -220,7 +233,10 @@ def run_line(row: dict) -> str:
         return f"{head}  {row['skipped']}"
     text = (f"{head}  {row['seconds']:8.1f} s  {row['s_per_m_tokens']:7.2f} s/M tokens  "
             f"peak RSS {row['peak_rss_bytes'] / 1e9:6.2f} GB")
-    return text if row["exit"] == 0 else f"{text}  FAILED (exit {row['exit']}): {row['error']}"
+    if row["exit"] != 0:
+        return f"{text}  FAILED (exit {row['exit']}): {row['error']}"
+    said = row.get("engine_reported")
+    return text if said in (None, row["engine"]) else f"{text}  (the report says {said} ran)"
 
 
 def human(n: int) -> str:
