@@ -8,9 +8,10 @@ measured, one line a run. Then, in the same run:
 * the ratios of issue 20's targets: the duckdb engine's peak RSS at the largest size ÷ at the smallest, its
   seconds per million tokens at the largest size ÷ the memory engine's at the smallest, and its peak RSS at
   the largest size against :data:`RSS_TARGET`;
-* at every size where both engines ran, whether their ``table.csv``, ``curves.csv``, ``by_kind.csv`` and
-  ``summary.json`` are equal (counts exactly, other numbers to :data:`RTOL` relative; what says how or where a
-  run ran — timings, the engine, paths — is left out).
+* at every size where both engines ran, whether their reports are equal (:data:`COMPARED`: compare's
+  ``table.csv``, ``curves.csv``, ``by_kind.csv``, ``summary.json``; sweep's ``sweep.csv``, ``pairs.csv``,
+  ``sweep.json``), counts exactly, other numbers to :data:`RTOL` relative; what says how or where a run ran —
+  timings, the engine, paths — is left out.
 
 The memory engine is skipped, with the reason, where its estimated peak (:data:`MEMORY_ENGINE_BYTES_PER_TOKEN`,
 measured on main) does not fit the memory available; the whole bench is refused at once, in one line, where
