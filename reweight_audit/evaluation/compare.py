@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from reweight_audit.evaluation import groups, metrics, strata, table1
 from reweight_audit.evaluation.agreement import order_agreement
@@ -37,10 +38,13 @@ from reweight_audit.methods import (
     parse_params,
 )
 from reweight_audit.evaluation.results import CompareResult, curve_columns, group_columns, kind_columns, table_columns
-from reweight_audit.evaluation.runs import RunData, StatsSource, StatsTable, load_runs
+from reweight_audit.evaluation.outofcore.chunks import parquet_rows
+from reweight_audit.evaluation.runs import RunData, StatsSource, StatsTable, _method_columns, load_runs, run_labels
 
 TIE_RULE = "fractional (expected value under random tie-breaking)"
 NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
+#: What the in-memory engine holds per token of a table (measured: ~420 B with the 20 default methods).
+MEMORY_BYTES_PER_TOKEN = 420
 
 
 # --------------------------------------------------------------------------- options
@@ -279,30 +283,112 @@ def run_compare(
     options = config if config is not None else CompareConfig()
     sources = stats_sources(stats_paths)
     chosen, param_map = select_methods(options.methods, options.params, options.method_files)
+    engine = choose_engine(options, sources)
     write = writer is not None and out_dir is not None
     # one compare at a time into a folder, refused before any table is read
     with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
-        t0 = time.perf_counter()
-        runs = load_runs(sources)
-        _check_grad_columns(runs, options)
-        timings = {"load": time.perf_counter() - t0}
-        outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers))
-                    for run in runs]
-        timings["weights"] = sum(o.t_weights for o in outcomes)
-        timings["metrics"] = sum(o.t_metrics for o in outcomes)
-        result = assemble(runs, outcomes, chosen, options, timings, summary_config(sources, options))
-        result.by_group = by_group(runs, outcomes, chosen, options)
-        result.strata = stratified(runs, outcomes, chosen, options)
+        if engine == "duckdb":
+            result, runs, weights = _compare_out_of_core(sources, chosen, param_map, options, say, out_dir)
+        else:
+            result, runs, weights = _compare_in_memory(sources, chosen, param_map, options, say, workers)
+        timings = result.timings
         result.agreement = order_agreement(result.table)
         result.table1 = table1.table1_frame(result.table, result.runs, options.table1_map, options.k)
-        result.run_data, result.run_weights = runs, [o.weights for o in outcomes]
+        result.run_data, result.run_weights = runs, weights
         if write:
             t0 = time.perf_counter()
-            writer(result, Path(out_dir), runs=runs, run_weights=[o.weights for o in outcomes],
-                          seed=options.seed, heatmap_sequences=options.heatmap_sequences)
+            writer(result, Path(out_dir), runs=runs, run_weights=weights,
+                   seed=options.seed, heatmap_sequences=options.heatmap_sequences)
             timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return result
+
+
+def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> str:
+    """``memory`` or ``duckdb``: as asked, or (``auto``) duckdb when the files would not fit in half the memory
+    available (``MEMORY_BYTES_PER_TOKEN`` each) and no in-memory-only option (--stratify, --by-meta) is set."""
+    if options.engine != "auto":
+        if options.engine == "duckdb":
+            _check_out_of_core(options, sources)
+        return options.engine
+    if any(isinstance(s, StatsTable) for s in sources) or getattr(options, "stratify", None) \
+            or getattr(options, "by_meta", None):
+        return "memory"
+    tokens = sum(parquet_rows(Path(s)) for s in sources)
+    return "duckdb" if tokens * MEMORY_BYTES_PER_TOKEN > 0.5 * available_memory() else "memory"
+
+
+def _check_out_of_core(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> None:
+    if any(isinstance(s, StatsTable) for s in sources):
+        raise AuditError("--engine duckdb reads stats.parquet files; a table in memory needs --engine memory")
+    for flag, value in (("--stratify", getattr(options, "stratify", None)), ("--by-meta", getattr(options, "by_meta", None))):
+        if value and value != ["none"]:
+            raise AuditError(f"{flag} is computed by --engine memory only (for now); drop {flag} or use "
+                             "--engine memory")
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere the physical memory)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _compare_in_memory(sources, chosen, param_map, options: CompareConfig, say, workers):
+    """The in-memory engine: every table read whole, every method's weights kept beside it."""
+    t0 = time.perf_counter()
+    runs = load_runs(sources)
+    _check_grad_columns(runs, options)
+    timings = {"load": time.perf_counter() - t0}
+    outcomes = [evaluate_run(run, chosen, param_map, options, say=say, n_workers=_workers(workers))
+                for run in runs]
+    timings["weights"] = sum(o.t_weights for o in outcomes)
+    timings["metrics"] = sum(o.t_metrics for o in outcomes)
+    summaries = [{**r.summary(), "manifest": r.manifest} for r in runs]
+    result = assemble([r.label for r in runs], summaries, outcomes, chosen, options, timings,
+                      {**summary_config(sources, options), "engine": "memory"})
+    result.by_group = by_group(runs, outcomes, chosen, options)
+    result.strata = stratified(runs, outcomes, chosen, options)
+    return result, runs, [o.weights for o in outcomes]
+
+
+def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say, out_dir):
+    """The DuckDB engine (:mod:`reweight_audit.evaluation.outofcore`): chunks, spilled scores, exact aggregates."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from reweight_audit.core.io import read_manifest
+    from reweight_audit.evaluation.outofcore import engine as ooc
+
+    t0 = time.perf_counter()
+    paths = [Path(s) for s in sources]
+    labels = run_labels(paths, [read_manifest(p) for p in paths])
+    scans = [ooc.scan_run(p) for p in paths]
+    timings = {"load": time.perf_counter() - t0, "weights": 0.0, "metrics": 0.0}
+    outcomes, summaries = [], []
+    for path, label, scan in zip(paths, labels, scans):
+        outcome = _RunOutcome()
+        numeric = _method_columns(pq.read_schema(path).empty_table())
+        if "grad" in options.rank_by and "sum_p2" not in numeric:
+            raise AuditError(f"{path}: --rank-by grad needs column sum_p2, which this table lacks; "
+                             "rerun `reweight-audit score` or rank by weight/loss")
+        todo = _computable(SimpleNamespace(numeric_columns=numeric, path=path, label=label), chosen,
+                           options.methods is not None, outcome.skipped)
+        with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as work:
+            rows = ooc.evaluate_run(ooc.RunJob(path, label, todo, param_map, options, Path(work), say), scan)
+        outcome.table, outcome.curves, outcome.by_kind = rows.table, rows.curves, rows.by_kind
+        timings["weights"] += rows.t_weights
+        timings["metrics"] += rows.t_metrics
+        outcomes.append(outcome)
+        summaries.append(rows.summary)
+    result = assemble(labels, summaries, outcomes, chosen, options, timings,
+                      {**summary_config(sources, options), "engine": "duckdb"})
+    return result, [], []
 
 
 def _check_grad_columns(runs: list[RunData], options: CompareConfig) -> None:
@@ -313,10 +399,10 @@ def _check_grad_columns(runs: list[RunData], options: CompareConfig) -> None:
                                  "rerun `reweight-audit score` or rank by weight/loss")
 
 
-def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Method], options: CompareConfig,
-             timings: dict[str, float], recorded: dict) -> CompareResult:
+def assemble(labels: list[str], summaries: list[dict], outcomes: list[_RunOutcome], chosen: list[Method],
+             options: CompareConfig, timings: dict[str, float], recorded: dict) -> CompareResult:
     """The three tables in Table-1 blocks (run, then rank-by, then scope; methods in registration order)."""
-    order = {"run": [r.label for r in runs], "rank_by": options.rank_by, "scope": options.scope,
+    order = {"run": labels, "rank_by": options.rank_by, "scope": options.scope,
              "method": [m.name for m in chosen]}
 
     def frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
@@ -327,7 +413,7 @@ def assemble(runs: list[RunData], outcomes: list[_RunOutcome], chosen: list[Meth
         curves=frame([r for o in outcomes for r in o.curves], curve_columns()),
         by_kind=frame([r for o in outcomes for r in o.by_kind], kind_columns()),
         skipped=[s for o in outcomes for s in o.skipped],
-        runs=[{**r.summary(), "manifest": r.manifest} for r in runs],
+        runs=summaries,
         config=recorded, k=options.k, timings=timings)
 
 

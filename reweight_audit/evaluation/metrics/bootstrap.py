@@ -112,9 +112,16 @@ def intervals(s: np.ndarray, y: np.ndarray, codes: np.ndarray, n_codes: int, k: 
               w: np.ndarray | None, *, n_boot: int, seed: int, level: float) -> dict[str, tuple[float, float]]:
     """:func:`bootstrap_intervals` of checked inputs."""
     names, per_seq = sequence_fields(s, y, codes, n_codes, k, scope, w)
+    return field_intervals(names, per_seq, n_boot=n_boot, seed=seed, level=level)
+
+
+def field_intervals(names: tuple[str, ...], per_seq: np.ndarray, *, n_boot: int, seed: int,
+                    level: float) -> dict[str, tuple[float, float]]:
+    """The intervals from per-sequence :class:`Counts` fields ``[S, names]`` (sequences that occur, in code
+    order): what an engine that aggregates per sequence (the out-of-core one) hands the bootstrap."""
     reps = Counts(**dict(zip(names, resample(per_seq, n_boot, seed).T)))
     specs: list[MetricSpec] = [m for m in metric_specs(interval=True)
-                               if m.counts is not None and (m.per_cut or w is not None)]
+                               if m.counts is not None and (m.per_cut or "w_total" in names)]
     return {spec.name: percentile_interval(spec.counts(reps), level) for spec in specs}
 
 

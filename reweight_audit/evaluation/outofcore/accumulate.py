@@ -1,0 +1,155 @@
+"""Per-chunk work of the out-of-core engine: each method's weights on a chunk, spilled scores, per-sequence sums.
+
+A chunk holds whole sequences (whole simulated batches for batch-dependent
+methods), so everything local to a sequence (its counts in sequence scope, its
+weight sums, its length and noise) is computed here with the in-memory
+functions and kept per sequence code: O(sequences), never O(tokens). The
+ranking scores themselves go to one parquet file per method × rank-by, where
+DuckDB counts them per distinct value (:mod:`.tables`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reweight_audit.core.errors import AuditError
+from reweight_audit.evaluation import metrics
+from reweight_audit.evaluation.metrics.checks import code_layout
+from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, evaluate, per_sequence
+from reweight_audit.evaluation.outofcore.chunks import Chunk
+from reweight_audit.methods import Method, compute_weights
+
+SPILL_SCHEMA = pa.schema([("score", pa.float64()), ("kind", pa.int16()), ("seq", pa.int32())])
+#: Counts fields summed over a chunk's sequences (sequence scope; per kind too).
+_TOTALS = ("n", "n_noise", "n_top", "found", "n_noisy_seqs", "hits")
+
+
+@dataclass
+class RunTotals:
+    """What does not depend on the method: per sequence its pool tokens and noise, per kind its tokens."""
+
+    n_seqs: int
+    n_kinds: int
+    length: np.ndarray = None
+    n_noise: np.ndarray = None
+    n_kind: np.ndarray = None
+    kind_seqs: np.ndarray = None  # per kind, sequences with a token of it
+    n_rows: int = 0
+    excluded_kinds: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.length = np.zeros(self.n_seqs, dtype=np.int64)
+        self.n_noise = np.zeros(self.n_seqs, dtype=np.int64)
+        self.n_kind = np.zeros(self.n_kinds, dtype=np.int64)
+        self.kind_seqs = np.zeros(self.n_kinds, dtype=np.int64)
+
+    def add(self, chunk: Chunk) -> None:
+        run, pool = chunk.run, chunk.run.pool
+        self.n_rows += run.n_tokens
+        for kind, n in run.excluded_kinds.items():
+            self.excluded_kinds[kind] = self.excluded_kinds.get(kind, 0) + n
+        n_local = len(run.seq_names)
+        self.length[chunk.codes] += np.bincount(pool.seq_codes, minlength=n_local)
+        self.n_noise[chunk.codes] += np.bincount(pool.seq_codes[pool.is_noise], minlength=n_local)
+        kinds = chunk.kind_codes
+        noise = kinds >= 0
+        self.n_kind += np.bincount(kinds[noise], minlength=self.n_kinds)
+        pairs = np.unique(np.stack([kinds[noise].astype(np.int64), pool.seq_codes[noise]]), axis=1)
+        self.kind_seqs += np.bincount(pairs[0], minlength=self.n_kinds)
+
+    @property
+    def n_clean(self) -> int:
+        return int(self.length.sum() - self.n_kind.sum())
+
+
+@dataclass
+class RankingSums:
+    """One method × rank-by: its spill file and what is summed per sequence and per kind over the chunks."""
+
+    spill: Path
+    n_seqs: int
+    n_kinds: int
+    ks: tuple[float, ...]
+    k: float
+    sequence: bool  # sequence scope asked for
+    writer: pq.ParquetWriter | None = None
+    w_total: np.ndarray = None
+    w_noise: np.ndarray = None
+    kind_w: np.ndarray = None
+    clean_w: float = 0.0
+    seq_fields: np.ndarray | None = None  # [S, SEQUENCE_FIELDS] at k, sequence scope
+    seq_totals: np.ndarray | None = None  # [cuts, _TOTALS], sequence scope
+    kind_totals: np.ndarray | None = None  # [kinds, _TOTALS] at k, sequence scope
+
+    def __post_init__(self) -> None:
+        self.w_total = np.zeros(self.n_seqs)
+        self.w_noise = np.zeros(self.n_seqs)
+        self.kind_w = np.zeros(self.n_kinds)
+        if self.sequence:
+            self.seq_fields = np.zeros((self.n_seqs, len(SEQUENCE_FIELDS)))
+            self.seq_totals = np.zeros((len(self.ks), len(_TOTALS)))
+            self.kind_totals = np.zeros((self.n_kinds, len(_TOTALS)))
+
+    def add(self, chunk: Chunk, s: np.ndarray) -> None:
+        """One chunk's ranking scores (one per pool token)."""
+        pool = chunk.run.pool
+        y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA)
+        self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
+                                         schema=SPILL_SCHEMA))
+        n_local = len(chunk.run.seq_names)
+        # per sequence in row order, as np.bincount sums them over the whole table: the same bits
+        self.w_total[chunk.codes] += np.bincount(local, weights=s, minlength=n_local)
+        self.w_noise[chunk.codes] += np.bincount(local[y], weights=s[y], minlength=n_local)
+        self.kind_w += np.bincount(kinds[y], weights=s[y], minlength=self.n_kinds)
+        self.clean_w += float(s[~y].sum())
+        if self.sequence:
+            self._add_sequence_scope(chunk, s, y, local, kinds, n_local)
+
+    def _add_sequence_scope(self, chunk: Chunk, s, y, local, kinds, n_local) -> None:
+        per = per_sequence(s, y, local, n_local, self.ks, "sequence")
+        self.seq_fields[chunk.codes] += per[self.ks.index(self.k)]
+        self.seq_totals += _totals(per)
+        clean = ~y
+        for j in range(self.n_kinds):
+            pos = kinds == j
+            keep = clean | pos
+            if keep.any():
+                codes, n_codes = code_layout(local[keep])
+                c = evaluate(s[keep], pos[keep], codes, n_codes, (self.k,), "sequence")[self.k]
+                self.kind_totals[j] += [getattr(c, name) for name in _TOTALS]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _totals(per: np.ndarray) -> np.ndarray:
+    """[cuts, _TOTALS] of per-sequence fields [cuts, S, SEQUENCE_FIELDS]."""
+    f = {name: per[:, :, i] for i, name in enumerate(SEQUENCE_FIELDS)}
+    return np.stack([f["n"].sum(1), f["n_noise"].sum(1), f["n_top"].sum(1), f["found"].sum(1),
+                     f["n_noisy_seqs"].sum(1), f["hits"].sum(1)], axis=1)
+
+
+def totals_counts(row: np.ndarray) -> metrics.Counts:
+    """:class:`Counts` from one row of summed :data:`_TOTALS`."""
+    return metrics.Counts(**{name: float(v) if name in ("found", "hits") else int(round(v))
+                             for name, v in zip(_TOTALS, row)})
+
+
+def chunk_weights(method: Method, chunk: Chunk, params: dict | None, rng: np.random.Generator) -> np.ndarray:
+    """The method's weights on the chunk, as compare computes them (``rng``: the method's one generator, drawn
+    on in table order across chunks, so that a random method gets the whole table's draws)."""
+    batch = chunk.batch if getattr(method, "batch_dependent", False) else None
+    w = np.asarray(compute_weights(method, chunk.run.stat_columns(), params=params, batch=batch, seed=rng),
+                   dtype=np.float64)
+    if w.shape != (chunk.run.n_tokens,):
+        raise AuditError(f"method {method.name}: returned {w.shape} weights for {chunk.run.n_tokens} tokens; "
+                         "a method must return one weight per token")
+    return w

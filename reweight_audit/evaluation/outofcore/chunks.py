@@ -1,0 +1,166 @@
+"""A stats table read in sequence-aligned chunks: one light pre-pass, then chunks loaded and checked like a table.
+
+The pre-pass (:func:`scan_table`) reads only ``seq_id``, ``is_noise`` and
+``noise_kind`` and keeps what is per sequence or per kind: the sequence codes
+(first appearance, as :func:`reweight_audit.evaluation.runs.load_run` numbers
+them), the noise kinds (sorted, as there) and whether every sequence's rows are
+contiguous. :func:`row_chunks` then yields chunks of whole sequences in the
+table's row order; :func:`batch_chunks` yields chunks of whole simulated
+batches (:func:`reweight_audit.methods.assign_batches`), each batch's rows in
+table order, from a copy DuckDB sorts on disk. A chunk is a
+:class:`~reweight_audit.evaluation.runs.RunData` (loaded by ``load_run``, so
+every check of a table applies to it) plus its sequences' global codes.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from reweight_audit.core.errors import AuditError
+from reweight_audit.evaluation.runs import EXCLUDED_KINDS, REQUIRED_COLUMNS, RunData, StatsTable, load_run
+
+#: Rows per chunk (whole sequences or batches are added until a chunk has at least this many).
+CHUNK_ROWS = 1 << 20
+_READ_ROWS = 1 << 16  # rows per parquet read (a chunk gathers several)
+
+
+@dataclass
+class TableScan:
+    """What the pre-pass learns about a stats table: sequences, kinds, size, layout."""
+
+    path: Path
+    n_rows: int = 0
+    seq_code: dict[str, int] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)
+    contiguous: bool = True
+    columns: tuple[str, ...] = ()
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.seq_code)
+
+
+def parquet_rows(path: Path) -> int:
+    """The table's rows from its footer (no data read); 0 when it cannot be read (the loader says why later)."""
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - any unreadable file is reported by load_run with its reason
+        return 0
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    if not path.exists():
+        raise AuditError(f"{path}: file not found; give the stats.parquet written by `reweight-audit score`")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for non-parquet input
+        raise AuditError(f"{path}: not a readable parquet file ({type(exc).__name__}); give the stats.parquet "
+                         "written by `reweight-audit score`") from None
+
+
+def scan_table(path: Path) -> TableScan:
+    """The pre-pass: sequence codes in order of first appearance, the noise kinds, contiguity (O(sequences))."""
+    pf = _open(path)
+    names = pf.schema_arrow.names
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise AuditError(f"{path}: not a reweight-audit stats table, missing column(s) {', '.join(missing)}; "
+                         "rerun `reweight-audit score` to write the current format")
+    scan = TableScan(path, int(pf.metadata.num_rows), columns=tuple(names))
+    kinds: set[str] = set()
+    last = None
+    read = ["seq_id", "is_noise"] + (["noise_kind"] if "noise_kind" in names else [])
+    for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=read):
+        last = _scan_sequences(scan, batch.column("seq_id").cast(pa.string()).to_pylist(), last)
+        if "noise_kind" in names:
+            kinds |= _noise_kinds(batch)
+        elif pc.any(batch.column("is_noise").cast(pa.bool_())).as_py():
+            kinds.add("unlabelled")
+    scan.kinds = sorted(kinds)
+    return scan
+
+
+def _scan_sequences(scan: TableScan, ids: list, last: str | None) -> str | None:
+    """Codes for new sequence ids; a sequence seen before, after another one, makes the table non-contiguous."""
+    codes = scan.seq_code
+    for sid in ids:
+        if sid != last:
+            if sid in codes:
+                scan.contiguous = False
+            else:
+                codes[sid] = len(codes)
+            last = sid
+    return last
+
+
+def _noise_kinds(batch: pa.RecordBatch) -> set[str]:
+    """The kind names of the noise rows (not of an excluded kind), "" as "unlabelled", as ``load_run`` names them."""
+    noise = np.asarray(batch.column("is_noise").fill_null(False).cast(pa.bool_()).to_numpy(zero_copy_only=False))
+    kind = batch.column("noise_kind").cast(pa.string()).fill_null("").to_numpy(zero_copy_only=False)
+    kind = kind[noise]
+    return {str(k) if k else "unlabelled" for k in np.unique(kind) if k not in EXCLUDED_KINDS}
+
+
+@dataclass
+class Chunk:
+    """Whole sequences of a table, loaded and checked; ``codes`` maps the chunk's sequence codes to the table's."""
+
+    run: RunData
+    codes: np.ndarray  # chunk code -> table code
+    kind_map: np.ndarray  # chunk kind code -> table kind code
+    batch: np.ndarray | None = None  # per row, its simulated batch (batch_chunks only)
+
+    @property
+    def seq_codes(self) -> np.ndarray:
+        """Per pool token, its table sequence code."""
+        return self.codes[self.run.pool.seq_codes]
+
+    @property
+    def kind_codes(self) -> np.ndarray:
+        """Per pool token, its table kind code (-1: clean)."""
+        local = self.run.pool.kind_codes
+        if not self.kind_map.size:  # no noise in the chunk
+            return np.full(local.size, -1, dtype=np.int16)
+        return np.where(local >= 0, self.kind_map[np.maximum(local, 0)], -1).astype(np.int16)
+
+
+def make_chunk(table: pa.Table, scan: TableScan, batch: np.ndarray | None = None) -> Chunk:
+    """One chunk as a checked :class:`RunData` (its messages name the table's file) and its code maps."""
+    run = load_run(StatsTable(table, str(scan.path)))
+    run.path = scan.path
+    codes = np.fromiter((scan.seq_code[s] for s in run.seq_names), dtype=np.int64, count=len(run.seq_names))
+    kind_map = np.array([scan.kinds.index(k) for k in run.kinds], dtype=np.int16)
+    return Chunk(run, codes, kind_map, batch)
+
+
+def row_chunks(scan: TableScan, columns: list[str], rows: int | None = None) -> Iterator[Chunk]:
+    """Chunks of whole sequences in the table's row order (the sequences must be contiguous)."""
+    rows = rows or CHUNK_ROWS
+    pf = pq.ParquetFile(scan.path)
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=columns):
+        pending.append(batch)
+        size += batch.num_rows
+        if size >= rows:
+            table = pa.Table.from_batches(pending)
+            cut = _last_boundary(table.column("seq_id"))
+            if cut > 0:
+                yield make_chunk(table.slice(0, cut), scan)
+                rest = table.slice(cut)
+                pending, size = rest.to_batches(), rest.num_rows
+    if size:
+        yield make_chunk(pa.Table.from_batches(pending), scan)
+
+
+def _last_boundary(seq_id: pa.ChunkedArray) -> int:
+    """The row where the table's last sequence starts (0: one sequence only, keep reading)."""
+    ids = seq_id.cast(pa.string()).to_numpy(zero_copy_only=False)
+    change = np.flatnonzero(ids[1:] != ids[:-1])
+    return int(change[-1]) + 1 if change.size else 0

@@ -1,0 +1,286 @@
+"""One run through the out-of-core engine: chunks → per-sequence sums and spilled scores → DuckDB → rows.
+
+The rows are those :func:`reweight_audit.evaluation.compare.evaluate_method`
+builds in memory, with the same numbers (counts exactly, the rest to rounding).
+Memory is O(sequences × methods), not O(tokens).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reweight_audit.core.errors import AuditError
+from reweight_audit.core.io import read_manifest
+from reweight_audit.evaluation import metrics
+from reweight_audit.evaluation.metrics.bootstrap import LEVEL, field_intervals
+from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS
+from reweight_audit.evaluation.metrics.declarations import NAN, count_values, ranking_values
+from reweight_audit.evaluation.outofcore import chunks as ch
+from reweight_audit.evaluation.outofcore import tables
+from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, chunk_weights, totals_counts
+from reweight_audit.evaluation.outofcore.histogram import DescendingCounts, HistogramIndex
+from reweight_audit.methods import Method, assign_batches
+
+
+@dataclass
+class RunRows:
+    """One run's rows, its summary (as ``RunData.summary()`` gives it) and timings."""
+
+    table: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)
+    by_kind: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    t_weights: float = 0.0
+    t_metrics: float = 0.0
+
+
+@dataclass
+class RunJob:
+    """What one run is evaluated with."""
+
+    path: Path
+    label: str
+    methods: list[Method]
+    param_map: dict
+    options: object  # CompareConfig
+    work: Path
+    say: Callable[[str], None]
+
+
+def scan_run(path: Path) -> ch.TableScan:
+    """The pre-pass of one table; sequences split over the table are refused (chunks must hold whole ones)."""
+    scan = ch.scan_table(path)
+    if not scan.contiguous:
+        raise AuditError(f"{path}: a sequence's rows are not contiguous (the table is not grouped by seq_id); "
+                         "--engine duckdb reads whole sequences in row order: sort the table by seq_id, or use "
+                         "--engine memory")
+    return scan
+
+
+def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
+    """Every method of ``job`` on one table, out of core."""
+    opts = job.options
+    ks = tuple(sorted(set(metrics.CUTS) | {opts.k_frac}))
+    totals = RunTotals(scan.n_seqs, len(scan.kinds))
+    sums = {(m.name, r): RankingSums(job.work / f"{i}-{r}.parquet", scan.n_seqs, len(scan.kinds), ks, opts.k_frac,
+                                     "sequence" in opts.scope)
+            for i, m in enumerate(job.methods) for r in opts.rank_by}
+    out = RunRows()
+    t0 = time.perf_counter()
+    plain = [m for m in job.methods if not getattr(m, "batch_dependent", False)]
+    batched = [m for m in job.methods if getattr(m, "batch_dependent", False)]
+    with tables.connect(job.work) as con:
+        for chunk in _progress(ch.row_chunks(scan, list(scan.columns)), scan.n_rows, job.say, "weights"):
+            totals.add(chunk)
+            _chunk_rankings(job, chunk, plain, sums, _generators(job, plain))
+        if batched:
+            for chunk in _progress(_batch_chunks(job, scan, con), scan.n_rows, job.say, "batched weights"):
+                _chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
+        for s in sums.values():
+            s.close()
+        out.t_weights = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for m in job.methods:
+            for r in opts.rank_by:
+                _ranking_rows(job, con, m, r, sums[(m.name, r)], totals, ks, out, scan.kinds)
+            job.say(f"{job.label}: {m.name} done")
+    out.t_metrics = time.perf_counter() - t0
+    out.summary = _summary(job, scan, totals)
+    return out
+
+
+def _generators(job: RunJob, methods: list[Method]) -> dict:
+    """One generator per method, drawn on chunk after chunk (made once per pass, kept on the job)."""
+    key = tuple(m.name for m in methods)
+    store = job.__dict__.setdefault("_rngs", {})
+    if key not in store:
+        store[key] = {m.name: np.random.default_rng(job.options.seed) for m in methods}
+    return store[key]
+
+
+def _progress(chunks, n_rows: int, say: Callable[[str], None], stage: str):
+    """The chunks, saying after each how many rows are done and the stage's ETA."""
+    t0, done = time.perf_counter(), 0
+    for chunk in chunks:
+        yield chunk
+        done += chunk.run.n_tokens
+        spent = time.perf_counter() - t0
+        eta = spent / done * (n_rows - done) if done else 0.0
+        say(f"{stage}: {done:,}/{n_rows:,} rows, ETA {eta:.0f} s")
+
+
+def _chunk_rankings(job: RunJob, chunk: ch.Chunk, methods: list[Method], sums: dict, rngs: dict) -> None:
+    """Each method's weights on the chunk, and each rank-by's scores added to its sums."""
+    run = chunk.run
+    logp = run.column("logp")
+    sum_p2 = run.column("sum_p2") if "grad" in job.options.rank_by else None
+    for m in methods:
+        w = _weights(job, m, chunk, rngs[m.name])
+        for r in job.options.rank_by:
+            s = run.pool.take(metrics.rank_scores(w, r, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
+            sums[(m.name, r)].add(chunk, s)
+
+
+def _weights(job: RunJob, m: Method, chunk: ch.Chunk, rng) -> np.ndarray:
+    if m.name in CORPUS_METHODS:
+        return CORPUS_METHODS[m.name](job, chunk)
+    return chunk_weights(m, chunk, job.param_map.get(m.name), rng)
+
+
+def _batch_chunks(job: RunJob, scan: ch.TableScan, con):
+    """Chunks of whole simulated batches, from a copy of the table sorted by batch (table order within one)."""
+    batch_of_seq = assign_batches(np.arange(scan.n_seqs), job.options.batch_seqs, job.options.seed)
+    target = job.work / "batched.parquet"
+    tables.batch_ordered_copy(con, scan.path, list(scan.seq_code), batch_of_seq, target)
+    pending, size = [], 0
+    for b in pq.ParquetFile(target).iter_batches(batch_size=1 << 16):
+        pending.append(b)
+        size += b.num_rows
+        if size >= ch.CHUNK_ROWS:
+            table = pa.Table.from_batches(pending)
+            batch = table.column("_batch").to_numpy()
+            change = np.flatnonzero(batch[1:] != batch[:-1])
+            if change.size:
+                cut = int(change[-1]) + 1
+                yield ch.make_chunk(table.slice(0, cut).drop_columns(["_batch"]), scan, batch[:cut])
+                rest = table.slice(cut)
+                pending, size = rest.to_batches(), rest.num_rows
+    if size:
+        table = pa.Table.from_batches(pending)
+        yield ch.make_chunk(table.drop_columns(["_batch"]), scan, table.column("_batch").to_numpy())
+
+
+# --------------------------------------------------------------------------- corpus-level methods
+
+
+def _rarity(job: RunJob, chunk: ch.Chunk) -> np.ndarray:
+    """``rarity`` (:func:`reweight_audit.methods.control.token_rarity`) with the table's token-id counts: the
+    one default method whose weight depends on the whole corpus, so a chunk alone cannot give it."""
+    counts = job.__dict__.get("_id_counts")
+    if counts is None:
+        counts = job.__dict__["_id_counts"] = _token_id_counts(job.path)
+    ids, n = counts
+    tok = chunk.run.column("token_id")
+    return np.log(n) - np.log(ids[np.searchsorted(ids[:, 0], tok), 1].astype(np.float64))
+
+
+def _token_id_counts(path: Path) -> tuple[np.ndarray, int]:
+    import duckdb
+
+    with duckdb.connect(":memory:") as con:
+        table = con.execute(f"SELECT token_id, count(*) AS n FROM read_parquet('{tables._quote(path)}') "
+                            "GROUP BY token_id ORDER BY token_id").fetchnumpy()
+    ids = np.stack([np.asarray(table["token_id"], dtype=np.int64), np.asarray(table["n"], dtype=np.int64)], 1)
+    return ids, int(ids[:, 1].sum())
+
+
+#: Methods whose weight depends on the whole table (not on the token, its sequence or its batch).
+CORPUS_METHODS: dict[str, Callable] = {"rarity": _rarity}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _ranking_rows(job: RunJob, con, m: Method, rank_by: str, sums: RankingSums, totals: RunTotals,
+                  ks: tuple[float, ...], out: RunRows, scan_kinds: list[str]) -> None:
+    opts = job.options
+    counts = DescendingCounts(totals.n_clean, totals.n_kind, ks, (opts.k_frac,))
+    tables.value_counts(con, sums.spill, counts, len(totals.n_kind))
+    index = HistogramIndex(counts)
+    base = _base_counts(totals)
+    for scope in opts.scope:
+        ident = {"run": job.label, "method": m.name, "family": getattr(m, "family", ""), "rank_by": rank_by,
+                 "scope": scope}
+        if scope == "global":
+            per_cut, per_seq, kind_counts = _global_scope(con, sums, counts, totals, ks, opts.k_frac)
+        else:
+            per_cut, per_seq, kind_counts = _sequence_scope(sums, totals, ks)
+        row = _main_row(per_cut[opts.k_frac], per_seq, sums, totals, index, opts)
+        out.table.append({**ident, "k": opts.k, **row, **base})
+        out.curves += [{**ident, "k": round(c * 100.0, 10), **count_values(per_cut[c], per_cut_only=True)}
+                       for c in ks]
+        out.by_kind += _kind_rows(ident, opts.k, kind_counts, sums, totals, index, scan_kinds)
+
+
+def _base_counts(totals: RunTotals) -> dict:
+    n, n_noise = int(totals.length.sum()), int(totals.n_noise.sum())
+    return {"n_tokens": n, "n_noise": n_noise, "n_seqs": int(np.count_nonzero(totals.length)),
+            "n_noise_seqs": int(np.count_nonzero(totals.n_noise)), "base_rate": n_noise / n if n else NAN}
+
+
+def _global_scope(con, sums: RankingSums, counts: DescendingCounts, totals: RunTotals, ks, k):
+    noise_cuts = [counts.cut(0, c) for c in ks]
+    kind_cuts = [counts.cut(1 + j, k) for j in range(len(totals.n_kind))]
+    main = counts.cut(0, k)
+    per = tables.sequence_counts_at(con, sums.spill, totals.n_seqs, main, noise_cuts, kind_cuts)
+    n, n_noise = int(totals.length.sum()), int(totals.n_noise.sum())
+    n_noisy = int(np.count_nonzero(totals.n_noise))
+    per_cut = {}
+    for i, c in enumerate(ks):
+        pc = noise_cuts[i]
+        hits = pc.cut.hit(per[f"n{i}_above"], per[f"n{i}_tied"]).sum() if pc.cut.n_top else 0.0
+        per_cut[c] = metrics.Counts(n, n_noise, pc.cut.n_top, pc.found, n_noisy, hits)
+    i = ks.index(k)
+    share = main.cut.share
+    found = per[f"n{i}_above"] + per[f"n{i}_tied"] * share
+    top = per["all_above"] + per["all_tied"] * share
+    hit = main.cut.hit(per[f"n{i}_above"], per[f"n{i}_tied"]) if main.cut.n_top else np.zeros(totals.n_seqs)
+    noisy = (totals.n_noise > 0).astype(np.float64)
+    per_seq = np.column_stack([found, top, totals.n_noise, totals.length, hit * noisy, noisy])
+    kind_counts = []
+    for j, pc in enumerate(kind_cuts):
+        n_p = int(totals.n_kind[j])
+        hits = pc.cut.hit(per[f"k{j}_above"], per[f"k{j}_tied"]).sum() if pc.cut.n_top else 0.0
+        kind_counts.append(metrics.Counts(totals.n_clean + n_p, n_p, pc.cut.n_top, pc.found,
+                                          int(totals.kind_seqs[j]), hits))
+    return per_cut, per_seq, kind_counts
+
+
+def _sequence_scope(sums: RankingSums, totals: RunTotals, ks):
+    per_cut = {c: totals_counts(sums.seq_totals[i]) for i, c in enumerate(ks)}
+    kind_counts = [totals_counts(row) for row in sums.kind_totals]
+    return per_cut, sums.seq_fields, kind_counts
+
+
+def _main_row(main: metrics.Counts, per_seq: np.ndarray, sums: RankingSums, totals: RunTotals,
+              index: HistogramIndex, opts) -> dict:
+    from dataclasses import replace
+
+    main = replace(main, w_total=float(sums.w_total.sum()), w_noise=float(sums.w_noise.sum()))
+    row = {**count_values(main), **ranking_values(index)}
+    bounds = {}
+    if opts.bootstrap:
+        fields = np.column_stack([per_seq, sums.w_total, sums.w_noise])[totals.length > 0]
+        bounds = field_intervals(SEQUENCE_FIELDS + ("w_total", "w_noise"), fields, n_boot=int(opts.bootstrap),
+                                 seed=int(opts.seed), level=LEVEL)
+    for spec in metrics.metric_specs(interval=True):
+        row[f"{spec.name}_lo"], row[f"{spec.name}_hi"] = bounds.get(spec.name, (NAN, NAN))
+    return row
+
+
+def _kind_rows(ident: dict, k: float, kind_counts: list, sums: RankingSums, totals: RunTotals,
+               index: HistogramIndex, kinds: list[str]) -> list[dict]:
+    from dataclasses import replace
+
+    rows = []
+    for j, (kind, c) in enumerate(zip(kinds, kind_counts)):
+        c = replace(c, w_total=sums.clean_w + sums.kind_w[j], w_noise=sums.kind_w[j])
+        rows.append({**ident, "k": k, "kind": kind, "n_kind": int(c.n_noise), "n_pool": totals.n_clean + int(c.n_noise),
+                     **count_values(c), **ranking_values(index, j)})
+    return rows
+
+
+def _summary(job: RunJob, scan: ch.TableScan, totals: RunTotals) -> dict:
+    """The run's summary, as ``RunData.summary()`` gives it for the whole table."""
+    base = _base_counts(totals)
+    manifest = read_manifest(scan.path)
+    return {"label": job.label, "path": str(scan.path), "model": (manifest or {}).get("model"), **base,
+            "noise_kinds": {k: int(c) for k, c in zip(scan.kinds, totals.n_kind)},
+            "n_excluded": totals.n_rows - base["n_tokens"], "excluded_kinds": dict(totals.excluded_kinds),
+            "columns": sorted(scan.columns), "manifest": manifest}

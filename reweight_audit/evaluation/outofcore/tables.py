@@ -1,0 +1,95 @@
+"""The DuckDB side: a connection that spills, the batch-ordered copy, the per-value counts and per-sequence counts.
+
+Every query reads the spilled parquet files in place. Results that grow with
+the tokens (counts per distinct score) are streamed as Arrow record batches,
+never fetched whole; results per sequence are O(sequences).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from reweight_audit.evaluation.outofcore.histogram import DescendingCounts, PoolCut
+
+#: DuckDB's memory limit: it spills to the work folder beyond this.
+MEMORY_LIMIT = "1GB"
+_FETCH_ROWS = 1 << 18
+
+
+def connect(work: Path) -> duckdb.DuckDBPyConnection:
+    """An in-process DuckDB that keeps under :data:`MEMORY_LIMIT` and spills into ``work``."""
+    con = duckdb.connect(":memory:")
+    tmp = work / "duckdb_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+    con.execute(f"SET threads = {max(1, os.cpu_count() or 1)}")
+    con.execute(f"SET temp_directory = '{_quote(tmp)}'")
+    con.execute("SET preserve_insertion_order = true")
+    return con
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def batch_ordered_copy(con: duckdb.DuckDBPyConnection, source: Path, seq_ids: list[str], batch_of_seq: np.ndarray,
+                       target: Path) -> None:
+    """``source`` rows sorted by their sequence's simulated batch, in table order within a batch, with ``_batch``."""
+    con.register("_seq_batch", pa.table({"_sid": pa.array(seq_ids, pa.string()), "_batch": batch_of_seq}))
+    con.execute(f"""COPY (SELECT t.* EXCLUDE (file_row_number), m._batch
+                          FROM read_parquet('{_quote(source)}', file_row_number = true) t
+                          JOIN _seq_batch m ON CAST(t.seq_id AS VARCHAR) = m._sid
+                          ORDER BY m._batch, t.file_row_number)
+                    TO '{_quote(target)}' (FORMAT parquet)""")
+    con.unregister("_seq_batch")
+
+
+def value_counts(con: duckdb.DuckDBPyConnection, spill: Path, counts: DescendingCounts, n_kinds: int) -> None:
+    """Feed ``counts`` the clean and per-kind tokens at every distinct score, highest first, batch by batch."""
+    kinds = "".join(f", count(*) FILTER (WHERE kind = {j}) AS k{j}" for j in range(n_kinds))
+    reader = con.sql(f"""SELECT score, count(*) FILTER (WHERE kind < 0) AS clean{kinds}
+                             FROM read_parquet('{_quote(spill)}') GROUP BY score ORDER BY score DESC"""
+                         ).to_arrow_reader(_FETCH_ROWS)
+    for batch in _batches(reader):
+        value = batch.column(0).to_numpy()
+        per_kind = np.stack([batch.column(2 + j).to_numpy() for j in range(n_kinds)]) if n_kinds else \
+            np.zeros((0, value.size), dtype=np.int64)
+        counts.feed(value, batch.column(1).to_numpy(), per_kind)
+
+
+def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    for batch in reader:
+        if batch.num_rows:
+            yield batch
+
+
+def sequence_counts_at(con: duckdb.DuckDBPyConnection, spill: Path, n_seqs: int, main: PoolCut,
+                       noise_cuts: list[PoolCut], kind_cuts: list[PoolCut]) -> dict[str, np.ndarray]:
+    """Per sequence code: tokens above/tied at the main cut, noise above/tied at every cut of ``noise_cuts``, and
+    kind j's tokens above/tied at its pool's cut ``kind_cuts[j]``; ``[n_seqs]`` or ``[cuts, n_seqs]`` arrays."""
+    columns, params = [], []
+
+    def above_tied(name: str, where: str, value: float) -> None:
+        columns.append(f"count(*) FILTER (WHERE {where} score > ?) AS {name}_above")
+        columns.append(f"count(*) FILTER (WHERE {where} score = ?) AS {name}_tied")
+        params.extend([float(value), float(value)])
+
+    above_tied("all", "", main.cut.value)
+    for i, pc in enumerate(noise_cuts):
+        above_tied(f"n{i}", "kind >= 0 AND", pc.cut.value)
+    for j, pc in enumerate(kind_cuts):
+        above_tied(f"k{j}", f"kind = {j} AND", pc.cut.value)
+    table = con.sql(f"SELECT seq, {', '.join(columns)} FROM read_parquet('{_quote(spill)}') GROUP BY seq",
+                    params=params).to_arrow_table()
+    seq = table.column("seq").to_numpy()
+    out = {}
+    for name in table.column_names[1:]:
+        full = np.zeros(n_seqs, dtype=np.int64)
+        full[seq] = table.column(name).to_numpy()
+        out[name] = full
+    return out
