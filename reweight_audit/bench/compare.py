@@ -13,7 +13,7 @@ measured, one line a run. Then, in the same run:
   ``sweep.json``), counts exactly, other numbers to :data:`RTOL` relative; what says how or where a run ran —
   timings, the engine, paths — is left out.
 
-The memory engine is skipped, with the reason, where its estimated peak (:data:`MEMORY_ENGINE_BYTES_PER_TOKEN`,
+The memory engine is skipped, with the reason, where its estimated peak (``evaluation.compare.MEMORY_BYTES_PER_TOKEN``,
 measured on main) does not fit the memory available; the whole bench is refused at once, in one line, where
 its estimated disk use does not fit the work folder's filesystem. The per-run ``weights.parquet`` files are
 removed once a size is checked (they are the bulk of the disk a run takes).
@@ -37,14 +37,13 @@ import pandas as pd
 
 from reweight_audit.bench import synthetic
 from reweight_audit.core.errors import AuditError, require_positive
+from reweight_audit.evaluation.compare import MEMORY_BYTES_PER_TOKEN  # the in-memory engine's peak per token
 from reweight_audit.evaluation.config import CompareConfig
 from reweight_audit.evaluation.runs import DERIVED_COLUMNS
 from reweight_audit.methods import available_methods
 
 #: The engines bench knows; the ones this build's ``compare`` offers are :func:`engines_available`.
 ENGINES = ("memory", "duckdb")
-#: The in-memory engine's peak RSS per token (issue 20: 4.4 GB at 10M, 12.6 GB at 30M tokens, linear).
-MEMORY_ENGINE_BYTES_PER_TOKEN = 420
 #: Share of the available memory (or disk) a run may be expected to take before it is skipped (refused).
 HEADROOM = 0.85
 #: Issue 20's targets: peak RSS at the largest size, its growth over the sizes, time per token against memory's.
@@ -159,10 +158,10 @@ def skip_reason(engine: str, n_tokens: int) -> str | None:
         return None
     import psutil
 
-    need, have = n_tokens * MEMORY_ENGINE_BYTES_PER_TOKEN, psutil.virtual_memory().available
+    need, have = n_tokens * MEMORY_BYTES_PER_TOKEN, psutil.virtual_memory().available
     if need <= HEADROOM * have:
         return None
-    return (f"skipped: needs about {need / 1e9:,.1f} GB ({MEMORY_ENGINE_BYTES_PER_TOKEN} B/token), "
+    return (f"skipped: needs about {need / 1e9:,.1f} GB ({MEMORY_BYTES_PER_TOKEN} B/token), "
             f"{have / 1e9:,.1f} GB available")
 
 
