@@ -58,6 +58,7 @@ def assert_same(mem, ooc) -> None:
     assert mem.config["engine"] == "memory" and ooc.config["engine"] == "duckdb"
 
 
+@pytest.mark.slow
 def test_every_method_rank_by_and_scope_agree(tmp_path):
     path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(40, seed=3, ref=True), model="m")
     mem, ooc = both(path, rank_by=["weight", "loss", "grad"], scope=["global", "sequence"], bootstrap=30,
@@ -65,6 +66,7 @@ def test_every_method_rank_by_and_scope_agree(tmp_path):
     assert_same(mem, ooc)
 
 
+@pytest.mark.slow
 def test_ties_and_two_runs_agree(tmp_path):
     table = make_stats(30, seed=5)
     logp = np.round(table.column("logp").to_numpy(), 1)  # many tied weights
@@ -93,3 +95,41 @@ def test_duckdb_refuses_what_it_cannot_do(tmp_path):
         run_compare(path, None, CompareConfig(engine="duckdb"))
     with pytest.raises(AuditError, match="--stratify"):
         run_compare(path, None, CompareConfig(engine="duckdb", stratify=["position"]))
+
+
+@pytest.mark.slow
+def test_written_reports_agree_and_say_the_engine(tmp_path):
+    from reweight_audit.reporting.exports import write_exports
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(15, seed=4), model="m")
+    for engine in ("memory", "duckdb"):
+        run_compare(path, tmp_path / engine, CompareConfig(engine=engine, methods=["dft", "talr"], bootstrap=10),
+                    writer=write_exports)
+    for name in ("table.csv", "curves.csv", "by_kind.csv"):
+        assert_frames_equal(pd.read_csv(tmp_path / "memory" / name), pd.read_csv(tmp_path / "duckdb" / name))
+    import json
+
+    summaries = {e: json.loads((tmp_path / e / "summary.json").read_text()) for e in ("memory", "duckdb")}
+    assert summaries["duckdb"]["config"]["engine"] == "duckdb"
+    assert_frames_equal(pd.DataFrame(summaries["memory"]["table"]), pd.DataFrame(summaries["duckdb"]["table"]))
+
+
+def test_auto_picks_by_size(tmp_path, monkeypatch):
+    from reweight_audit.evaluation import compare
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
+    assert compare.choose_engine(CompareConfig(), [path]) == "memory"
+    monkeypatch.setattr(compare, "available_memory", lambda: 1000)
+    assert compare.choose_engine(CompareConfig(), [path]) == "duckdb"
+    assert compare.choose_engine(CompareConfig(engine="memory"), [path]) == "memory"
+    assert compare.choose_engine(CompareConfig(stratify=["position"]), [path]) == "memory"
+
+
+def test_duckdb_memory_limit_is_set(tmp_path):
+    from reweight_audit.evaluation.outofcore import tables
+
+    with tables.connect(tmp_path) as con:
+        limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        temp = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
+    assert limit.replace(" ", "").upper().startswith(("1.0GB", "953.6MIB", "1GB", "954.0MIB", "953MIB")), limit
+    assert temp.startswith(str(tmp_path))

@@ -370,7 +370,7 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
     labels = run_labels(paths, [read_manifest(p) for p in paths])
     scans = [ooc.scan_run(p) for p in paths]
     timings = {"load": time.perf_counter() - t0, "weights": 0.0, "metrics": 0.0}
-    outcomes, summaries = [], []
+    outcomes, summaries, samples = [], [], []
     for path, label, scan in zip(paths, labels, scans):
         outcome = _RunOutcome()
         numeric = _method_columns(pq.read_schema(path).empty_table())
@@ -386,9 +386,11 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
         timings["metrics"] += rows.t_metrics
         outcomes.append(outcome)
         summaries.append(rows.summary)
+        samples.append(rows)
     result = assemble(labels, summaries, outcomes, chosen, options, timings,
                       {**summary_config(sources, options), "engine": "duckdb"})
-    return result, [], []
+    # weights.parquet, the plots and heatmap.html show each run's first chunk (batch-dependent methods aside)
+    return result, [r.sample for r in samples], [r.sample_weights for r in samples]
 
 
 def _check_grad_columns(runs: list[RunData], options: CompareConfig) -> None:

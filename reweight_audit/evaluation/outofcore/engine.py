@@ -25,6 +25,7 @@ from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import tables
 from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, chunk_weights, totals_counts
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts, HistogramIndex
+from reweight_audit.evaluation.runs import RunData
 from reweight_audit.methods import Method, assign_batches
 
 
@@ -36,6 +37,8 @@ class RunRows:
     curves: list[dict] = field(default_factory=list)
     by_kind: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    sample: RunData | None = None  # the first chunk: what weights.parquet, the plots and the heatmap show
+    sample_weights: dict[str, np.ndarray] = field(default_factory=dict)
     t_weights: float = 0.0
     t_metrics: float = 0.0
 
@@ -78,7 +81,10 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
     with tables.connect(job.work) as con:
         for chunk in _progress(ch.row_chunks(scan, list(scan.columns)), scan.n_rows, job.say, "weights"):
             totals.add(chunk)
-            _chunk_rankings(job, chunk, plain, sums, _generators(job, plain))
+            weights = _chunk_rankings(job, chunk, plain, sums, _generators(job, plain))
+            if out.sample is None:
+                chunk.run.label = job.label
+                out.sample, out.sample_weights = chunk.run, weights
         if batched:
             for chunk in _progress(_batch_chunks(job, scan, con), scan.n_rows, job.say, "batched weights"):
                 _chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
@@ -115,16 +121,19 @@ def _progress(chunks, n_rows: int, say: Callable[[str], None], stage: str):
         say(f"{stage}: {done:,}/{n_rows:,} rows, ETA {eta:.0f} s")
 
 
-def _chunk_rankings(job: RunJob, chunk: ch.Chunk, methods: list[Method], sums: dict, rngs: dict) -> None:
-    """Each method's weights on the chunk, and each rank-by's scores added to its sums."""
+def _chunk_rankings(job: RunJob, chunk: ch.Chunk, methods: list[Method], sums: dict,
+                    rngs: dict) -> dict[str, np.ndarray]:
+    """Each method's weights on the chunk (returned), and each rank-by's scores added to its sums."""
     run = chunk.run
     logp = run.column("logp")
     sum_p2 = run.column("sum_p2") if "grad" in job.options.rank_by else None
+    weights = {}
     for m in methods:
-        w = _weights(job, m, chunk, rngs[m.name])
+        w = weights[m.name] = _weights(job, m, chunk, rngs[m.name])
         for r in job.options.rank_by:
             s = run.pool.take(metrics.rank_scores(w, r, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
             sums[(m.name, r)].add(chunk, s)
+    return weights
 
 
 def _weights(job: RunJob, m: Method, chunk: ch.Chunk, rng) -> np.ndarray:
