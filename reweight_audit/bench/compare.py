@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,10 @@ from reweight_audit.methods import available_methods
 ENGINES = ("memory", "duckdb")
 #: Share of the available memory (or disk) a run may be expected to take before it is skipped (refused).
 HEADROOM = 0.85
+#: The guard's look at the machine's memory: every GUARD_POLL_S seconds; below GUARD_MIN_AVAILABLE of the total
+#: available, the run is stopped.
+GUARD_POLL_S = 0.2
+GUARD_MIN_AVAILABLE = 0.08
 #: Issue 20's targets: peak RSS at the largest size, its growth over the sizes, time per token against memory's.
 RSS_TARGET = 3e9
 RSS_GROWTH_TARGET = 1.3
@@ -191,21 +196,49 @@ def command(stage: str, table: Path, out: Path, engine: str, bench: CompareBench
     return cmd
 
 
+def _guard(proc: subprocess.Popen, stop: threading.Event, found: dict) -> None:
+    """Stop the child before the machine runs out of memory (an engine that holds more than estimated, a stage that
+    ignores --engine): the OOM killer would pick any process of the machine, this stops ours, with the reason."""
+    import psutil
+
+    try:
+        child = psutil.Process(proc.pid)
+        while not stop.wait(GUARD_POLL_S):
+            memory = psutil.virtual_memory()
+            if memory.available < GUARD_MIN_AVAILABLE * memory.total:
+                rss = child.memory_info().rss
+                found["stopped"] = (f"stopped by bench: {memory.available / 1e9:.1f} GB left available on the "
+                                    f"machine, the run's RSS {rss / 1e9:.1f} GB")
+                proc.kill()
+                return
+    except psutil.Error:  # the child ended between two looks
+        return
+
+
 def measure_child(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` to its end; its exit code, wall seconds and peak RSS (``ru_maxrss`` of this child alone)."""
+    """Run ``cmd`` to its end; its exit code, wall seconds and peak RSS (``ru_maxrss`` of this child alone).
+
+    A child that would leave the machine without memory is stopped (``stopped``: why)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    found: dict[str, str] = {}
+    stop = threading.Event()
     with log.open("wb") as sink:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        guard = threading.Thread(target=_guard, args=(proc, stop, found), daemon=True)
+        guard.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:  # an interrupt: the child goes with us
             proc.kill()
             proc.wait()
             raise
+        finally:
+            stop.set()
+            guard.join()
         seconds = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits for it again
-    return {"exit": proc.returncode, "seconds": seconds, "peak_rss_bytes": int(usage.ru_maxrss) * 1024}
+    return {"exit": proc.returncode, "seconds": seconds, "peak_rss_bytes": int(usage.ru_maxrss) * 1024, **found}
 
 
 def run_one(stage: str, table: Path, n_tokens: int, engine: str, bench: CompareBench) -> dict:
@@ -221,7 +254,7 @@ def run_one(stage: str, table: Path, n_tokens: int, engine: str, bench: CompareB
                s_per_m_tokens=measured["seconds"] / (n_tokens / 1e6))
     if measured["exit"] != 0:
         tail = (bench.work / "runs" / f"{stage}-{n_tokens}-{engine}.log").read_text(errors="replace")
-        row["error"] = (tail.strip().splitlines() or ["(no output)"])[-1][:300]
+        row["error"] = measured.get("stopped") or (tail.strip().splitlines() or ["(no output)"])[-1][:300]
     else:
         row["engine_reported"] = reported_engine(out, stage)
     return row
