@@ -127,6 +127,20 @@ def test_a_child_is_measured_alone_its_exit_code_kept_and_it_is_stopped_before_t
     assert found["exit"] == -9 and found["stopped"].startswith("stopped by bench: ")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--bootstrap", "-1"], "--bootstrap -1: give 0"),
+    (["--engines", "memory,spark"], "--engines memory,spark: this compare offers memory, duckdb"),
+    (["--methods", "dft,nope"], "--methods: nope not registered"),
+    (["--tokens", "0"], "--tokens 0: give a positive token count"),
+])
+def test_bad_bench_compare_options_are_one_line_errors_before_any_work(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["bench", "--compare", *args, "--work", str(tmp_path / "w"),
+                                      "-o", str(tmp_path / "b.json")])
+    assert isinstance(result.exception, AuditError), result.output
+    assert message in str(result.exception)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "b.json").exists()
+
+
 def _report(tmp_path):
     synthetic.write_table(tmp_path / "t.parquet", 4_000, seed=2)
     api.compare(tmp_path / "t.parquet", methods=["dft", "entropy"], bootstrap=5, output=tmp_path / "a")

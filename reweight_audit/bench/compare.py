@@ -112,7 +112,8 @@ def check(bench: CompareBench) -> None:
         require_positive("--tokens", size, "token count")
     if not bench.tokens:
         raise AuditError("--tokens: give at least one size, e.g. 10M,100M")
-    require_positive("--bootstrap", bench.bootstrap, "number of resamples")
+    if bench.bootstrap < 0:
+        raise AuditError(f"--bootstrap {bench.bootstrap}: give 0 (no intervals) or a positive number of resamples")
     offered = engines_available()
     unknown = [e for e in bench.engines if e not in offered]
     if unknown or not bench.engines:
