@@ -133,3 +133,34 @@ def test_duckdb_memory_limit_is_set(tmp_path):
         temp = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
     assert limit.replace(" ", "").upper().startswith(("1.0GB", "953.6MIB", "1GB", "954.0MIB", "953MIB")), limit
     assert temp.startswith(str(tmp_path))
+
+
+def sweep_both(paths, **options):
+    from reweight_audit.evaluation.config import SweepConfig
+    from reweight_audit.evaluation.sweep import run_sweep
+
+    return [run_sweep(paths, None, SweepConfig(engine=e, **options)) for e in ("memory", "duckdb")]
+
+
+@pytest.mark.slow
+def test_sweep_engines_agree(tmp_path):
+    a = write_stats(tmp_path / "a" / "stats.parquet", make_stats(30, seed=7), model="m1")
+    table = make_stats(20, seed=8).drop_columns(["sum_p2"])  # no grad settings for this run
+    b = write_stats(tmp_path / "b" / "stats.parquet", table, model="m2")
+    mem, ooc = sweep_both([a, b], methods=["dft", "entropy", "talr", "random"], bootstrap=25, batch_seqs=6,
+                          claim="entropy < dft")
+    assert_frames_equal(mem.table, ooc.table)
+    assert_frames_equal(mem.pairs, ooc.pairs)
+    assert_frames_equal(mem.claim, ooc.claim)
+    assert mem.runs == ooc.runs and mem.notes == ooc.notes and mem.skipped == ooc.skipped
+    assert ooc.config["engine"] == "duckdb"
+
+
+def test_sweep_one_kind_agrees(tmp_path):
+    table = make_stats(15, seed=9)
+    kinds = pa.array(["typo" if n else "" for n in table.column("is_noise").to_pylist()])
+    table = table.set_column(table.schema.get_field_index("noise_kind"), "noise_kind", kinds)
+    path = write_stats(tmp_path / "stats.parquet", table)
+    mem, ooc = sweep_both(path, methods=["dft", "mile"], bootstrap=10, k=[5, 30], rank_by=["loss"])
+    assert_frames_equal(mem.table, ooc.table)
+    assert_frames_equal(mem.pairs, ooc.pairs)

@@ -357,28 +357,45 @@ def _compare_in_memory(sources, chosen, param_map, options: CompareConfig, say, 
     return result, runs, [o.weights for o in outcomes]
 
 
-def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say, out_dir):
-    """The DuckDB engine (:mod:`reweight_audit.evaluation.outofcore`): chunks, spilled scores, exact aggregates."""
-    import tempfile
+def out_of_core_runs(sources, chosen: list[Method], param_map: dict, options: CompareConfig | SweepConfig, say,
+                      *, skip_grad: bool):
+    """Per table: its path, label, pre-pass, the computable methods and the skipped ones, and the rank-bys (grad
+    without sum_p2: an error for compare, left out by a sweep)."""
     from types import SimpleNamespace
 
     from reweight_audit.core.io import read_manifest
     from reweight_audit.evaluation.outofcore import engine as ooc
 
-    t0 = time.perf_counter()
     paths = [Path(s) for s in sources]
     labels = run_labels(paths, [read_manifest(p) for p in paths])
-    scans = [ooc.scan_run(p) for p in paths]
-    timings = {"load": time.perf_counter() - t0, "weights": 0.0, "metrics": 0.0}
-    outcomes, summaries, samples = [], [], []
-    for path, label, scan in zip(paths, labels, scans):
-        outcome = _RunOutcome()
+    for path, label in zip(paths, labels):
+        scan = ooc.scan_run(path)
         numeric = _method_columns(pq.read_schema(path).empty_table())
-        if "grad" in options.rank_by and "sum_p2" not in numeric:
-            raise AuditError(f"{path}: --rank-by grad needs column sum_p2, which this table lacks; "
-                             "rerun `reweight-audit score` or rank by weight/loss")
+        rank_by = list(options.rank_by)
+        if "grad" in rank_by and "sum_p2" not in numeric:
+            if not skip_grad:
+                raise AuditError(f"{path}: --rank-by grad needs column sum_p2, which this table lacks; "
+                                 "rerun `reweight-audit score` or rank by weight/loss")
+            rank_by.remove("grad")
+        skipped: list[dict] = []
         todo = _computable(SimpleNamespace(numeric_columns=numeric, path=path, label=label), chosen,
-                           options.methods is not None, outcome.skipped)
+                           options.methods is not None, skipped)
+        yield path, label, scan, todo, skipped, rank_by, "sum_p2" in numeric
+
+
+def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say, out_dir):
+    """The DuckDB engine (:mod:`reweight_audit.evaluation.outofcore`): chunks, spilled scores, exact aggregates."""
+    import tempfile
+
+    from reweight_audit.evaluation.outofcore import engine as ooc
+
+    t0 = time.perf_counter()
+    timings = {"load": 0.0, "weights": 0.0, "metrics": 0.0}
+    outcomes, summaries, samples, labels = [], [], [], []
+    for path, label, scan, todo, skipped, rank_by, _ in out_of_core_runs(sources, chosen, param_map, options, say,
+                                                                         skip_grad=False):
+        timings["load"] += time.perf_counter() - t0
+        outcome = _RunOutcome(skipped=skipped)
         with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as work:
             rows = ooc.evaluate_run(ooc.RunJob(path, label, todo, param_map, options, Path(work), say), scan)
         outcome.table, outcome.curves, outcome.by_kind = rows.table, rows.curves, rows.by_kind
@@ -387,6 +404,8 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
         outcomes.append(outcome)
         summaries.append(rows.summary)
         samples.append(rows)
+        labels.append(label)
+        t0 = time.perf_counter()
     result = assemble(labels, summaries, outcomes, chosen, options, timings,
                       {**summary_config(sources, options), "engine": "duckdb"})
     # weights.parquet, the plots and heatmap.html show each run's first chunk (batch-dependent methods aside)

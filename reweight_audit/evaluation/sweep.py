@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 
 from reweight_audit.evaluation import metrics, strata
-from reweight_audit.evaluation.compare import run_weights, select_methods, stats_sources
+from reweight_audit.evaluation.compare import (choose_engine, out_of_core_runs, run_weights, select_methods,
+                                                stats_sources)
 from reweight_audit.evaluation.config import POOLED, SWEEP_K, SweepConfig
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import output_lock, prepare_output_dir
-from reweight_audit.methods import available_methods
+from reweight_audit.methods import Method, available_methods
 from reweight_audit.evaluation.runs import Pool, RunData, load_runs
 
 #: The cuts of a sweep (fractions): Table 1's 10% and the range around it.
@@ -105,21 +106,32 @@ def evaluate_block(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndarr
     by_method = [counter.of(s, parts) for s in scores]
     per = [np.stack(p) for p in zip(*by_method)]  # per stratum: [methods, cuts, sequences, fields]
     n_m, n_k, n_s, n_f = per[0].shape
-    specs = [s for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
-    values = {s.name: _combine(s, [p.sum(axis=2) for p in per], strata_codes is not None) for s in specs}
-    bounds = {s.name: np.full((2, n_m, n_k), np.nan) for s in specs}
-    sure = np.zeros((n_m, n_m, n_k), dtype=bool)
+    reps = None
     if n_boot:
         reps = [metrics.resampled_sums(p.transpose(2, 0, 1, 3).reshape(n_s, -1), n_boot, seed)
                 .reshape(n_boot, n_m, n_k, n_f) for p in per]
+    return block_of([p.sum(axis=2) for p in per], reps, metric=metric, stratified=strata_codes is not None,
+                    n=int(is_noise.size), n_noise=int(np.count_nonzero(is_noise)))
+
+
+def block_of(totals: list[np.ndarray], reps: list[np.ndarray] | None, *, metric: str, stratified: bool, n: int,
+             n_noise: int) -> Block:
+    """A block from its summed counts: per stratum ``totals`` [methods, cuts, fields] and, with a bootstrap, the
+    replicates' sums ``reps`` [boot, methods, cuts, fields] (the same draws for every method)."""
+    n_m, n_k, _ = totals[0].shape
+    specs = [s for s in metrics.metric_specs(per_cut=True) if s.counts is not None]
+    values = {s.name: _combine(s, totals, stratified) for s in specs}
+    bounds = {s.name: np.full((2, n_m, n_k), np.nan) for s in specs}
+    sure = np.zeros((n_m, n_m, n_k), dtype=bool)
+    if reps is not None:
         q = ((1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2)
         for s in specs:
-            rep = _combine(s, reps, strata_codes is not None)  # [boot, methods, cuts]
+            rep = _combine(s, reps, stratified)  # [boot, methods, cuts]
             bounds[s.name] = metrics.nan_quantile(rep, q)
             if s.name == metric:
                 diff = rep[:, None, :, :] - rep[:, :, None, :]  # [boot, a, b, cuts]: metric(b) − metric(a)
                 sure = metrics.nan_quantile(diff, q[:1])[0] > 0
-    return Block(values, bounds, sure, n=int(is_noise.size), n_noise=int(np.count_nonzero(is_noise)))
+    return Block(values, bounds, sure, n=n, n_noise=n_noise)
 
 
 def _combine(spec: metrics.MetricSpec, totals: list[np.ndarray], stratified: bool) -> np.ndarray:
@@ -242,28 +254,35 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
-def sweep_notes(runs: list[RunData], options: SweepConfig) -> list[str]:
-    """What a reader must know before pooling these settings: different corpora or tokenizers, missing grad."""
+def run_facts(run: RunData) -> dict:
+    """What :func:`sweep_notes` reads of a run: its label, manifest, sequence names, token ids' digest, columns."""
+    return {"label": run.label, "manifest": run.manifest, "seq_names": run.seq_names,
+            "token_digest": _digest(run.column("token_id")) if "token_id" in run.numeric_columns else None,
+            "sum_p2": "sum_p2" in run.numeric_columns}
+
+
+def sweep_notes(runs: list[dict], options: SweepConfig) -> list[str]:
+    """What a reader must know before pooling these settings (``runs``: :func:`run_facts`): different corpora or
+    tokenizers, missing grad."""
     notes = []
     corpora = {}
     for run in runs:
-        digest = (run.manifest or {}).get("input_digest") or _digest(np.asarray(sorted(run.seq_names), dtype=str))
-        corpora.setdefault(digest, []).append(run.label)
+        digest = (run["manifest"] or {}).get("input_digest") or _digest(np.asarray(sorted(run["seq_names"]), dtype=str))
+        corpora.setdefault(digest, []).append(run["label"])
     if len(corpora) > 1:
         notes.append("the tables come from different corpora (" + "; ".join(", ".join(v) for v in corpora.values())
                      + "): a setting's noise is not the same tokens in every run")
-    vocab = {run.label: (run.manifest or {}).get("vocab_size") for run in runs}
+    vocab = {run["label"]: (run["manifest"] or {}).get("vocab_size") for run in runs}
     tokens = {}
     for run in runs:
-        key = _digest(run.column("token_id")) if "token_id" in run.numeric_columns else run.label
-        tokens.setdefault(key, []).append(run.label)
+        tokens.setdefault(run["token_digest"] or run["label"], []).append(run["label"])
     if len({v for v in vocab.values() if v is not None}) > 1 or (len(corpora) == 1 and len(tokens) > 1):
         notes.append("the tables come from different tokenizers ("
                      + "; ".join(f"{label}: vocabulary {v if v is not None else 'unknown'}" for label, v in vocab.items())
                      + "): a token is not the same unit in every run")
     for run in runs:
-        if "grad" in options.rank_by and "sum_p2" not in run.numeric_columns:
-            notes.append(f"{run.label}: no sum_p2 column, so no rank-by grad settings for this run")
+        if "grad" in options.rank_by and not run["sum_p2"]:
+            notes.append(f"{run['label']}: no sum_p2 column, so no rank-by grad settings for this run")
     return notes
 
 
@@ -290,26 +309,63 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
     write = writer is not None and out_dir is not None
     # one sweep at a time into a folder, refused before any table is read
     with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
-        runs = load_runs(sources)
-        skipped: list[dict] = []
-        blocks = []
-        for run in runs:
-            weights = run_weights(run, chosen, param_map, options, skipped)
-            blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
+        engine = choose_engine(options, sources)
+        if engine == "duckdb":
+            blocks, summaries, facts, skipped = sweep_out_of_core(sources, chosen, param_map, options, say)
+        else:
+            blocks, summaries, facts, skipped = _sweep_in_memory(sources, chosen, param_map, options, say)
         names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
         _check_claim_computed(options.claim_order, names, skipped)
         families = {m.name: m.family for m in chosen}
         result = SweepResult(
             table=sweep_table(blocks, options.cuts, families), pairs=pair_counts(blocks, names, options.metric),
             claim=None if options.claim_order is None else claim_table(blocks, options.claim_order, options.metric, options.cuts),
-            methods=names, runs=[{k: v for k, v in r.summary().items() if k != "columns"} for r in runs],
-            notes=sweep_notes(runs, options), skipped=skipped,
-            config=sweep_record(options, sources, methods))
+            methods=names, runs=summaries, notes=sweep_notes(facts, options), skipped=skipped,
+            config={**sweep_record(options, sources, methods), "engine": engine})
         result.timings["compute"] = time.perf_counter() - t0
         if write:
             writer(result, Path(out_dir))
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def _sweep_in_memory(sources, chosen, param_map, options: SweepConfig, say):
+    """Blocks, run summaries, :func:`run_facts` and skipped methods, every table read whole."""
+    runs = load_runs(sources)
+    skipped: list[dict] = []
+    blocks = []
+    for run in runs:
+        weights = run_weights(run, chosen, param_map, options, skipped)
+        blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
+    summaries = [{k: v for k, v in r.summary().items() if k != "columns"} for r in runs]
+    return blocks, summaries, [run_facts(r) for r in runs], skipped
+
+
+def sweep_out_of_core(sources, chosen: list[Method], param_map: dict, options: SweepConfig, say):
+    """A sweep's blocks ``(setting, Block, method names)``, run summaries, notes' facts and skipped methods, with
+    the DuckDB engine (:mod:`reweight_audit.evaluation.outofcore.sweeping`)."""
+    import tempfile
+
+    from reweight_audit.evaluation.outofcore import engine as ooc
+    from reweight_audit.evaluation.outofcore.sweeping import sweep_blocks
+
+    blocks, summaries, facts, skipped_all = [], [], [], []
+    for path, label, scan, todo, skipped, rank_by, has_p2 in out_of_core_runs(sources, chosen, param_map, options,
+                                                                              say, skip_grad=True):
+        skipped_all += skipped
+        with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as work:
+            job = ooc.RunJob(path, label, todo, param_map, options, Path(work), say, rank_by=rank_by)
+            run_blocks, totals = sweep_blocks(job, scan)
+            run_blocks = [(setting, block_of(*parts, metric=options.metric, stratified=False, n=n, n_noise=n_pos))
+                          for setting, parts, n, n_pos in run_blocks]
+        names = [m.name for m in todo]
+        blocks += [(setting, block, names) for setting, block in run_blocks]
+        summary = ooc.run_summary(label, scan, totals)
+        summaries.append({k: v for k, v in summary.items() if k not in ("columns", "manifest")})
+        facts.append({"label": label, "manifest": summary["manifest"], "seq_names": list(scan.seq_code),
+                      "token_digest": totals.token_digest.hexdigest() if "token_id" in scan.columns else None,
+                      "sum_p2": has_p2})
+    return blocks, summaries, facts, skipped_all
 
 
 def _check_claim_computed(claim: list[str] | None, names: list[str], skipped: list[dict]) -> None:

@@ -9,6 +9,7 @@ DuckDB counts them per distinct value (:mod:`.tables`).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class RunTotals:
     n_noise: np.ndarray = None
     n_kind: np.ndarray = None
     kind_seqs: np.ndarray = None  # per kind, sequences with a token of it
+    kind_noise: np.ndarray = None  # [kinds, sequences]: each sequence's tokens of each kind
+    token_digest: "hashlib._Hash" = None  # sha256 of the token_id column as int64, in table order
     n_rows: int = 0
     excluded_kinds: dict = field(default_factory=dict)
 
@@ -46,6 +49,8 @@ class RunTotals:
         self.n_noise = np.zeros(self.n_seqs, dtype=np.int64)
         self.n_kind = np.zeros(self.n_kinds, dtype=np.int64)
         self.kind_seqs = np.zeros(self.n_kinds, dtype=np.int64)
+        self.kind_noise = np.zeros((self.n_kinds, self.n_seqs), dtype=np.int64)
+        self.token_digest = hashlib.sha256()
 
     def add(self, chunk: Chunk) -> None:
         run, pool = chunk.run, chunk.run.pool
@@ -60,6 +65,9 @@ class RunTotals:
         self.n_kind += np.bincount(kinds[noise], minlength=self.n_kinds)
         pairs = np.unique(np.stack([kinds[noise].astype(np.int64), pool.seq_codes[noise]]), axis=1)
         self.kind_seqs += np.bincount(pairs[0], minlength=self.n_kinds)
+        np.add.at(self.kind_noise, (kinds[noise].astype(np.int64), chunk.seq_codes[noise]), 1)
+        if "token_id" in run.numeric_columns:
+            self.token_digest.update(np.ascontiguousarray(run.column("token_id")).tobytes())
 
     @property
     def n_clean(self) -> int:

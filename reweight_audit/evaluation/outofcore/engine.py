@@ -54,6 +54,11 @@ class RunJob:
     options: object  # CompareConfig
     work: Path
     say: Callable[[str], None]
+    rank_by: list[str] | None = None  # None: options.rank_by
+
+    def __post_init__(self) -> None:
+        if self.rank_by is None:
+            self.rank_by = list(self.options.rank_by)
 
 
 def scan_run(path: Path) -> ch.TableScan:
@@ -70,26 +75,13 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
     """Every method of ``job`` on one table, out of core."""
     opts = job.options
     ks = tuple(sorted(set(metrics.CUTS) | {opts.k_frac}))
-    totals = RunTotals(scan.n_seqs, len(scan.kinds))
     sums = {(m.name, r): RankingSums(job.work / f"{i}-{r}.parquet", scan.n_seqs, len(scan.kinds), ks, opts.k_frac,
                                      "sequence" in opts.scope)
             for i, m in enumerate(job.methods) for r in opts.rank_by}
     out = RunRows()
     t0 = time.perf_counter()
-    plain = [m for m in job.methods if not getattr(m, "batch_dependent", False)]
-    batched = [m for m in job.methods if getattr(m, "batch_dependent", False)]
     with tables.connect(job.work) as con:
-        for chunk in _progress(ch.row_chunks(scan, list(scan.columns)), scan.n_rows, job.say, "weights"):
-            totals.add(chunk)
-            weights = _chunk_rankings(job, chunk, plain, sums, _generators(job, plain))
-            if out.sample is None:
-                chunk.run.label = job.label
-                out.sample, out.sample_weights = chunk.run, weights
-        if batched:
-            for chunk in _progress(_batch_chunks(job, scan, con), scan.n_rows, job.say, "batched weights"):
-                _chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
-        for s in sums.values():
-            s.close()
+        totals, out.sample, out.sample_weights = weight_pass(job, scan, con, sums)
         out.t_weights = time.perf_counter() - t0
         t0 = time.perf_counter()
         for m in job.methods:
@@ -97,8 +89,30 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
                 _ranking_rows(job, con, m, r, sums[(m.name, r)], totals, ks, out, scan.kinds)
             job.say(f"{job.label}: {m.name} done")
     out.t_metrics = time.perf_counter() - t0
-    out.summary = _summary(job, scan, totals)
+    out.summary = run_summary(job.label, scan, totals)
     return out
+
+
+def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTotals, RunData, dict]:
+    """Every method's weights chunk by chunk (row chunks; batch chunks for batch-dependent methods), each
+    rank-by's scores handed to ``sums[(method, rank_by)].add(chunk, scores)``; returns the run's totals and its
+    first chunk with the plain methods' weights on it (the report's sample)."""
+    totals = RunTotals(scan.n_seqs, len(scan.kinds))
+    plain = [m for m in job.methods if not getattr(m, "batch_dependent", False)]
+    batched = [m for m in job.methods if getattr(m, "batch_dependent", False)]
+    sample, sample_weights = None, {}
+    for chunk in _progress(ch.row_chunks(scan, list(scan.columns)), scan.n_rows, job.say, "weights"):
+        totals.add(chunk)
+        weights = _chunk_rankings(job, chunk, plain, sums, _generators(job, plain))
+        if sample is None:
+            chunk.run.label = job.label
+            sample, sample_weights = chunk.run, weights
+    if batched:
+        for chunk in _progress(_batch_chunks(job, scan, con), scan.n_rows, job.say, "batch-dependent weights"):
+            _chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
+    for one in sums.values():
+        one.close()
+    return totals, sample, sample_weights
 
 
 def _generators(job: RunJob, methods: list[Method]) -> dict:
@@ -126,11 +140,11 @@ def _chunk_rankings(job: RunJob, chunk: ch.Chunk, methods: list[Method], sums: d
     """Each method's weights on the chunk (returned), and each rank-by's scores added to its sums."""
     run = chunk.run
     logp = run.column("logp")
-    sum_p2 = run.column("sum_p2") if "grad" in job.options.rank_by else None
+    sum_p2 = run.column("sum_p2") if "grad" in job.rank_by else None
     weights = {}
     for m in methods:
         w = weights[m.name] = _weights(job, m, chunk, rngs[m.name])
-        for r in job.options.rank_by:
+        for r in job.rank_by:
             s = run.pool.take(metrics.rank_scores(w, r, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
             sums[(m.name, r)].add(chunk, s)
     return weights
@@ -285,11 +299,11 @@ def _kind_rows(ident: dict, k: float, kind_counts: list, sums: RankingSums, tota
     return rows
 
 
-def _summary(job: RunJob, scan: ch.TableScan, totals: RunTotals) -> dict:
+def run_summary(label: str, scan: ch.TableScan, totals: RunTotals) -> dict:
     """The run's summary, as ``RunData.summary()`` gives it for the whole table."""
     base = _base_counts(totals)
     manifest = read_manifest(scan.path)
-    return {"label": job.label, "path": str(scan.path), "model": (manifest or {}).get("model"), **base,
+    return {"label": label, "path": str(scan.path), "model": (manifest or {}).get("model"), **base,
             "noise_kinds": {k: int(c) for k, c in zip(scan.kinds, totals.n_kind)},
             "n_excluded": totals.n_rows - base["n_tokens"], "excluded_kinds": dict(totals.excluded_kinds),
             "columns": sorted(scan.columns), "manifest": manifest}

@@ -71,19 +71,23 @@ def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
 def sequence_counts_at(con: duckdb.DuckDBPyConnection, spill: Path, n_seqs: int, main: PoolCut,
                        noise_cuts: list[PoolCut], kind_cuts: list[PoolCut]) -> dict[str, np.ndarray]:
     """Per sequence code: tokens above/tied at the main cut, noise above/tied at every cut of ``noise_cuts``, and
-    kind j's tokens above/tied at its pool's cut ``kind_cuts[j]``; ``[n_seqs]`` or ``[cuts, n_seqs]`` arrays."""
+    kind j's tokens above/tied at its pool's cut ``kind_cuts[j]``; ``[n_seqs]`` arrays."""
+    specs = [("all", "", main.cut.value)]
+    specs += [(f"n{i}", "kind >= 0", pc.cut.value) for i, pc in enumerate(noise_cuts)]
+    specs += [(f"k{j}", f"kind = {j}", pc.cut.value) for j, pc in enumerate(kind_cuts)]
+    return above_tied(con, spill, n_seqs, specs)
+
+
+def above_tied(con: duckdb.DuckDBPyConnection, spill: Path, n_seqs: int,
+               specs: list[tuple[str, str, float]]) -> dict[str, np.ndarray]:
+    """Per sequence code, for each ``(name, condition, value)``: the tokens meeting the SQL condition ("": all)
+    that score above ``value`` (``<name>_above``) and exactly ``value`` (``<name>_tied``); one GROUP BY seq."""
     columns, params = [], []
-
-    def above_tied(name: str, where: str, value: float) -> None:
-        columns.append(f"count(*) FILTER (WHERE {where} score > ?) AS {name}_above")
-        columns.append(f"count(*) FILTER (WHERE {where} score = ?) AS {name}_tied")
+    for name, where, value in specs:
+        cond = f"{where} AND " if where else ""
+        columns.append(f"count(*) FILTER (WHERE {cond}score > ?) AS {name}_above")
+        columns.append(f"count(*) FILTER (WHERE {cond}score = ?) AS {name}_tied")
         params.extend([float(value), float(value)])
-
-    above_tied("all", "", main.cut.value)
-    for i, pc in enumerate(noise_cuts):
-        above_tied(f"n{i}", "kind >= 0 AND", pc.cut.value)
-    for j, pc in enumerate(kind_cuts):
-        above_tied(f"k{j}", f"kind = {j} AND", pc.cut.value)
     table = con.sql(f"SELECT seq, {', '.join(columns)} FROM read_parquet('{_quote(spill)}') GROUP BY seq",
                     params=params).to_arrow_table()
     seq = table.column("seq").to_numpy()

@@ -1,0 +1,161 @@
+"""``sweep`` out of core: per-sequence counts at every cut of every setting, from chunks and DuckDB.
+
+A sweep block (run × rank-by × noise set × scope) needs, per method, the
+per-sequence counts at every cut (:data:`~reweight_audit.evaluation.metrics.SEQUENCE_FIELDS`):
+their sums are the values and their resampled sums the intervals. In sequence
+scope they are local to a sequence, computed per chunk and spilled to parquet
+(O(sequences) per method, read back one method at a time); in global scope the
+cut of every pool comes from the per-value counts (:mod:`.histogram`) and the
+per-sequence counts at it from one DuckDB GROUP BY. Each method is resampled
+on its own with the bootstrap's one set of draws, so the replicates stay paired.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reweight_audit.evaluation import metrics
+from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, per_sequence
+from reweight_audit.evaluation.outofcore import chunks as ch
+from reweight_audit.evaluation.outofcore import tables
+from reweight_audit.evaluation.outofcore.accumulate import SPILL_SCHEMA, RunTotals
+from reweight_audit.evaluation.outofcore.engine import RunJob, weight_pass
+from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
+
+ALL_NOISE = "all"
+
+
+def noise_sets(kinds: list[str]) -> list[tuple[str, int | None]]:
+    """(name, kind code) per noise set: all noise (None), and each kind when there are several."""
+    if len(kinds) == 1:
+        return [(kinds[0], None)]
+    return [(ALL_NOISE, None)] + [(kind, j) for j, kind in enumerate(kinds)]
+
+
+@dataclass
+class SweepSums:
+    """One method × rank-by: the spilled scores and, in sequence scope, each noise set's per-sequence counts."""
+
+    spill: Path
+    cuts: tuple[float, ...]
+    sets: list[tuple[str, int | None]]
+    sequence: bool
+    writer: pq.ParquetWriter | None = None
+    seq_writers: list | None = None
+
+    def seq_path(self, i: int) -> Path:
+        return self.spill.with_name(f"{self.spill.stem}-seq{i}.parquet")
+
+    def add(self, chunk: ch.Chunk, s: np.ndarray) -> None:
+        pool = chunk.run.pool
+        y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA)
+            self.seq_writers = [None] * len(self.sets)
+        self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
+                                         schema=SPILL_SCHEMA))
+        if not self.sequence:
+            return
+        n_local = len(chunk.run.seq_names)
+        for i, (_, j) in enumerate(self.sets):
+            keep = slice(None) if j is None else ~y | (kinds == j)
+            per = per_sequence(s[keep], y[keep], local[keep], n_local, self.cuts, "sequence")  # [cuts, S, F]
+            table = pa.table({"seq": chunk.codes.astype(np.int32),
+                              "fields": pa.FixedSizeListArray.from_arrays(
+                                  pa.array(per.transpose(1, 0, 2).reshape(-1)), per.shape[0] * per.shape[2])})
+            if self.seq_writers[i] is None:
+                self.seq_writers[i] = pq.ParquetWriter(self.seq_path(i), table.schema)
+            self.seq_writers[i].write_table(table)
+
+    def close(self) -> None:
+        for w in [self.writer, *(self.seq_writers or [])]:
+            if w is not None:
+                w.close()
+        self.writer, self.seq_writers = None, []
+
+    def sequence_fields(self, i: int, n_seqs: int) -> np.ndarray:
+        """[cuts, S, fields] of noise set ``i`` in sequence scope (rows of sequences without tokens: zeros)."""
+        out = np.zeros((n_seqs, len(self.cuts) * len(SEQUENCE_FIELDS)))
+        if self.seq_path(i).exists():
+            table = pq.read_table(self.seq_path(i))
+            seq = table.column("seq").to_numpy()
+            out[seq] = table.column("fields").combine_chunks().flatten().to_numpy().reshape(seq.size, -1)
+        return out.reshape(n_seqs, len(self.cuts), len(SEQUENCE_FIELDS)).transpose(1, 0, 2)
+
+
+def sweep_sums(job: RunJob, scan: ch.TableScan, methods: list, con) -> tuple[RunTotals, dict]:
+    """The weight pass of a sweep: every method × rank-by's :class:`SweepSums`."""
+    sets = noise_sets(scan.kinds)
+    sums = {(m.name, r): SweepSums(job.work / f"{i}-{r}.parquet", job.options.cuts, sets,
+                                   "sequence" in job.options.scope)
+            for i, m in enumerate(methods) for r in job.rank_by}
+    totals, _, _ = weight_pass(job, scan, con, sums)
+    return totals, sums
+
+
+def global_fields(con, sums: SweepSums, totals: RunTotals, j: int | None) -> np.ndarray:
+    """[cuts, S, fields] of noise set ``j`` (None: all noise) in global scope: each cut of the set's pool from
+    the per-value counts, the per-sequence counts at it from DuckDB."""
+    counts = DescendingCounts(totals.n_clean, totals.n_kind, sums.cuts, sums.cuts)
+    tables.value_counts(con, sums.spill, counts, len(totals.n_kind))
+    pool_at = 0 if j is None else 1 + j
+    in_pool = "" if j is None else f"(kind < 0 OR kind = {j})"
+    positive = "kind >= 0" if j is None else f"kind = {j}"
+    cuts = [counts.cut(pool_at, c) for c in sums.cuts]
+    specs = [(f"a{i}", in_pool, pc.cut.value) for i, pc in enumerate(cuts)]
+    specs += [(f"p{i}", positive, pc.cut.value) for i, pc in enumerate(cuts)]
+    per = tables.above_tied(con, sums.spill, totals.n_seqs, specs)
+    n_pos = totals.n_noise if j is None else totals.kind_noise[j]
+    length = totals.length if j is None else totals.length - totals.n_noise + totals.kind_noise[j]
+    noisy = (n_pos > 0).astype(np.float64)
+    out = np.zeros((len(cuts), totals.n_seqs, len(SEQUENCE_FIELDS)))
+    for i, pc in enumerate(cuts):
+        share = pc.cut.share
+        hit = pc.cut.hit(per[f"p{i}_above"], per[f"p{i}_tied"]) if pc.cut.n_top else np.zeros(totals.n_seqs)
+        out[i] = np.column_stack([per[f"p{i}_above"] + per[f"p{i}_tied"] * share,
+                                  per[f"a{i}_above"] + per[f"a{i}_tied"] * share, n_pos, length, hit * noisy, noisy])
+    return out
+
+
+def method_sums(per: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """One method's [cuts, fields] totals and [boot, cuts, fields] replicate sums of [cuts, S, fields]."""
+    n_k, n_s, n_f = per.shape
+    reps = None
+    if n_boot:
+        reps = metrics.resampled_sums(per.transpose(1, 0, 2).reshape(n_s, -1), n_boot, seed).reshape(n_boot, n_k, n_f)
+    return per.sum(axis=1), reps
+
+
+def set_size(totals: RunTotals, j: int | None) -> tuple[int, int]:
+    """The pool's tokens and positives of noise set ``j``."""
+    n_pos = int(totals.n_noise.sum()) if j is None else int(totals.n_kind[j])
+    return totals.n_clean + n_pos, n_pos
+
+
+def sweep_blocks(job: RunJob, scan: ch.TableScan) -> tuple[list[tuple], RunTotals]:
+    """Every block of one run, in the in-memory sweep's order: per rank-by × noise × scope, ``(setting, (totals,
+    reps), n, n_noise)`` with what :func:`reweight_audit.evaluation.sweep.block_of` makes a block of."""
+    opts = job.options
+    out = []
+    with tables.connect(job.work) as con:
+        totals, sums = sweep_sums(job, scan, job.methods, con)
+        for rank_by in job.rank_by:
+            for noise, j in noise_sets(scan.kinds):
+                n, n_pos = set_size(totals, j)
+                for scope in opts.scope:
+                    parts = [method_sums(_fields(con, sums[(m.name, rank_by)], totals, scope, i, j),
+                                     opts.bootstrap, opts.seed)
+                             for m in job.methods for i in [noise_sets(scan.kinds).index((noise, j))]]
+                    reps = [np.stack([p[1] for p in parts], axis=1)] if opts.bootstrap and parts else None
+                    out.append(({"run": job.label, "rank_by": rank_by, "scope": scope, "noise": noise,
+                                 "stratify": "none"}, ([np.stack([p[0] for p in parts])], reps), n, n_pos))
+            job.say(f"{job.label}: rank by {rank_by} done")
+    return out, totals
+
+
+def _fields(con, sums: SweepSums, totals: RunTotals, scope: str, i: int, j: int | None) -> np.ndarray:
+    return sums.sequence_fields(i, totals.n_seqs) if scope == "sequence" else global_fields(con, sums, totals, j)
