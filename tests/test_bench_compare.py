@@ -93,7 +93,7 @@ def test_a_cached_table_is_reused_and_a_changed_file_is_generated_again(tmp_path
     assert again[2] is True and file_sha256(path) == digest
 
 
-@pytest.mark.parametrize("text, sizes", [("10M,100M", (10_000_000, 100_000_000)), ("20k", (20_000,)),
+@pytest.mark.parametrize("text, sizes", [("10M,100M", (10_000_000, 100_000_000)), ("20k", (5_000,)),
                                          ("1.5M, 2000, 1.5M", (2_000, 1_500_000)), ("1B", (10**9,))])
 def test_token_sizes_are_parsed(text, sizes):
     assert bench_compare.parse_tokens(text) == sizes
@@ -141,6 +141,27 @@ def test_bad_bench_compare_options_are_one_line_errors_before_any_work(tmp_path,
     assert not (tmp_path / "w").exists() and not (tmp_path / "b.json").exists()
 
 
+def test_the_ratios_and_the_verdict_are_issue_20s_targets_computed_by_hand():
+    def row(stage, engine, tokens, seconds, rss_gb, exit=0):
+        return {"stage": stage, "engine": engine, "tokens": tokens, "exit": exit, "seconds": seconds,
+                "s_per_m_tokens": seconds / (tokens / 1e6), "peak_rss_bytes": int(rss_gb * 1e9)}
+    runs = [row("compare", "memory", 10**7, 70.0, 4.4), row("compare", "duckdb", 10**7, 90.0, 1.0),
+            {"stage": "compare", "engine": "memory", "tokens": 10**8, "skipped": "skipped: needs about 42.0 GB"},
+            row("compare", "duckdb", 10**8, 1400.0, 1.2),
+            row("sweep", "memory", 10**7, 100.0, 4.0), row("sweep", "duckdb", 10**7, 100.0, 1.0),
+            row("sweep", "duckdb", 10**8, 1000.0, 3.5, exit=1)]
+    found = bench_compare.ratios(runs, (10**7, 10**8))
+    assert found == pytest.approx({"compare/duckdb_peak_rss_gb_at_largest": 1.2,
+                                   "compare/duckdb_peak_rss_largest_over_smallest": 1.2,
+                                   "compare/duckdb_s_per_m_largest_over_memory_s_per_m_smallest": 14.0 / 7.0})
+    checks = bench_compare.verdict(runs, found, {10**7: {"compare/table.csv": None, "compare/summary.json": "x"}})
+    assert checks == {"every run completed": False,  # the sweep at 100M failed; the skipped run does not count
+                      "compare: duckdb peak RSS at the largest size, GB <= 3": True,
+                      "compare: duckdb peak RSS, largest size / smallest <= 1.3": True,
+                      "compare: duckdb s/M tokens at the largest size / memory s/M tokens at the smallest <= 1.5": False,
+                      "engines' reports equal at 10M tokens": False}
+
+
 def _report(tmp_path):
     synthetic.write_table(tmp_path / "t.parquet", 4_000, seed=2)
     api.compare(tmp_path / "t.parquet", methods=["dft", "entropy"], bootstrap=5, output=tmp_path / "a")
@@ -178,22 +199,21 @@ def test_reports_compare_equal_to_themselves_and_every_real_difference_is_found(
 def test_bench_compare_runs_every_engine_in_fresh_processes_and_reports_equality(tmp_path):
     engines = bench_compare.engines_available()
     out, work = tmp_path / "bench.json", tmp_path / "work"
-    result = CliRunner().invoke(app, ["bench", "--compare", "--tokens", "20k", "--methods", "dft,entropy",
-                                      "--bootstrap", "10", "--work", str(work), "-o", str(out)])
+    result = CliRunner().invoke(app, ["bench", "--compare", "--tokens", "5k", "--methods", "dft,entropy",
+                                      "--bootstrap", "5", "--work", str(work), "-o", str(out)])
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     runs = figures["runs"]
     assert [(r["stage"], r["engine"]) for r in runs] == [(s, e) for s in ("compare", "sweep") for e in engines]
     for run in runs:
-        assert run["exit"] == 0 and run["tokens"] == 20_000 and run["peak_rss_bytes"] > 10**7 and run["seconds"] > 0
-        assert f"{run['stage']:7s}   20k tokens  {run['engine']}" in result.output
-        assert not (work / "runs" / f"compare-20000-{run['engine']}" / "weights.parquet").exists()
-    assert figures["tables"]["20000"]["seed"] == 0 and figures["tables"]["20000"]["generated_now"]
+        assert run["exit"] == 0 and run["tokens"] == 5_000 and run["peak_rss_bytes"] > 10**7 and run["seconds"] > 0
+        assert f"{run['stage']:7s}    5k tokens  {run['engine']}" in result.output
+        assert not (work / "runs" / f"compare-5000-{run['engine']}" / "weights.parquet").exists()
+    assert figures["tables"]["5000"]["seed"] == 0 and figures["tables"]["5000"]["generated_now"]
     assert figures["verdict"]["every run completed"]
-    if set(engines) == {"memory", "duckdb"}:
-        assert figures["equal"]["20000"] == {f"{stage}/{name}": None for stage, names in
-                                             bench_compare.COMPARED.items() for name in names}
-        assert "equal     20k tokens  compare: yes" in result.output
-        assert figures["verdict"]["engines' reports equal at 20k tokens"]
-    else:  # until compare has --engine: the harness with the memory engine alone, no equality to claim
-        assert engines == ("memory",) and figures["equal"] == {}
+    assert engines == ("memory", "duckdb")
+    assert [r["engine_reported"] for r in runs] == [r["engine"] for r in runs]  # each report says which ran
+    assert figures["equal"]["5000"] == {f"{stage}/{name}": None for stage, names in
+                                        bench_compare.COMPARED.items() for name in names}
+    assert "equal      5k tokens  compare: yes" in result.output and "equal      5k tokens  sweep: yes" in result.output
+    assert figures["verdict"]["engines' reports equal at 5k tokens"]
