@@ -40,12 +40,10 @@ import pandas as pd
 from reweight_audit.bench import synthetic
 from reweight_audit.core.errors import AuditError, require_positive
 from reweight_audit.evaluation.compare import MEMORY_BYTES_PER_TOKEN  # the in-memory engine's peak per token
-from reweight_audit.evaluation.config import CompareConfig
+from reweight_audit.evaluation import config
 from reweight_audit.evaluation.runs import DERIVED_COLUMNS
 from reweight_audit.methods import available_methods
 
-#: The engines bench knows; the ones this build's ``compare`` offers are :func:`engines_available`.
-ENGINES = ("memory", "duckdb")
 #: Share of the available memory (or disk) a run may be expected to take before it is skipped (refused).
 HEADROOM = 0.85
 #: The guard's look at the machine's memory: every GUARD_POLL_S seconds; below GUARD_MIN_AVAILABLE of the total
@@ -79,7 +77,7 @@ class CompareBench:
     methods: tuple[str, ...] | None = None  # None: compare's defaults (every method the table's columns allow)
     bootstrap: int = 200
     seed: int = 0
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] = ("memory", "duckdb")
     sweep: bool = True
     work: Path = Path("reports/bench-compare-work")
 
@@ -101,9 +99,8 @@ def parse_tokens(text: str) -> tuple[int, ...]:
 
 
 def engines_available() -> tuple[str, ...]:
-    """The engines this build's ``compare`` offers: memory alone until it has an ``--engine`` option."""
-    fields = {f.name for f in dataclasses.fields(CompareConfig)}
-    return ENGINES if "engine" in fields else ("memory",)
+    """The engines ``compare --engine`` offers, ``auto`` aside (it picks one of them)."""
+    return tuple(engine for engine in config.ENGINES if engine != "auto")
 
 
 def check(bench: CompareBench) -> None:
@@ -192,9 +189,7 @@ def command(stage: str, table: Path, out: Path, engine: str, bench: CompareBench
            "--bootstrap", str(bench.bootstrap), "--seed", str(bench.seed)]
     if bench.methods is not None:
         cmd += ["--methods", ",".join(bench.methods)]
-    if "engine" in {f.name for f in dataclasses.fields(CompareConfig)}:
-        cmd += ["--engine", engine]
-    return cmd
+    return cmd + ["--engine", engine]
 
 
 def _guard(proc: subprocess.Popen, stop: threading.Event, found: dict) -> None:
