@@ -47,7 +47,7 @@ def both(paths, **options):
     return results["memory"], results["duckdb"]
 
 
-def assert_same(mem, ooc) -> None:
+def assert_same(mem, ooc, engines=("memory", "duckdb")) -> None:
     assert_frames_equal(mem.table, ooc.table)
     assert_frames_equal(mem.curves, ooc.curves)
     assert_frames_equal(mem.by_kind, ooc.by_kind)
@@ -55,13 +55,13 @@ def assert_same(mem, ooc) -> None:
     for a, b in zip(mem.runs, ooc.runs):
         assert {k: v for k, v in a.items() if k != "base_rate"} == {k: v for k, v in b.items() if k != "base_rate"}
         assert math.isclose(a["base_rate"], b["base_rate"], rel_tol=1e-12)
-    assert mem.config["engine"] == "memory" and ooc.config["engine"] == "duckdb"
+    assert (mem.config["engine"], ooc.config["engine"]) == engines
 
 
 @pytest.mark.slow
 def test_every_method_rank_by_and_scope_agree(tmp_path):
-    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(40, seed=3, ref=True), model="m")
-    mem, ooc = both(path, rank_by=["weight", "loss", "grad"], scope=["global", "sequence"], bootstrap=30,
+    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(24, seed=3, ref=True), model="m")
+    mem, ooc = both(path, rank_by=["weight", "loss", "grad"], scope=["global", "sequence"], bootstrap=10,
                     batch_seqs=7)
     assert_same(mem, ooc)
 
@@ -164,3 +164,74 @@ def test_sweep_one_kind_agrees(tmp_path):
     mem, ooc = sweep_both(path, methods=["dft", "mile"], bootstrap=10, k=[5, 30], rank_by=["loss"])
     assert_frames_equal(mem.table, ooc.table)
     assert_frames_equal(mem.pairs, ooc.pairs)
+
+
+@pytest.mark.slow
+def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
+    """Shards of whole sequences as Ray tasks (a local Ray, one CPU), their aggregates added: the same tables."""
+    ray = pytest.importorskip("ray")
+    from reweight_audit.evaluation.outofcore import distributed
+
+    monkeypatch.setattr(distributed, "SHARD_ROWS", 400)  # several shards, each read in several chunks
+    path = write_stats(tmp_path / "stats.parquet", make_stats(30, seed=11), model="m")
+    options = dict(methods=["dft", "random", "rarity", "talr"], scope=["global", "sequence"], bootstrap=10,
+                   batch_seqs=8)
+    single = run_compare(path, None, CompareConfig(engine="duckdb", **options))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        mapped = run_compare(path, None, CompareConfig(engine="duckdb", ray="auto", **options))
+    finally:
+        ray.shutdown()
+    assert_same(single, mapped, ("duckdb", "duckdb"))
+    assert mapped.config["ray"] == "auto"
+
+
+class Stop(Exception):
+    """Stands for an interruption (Ctrl-C, a killed job) in the middle of the map step."""
+
+
+def test_interrupted_compare_reuses_finished_shards(tmp_path, monkeypatch):
+    """Shards finished before an interruption are read back on the next run (same table, same options), the
+    previous report stays as it was, and the result is the uninterrupted one."""
+    from reweight_audit.evaluation.outofcore import distributed
+    from reweight_audit.reporting.exports import write_exports
+
+    monkeypatch.setattr(distributed, "SHARD_ROWS", 250)
+    path = write_stats(tmp_path / "stats.parquet", make_stats(16, seed=12), model="m")
+    options = CompareConfig(engine="duckdb", methods=["dft", "random"], scope=["global", "sequence"], bootstrap=10)
+    expected = run_compare(path, None, options)
+    out = tmp_path / "report"
+    real, calls, stop = distributed.map_shard, [], [True]
+
+    def failing(job, scan, index, *args):
+        calls.append(index)
+        if index == 2 and stop.pop() if stop else False:
+            raise Stop
+        return real(job, scan, index, *args)
+
+    monkeypatch.setattr(distributed, "map_shard", failing)
+    with pytest.raises(Stop):
+        run_compare(path, out, options, writer=write_exports)
+    assert not out.exists() and calls == [0, 1, 2]
+    calls.clear()
+    again = run_compare(path, out, options, writer=write_exports)
+    assert calls == [2]  # shards 0 and 1 were read back, only the last one computed
+    assert_same(expected, again, ("duckdb", "duckdb"))
+    assert not (tmp_path / ".report.engine").exists()  # the work folder goes once the run is done
+
+
+def test_by_meta_groups_agree(tmp_path):
+    import json
+
+    table = make_stats(20, seed=13)
+    path = write_stats(tmp_path / "s.parquet", table)
+    ids = list(dict.fromkeys(table.column("seq_id").to_pylist()))
+    with open(tmp_path / "noisy.jsonl", "w", encoding="utf-8") as fh:
+        for i, sid in enumerate(ids):
+            meta = {"model": "gpt" if i % 3 else "palm"} if i != 5 else {}
+            fh.write(json.dumps({"id": sid, "prompt": "", "response": "x", "spans": [], "meta": meta}) + "\n")
+    mem, ooc = both(path, methods=["entropy", "talr"], rank_by=["weight", "loss"], scope=["global", "sequence"],
+                    bootstrap=10, by_meta="model", records=tmp_path / "noisy.jsonl")
+    assert set(ooc.by_group["group"]) == {"gpt", "palm", "(none)"}
+    assert_frames_equal(mem.by_group, ooc.by_group)
+    assert_same(mem, ooc)

@@ -307,12 +307,12 @@ def run_compare(
 def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> str:
     """``memory`` or ``duckdb``: as asked, or (``auto``) duckdb when the files would not fit in half the memory
     available (``MEMORY_BYTES_PER_TOKEN`` each) and no in-memory-only option (--stratify, --by-meta) is set."""
-    if options.engine != "auto":
-        if options.engine == "duckdb":
-            _check_out_of_core(options, sources)
-        return options.engine
-    if any(isinstance(s, StatsTable) for s in sources) or getattr(options, "stratify", None) \
-            or getattr(options, "by_meta", None):
+    if options.engine == "duckdb" or getattr(options, "ray", None):
+        _check_out_of_core(options, sources)
+        return "duckdb"
+    if options.engine == "memory":
+        return "memory"
+    if any(isinstance(s, StatsTable) for s in sources) or getattr(options, "stratify", None):
         return "memory"
     tokens = sum(parquet_rows(Path(s)) for s in sources)
     return "duckdb" if tokens * MEMORY_BYTES_PER_TOKEN > 0.5 * available_memory() else "memory"
@@ -321,10 +321,10 @@ def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | Sta
 def _check_out_of_core(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> None:
     if any(isinstance(s, StatsTable) for s in sources):
         raise AuditError("--engine duckdb reads stats.parquet files; a table in memory needs --engine memory")
-    for flag, value in (("--stratify", getattr(options, "stratify", None)), ("--by-meta", getattr(options, "by_meta", None))):
-        if value and value != ["none"]:
-            raise AuditError(f"{flag} is computed by --engine memory only (for now); drop {flag} or use "
-                             "--engine memory")
+    stratify = getattr(options, "stratify", None)
+    if stratify and stratify != ["none"]:
+        raise AuditError("--stratify is computed by --engine memory only (for now); drop --stratify or use "
+                         "--engine memory")
 
 
 def available_memory() -> int:
@@ -385,19 +385,20 @@ def out_of_core_runs(sources, chosen: list[Method], param_map: dict, options: Co
 
 def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say, out_dir):
     """The DuckDB engine (:mod:`reweight_audit.evaluation.outofcore`): chunks, spilled scores, exact aggregates."""
-    import tempfile
-
     from reweight_audit.evaluation.outofcore import engine as ooc
 
     t0 = time.perf_counter()
     timings = {"load": 0.0, "weights": 0.0, "metrics": 0.0}
-    outcomes, summaries, samples, labels = [], [], [], []
+    outcomes, summaries, samples, labels, grouped = [], [], [], [], []
     for path, label, scan, todo, skipped, rank_by, _ in out_of_core_runs(sources, chosen, param_map, options, say,
                                                                          skip_grad=False):
         timings["load"] += time.perf_counter() - t0
         outcome = _RunOutcome(skipped=skipped)
-        with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as work:
-            rows = ooc.evaluate_run(ooc.RunJob(path, label, todo, param_map, options, Path(work), say), scan)
+        grouping = _out_of_core_groups(path, scan, options) if options.by_meta else None
+        with ooc.work_folder(out_dir, path, summary_config(sources, options)) as work:
+            rows = ooc.evaluate_run(ooc.RunJob(path, label, todo, param_map, options, work, say, grouping=grouping),
+                                    scan)
+        grouped += rows.by_group
         outcome.table, outcome.curves, outcome.by_kind = rows.table, rows.curves, rows.by_kind
         timings["weights"] += rows.t_weights
         timings["metrics"] += rows.t_metrics
@@ -407,9 +408,21 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
         labels.append(label)
         t0 = time.perf_counter()
     result = assemble(labels, summaries, outcomes, chosen, options, timings,
-                      {**summary_config(sources, options), "engine": "duckdb"})
+                      {**summary_config(sources, options), "engine": "duckdb", "ray": options.ray})
+    result.by_group = pd.DataFrame(grouped, columns=group_columns()) if options.by_meta else None
     # weights.parquet, the plots and heatmap.html show each run's first chunk (batch-dependent methods aside)
     return result, [r.sample for r in samples], [r.sample_weights for r in samples]
+
+
+def _out_of_core_groups(path: Path, scan, options: CompareConfig) -> tuple[np.ndarray, list[str]]:
+    """--by-meta: per sequence code its group (as :func:`groups.sequence_groups` makes it) and the group names."""
+    from types import SimpleNamespace
+
+    from reweight_audit.core.io import read_manifest
+
+    run = SimpleNamespace(path=path, manifest=read_manifest(path), seq_names=list(scan.seq_code))
+    records = groups.records_path(run, options.records)
+    return groups.sequence_groups(run, groups.read_meta(records), options.by_meta, records)
 
 
 def _check_grad_columns(runs: list[RunData], options: CompareConfig) -> None:

@@ -124,6 +124,9 @@ class CompareConfig(Config):
     strata: int = option(10, help=STRATA_HELP)
     heatmap_sequences: int = option(HEATMAP_SEQUENCES, cli=False, help="Sequences per run shown in heatmap.html.")
     engine: str = option("auto", help=ENGINE_HELP, check=_engine)
+    ray: str | None = option(None, help="With --engine duckdb: run the map step on Ray, 'local' (start Ray here), "
+                                        "'auto' (the running cluster) or a cluster address; the tables and the "
+                                        "work folder must be on storage every node reads (docs/scaling.md).")
 
     def check(self) -> None:
         from reweight_audit.evaluation import strata, table1
@@ -136,6 +139,10 @@ class CompareConfig(Config):
             raise AuditError(f"--records {self.records}: it is read only with --by-meta FIELD; add that or drop "
                              "--records")
         self.stratify, self.strata = strata.check_stratify(self.stratify, self.strata)
+        self.ray = self.ray or None
+        if self.ray and self.engine == "memory":
+            raise AuditError(f"--ray {self.ray}: the map step on Ray is the out-of-core engine's; use --engine duckdb "
+                             "(or auto) or drop --ray")
 
     @property
     def k_frac(self) -> float:

@@ -311,7 +311,8 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
     with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
         engine = choose_engine(options, sources)
         if engine == "duckdb":
-            blocks, summaries, facts, skipped = sweep_out_of_core(sources, chosen, param_map, options, say)
+            blocks, summaries, facts, skipped = sweep_out_of_core(sources, chosen, param_map, options, say,
+                                                                  out_dir if write else None)
         else:
             blocks, summaries, facts, skipped = _sweep_in_memory(sources, chosen, param_map, options, say)
         names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
@@ -341,11 +342,10 @@ def _sweep_in_memory(sources, chosen, param_map, options: SweepConfig, say):
     return blocks, summaries, [run_facts(r) for r in runs], skipped
 
 
-def sweep_out_of_core(sources, chosen: list[Method], param_map: dict, options: SweepConfig, say):
+def sweep_out_of_core(sources, chosen: list[Method], param_map: dict, options: SweepConfig, say,
+                      out_dir: Path | None = None):
     """A sweep's blocks ``(setting, Block, method names)``, run summaries, notes' facts and skipped methods, with
     the DuckDB engine (:mod:`reweight_audit.evaluation.outofcore.sweeping`)."""
-    import tempfile
-
     from reweight_audit.evaluation.outofcore import engine as ooc
     from reweight_audit.evaluation.outofcore.sweeping import sweep_blocks
 
@@ -353,8 +353,8 @@ def sweep_out_of_core(sources, chosen: list[Method], param_map: dict, options: S
     for path, label, scan, todo, skipped, rank_by, has_p2 in out_of_core_runs(sources, chosen, param_map, options,
                                                                               say, skip_grad=True):
         skipped_all += skipped
-        with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as work:
-            job = ooc.RunJob(path, label, todo, param_map, options, Path(work), say, rank_by=rank_by)
+        with ooc.work_folder(out_dir, path, sweep_record(options, sources, options.methods)) as work:
+            job = ooc.RunJob(path, label, todo, param_map, options, work, say, rank_by=rank_by)
             run_blocks, totals = sweep_blocks(job, scan)
             run_blocks = [(setting, block_of(*parts, metric=options.metric, stratified=False, n=n, n_noise=n_pos))
                           for setting, parts, n, n_pos in run_blocks]
@@ -363,7 +363,7 @@ def sweep_out_of_core(sources, chosen: list[Method], param_map: dict, options: S
         summary = ooc.run_summary(label, scan, totals)
         summaries.append({k: v for k, v in summary.items() if k not in ("columns", "manifest")})
         facts.append({"label": label, "manifest": summary["manifest"], "seq_names": list(scan.seq_code),
-                      "token_digest": totals.token_digest.hexdigest() if "token_id" in scan.columns else None,
+                      "token_digest": scan.token_digest,
                       "sum_p2": has_p2})
     return blocks, summaries, facts, skipped_all
 

@@ -9,7 +9,6 @@ DuckDB counts them per distinct value (:mod:`.tables`).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,16 +30,19 @@ _TOTALS = ("n", "n_noise", "n_top", "found", "n_noisy_seqs", "hits")
 
 @dataclass
 class RunTotals:
-    """What does not depend on the method: per sequence its pool tokens and noise, per kind its tokens."""
+    """What does not depend on the method: per sequence its pool tokens and noise, per kind its tokens.
+
+    The per-sequence arrays cover the codes ``first .. first + n_seqs - 1`` (a shard's sequences; all by default).
+    """
 
     n_seqs: int
     n_kinds: int
+    first: int = 0
     length: np.ndarray = None
     n_noise: np.ndarray = None
     n_kind: np.ndarray = None
     kind_seqs: np.ndarray = None  # per kind, sequences with a token of it
     kind_noise: np.ndarray = None  # [kinds, sequences]: each sequence's tokens of each kind
-    token_digest: "hashlib._Hash" = None  # sha256 of the token_id column as int64, in table order
     n_rows: int = 0
     excluded_kinds: dict = field(default_factory=dict)
 
@@ -50,7 +52,6 @@ class RunTotals:
         self.n_kind = np.zeros(self.n_kinds, dtype=np.int64)
         self.kind_seqs = np.zeros(self.n_kinds, dtype=np.int64)
         self.kind_noise = np.zeros((self.n_kinds, self.n_seqs), dtype=np.int64)
-        self.token_digest = hashlib.sha256()
 
     def add(self, chunk: Chunk) -> None:
         run, pool = chunk.run, chunk.run.pool
@@ -58,16 +59,27 @@ class RunTotals:
         for kind, n in run.excluded_kinds.items():
             self.excluded_kinds[kind] = self.excluded_kinds.get(kind, 0) + n
         n_local = len(run.seq_names)
-        self.length[chunk.codes] += np.bincount(pool.seq_codes, minlength=n_local)
-        self.n_noise[chunk.codes] += np.bincount(pool.seq_codes[pool.is_noise], minlength=n_local)
+        at = chunk.codes - self.first
+        self.length[at] += np.bincount(pool.seq_codes, minlength=n_local)
+        self.n_noise[at] += np.bincount(pool.seq_codes[pool.is_noise], minlength=n_local)
         kinds = chunk.kind_codes
         noise = kinds >= 0
         self.n_kind += np.bincount(kinds[noise], minlength=self.n_kinds)
         pairs = np.unique(np.stack([kinds[noise].astype(np.int64), pool.seq_codes[noise]]), axis=1)
         self.kind_seqs += np.bincount(pairs[0], minlength=self.n_kinds)
-        np.add.at(self.kind_noise, (kinds[noise].astype(np.int64), chunk.seq_codes[noise]), 1)
-        if "token_id" in run.numeric_columns:
-            self.token_digest.update(np.ascontiguousarray(run.column("token_id")).tobytes())
+        np.add.at(self.kind_noise, (kinds[noise].astype(np.int64), chunk.seq_codes[noise] - self.first), 1)
+
+    def merge(self, other: "RunTotals") -> None:
+        """Add another shard's totals (its sequences are a range of this one's)."""
+        at = slice(other.first - self.first, other.first - self.first + other.n_seqs)
+        self.length[at] += other.length
+        self.n_noise[at] += other.n_noise
+        self.kind_noise[:, at] += other.kind_noise
+        self.n_kind += other.n_kind
+        self.kind_seqs += other.kind_seqs
+        self.n_rows += other.n_rows
+        for kind, n in other.excluded_kinds.items():
+            self.excluded_kinds[kind] = self.excluded_kinds.get(kind, 0) + n
 
     @property
     def n_clean(self) -> int:
@@ -78,12 +90,13 @@ class RunTotals:
 class RankingSums:
     """One method × rank-by: its spill file and what is summed per sequence and per kind over the chunks."""
 
-    spill: Path
+    spill: Path  # where this process writes its scores
     n_seqs: int
     n_kinds: int
     ks: tuple[float, ...]
     k: float
     sequence: bool  # sequence scope asked for
+    first: int = 0  # the first sequence code the per-sequence arrays cover (a shard's)
     writer: pq.ParquetWriter | None = None
     w_total: np.ndarray = None
     w_noise: np.ndarray = None
@@ -107,21 +120,23 @@ class RankingSums:
         pool = chunk.run.pool
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
         if self.writer is None:
+            self.spill.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA)
         self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
                                          schema=SPILL_SCHEMA))
         n_local = len(chunk.run.seq_names)
+        at = chunk.codes - self.first
         # per sequence in row order, as np.bincount sums them over the whole table: the same bits
-        self.w_total[chunk.codes] += np.bincount(local, weights=s, minlength=n_local)
-        self.w_noise[chunk.codes] += np.bincount(local[y], weights=s[y], minlength=n_local)
+        self.w_total[at] += np.bincount(local, weights=s, minlength=n_local)
+        self.w_noise[at] += np.bincount(local[y], weights=s[y], minlength=n_local)
         self.kind_w += np.bincount(kinds[y], weights=s[y], minlength=self.n_kinds)
         self.clean_w += float(s[~y].sum())
         if self.sequence:
-            self._add_sequence_scope(chunk, s, y, local, kinds, n_local)
+            self._add_sequence_scope(at, s, y, local, kinds, n_local)
 
-    def _add_sequence_scope(self, chunk: Chunk, s, y, local, kinds, n_local) -> None:
+    def _add_sequence_scope(self, at: np.ndarray, s, y, local, kinds, n_local) -> None:
         per = per_sequence(s, y, local, n_local, self.ks, "sequence")
-        self.seq_fields[chunk.codes] += per[self.ks.index(self.k)]
+        self.seq_fields[at] += per[self.ks.index(self.k)]
         self.seq_totals += _totals(per)
         clean = ~y
         for j in range(self.n_kinds):
@@ -136,6 +151,31 @@ class RankingSums:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    @property
+    def pattern(self) -> Path:
+        """Every shard's spill of this ranking: what DuckDB reads (``work/<shard>/<name>``)."""
+        return self.spill.parent.parent / "*" / self.spill.name
+
+    def shard(self, folder: str, first: int, n_seqs: int) -> "RankingSums":
+        """An empty copy for the sequences ``first .. first + n_seqs - 1``, writing into ``work/<folder>/``."""
+        return RankingSums(self.spill.parent.parent / folder / self.spill.name, n_seqs, self.n_kinds, self.ks,
+                           self.k, self.sequence, first)
+
+    def merge(self, other: "RankingSums") -> None:
+        """Add a shard's sums (its spill file stays where it is, matched by :attr:`pattern`)."""
+        at = slice(other.first - self.first, other.first - self.first + other.n_seqs)
+        self.w_total[at] += other.w_total
+        self.w_noise[at] += other.w_noise
+        self.kind_w += other.kind_w
+        self.clean_w += other.clean_w
+        if self.sequence:
+            self.seq_fields[at] += other.seq_fields
+            self.seq_totals += other.seq_totals
+            self.kind_totals += other.kind_totals
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "writer": None}
 
 
 def _totals(per: np.ndarray) -> np.ndarray:

@@ -4,16 +4,15 @@ The pre-pass (:func:`scan_table`) reads only ``seq_id``, ``is_noise`` and
 ``noise_kind`` and keeps what is per sequence or per kind: the sequence codes
 (first appearance, as :func:`reweight_audit.evaluation.runs.load_run` numbers
 them), the noise kinds (sorted, as there) and whether every sequence's rows are
-contiguous. :func:`row_chunks` then yields chunks of whole sequences in the
-table's row order; :func:`batch_chunks` yields chunks of whole simulated
-batches (:func:`reweight_audit.methods.assign_batches`), each batch's rows in
-table order, from a copy DuckDB sorts on disk. A chunk is a
+contiguous. :func:`shard_ranges` cuts the rows into ranges of whole
+sequences and :func:`read_rows` reads one (only the row groups that hold it).
+A chunk is a
 :class:`~reweight_audit.evaluation.runs.RunData` (loaded by ``load_run``, so
 every check of a table applies to it) plus its sequences' global codes.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,8 @@ class TableScan:
     kinds: list[str] = field(default_factory=list)
     contiguous: bool = True
     columns: tuple[str, ...] = ()
+    seq_starts: list[int] = field(default_factory=list)  # the row where each sequence starts (code order)
+    token_digest: str | None = None  # sha256 of token_id as compare decodes it (None: no such column)
 
     @property
     def n_seqs(self) -> int:
@@ -74,29 +75,48 @@ def scan_table(path: Path) -> TableScan:
                          "rerun `reweight-audit score` to write the current format")
     scan = TableScan(path, int(pf.metadata.num_rows), columns=tuple(names))
     kinds: set[str] = set()
-    last = None
-    read = ["seq_id", "is_noise"] + (["noise_kind"] if "noise_kind" in names else [])
+    last, row = None, 0
+    read = ["seq_id", "is_noise"] + [c for c in ("noise_kind", "token_id") if c in names]
+    digest = hashlib.sha256() if "token_id" in names else None
     for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=read):
-        last = _scan_sequences(scan, batch.column("seq_id").cast(pa.string()).to_pylist(), last)
+        if digest is not None:
+            digest.update(_decoded(batch.column("token_id"), pf.schema_arrow.field("token_id").type).tobytes())
+        ids = batch.column("seq_id").cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
+        last = _scan_sequences(scan, ids, last, row)
+        row += batch.num_rows
         if "noise_kind" in names:
             kinds |= _noise_kinds(batch)
         elif pc.any(batch.column("is_noise").cast(pa.bool_())).as_py():
             kinds.add("unlabelled")
     scan.kinds = sorted(kinds)
+    scan.token_digest = None if digest is None else digest.hexdigest()
     return scan
 
 
-def _scan_sequences(scan: TableScan, ids: list, last: str | None) -> str | None:
-    """Codes for new sequence ids; a sequence seen before, after another one, makes the table non-contiguous."""
+def _decoded(column: pa.Array, kind: pa.DataType) -> np.ndarray:
+    """A numeric column as :meth:`RunData.column` decodes it: int64 when whole numbers without nulls, else float64."""
+    if pa.types.is_integer(kind) and not column.null_count:
+        return np.ascontiguousarray(column.to_numpy().astype(np.int64, copy=False))
+    return np.ascontiguousarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False))
+
+
+def _scan_sequences(scan: TableScan, ids: np.ndarray, last: str | None, row: int) -> str | None:
+    """Codes for new sequence ids; a sequence seen before, after another one, makes the table non-contiguous.
+
+    Only the rows where the id changes are looked at (one Python step per sequence, not per token)."""
+    if not ids.size:
+        return last
     codes = scan.seq_code
-    for sid in ids:
-        if sid != last:
-            if sid in codes:
-                scan.contiguous = False
-            else:
-                codes[sid] = len(codes)
-            last = sid
-    return last
+    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    starts = change if ids[0] == last else np.r_[0, change]
+    for i in starts.tolist():
+        sid = ids[i]
+        if sid in codes:
+            scan.contiguous = False
+        else:
+            codes[sid] = len(codes)
+            scan.seq_starts.append(row + i)
+    return ids[-1]
 
 
 def _noise_kinds(batch: pa.RecordBatch) -> set[str]:
@@ -139,28 +159,31 @@ def make_chunk(table: pa.Table, scan: TableScan, batch: np.ndarray | None = None
     return Chunk(run, codes, kind_map, batch)
 
 
-def row_chunks(scan: TableScan, columns: list[str], rows: int | None = None) -> Iterator[Chunk]:
-    """Chunks of whole sequences in the table's row order (the sequences must be contiguous)."""
-    rows = rows or CHUNK_ROWS
-    pf = pq.ParquetFile(scan.path)
-    pending: list[pa.RecordBatch] = []
-    size = 0
-    for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=columns):
-        pending.append(batch)
-        size += batch.num_rows
-        if size >= rows:
-            table = pa.Table.from_batches(pending)
-            cut = _last_boundary(table.column("seq_id"))
-            if cut > 0:
-                yield make_chunk(table.slice(0, cut), scan)
-                rest = table.slice(cut)
-                pending, size = rest.to_batches(), rest.num_rows
-    if size:
-        yield make_chunk(pa.Table.from_batches(pending), scan)
+def shard_ranges(scan: TableScan, rows: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of whole sequences, each of at least ``rows`` rows (the last may be smaller)."""
+    ranges, start = [], 0
+    for begin in scan.seq_starts[1:] + [scan.n_rows]:
+        if begin - start >= rows or begin == scan.n_rows:
+            ranges.append((start, begin))
+            start = begin
+    return [r for r in ranges if r[1] > r[0]]
 
 
-def _last_boundary(seq_id: pa.ChunkedArray) -> int:
-    """The row where the table's last sequence starts (0: one sequence only, keep reading)."""
-    ids = seq_id.cast(pa.string()).to_numpy(zero_copy_only=False)
-    change = np.flatnonzero(ids[1:] != ids[:-1])
-    return int(change[-1]) + 1 if change.size else 0
+def read_rows(path: Path, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows ``[start, stop)`` of a parquet file, reading only the row groups that hold them."""
+    pf = pq.ParquetFile(path)
+    groups, first, at = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if at < stop and at + n > start:
+            groups.append(g)
+            first = at if first is None else first
+        at += n
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first, stop - start)
+
+
+def code_range(scan: TableScan, start: int, stop: int) -> tuple[int, int]:
+    """The sequence codes ``[first, end)`` of the whole sequences in rows ``[start, stop)``."""
+    starts = np.asarray(scan.seq_starts)
+    return int(np.searchsorted(starts, start)), int(np.searchsorted(starts, stop))

@@ -6,8 +6,13 @@ Memory is O(sequences × methods), not O(tokens).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +23,15 @@ import pyarrow.parquet as pq
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.io import read_manifest
 from reweight_audit.evaluation import metrics
-from reweight_audit.evaluation.metrics.bootstrap import LEVEL, field_intervals
-from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS
 from reweight_audit.evaluation.metrics.declarations import NAN, count_values, ranking_values
 from reweight_audit.evaluation.outofcore import chunks as ch
+from reweight_audit.evaluation.outofcore import distributed
 from reweight_audit.evaluation.outofcore import tables
-from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, chunk_weights, totals_counts
+from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, totals_counts
+from reweight_audit.evaluation.outofcore.weights import chunk_rankings, method_weights
+from reweight_audit.evaluation.outofcore.grouped import group_rows
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts, HistogramIndex
+from reweight_audit.evaluation.outofcore.rows import metric_row
 from reweight_audit.evaluation.runs import RunData
 from reweight_audit.methods import Method, assign_batches
 
@@ -39,6 +46,7 @@ class RunRows:
     summary: dict = field(default_factory=dict)
     sample: RunData | None = None  # the first chunk: what weights.parquet, the plots and the heatmap show
     sample_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    by_group: list[dict] = field(default_factory=list)
     t_weights: float = 0.0
     t_metrics: float = 0.0
 
@@ -55,10 +63,35 @@ class RunJob:
     work: Path
     say: Callable[[str], None]
     rank_by: list[str] | None = None  # None: options.rank_by
+    grouping: tuple[np.ndarray, list[str]] | None = None  # --by-meta: per sequence code its group, the names
 
     def __post_init__(self) -> None:
         if self.rank_by is None:
             self.rank_by = list(self.options.rank_by)
+
+
+@contextmanager
+def work_folder(out_dir: Path | None, path: Path, record: dict) -> Iterator[Path]:
+    """Where a run's shards, spilled scores and DuckDB's temporary files go; removed once the run is evaluated.
+
+    With an output folder it is ``.<out>.engine/<key>`` beside it, the key a digest of the table (path, size,
+    modification time), the options and the shard size: an interrupted run leaves its finished shards there and
+    the next run with the same table and options reads them back. Without one, a temporary folder.
+    """
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="reweight-audit-engine-") as tmp:
+            yield Path(tmp)
+        return
+    stat = Path(path).stat()
+    key = json.dumps({"table": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+                      "options": record, "shard_rows": distributed.SHARD_ROWS, "chunk_rows": ch.CHUNK_ROWS},
+                     sort_keys=True, default=str)
+    folder = Path(out_dir).parent / f".{Path(out_dir).name}.engine" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder  # an exception leaves it for the next run
+    shutil.rmtree(folder, ignore_errors=True)
+    with suppress(OSError):
+        folder.parent.rmdir()  # the last run's folder gone: the parent too
 
 
 def scan_run(path: Path) -> ch.TableScan:
@@ -75,7 +108,7 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
     """Every method of ``job`` on one table, out of core."""
     opts = job.options
     ks = tuple(sorted(set(metrics.CUTS) | {opts.k_frac}))
-    sums = {(m.name, r): RankingSums(job.work / f"{i}-{r}.parquet", scan.n_seqs, len(scan.kinds), ks, opts.k_frac,
+    sums = {(m.name, r): RankingSums(job.work / "main" / f"{i}-{r}.parquet", scan.n_seqs, len(scan.kinds), ks, opts.k_frac,
                                      "sequence" in opts.scope)
             for i, m in enumerate(job.methods) for r in opts.rank_by}
     out = RunRows()
@@ -88,6 +121,8 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
             for r in opts.rank_by:
                 _ranking_rows(job, con, m, r, sums[(m.name, r)], totals, ks, out, scan.kinds)
             job.say(f"{job.label}: {m.name} done")
+        if job.grouping is not None:
+            out.by_group = group_rows(job, con, totals, sums)
     out.t_metrics = time.perf_counter() - t0
     out.summary = run_summary(job.label, scan, totals)
     return out
@@ -100,19 +135,32 @@ def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTo
     totals = RunTotals(scan.n_seqs, len(scan.kinds))
     plain = [m for m in job.methods if not getattr(m, "batch_dependent", False)]
     batched = [m for m in job.methods if getattr(m, "batch_dependent", False)]
-    sample, sample_weights = None, {}
-    for chunk in _progress(ch.row_chunks(scan, list(scan.columns)), scan.n_rows, job.say, "weights"):
-        totals.add(chunk)
-        weights = _chunk_rankings(job, chunk, plain, sums, _generators(job, plain))
-        if sample is None:
-            chunk.run.label = job.label
-            sample, sample_weights = chunk.run, weights
+    address = getattr(job.options, "ray", None)
+    if address:
+        totals.merge(distributed.ray_weight_pass(job, scan, plain, sums, address))
+    else:
+        totals.merge(distributed.local_weight_pass(job, scan, plain, sums))
+    sample, sample_weights = _sample(job, scan, plain)
     if batched:
         for chunk in _progress(_batch_chunks(job, scan, con), scan.n_rows, job.say, "batch-dependent weights"):
-            _chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
+            chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
     for one in sums.values():
         one.close()
     return totals, sample, sample_weights
+
+
+def _sample(job: RunJob, scan: ch.TableScan, plain: list[Method]) -> tuple[RunData, dict]:
+    """The first chunk and the plain methods' weights on it: what weights.parquet, the plots and the heatmap show."""
+    first = ch.make_chunk(ch.read_rows(scan.path, 0, _first_end(scan), list(scan.columns)), scan)
+    first.run.label = job.label
+    seed = job.options.seed
+    return first.run, {m.name: method_weights(job, m, first, np.random.default_rng(seed)) for m in plain}
+
+
+def _first_end(scan: ch.TableScan) -> int:
+    """Where the first chunk of whole sequences ends."""
+    starts = np.asarray(scan.seq_starts + [scan.n_rows])
+    return int(starts[min(int(np.searchsorted(starts, ch.CHUNK_ROWS)), starts.size - 1)])
 
 
 def _generators(job: RunJob, methods: list[Method]) -> dict:
@@ -133,27 +181,6 @@ def _progress(chunks, n_rows: int, say: Callable[[str], None], stage: str):
         spent = time.perf_counter() - t0
         eta = spent / done * (n_rows - done) if done else 0.0
         say(f"{stage}: {done:,}/{n_rows:,} rows, ETA {eta:.0f} s")
-
-
-def _chunk_rankings(job: RunJob, chunk: ch.Chunk, methods: list[Method], sums: dict,
-                    rngs: dict) -> dict[str, np.ndarray]:
-    """Each method's weights on the chunk (returned), and each rank-by's scores added to its sums."""
-    run = chunk.run
-    logp = run.column("logp")
-    sum_p2 = run.column("sum_p2") if "grad" in job.rank_by else None
-    weights = {}
-    for m in methods:
-        w = weights[m.name] = _weights(job, m, chunk, rngs[m.name])
-        for r in job.rank_by:
-            s = run.pool.take(metrics.rank_scores(w, r, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
-            sums[(m.name, r)].add(chunk, s)
-    return weights
-
-
-def _weights(job: RunJob, m: Method, chunk: ch.Chunk, rng) -> np.ndarray:
-    if m.name in CORPUS_METHODS:
-        return CORPUS_METHODS[m.name](job, chunk)
-    return chunk_weights(m, chunk, job.param_map.get(m.name), rng)
 
 
 def _batch_chunks(job: RunJob, scan: ch.TableScan, con):
@@ -179,34 +206,6 @@ def _batch_chunks(job: RunJob, scan: ch.TableScan, con):
         yield ch.make_chunk(table.drop_columns(["_batch"]), scan, table.column("_batch").to_numpy())
 
 
-# --------------------------------------------------------------------------- corpus-level methods
-
-
-def _rarity(job: RunJob, chunk: ch.Chunk) -> np.ndarray:
-    """``rarity`` (:func:`reweight_audit.methods.control.token_rarity`) with the table's token-id counts: the
-    one default method whose weight depends on the whole corpus, so a chunk alone cannot give it."""
-    counts = job.__dict__.get("_id_counts")
-    if counts is None:
-        counts = job.__dict__["_id_counts"] = _token_id_counts(job.path)
-    ids, n = counts
-    tok = chunk.run.column("token_id")
-    return np.log(n) - np.log(ids[np.searchsorted(ids[:, 0], tok), 1].astype(np.float64))
-
-
-def _token_id_counts(path: Path) -> tuple[np.ndarray, int]:
-    import duckdb
-
-    with duckdb.connect(":memory:") as con:
-        table = con.execute(f"SELECT token_id, count(*) AS n FROM read_parquet('{tables._quote(path)}') "
-                            "GROUP BY token_id ORDER BY token_id").fetchnumpy()
-    ids = np.stack([np.asarray(table["token_id"], dtype=np.int64), np.asarray(table["n"], dtype=np.int64)], 1)
-    return ids, int(ids[:, 1].sum())
-
-
-#: Methods whose weight depends on the whole table (not on the token, its sequence or its batch).
-CORPUS_METHODS: dict[str, Callable] = {"rarity": _rarity}
-
-
 # --------------------------------------------------------------------------- rows
 
 
@@ -214,7 +213,7 @@ def _ranking_rows(job: RunJob, con, m: Method, rank_by: str, sums: RankingSums, 
                   ks: tuple[float, ...], out: RunRows, scan_kinds: list[str]) -> None:
     opts = job.options
     counts = DescendingCounts(totals.n_clean, totals.n_kind, ks, (opts.k_frac,))
-    tables.value_counts(con, sums.spill, counts, len(totals.n_kind))
+    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind))
     index = HistogramIndex(counts)
     base = _base_counts(totals)
     for scope in opts.scope:
@@ -241,7 +240,7 @@ def _global_scope(con, sums: RankingSums, counts: DescendingCounts, totals: RunT
     noise_cuts = [counts.cut(0, c) for c in ks]
     kind_cuts = [counts.cut(1 + j, k) for j in range(len(totals.n_kind))]
     main = counts.cut(0, k)
-    per = tables.sequence_counts_at(con, sums.spill, totals.n_seqs, main, noise_cuts, kind_cuts)
+    per = tables.sequence_counts_at(con, sums.pattern, totals.n_seqs, main, noise_cuts, kind_cuts)
     n, n_noise = int(totals.length.sum()), int(totals.n_noise.sum())
     n_noisy = int(np.count_nonzero(totals.n_noise))
     per_cut = {}
@@ -273,18 +272,7 @@ def _sequence_scope(sums: RankingSums, totals: RunTotals, ks):
 
 def _main_row(main: metrics.Counts, per_seq: np.ndarray, sums: RankingSums, totals: RunTotals,
               index: HistogramIndex, opts) -> dict:
-    from dataclasses import replace
-
-    main = replace(main, w_total=float(sums.w_total.sum()), w_noise=float(sums.w_noise.sum()))
-    row = {**count_values(main), **ranking_values(index)}
-    bounds = {}
-    if opts.bootstrap:
-        fields = np.column_stack([per_seq, sums.w_total, sums.w_noise])[totals.length > 0]
-        bounds = field_intervals(SEQUENCE_FIELDS + ("w_total", "w_noise"), fields, n_boot=int(opts.bootstrap),
-                                 seed=int(opts.seed), level=LEVEL)
-    for spec in metrics.metric_specs(interval=True):
-        row[f"{spec.name}_lo"], row[f"{spec.name}_hi"] = bounds.get(spec.name, (NAN, NAN))
-    return row
+    return metric_row(main, per_seq, sums.w_total, sums.w_noise, totals.length, index, opts)
 
 
 def _kind_rows(ident: dict, k: float, kind_counts: list, sums: RankingSums, totals: RunTotals,

@@ -40,7 +40,7 @@ def noise_sets(kinds: list[str]) -> list[tuple[str, int | None]]:
 class SweepSums:
     """One method × rank-by: the spilled scores and, in sequence scope, each noise set's per-sequence counts."""
 
-    spill: Path
+    spill: Path  # where this process writes (``work/<shard>/<name>``)
     cuts: tuple[float, ...]
     sets: list[tuple[str, int | None]]
     sequence: bool
@@ -50,10 +50,26 @@ class SweepSums:
     def seq_path(self, i: int) -> Path:
         return self.spill.with_name(f"{self.spill.stem}-seq{i}.parquet")
 
+    @property
+    def pattern(self) -> Path:
+        """Every shard's spilled scores of this ranking (what DuckDB reads)."""
+        return self.spill.parent.parent / "*" / self.spill.name
+
+    def shard(self, folder: str, first: int, n_seqs: int) -> "SweepSums":
+        """An empty copy writing into ``work/<folder>/`` (everything it keeps is in files)."""
+        return SweepSums(self.spill.parent.parent / folder / self.spill.name, self.cuts, self.sets, self.sequence)
+
+    def merge(self, other: "SweepSums") -> None:
+        """Nothing to add: a shard's counts stay in its files, read through :attr:`pattern`."""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "writer": None, "seq_writers": None}
+
     def add(self, chunk: ch.Chunk, s: np.ndarray) -> None:
         pool = chunk.run.pool
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
         if self.writer is None:
+            self.spill.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA)
             self.seq_writers = [None] * len(self.sets)
         self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
@@ -80,8 +96,9 @@ class SweepSums:
     def sequence_fields(self, i: int, n_seqs: int) -> np.ndarray:
         """[cuts, S, fields] of noise set ``i`` in sequence scope (rows of sequences without tokens: zeros)."""
         out = np.zeros((n_seqs, len(self.cuts) * len(SEQUENCE_FIELDS)))
-        if self.seq_path(i).exists():
-            table = pq.read_table(self.seq_path(i))
+        pattern = self.seq_path(i)
+        for path in sorted(pattern.parent.parent.glob(f"*/{pattern.name}")):
+            table = pq.read_table(path)
             seq = table.column("seq").to_numpy()
             out[seq] = table.column("fields").combine_chunks().flatten().to_numpy().reshape(seq.size, -1)
         return out.reshape(n_seqs, len(self.cuts), len(SEQUENCE_FIELDS)).transpose(1, 0, 2)
@@ -90,7 +107,7 @@ class SweepSums:
 def sweep_sums(job: RunJob, scan: ch.TableScan, methods: list, con) -> tuple[RunTotals, dict]:
     """The weight pass of a sweep: every method × rank-by's :class:`SweepSums`."""
     sets = noise_sets(scan.kinds)
-    sums = {(m.name, r): SweepSums(job.work / f"{i}-{r}.parquet", job.options.cuts, sets,
+    sums = {(m.name, r): SweepSums(job.work / "main" / f"{i}-{r}.parquet", job.options.cuts, sets,
                                    "sequence" in job.options.scope)
             for i, m in enumerate(methods) for r in job.rank_by}
     totals, _, _ = weight_pass(job, scan, con, sums)
@@ -101,14 +118,14 @@ def global_fields(con, sums: SweepSums, totals: RunTotals, j: int | None) -> np.
     """[cuts, S, fields] of noise set ``j`` (None: all noise) in global scope: each cut of the set's pool from
     the per-value counts, the per-sequence counts at it from DuckDB."""
     counts = DescendingCounts(totals.n_clean, totals.n_kind, sums.cuts, sums.cuts)
-    tables.value_counts(con, sums.spill, counts, len(totals.n_kind))
+    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind))
     pool_at = 0 if j is None else 1 + j
     in_pool = "" if j is None else f"(kind < 0 OR kind = {j})"
     positive = "kind >= 0" if j is None else f"kind = {j}"
     cuts = [counts.cut(pool_at, c) for c in sums.cuts]
     specs = [(f"a{i}", in_pool, pc.cut.value) for i, pc in enumerate(cuts)]
     specs += [(f"p{i}", positive, pc.cut.value) for i, pc in enumerate(cuts)]
-    per = tables.above_tied(con, sums.spill, totals.n_seqs, specs)
+    per = tables.above_tied(con, sums.pattern, totals.n_seqs, specs)
     n_pos = totals.n_noise if j is None else totals.kind_noise[j]
     length = totals.length if j is None else totals.length - totals.n_noise + totals.kind_noise[j]
     noisy = (n_pos > 0).astype(np.float64)

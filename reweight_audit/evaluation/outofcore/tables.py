@@ -49,12 +49,18 @@ def batch_ordered_copy(con: duckdb.DuckDBPyConnection, source: Path, seq_ids: li
     con.unregister("_seq_batch")
 
 
-def value_counts(con: duckdb.DuckDBPyConnection, spill: Path, counts: DescendingCounts, n_kinds: int) -> None:
-    """Feed ``counts`` the clean and per-kind tokens at every distinct score, highest first, batch by batch."""
-    kinds = "".join(f", count(*) FILTER (WHERE kind = {j}) AS k{j}" for j in range(n_kinds))
+def value_counts(con: duckdb.DuckDBPyConnection, spill: Path, counts: DescendingCounts, n_kinds: int,
+                 where: str = "", kind_columns: list[str] | None = None) -> None:
+    """Feed ``counts`` the clean and per-kind tokens at every distinct score, highest first, batch by batch.
+
+    ``where``: a condition on the rows (""; all); ``kind_columns``: the positives' conditions (default: each kind).
+    """
+    conds = kind_columns if kind_columns is not None else [f"kind = {j}" for j in range(n_kinds)]
+    n_kinds = len(conds)
+    kinds = "".join(f", count(*) FILTER (WHERE {c}) AS k{j}" for j, c in enumerate(conds))
     reader = con.sql(f"""SELECT score, count(*) FILTER (WHERE kind < 0) AS clean{kinds}
-                             FROM read_parquet('{_quote(spill)}') GROUP BY score ORDER BY score DESC"""
-                         ).to_arrow_reader(_FETCH_ROWS)
+                             FROM read_parquet('{_quote(spill)}') {f"WHERE {where}" if where else ""}
+                             GROUP BY score ORDER BY score DESC""").to_arrow_reader(_FETCH_ROWS)
     for batch in _batches(reader):
         value = batch.column(0).to_numpy()
         per_kind = np.stack([batch.column(2 + j).to_numpy() for j in range(n_kinds)]) if n_kinds else \
@@ -79,16 +85,17 @@ def sequence_counts_at(con: duckdb.DuckDBPyConnection, spill: Path, n_seqs: int,
 
 
 def above_tied(con: duckdb.DuckDBPyConnection, spill: Path, n_seqs: int,
-               specs: list[tuple[str, str, float]]) -> dict[str, np.ndarray]:
+               specs: list[tuple[str, str, float]], where: str = "") -> dict[str, np.ndarray]:
     """Per sequence code, for each ``(name, condition, value)``: the tokens meeting the SQL condition ("": all)
     that score above ``value`` (``<name>_above``) and exactly ``value`` (``<name>_tied``); one GROUP BY seq."""
     columns, params = [], []
-    for name, where, value in specs:
-        cond = f"{where} AND " if where else ""
+    for name, condition, value in specs:
+        cond = f"{condition} AND " if condition else ""
         columns.append(f"count(*) FILTER (WHERE {cond}score > ?) AS {name}_above")
         columns.append(f"count(*) FILTER (WHERE {cond}score = ?) AS {name}_tied")
         params.extend([float(value), float(value)])
-    table = con.sql(f"SELECT seq, {', '.join(columns)} FROM read_parquet('{_quote(spill)}') GROUP BY seq",
+    rows = f"WHERE {where}" if where else ""
+    table = con.sql(f"SELECT seq, {', '.join(columns)} FROM read_parquet('{_quote(spill)}') {rows} GROUP BY seq",
                     params=params).to_arrow_table()
     seq = table.column("seq").to_numpy()
     out = {}
