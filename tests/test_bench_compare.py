@@ -199,6 +199,8 @@ def test_reports_compare_equal_to_themselves_and_every_real_difference_is_found(
 def test_bench_compare_runs_every_engine_in_fresh_processes_and_reports_equality(tmp_path):
     engines = bench_compare.engines_available()
     out, work = tmp_path / "bench.json", tmp_path / "work"
+    stale = work / "runs" / ".compare-5000-duckdb.engine" / "0123456789abcdef"  # an interrupted run's shards
+    stale.mkdir(parents=True)
     result = CliRunner().invoke(app, ["bench", "--compare", "--tokens", "5k", "--methods", "dft,entropy",
                                       "--bootstrap", "5", "--work", str(work), "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -211,6 +213,7 @@ def test_bench_compare_runs_every_engine_in_fresh_processes_and_reports_equality
         assert not (work / "runs" / f"compare-5000-{run['engine']}" / "weights.parquet").exists()
     assert figures["tables"]["5000"]["seed"] == 0 and figures["tables"]["5000"]["generated_now"]
     assert figures["verdict"]["every run completed"]
+    assert not stale.exists()  # measured from no finished shard
     assert engines == ("memory", "duckdb")
     assert [r["engine_reported"] for r in runs] == [r["engine"] for r in runs]  # each report says which ran
     assert figures["equal"]["5000"] == {f"{stage}/{name}": None for stage, names in

@@ -28,7 +28,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -59,11 +58,11 @@ COMPARED = {"compare": ("table.csv", "curves.csv", "by_kind.csv", "summary.json"
             "sweep": ("sweep.csv", "pairs.csv", "sweep.json")}
 RTOL = 1e-12
 #: Keys (summary.json) and columns (csv) that say how or where a run ran, not what it found.
-IGNORED = re.compile(r"^(engine.*|path|paths|stats_paths|output|timing|timings|seconds|elapsed|workers|records"
+IGNORED = re.compile(r"^(engine.*|ray|path|paths|stats_paths|output|timing|timings|seconds|elapsed|workers|records"
                      r"|t_.*|.*_seconds|.*_s)$")
 #: Disk estimates, bytes per token: the synthetic table (measured 33.3), the compare folder's weights.parquet per
 #: method (float32, plus a few bytes of identity per token), and an engine's scratch per method (spilled scores, with
-#: their sequence and label; DuckDB's temporary files and the engine's work folder, in the system's temporary folder).
+#: their sequence and label, and DuckDB's temporary files: the engine's work folder beside the report).
 TABLE_BYTES_PER_TOKEN = 36
 WEIGHTS_BYTES_PER_TOKEN_METHOD = 4.5
 SCRATCH_BYTES_PER_TOKEN_METHOD = 16
@@ -134,10 +133,10 @@ def method_count(bench: CompareBench) -> int:
 # ------------------------------------------------------------------ estimates
 
 
-def disk_needed(bench: CompareBench) -> tuple[int, int]:
-    """Bytes the bench may write (in the work folder, in the system's temporary folder): the tables not yet cached
-    and, at the largest size, the weights of every engine that runs there; one engine's scratch (a copy of the
-    table and its spilled scores). Earlier sizes' weights are removed before the next size starts."""
+def disk_needed(bench: CompareBench) -> int:
+    """Bytes the bench may write in its work folder: the tables not yet cached and, at the largest size, the weights
+    of every engine that runs there and one engine's scratch beside its report (a copy of the table, the spilled
+    scores, DuckDB's temporary files). Earlier sizes' weights are removed before the next size starts."""
     methods = method_count(bench)
     tables = sum(size * TABLE_BYTES_PER_TOKEN for size in bench.tokens
                  if not (bench.work / synthetic.file_name(size, bench.seed)).exists())
@@ -145,26 +144,19 @@ def disk_needed(bench: CompareBench) -> tuple[int, int]:
     running = sum(1 for engine in bench.engines if skip_reason(engine, largest) is None)
     runs = running * largest * (2 + WEIGHTS_BYTES_PER_TOKEN_METHOD * methods)
     scratch = largest * (TABLE_BYTES_PER_TOKEN + SCRATCH_BYTES_PER_TOKEN_METHOD * methods)
-    return int(tables + runs), int(scratch)
-
-
-def _existing(path: Path) -> Path:
-    return path if path.exists() else next(p for p in path.parents if p.exists())
+    return int(tables + runs + scratch)
 
 
 def check_disk(bench: CompareBench) -> int:
     """Refuse, in one line, a bench whose estimated disk use does not fit; return the estimate."""
-    work_bytes, scratch_bytes = disk_needed(bench)
-    work, scratch = _existing(bench.work.absolute()), Path(tempfile.gettempdir())
-    same = work.stat().st_dev == scratch.stat().st_dev
-    needs = {work: work_bytes + scratch_bytes} if same else {work: work_bytes, scratch: scratch_bytes}
-    for where, need in needs.items():
-        free = shutil.disk_usage(where).free
-        if need > HEADROOM * free:
-            raise AuditError(f"bench --compare needs about {need / 1e9:,.1f} GB of disk in {where}, "
-                             f"{free / 1e9:,.1f} GB free: free space, give --work on a larger disk (TMPDIR for the "
-                             "engine's scratch), or drop sizes from --tokens")
-    return work_bytes + scratch_bytes
+    need = disk_needed(bench)
+    where = next(p for p in (bench.work.absolute(), *bench.work.absolute().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > HEADROOM * free:
+        raise AuditError(f"bench --compare needs about {need / 1e9:,.1f} GB of disk in {where}, "
+                         f"{free / 1e9:,.1f} GB free: free space, give --work on a larger disk, or drop sizes "
+                         "from --tokens")
+    return need
 
 
 def skip_reason(engine: str, n_tokens: int) -> str | None:
@@ -244,6 +236,9 @@ def run_one(stage: str, table: Path, n_tokens: int, engine: str, bench: CompareB
     if reason is not None:
         return {**row, "skipped": reason}
     out = bench.work / "runs" / f"{stage}-{n_tokens}-{engine}"
+    # the duckdb engine resumes from the finished shards an interrupted run left in its work folder beside the
+    # report (docs/scaling.md, "Resuming"): a measurement starts from none
+    shutil.rmtree(out.parent / f".{out.name}.engine", ignore_errors=True)
     cmd = command(stage, table, out, engine, bench)
     measured = measure_child(cmd, bench.work / "runs" / f"{stage}-{n_tokens}-{engine}.log")
     row.update(measured, folder=str(out), command=" ".join(cmd),
