@@ -132,6 +132,7 @@ def test_a_child_is_measured_alone_its_exit_code_kept_and_it_is_stopped_before_t
     (["--engines", "memory,spark"], "--engines memory,spark: this compare offers memory, duckdb"),
     (["--methods", "dft,nope"], "--methods: nope not registered"),
     (["--tokens", "0"], "--tokens 0: give a positive token count"),
+    (["--stages", "compare,score"], "--stages compare,score: give compare, sweep or both"),
 ])
 def test_bad_bench_compare_options_are_one_line_errors_before_any_work(tmp_path, args, message):
     result = CliRunner().invoke(app, ["bench", "--compare", *args, "--work", str(tmp_path / "w"),

@@ -77,7 +77,7 @@ class CompareBench:
     bootstrap: int = 200
     seed: int = 0
     engines: tuple[str, ...] = ("memory", "duckdb")
-    sweep: bool = True
+    stages: tuple[str, ...] = ("compare", "sweep")
     work: Path = Path("reports/bench-compare-work")
 
 
@@ -110,6 +110,8 @@ def check(bench: CompareBench) -> None:
         raise AuditError("--tokens: give at least one size, e.g. 10M,100M")
     if bench.bootstrap < 0:
         raise AuditError(f"--bootstrap {bench.bootstrap}: give 0 (no intervals) or a positive number of resamples")
+    if not bench.stages or set(bench.stages) - set(COMPARED):
+        raise AuditError(f"--stages {','.join(bench.stages)}: give compare, sweep or both")
     offered = engines_available()
     unknown = [e for e in bench.engines if e not in offered]
     if unknown or not bench.engines:
@@ -427,7 +429,7 @@ def run_compare_bench(bench: CompareBench, say: Callable[[str], None] = lambda l
     equal: dict[int, dict] = {}
     for size in bench.tokens:
         path, tables[str(size)] = _table(bench, size, say)
-        for stage in ("compare", "sweep") if bench.sweep else ("compare",):
+        for stage in bench.stages:
             for engine in bench.engines:
                 runs.append(run_one(stage, path, size, engine, bench))
                 say(run_line(runs[-1]))
@@ -437,7 +439,7 @@ def run_compare_bench(bench: CompareBench, say: Callable[[str], None] = lambda l
     found_ratios = ratios(runs, bench.tokens)
     return {"mode": "compare", "tokens": list(bench.tokens), "methods": list(bench.methods or ()) or "defaults",
             "n_methods": method_count(bench), "bootstrap": bench.bootstrap, "seed": bench.seed,
-            "engines": list(bench.engines), "sweep": bench.sweep, "work": str(bench.work),
+            "engines": list(bench.engines), "stages": list(bench.stages), "work": str(bench.work),
             "disk_estimate_bytes": disk, "generator_version": synthetic.GENERATOR_VERSION, "machine": _machine(),
             "tables": tables, "runs": runs, "equal": {str(k): v for k, v in equal.items()},
             "ratios": found_ratios, "verdict": verdict(runs, found_ratios, equal)}
