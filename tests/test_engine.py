@@ -11,7 +11,7 @@ import pytest
 from reweight_audit.core.errors import AuditError
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.evaluation.config import CompareConfig
-from reweight_audit.evaluation.outofcore import chunks
+from reweight_audit.evaluation.outofcore import chunks, tables
 
 from tests.helpers import make_stats, write_stats
 
@@ -23,6 +23,7 @@ def small_chunks(monkeypatch):
     """A few hundred rows a chunk: every table below is read in several chunks."""
     monkeypatch.setattr(chunks, "CHUNK_ROWS", 300)
     monkeypatch.setattr(chunks, "_READ_ROWS", 128)
+    monkeypatch.setattr(tables, "_FETCH_ROWS", 64)  # distinct scores, and runs of ties, span streamed batches
 
 
 def assert_frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -126,8 +127,6 @@ def test_auto_picks_by_size(tmp_path, monkeypatch):
 
 
 def test_duckdb_memory_limit_is_set(tmp_path):
-    from reweight_audit.evaluation.outofcore import tables
-
     with tables.connect(tmp_path) as con:
         limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
         temp = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
@@ -235,3 +234,13 @@ def test_by_meta_groups_agree(tmp_path):
     assert set(ooc.by_group["group"]) == {"gpt", "palm", "(none)"}
     assert_frames_equal(mem.by_group, ooc.by_group)
     assert_same(mem, ooc)
+
+
+def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
+    from reweight_audit.evaluation import compare
+    from reweight_audit.evaluation.config import SweepConfig
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
+    monkeypatch.setattr(compare, "available_memory", lambda: 1000)
+    assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
+    assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "memory"

@@ -312,7 +312,7 @@ def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | Sta
         return "duckdb"
     if options.engine == "memory":
         return "memory"
-    if any(isinstance(s, StatsTable) for s in sources) or getattr(options, "stratify", None):
+    if any(isinstance(s, StatsTable) for s in sources) or _stratified(options):
         return "memory"
     tokens = sum(parquet_rows(Path(s)) for s in sources)
     return "duckdb" if tokens * MEMORY_BYTES_PER_TOKEN > 0.5 * available_memory() else "memory"
@@ -321,10 +321,14 @@ def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | Sta
 def _check_out_of_core(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> None:
     if any(isinstance(s, StatsTable) for s in sources):
         raise AuditError("--engine duckdb reads stats.parquet files; a table in memory needs --engine memory")
-    stratify = getattr(options, "stratify", None)
-    if stratify and stratify != ["none"]:
+    if _stratified(options):
         raise AuditError("--stratify is computed by --engine memory only (for now); drop --stratify or use "
                          "--engine memory")
+
+
+def _stratified(options: CompareConfig | SweepConfig) -> bool:
+    """Whether the options ask for strata (compare --stratify; a sweep's stratify axis beyond the pooled none)."""
+    return any(value != "none" for value in (getattr(options, "stratify", None) or []))
 
 
 def available_memory() -> int:

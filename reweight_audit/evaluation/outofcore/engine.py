@@ -32,7 +32,7 @@ from reweight_audit.evaluation.outofcore.weights import chunk_rankings, method_w
 from reweight_audit.evaluation.outofcore.grouped import group_rows
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts, HistogramIndex
 from reweight_audit.evaluation.outofcore.rows import metric_row
-from reweight_audit.evaluation.runs import RunData
+from reweight_audit.evaluation.runs import REQUIRED_COLUMNS, RunData
 from reweight_audit.methods import Method, assign_batches
 
 
@@ -187,7 +187,10 @@ def _batch_chunks(job: RunJob, scan: ch.TableScan, con):
     """Chunks of whole simulated batches, from a copy of the table sorted by batch (table order within one)."""
     batch_of_seq = assign_batches(np.arange(scan.n_seqs), job.options.batch_seqs, job.options.seed)
     target = job.work / "batched.parquet"
-    tables.batch_ordered_copy(con, scan.path, list(scan.seq_code), batch_of_seq, target)
+    # only what a chunk is checked with and what the batch-dependent methods read: a narrower sort
+    needs = {c for m in job.methods if getattr(m, "batch_dependent", False) for c in m.needs}
+    columns = [c for c in scan.columns if c in (*REQUIRED_COLUMNS, "noise_kind", "seq_len", "sum_p2") or c in needs]
+    tables.batch_ordered_copy(con, scan.path, list(scan.seq_code), batch_of_seq, target, columns)
     pending, size = [], 0
     for b in pq.ParquetFile(target).iter_batches(batch_size=1 << 16):
         pending.append(b)

@@ -123,9 +123,10 @@ def global_fields(con, sums: SweepSums, totals: RunTotals, j: int | None) -> np.
     in_pool = "" if j is None else f"(kind < 0 OR kind = {j})"
     positive = "kind >= 0" if j is None else f"kind = {j}"
     cuts = [counts.cut(pool_at, c) for c in sums.cuts]
-    specs = [(f"a{i}", in_pool, pc.cut.value) for i, pc in enumerate(cuts)]
-    specs += [(f"p{i}", positive, pc.cut.value) for i, pc in enumerate(cuts)]
-    per = tables.above_tied(con, sums.pattern, totals.n_seqs, specs)
+    per = {**tables.above_tied(con, sums.pattern, totals.n_seqs,
+                               [(f"a{i}", in_pool, pc.cut.value) for i, pc in enumerate(cuts)]),
+           **tables.above_tied(con, sums.pattern, totals.n_seqs,
+                               [(f"p{i}", positive, pc.cut.value) for i, pc in enumerate(cuts)], where="kind >= 0")}
     n_pos = totals.n_noise if j is None else totals.kind_noise[j]
     length = totals.length if j is None else totals.length - totals.n_noise + totals.kind_noise[j]
     noisy = (n_pos > 0).astype(np.float64)
