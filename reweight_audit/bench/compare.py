@@ -5,9 +5,9 @@ the work folder) is evaluated by each engine in a **fresh subprocess** (``python
 TABLE --engine E -o DIR``): its wall time and its peak RSS (the child's ``ru_maxrss`` from ``os.wait4``) are
 measured, one line a run. Then, in the same run:
 
-* the ratios of issue 20's targets: the duckdb engine's peak RSS at the largest size ÷ at the smallest, its
-  seconds per million tokens at the largest size ÷ the memory engine's at the smallest, and its peak RSS at
-  the largest size against :data:`RSS_TARGET`;
+* the ratios of issue 20's targets, per stage (:data:`RATIOS`): the duckdb engine's peak RSS at the largest
+  size ÷ at the smallest, its seconds per million tokens at the largest size ÷ the memory engine's at the
+  smallest, and its peak RSS at the largest size against :data:`RSS_TARGET`;
 * at every size where both engines ran, whether their reports are equal (:data:`COMPARED`: compare's
   ``table.csv``, ``curves.csv``, ``by_kind.csv``, ``summary.json``; sweep's ``sweep.csv``, ``pairs.csv``,
   ``sweep.json``), counts exactly, other numbers to :data:`RTOL` relative; what says how or where a run ran —
@@ -16,7 +16,9 @@ measured, one line a run. Then, in the same run:
 The memory engine is skipped, with the reason, where its estimated peak (``evaluation.compare.MEMORY_BYTES_PER_TOKEN``,
 measured on main) does not fit the memory available; the whole bench is refused at once, in one line, where
 its estimated disk use does not fit the work folder's filesystem. The per-run ``weights.parquet`` files are
-removed once a size is checked (they are the bulk of the disk a run takes).
+removed once a size is checked (they are the bulk of the disk a run takes). Each run starts from scratch (no
+finished shard of an earlier, interrupted run), and one that would leave the machine without memory is stopped
+with the reason (:func:`measure_child`).
 """
 from __future__ import annotations
 
