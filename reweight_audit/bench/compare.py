@@ -62,7 +62,7 @@ RTOL = 1e-12
 #: Keys (summary.json) and columns (csv) that say how or where a run ran, not what it found.
 IGNORED = re.compile(r"^(engine.*|ray|path|paths|stats_paths|output|timing|timings|seconds|elapsed|workers|records"
                      r"|t_.*|.*_seconds|.*_s)$")
-#: Disk estimates, bytes per token: the synthetic table (measured 33.3), the compare folder's weights.parquet per
+#: Disk estimates, bytes per token: the synthetic table (measured 32.4 at 100M tokens), the compare folder's weights.parquet per
 #: method (float32, plus a few bytes of identity per token), and an engine's scratch per method (spilled scores, with
 #: their sequence and label, and DuckDB's temporary files: the engine's work folder beside the report).
 TABLE_BYTES_PER_TOKEN = 36
