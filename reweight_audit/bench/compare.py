@@ -62,9 +62,9 @@ RTOL = 1e-12
 #: Keys (summary.json) and columns (csv) that say how or where a run ran, not what it found.
 IGNORED = re.compile(r"^(engine.*|ray|path|paths|stats_paths|output|timing|timings|seconds|elapsed|workers|records"
                      r"|t_.*|.*_seconds|.*_s)$")
-#: Disk estimates, bytes per token: the synthetic table (measured 32.4 at 100M tokens), the compare folder's weights.parquet per
-#: method (float32, plus a few bytes of identity per token), and an engine's scratch per method (spilled scores, with
-#: their sequence and label, and DuckDB's temporary files: the engine's work folder beside the report).
+#: Disk estimates, bytes per token: the synthetic table (measured 32.4 at 100M tokens), the compare folder's
+#: weights.parquet per method (float32, plus a few bytes of identity per token), and an engine's scratch per method
+#: (spilled scores, with their sequence and label, and DuckDB's temporary files: its work folder beside the report).
 TABLE_BYTES_PER_TOKEN = 36
 WEIGHTS_BYTES_PER_TOKEN_METHOD = 4.5
 SCRATCH_BYTES_PER_TOKEN_METHOD = 16
@@ -414,8 +414,9 @@ def _check_size(runs: list[dict], size: int, say: Callable[[str], None]) -> dict
         differ = reports_differ(Path(done["memory"]["folder"]), Path(done["duckdb"]["folder"]), stage)
         found = {**(found or {}), **{f"{stage}/{name}": v for name, v in differ.items()}}
         bad = {k: v for k, v in differ.items() if v is not None}
-        say(f"equal   {human(size):>5s} tokens  {stage}: " + (
-            "yes: " + ", ".join(COMPARED[stage]) if not bad else "NO: " + "; ".join(f"{k}: {v}" for k, v in bad.items())))
+        verdict_text = ("yes: " + ", ".join(COMPARED[stage]) if not bad else
+                        "NO: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
+        say(f"equal   {human(size):>5s} tokens  {stage}: {verdict_text}")
     for row in runs:
         if row["tokens"] == size and "folder" in row:
             (Path(row["folder"]) / "weights.parquet").unlink(missing_ok=True)
