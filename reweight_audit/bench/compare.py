@@ -2,7 +2,7 @@
 
 For each size in ``--tokens`` a seeded synthetic stats table (:mod:`reweight_audit.bench.synthetic`, cached in
 the work folder) is evaluated by each engine in a **fresh subprocess** (``python -m reweight_audit compare
-TABLE --engine E -o DIR``): its wall time and its peak RSS (the child's ``ru_maxrss`` from ``os.wait4``) are
+TABLE --engine E -o DIR``): its wall time and its peak RSS (the child's own ``ru_maxrss``, :data:`LAUNCHER`) are
 measured, one line a run. Then, in the same run:
 
 * the ratios of issue 20's targets, per stage (:data:`RATIOS`): the duckdb engine's peak RSS at the largest
@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -188,49 +189,65 @@ def command(stage: str, table: Path, out: Path, engine: str, bench: CompareBench
     return cmd + ["--engine", engine]
 
 
+#: A small process between bench and each run: Linux counts the memory of the process that forked a child (its
+#: high-water mark at the fork) into the child's ru_maxrss, so a run forked by bench itself (hundreds of MB, or a
+#: test runner's GBs) would report at least that. The launcher is small, forks the run, waits for it and writes
+#: ``[exit code, ru_maxrss in KiB]`` of the run alone to the file named by its first argument.
+LAUNCHER = ("import json, os, sys\n"
+            "pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)\n"
+            "_, status, usage = os.wait4(pid, 0)\n"
+            "with open(sys.argv[1], 'w') as f:\n"
+            "    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss], f)\n")
+
+
 def _guard(proc: subprocess.Popen, stop: threading.Event, found: dict) -> None:
-    """Stop the child before the machine runs out of memory (an engine that holds more than estimated, a stage that
+    """Stop the run before the machine runs out of memory (an engine that holds more than estimated, a stage that
     ignores --engine): the OOM killer would pick any process of the machine, this stops ours, with the reason."""
     import psutil
 
     try:
-        child = psutil.Process(proc.pid)
+        launcher = psutil.Process(proc.pid)
         while not stop.wait(GUARD_POLL_S):
             memory = psutil.virtual_memory()
             if memory.available < GUARD_MIN_AVAILABLE * memory.total:
-                rss = child.memory_info().rss
+                rss = sum(p.memory_info().rss for p in launcher.children(recursive=True))
                 found["stopped"] = (f"stopped by bench: {memory.available / 1e9:.1f} GB left available on the "
                                     f"machine, the run's RSS {rss / 1e9:.1f} GB")
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 return
-    except psutil.Error:  # the child ended between two looks
+    except (psutil.Error, ProcessLookupError):  # the run ended between two looks
         return
 
 
 def measure_child(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` to its end; its exit code, wall seconds and peak RSS (``ru_maxrss`` of this child alone).
-
-    A child that would leave the machine without memory is stopped (``stopped``: why)."""
+    """Run ``cmd`` to its end, through :data:`LAUNCHER`; its exit code, wall seconds and peak RSS (its own
+    ``ru_maxrss``). A run that would leave the machine without memory is stopped (``stopped``: why)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     found: dict[str, str] = {}
     stop = threading.Event()
+    result = log.with_name(log.name + ".rusage.json")
+    result.unlink(missing_ok=True)
     with log.open("wb") as sink:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(result), *cmd], stdout=sink,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         guard = threading.Thread(target=_guard, args=(proc, stop, found), daemon=True)
         guard.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # an interrupt: the child goes with us
-            proc.kill()
+            proc.wait()
+        except BaseException:  # an interrupt: the run goes with us
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
         finally:
             stop.set()
             guard.join()
         seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits for it again
-    return {"exit": proc.returncode, "seconds": seconds, "peak_rss_bytes": int(usage.ru_maxrss) * 1024, **found}
+    if not result.exists():  # the launcher itself was stopped (the guard kills the whole group)
+        return {"exit": proc.returncode, "seconds": seconds, "peak_rss_bytes": None, **found}
+    code, peak_kib = json.loads(result.read_text())
+    result.unlink()
+    return {"exit": code, "seconds": seconds, "peak_rss_bytes": int(peak_kib) * 1024, **found}
 
 
 def run_one(stage: str, table: Path, n_tokens: int, engine: str, bench: CompareBench) -> dict:
@@ -271,8 +288,8 @@ def run_line(row: dict) -> str:
     head = f"{row['stage']:7s} {human(row['tokens']):>5s} tokens  {row['engine']:6s}"
     if "skipped" in row:
         return f"{head}  {row['skipped']}"
-    text = (f"{head}  {row['seconds']:8.1f} s  {row['s_per_m_tokens']:7.2f} s/M tokens  "
-            f"peak RSS {row['peak_rss_bytes'] / 1e9:6.2f} GB")
+    peak = "n/a" if row["peak_rss_bytes"] is None else f"{row['peak_rss_bytes'] / 1e9:6.2f} GB"
+    text = f"{head}  {row['seconds']:8.1f} s  {row['s_per_m_tokens']:7.2f} s/M tokens  peak RSS {peak}"
     if row["exit"] != 0:
         return f"{text}  FAILED (exit {row['exit']}): {row['error']}"
     said = row.get("engine_reported")
