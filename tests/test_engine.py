@@ -176,13 +176,21 @@ def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
     options = dict(methods=["dft", "random", "rarity", "talr"], scope=["global", "sequence"], bootstrap=10,
                    batch_seqs=8)
     single = run_compare(path, None, CompareConfig(engine="duckdb", **options))
+    from reweight_audit.evaluation.config import SweepConfig
+    from reweight_audit.evaluation.sweep import run_sweep
+
+    sweep_options = dict(methods=["dft", "random", "talr"], bootstrap=10, batch_seqs=8, k=[5, 20])
+    swept = run_sweep(path, None, SweepConfig(engine="duckdb", **sweep_options))
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         mapped = run_compare(path, None, CompareConfig(engine="duckdb", ray="auto", **options))
+        swept_on_ray = run_sweep(path, None, SweepConfig(engine="duckdb", ray="auto", **sweep_options))
     finally:
         ray.shutdown()
     assert_same(single, mapped, ("duckdb", "duckdb"))
     assert mapped.config["ray"] == "auto"
+    assert_frames_equal(swept.table, swept_on_ray.table)
+    assert_frames_equal(swept.pairs, swept_on_ray.pairs)
 
 
 class Stop(Exception):

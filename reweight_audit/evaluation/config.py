@@ -25,6 +25,9 @@ STRATA_HELP = "Strata per --stratify variable: quantiles over the tokens (10: de
 PARAMS_TYPE = "Mapping[str, Mapping[str, Any]] | Sequence[str]"
 #: The evaluation engines: auto picks by the table's size.
 ENGINES = ("auto", "memory", "duckdb")
+RAY_HELP = ("With --engine duckdb: run the map step on Ray, 'local' (start Ray here), 'auto' (the running cluster) "
+            "or a cluster address; the tables and the work folder must be on storage every node reads "
+            "(docs/scaling.md).")
 ENGINE_HELP = ("auto, memory or duckdb: memory holds the whole table; duckdb is out of core (exact, memory flat "
                "in the tokens); auto picks duckdb when the table would not fit comfortably in memory.")
 
@@ -73,6 +76,13 @@ def _engine(engine: str) -> str:
     if engine not in ENGINES:
         raise AuditError(f"--engine {engine!r} is not known; use one of {', '.join(ENGINES)}")
     return engine
+
+
+def _ray(ray: str | None, engine: str) -> str | None:
+    if ray and engine == "memory":
+        raise AuditError(f"--ray {ray}: the map step on Ray is the out-of-core engine's; use --engine duckdb (or "
+                         "auto) or drop --ray")
+    return ray or None
 
 
 def _positive_batch(batch_seqs: int) -> int:
@@ -124,9 +134,7 @@ class CompareConfig(Config):
     strata: int = option(10, help=STRATA_HELP)
     heatmap_sequences: int = option(HEATMAP_SEQUENCES, cli=False, help="Sequences per run shown in heatmap.html.")
     engine: str = option("auto", help=ENGINE_HELP, check=_engine)
-    ray: str | None = option(None, help="With --engine duckdb: run the map step on Ray, 'local' (start Ray here), "
-                                        "'auto' (the running cluster) or a cluster address; the tables and the "
-                                        "work folder must be on storage every node reads (docs/scaling.md).")
+    ray: str | None = option(None, help=RAY_HELP)
 
     def check(self) -> None:
         from reweight_audit.evaluation import strata, table1
@@ -139,10 +147,7 @@ class CompareConfig(Config):
             raise AuditError(f"--records {self.records}: it is read only with --by-meta FIELD; add that or drop "
                              "--records")
         self.stratify, self.strata = strata.check_stratify(self.stratify, self.strata)
-        self.ray = self.ray or None
-        if self.ray and self.engine == "memory":
-            raise AuditError(f"--ray {self.ray}: the map step on Ray is the out-of-core engine's; use --engine duckdb "
-                             "(or auto) or drop --ray")
+        self.ray = _ray(self.ray, self.engine)
 
     @property
     def k_frac(self) -> float:
@@ -224,6 +229,7 @@ class SweepConfig(Config):
                                  check=_sweep_stratify)
     strata: int = option(10, help=STRATA_HELP)
     engine: str = option("auto", help=ENGINE_HELP, check=_engine)
+    ray: str | None = option(None, help=RAY_HELP)
     claim_order: list[str] | None = field(init=False, default=None, repr=False, compare=False)
 
     def check(self) -> None:
@@ -231,6 +237,7 @@ class SweepConfig(Config):
 
         _, self.strata = strata.check_stratify([], self.strata)
         self.claim_order = parse_claim(self.claim)
+        self.ray = _ray(self.ray, self.engine)
 
     @property
     def cuts(self) -> tuple[float, ...]:

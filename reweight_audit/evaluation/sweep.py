@@ -322,7 +322,7 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
             table=sweep_table(blocks, options.cuts, families), pairs=pair_counts(blocks, names, options.metric),
             claim=None if options.claim_order is None else claim_table(blocks, options.claim_order, options.metric, options.cuts),
             methods=names, runs=summaries, notes=sweep_notes(facts, options), skipped=skipped,
-            config={**sweep_record(options, sources, methods), "engine": engine})
+            config={**sweep_record(options, sources, methods), "engine": engine, "ray": options.ray})
         result.timings["compute"] = time.perf_counter() - t0
         if write:
             writer(result, Path(out_dir))

@@ -70,7 +70,7 @@ class SweepSums:
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
         if self.writer is None:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA)
+            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA, use_dictionary=["kind", "seq"])
             self.seq_writers = [None] * len(self.sets)
         self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
                                          schema=SPILL_SCHEMA))
