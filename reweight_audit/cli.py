@@ -518,6 +518,40 @@ def _print_bench(result: dict) -> None:
         out.print("agreement with naive: " + ", ".join(f"{k}={v}" for k, v in result["agreement"].items()))
 
 
+BenchCompare = Annotated[bool, typer.Option(
+    "--compare", help="compare and sweep on seeded synthetic tables of --tokens sizes, each engine in a fresh process: time, "
+                      "peak RSS, and the engines' reports equal (issue 20's targets).")]
+BenchTokens = Annotated[str, typer.Option("--tokens", help="With --compare: table sizes (k, M, B suffixes).")]
+BenchMethods = Annotated[Optional[str], typer.Option(
+    "--methods", help="With --compare: comma list (default: compare's defaults).")]
+BenchBootstrap = Annotated[int, typer.Option("--bootstrap", help="With --compare: bootstrap resamples.")]
+BenchSeed = Annotated[int, typer.Option("--seed", help="With --compare: the synthetic tables' and the runs' seed.")]
+BenchEngines = Annotated[Optional[str], typer.Option(
+    "--engines", help="With --compare: which of memory, duckdb to run (default: every engine compare offers).")]
+BenchStages = Annotated[str, typer.Option("--stages", help="With --compare: which of compare, sweep to time.")]
+BenchWork = Annotated[Path, typer.Option("--work", help="With --compare: folder of the cached tables and the runs.")]
+
+
+def _bench_compare(output: Path, *, tokens: str, methods: str | None, bootstrap: int, seed: int, engines: str | None,
+                   stages: str, work: Path) -> None:
+    """``bench --compare``: each size's synthetic table, each engine in a fresh process, the lines as they come."""
+    from reweight_audit.bench import compare as compare_bench
+    from reweight_audit.core.io import output_lock, prepare_output_file, write_json_atomic
+
+    options = compare_bench.CompareBench(
+        tokens=compare_bench.parse_tokens(tokens), methods=tuple(split_list([methods])) if methods else None,
+        bootstrap=bootstrap, seed=seed, stages=tuple(split_list([stages])), work=work,
+        engines=tuple(split_list([engines])) if engines else compare_bench.engines_available())
+    compare_bench.check(options)
+    prepare_output_file(output)  # before the minutes of benchmarking
+    with output_lock(output):
+        result = compare_bench.run_compare_bench(options, say=lambda line: out.print(escape(line)))
+        for line in compare_bench.summary_lines(result):
+            out.print(escape(line))
+        write_json_atomic(output, result)
+    out.print(f"wrote {escape(str(output))}")
+
+
 @command(on_interrupt="{output} was not written; run the command again")
 def bench(
     model: Annotated[str, typer.Option(
@@ -549,10 +583,17 @@ def bench(
     ] = False,
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="JSON file for the figures.")] = Path("reports/bench.json"),
+    compare: BenchCompare = False, tokens: BenchTokens = "10M,100M", methods: BenchMethods = None,
+    bootstrap: BenchBootstrap = 200, seed: BenchSeed = 0, engines: BenchEngines = None,
+    stages: BenchStages = "compare,sweep", work: BenchWork = Path("reports/bench-compare-work"),
 ) -> None:
-    """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
+    """Scoring throughput and peak memory: plain forward pass vs naive vs ours (--compare: compare at scale)."""
     from reweight_audit import bench as bench_module
     from reweight_audit.core.io import output_lock, prepare_output_file, write_json_atomic
+
+    if compare:
+        return _bench_compare(output, tokens=tokens, methods=methods, bootstrap=bootstrap, seed=seed, engines=engines,
+                              stages=stages, work=work)
 
     # sizes (0 or a negative number is an error, never "the default") are checked by bench.run_bench itself
     chosen = split_list([variants])
