@@ -588,8 +588,7 @@ def bench(
     stages: BenchStages = "compare,sweep", work: BenchWork = Path("reports/bench-compare-work"),
 ) -> None:
     """Scoring throughput and peak memory: plain forward pass vs naive vs ours (--compare: compare at scale)."""
-    from reweight_audit import bench as bench_module
-    from reweight_audit.core.io import output_lock, prepare_output_file, write_json_atomic
+    from reweight_audit.core.io import prepare_output_file
 
     if compare:
         return _bench_compare(output, tokens=tokens, methods=methods, bootstrap=bootstrap, seed=seed, engines=engines,
@@ -604,13 +603,19 @@ def bench(
     if train_step:
         _bench_train(output, vocab=vocab, seq_len=seq_len, device=device, dtype=dtype, repeats=repeats)
         return
+    run = dict(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len, device=device, dtype=dtype,
+               chunk_rows=chunk_rows, repeats=repeats, variants=tuple(chosen), stats_only=stats_only,
+               contended=contended)
+    _bench_scoring(output, run, gpu_check=gpu_check)
+
+
+def _bench_scoring(output: Path, run: dict, *, gpu_check: bool) -> None:
+    """The scoring bench (``run``: run_bench's keywords) or the prepared GPU check, printed and written."""
+    from reweight_audit import bench as bench_module
+    from reweight_audit.core.io import output_lock, write_json_atomic
+
     with output_lock(output):
-        if gpu_check:
-            results = bench_module.gpu_check(repeats=repeats)
-        else:
-            results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
-                                              device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
-                                              variants=tuple(chosen), stats_only=stats_only, contended=contended)]
+        results = bench_module.gpu_check(repeats=run["repeats"]) if gpu_check else [bench_module.run_bench(**run)]
         for result in results:
             _print_bench(result)
         write_json_atomic(output, results if gpu_check else results[0])
