@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -241,3 +242,32 @@ def naive_loss(logits: torch.Tensor, labels: torch.Tensor, method: str, ref_logi
     w = torch.zeros(t.shape, dtype=torch.float64)
     w[keep] = torch.from_numpy(compute_weights(get_method(method), cols, params=params, seed=0))
     return (w.float().detach() * ce).sum() / keep.sum()
+
+
+# ------------------------------------------------------------------------------------------------ torch fixtures
+# Imported by the training tests (test_training, test_fused*): pytest uses a fixture a module imports.
+
+
+@pytest.fixture(autouse=True)
+def autograd_on():
+    # scoring's load_model switches autograd off for the whole process; training needs it
+    torch.set_grad_enabled(True)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # a tiny model's ops take microseconds; two OpenMP threads on a loaded 2-core machine make each
+    # one wait for a descheduled thread (measured: 100x slower steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    """The tiny test model (conftest's ``tiny_model``) in eval mode, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)

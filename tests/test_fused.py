@@ -3,13 +3,13 @@ full-logits loss for every registered method, HF's default loss for sft, the tor
 numpy registry (tiny models built on the spot, no network)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from helpers import autograd_on, one_thread, lm  # noqa: F401 (fixtures)
 from helpers import brute_statistics, gradient_test_params, naive_loss, write_noisy
 from reweight_audit.core.errors import AuditError
 from reweight_audit.methods import available_methods, compute_weights, get_method
@@ -21,25 +21,6 @@ from reweight_audit.training.fused import (DEVICE_WEIGHTS, FusedReweightedLoss, 
 from reweight_audit.training.run import make_collator, training_examples
 
 METHODS = [m.name for m in available_methods()]
-
-
-@pytest.fixture(autouse=True)
-def autograd_on():
-    torch.set_grad_enabled(True)  # scoring's load_model switches autograd off process-wide
-    yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model):
-    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,10 @@ the ratio lines compare the right pairs against issue 21's targets (timings them
 from __future__ import annotations
 
 import pytest
-import torch
 
+from helpers import autograd_on, one_thread  # noqa: F401 (fixtures)
 from reweight_audit.bench import train as train_bench
 from reweight_audit.core.errors import AuditError
-
-
-@pytest.fixture(autouse=True)
-def autograd_on():
-    torch.set_grad_enabled(True)
-    yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # microsecond ops: a second OpenMP thread on a loaded machine only waits
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("variant", ["hf", "reweighted-loss", "trl-dft", "fused-dft-ours", "fused-eaft"])

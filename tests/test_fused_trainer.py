@@ -9,8 +9,9 @@ import numpy as np
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from helpers import autograd_on, one_thread, lm  # noqa: F401 (fixtures)
 from helpers import write_noisy
 from reweight_audit.core.errors import AuditError
 from reweight_audit.scoring.encoding import choose_template
@@ -18,25 +19,6 @@ from reweight_audit.testing import save_tiny_model
 from reweight_audit.training import patch, unpatch
 from reweight_audit.training.fused import FusedReweightedLoss, linear_head
 from reweight_audit.training.run import make_collator, training_examples
-
-
-@pytest.fixture(autouse=True)
-def autograd_on():
-    torch.set_grad_enabled(True)  # scoring's load_model switches autograd off process-wide
-    yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model):
-    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture()

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from helpers import autograd_on, one_thread  # noqa: F401 (fixtures)
 from helpers import gradient_test_params, naive_loss, write_noisy
 from reweight_audit.testing import save_tiny_model
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.errors import AuditError
-from reweight_audit.methods import available_methods, compute_weights, get_method
+from reweight_audit.methods import available_methods, get_method
 from reweight_audit.scoring.config import ScoreConfig
 from reweight_audit.scoring.encoding import choose_template
 from reweight_audit.scoring.engine import run_score
@@ -27,23 +27,6 @@ from reweight_audit.evaluation.config import CompareConfig
 
 METHODS = [m.name for m in available_methods()]
 TOPK = 20
-
-
-@pytest.fixture(autouse=True)
-def autograd_on():
-    # scoring's load_model switches autograd off for the whole process; training needs it
-    torch.set_grad_enabled(True)
-    yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # a tiny model's ops take microseconds; two OpenMP threads on a loaded 2-core machine make each
-    # one wait for a descheduled thread (measured: 100x slower steps)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
