@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from reweight_audit.core.errors import require_positive
 from reweight_audit.core.io import atomic_files, dump_json, manifest_header, manifest_path, read_manifest
+from reweight_audit.scoring.shards import statistic_columns
 
 #: Bumped whenever the bytes a (n_tokens, seed) gives change: the cache key includes it.
 GENERATOR_VERSION = 1
@@ -125,12 +126,7 @@ def row_group(n_tokens: int, seed: int, group: int) -> pa.Table:
         "pos": pa.array(pos.astype(np.int32)),
         "token_id": pa.array(stats["token_id"].astype(np.int32)),
         "token": pc.take(pa.array(PIECES, pa.string()), pa.array(stats["token_id"] % len(PIECES))),
-        "logp": pa.array(stats["logp"].astype(np.float32)),
-        "entropy": pa.array(stats["entropy"].astype(np.float32)),
-        "rank": pa.array(stats["rank"].astype(np.int64)),
-        "expected_rank": pa.array(stats["expected_rank"].astype(np.float64)),
-        "topk_entropy": pa.array(stats["topk_entropy"].astype(np.float32)),
-        "sum_p2": pa.array(stats["sum_p2"].astype(np.float32)),
+        **statistic_columns(stats),
         "is_noise": pa.array(noise),
         "noise_kind": pc.take(pa.array(("",) + KINDS, pa.string()), pa.array(kind_codes)),
     }

@@ -21,7 +21,7 @@ from reweight_audit.scoring.encoding import Encoded
 from reweight_audit.scoring.reader import NoisySource, input_digest
 
 __all__ = ["SHARD_FORMAT", "assign_to_ranks", "batch_table", "check_shards", "claim_shards", "damaged_shards",
-           "fingerprint", "merge_shards", "run_identity", "shard_dir"]
+           "fingerprint", "merge_shards", "run_identity", "shard_dir", "statistic_columns"]
 
 SHARD_FORMAT = 1
 
@@ -142,6 +142,21 @@ def assign_to_ranks(costs: Sequence[int], world_size: int) -> list[int]:
     return owner
 
 
+
+#: The stored type of each statistic (float32 where the kernel's precision is float32; rank an integer; E[R]
+#: float64, whose relative tolerance is finer than float32's).
+STATISTIC_TYPES = {"logp": np.float32, "entropy": np.float32, "rank": np.int64, "expected_rank": np.float64,
+                   "topk_entropy": np.float32, "sum_p2": np.float32}
+
+
+def statistic_columns(stats) -> dict[str, Any]:
+    """The statistics' columns (pyarrow arrays) as a stats table stores them (score's shards; bench's synthetic
+    tables)."""
+    import pyarrow as pa
+
+    return {name: pa.array(np.asarray(stats[name]).astype(kind)) for name, kind in STATISTIC_TYPES.items()}
+
+
 def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> Any:
     """One parquet table for a batch; rows with non-finite logits are dropped (counted by the caller)."""
     import pyarrow as pa
@@ -160,12 +175,7 @@ def batch_table(sequences: Sequence[Encoded], stats: dict[str, np.ndarray]) -> A
         "pos": pa.array(pos),
         "token_id": pa.array(token_id),
         "token": pa.array(token, pa.string()),
-        "logp": pa.array(stats["logp"].astype(np.float32)),
-        "entropy": pa.array(stats["entropy"].astype(np.float32)),
-        "rank": pa.array(stats["rank"].astype(np.int64)),
-        "expected_rank": pa.array(stats["expected_rank"].astype(np.float64)),
-        "topk_entropy": pa.array(stats["topk_entropy"].astype(np.float32)),
-        "sum_p2": pa.array(stats["sum_p2"].astype(np.float32)),
+        **statistic_columns(stats),
     }
     if "ref_logp" in stats:
         columns["ref_logp"] = pa.array(stats["ref_logp"].astype(np.float32))
