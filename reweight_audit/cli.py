@@ -250,7 +250,9 @@ def _compact_table(result: Any) -> Any:
                         "by recall, Table 1's methods, the controls (all: --verbose, report.html)",
                   caption="; ".join(f"{escape(r['label'])}: base rate {fmt_pct(r['base_rate'])}" for r in result.runs),
                   caption_justify="left")
-    for column in (["run"] if several else []) + ["method", "family"]:
+    if several:  # a run label is read whole: the metric columns give way first
+        table.add_column("run", overflow="fold", min_width=max(len(r["label"]) for r in result.runs))
+    for column in ["method", "family"]:
         table.add_column(column, style="bold" if column == "method" else None, overflow="fold")
     for spec in specs:
         table.add_column(spec.header.format(k=k_label(result.k)), justify="right")
