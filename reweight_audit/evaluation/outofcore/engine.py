@@ -216,14 +216,15 @@ def _ranking_rows(job: RunJob, con, m: Method, rank_by: str, sums: RankingSums, 
                   ks: tuple[float, ...], out: RunRows, scan_kinds: list[str]) -> None:
     opts = job.options
     counts = DescendingCounts(totals.n_clean, totals.n_kind, ks, (opts.k_frac,))
-    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind))
+    tally = _global_tally(totals, ks, opts.k_frac) if "global" in opts.scope else None
+    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind), tally=tally)
     index = HistogramIndex(counts)
     base = _base_counts(totals)
     for scope in opts.scope:
         ident = {"run": job.label, "method": m.name, "family": getattr(m, "family", ""), "rank_by": rank_by,
                  "scope": scope}
         if scope == "global":
-            per_cut, per_seq, kind_counts = _global_scope(con, sums, counts, totals, ks, opts.k_frac)
+            per_cut, per_seq, kind_counts = _global_scope(tally.out, counts, totals, ks, opts.k_frac)
         else:
             per_cut, per_seq, kind_counts = _sequence_scope(sums, totals, ks)
         row = _main_row(per_cut[opts.k_frac], per_seq, sums, totals, index, opts)
@@ -239,11 +240,20 @@ def _base_counts(totals: RunTotals) -> dict:
             "n_noise_seqs": int(np.count_nonzero(totals.n_noise)), "base_rate": n_noise / n if n else NAN}
 
 
-def _global_scope(con, sums: RankingSums, counts: DescendingCounts, totals: RunTotals, ks, k):
+def _global_tally(totals: RunTotals, ks, k) -> tables.SequenceTally:
+    """What global scope needs per sequence, taken in the sorted pass: all tokens above and tied at the main cut,
+    the noise at every cut, and kind j's tokens at its pool's cut."""
+    n_kinds = len(totals.n_kind)
+    noise = list(range(1, n_kinds + 1))
+    watches = [("all", 0, k, [0, *noise])] + [(f"n{i}", 0, c, noise) for i, c in enumerate(ks)]
+    watches += [(f"k{j}", 1 + j, k, [1 + j]) for j in range(n_kinds)]
+    return tables.SequenceTally(totals.n_seqs, n_kinds + 1, watches)
+
+
+def _global_scope(per: dict, counts: DescendingCounts, totals: RunTotals, ks, k):
     noise_cuts = [counts.cut(0, c) for c in ks]
     kind_cuts = [counts.cut(1 + j, k) for j in range(len(totals.n_kind))]
     main = counts.cut(0, k)
-    per = tables.sequence_counts_at(con, sums.pattern, totals.n_seqs, main, noise_cuts, kind_cuts)
     n, n_noise = int(totals.length.sum()), int(totals.n_noise.sum())
     n_noisy = int(np.count_nonzero(totals.n_noise))
     per_cut = {}

@@ -116,17 +116,18 @@ def sweep_sums(job: RunJob, scan: ch.TableScan, methods: list, con) -> tuple[Run
 
 def global_fields(con, sums: SweepSums, totals: RunTotals, j: int | None) -> np.ndarray:
     """[cuts, S, fields] of noise set ``j`` (None: all noise) in global scope: each cut of the set's pool from
-    the per-value counts, the per-sequence counts at it from DuckDB."""
+    the per-value counts, the per-sequence counts at it from the same sorted pass."""
     counts = DescendingCounts(totals.n_clean, totals.n_kind, sums.cuts, sums.cuts)
-    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind))
     pool_at = 0 if j is None else 1 + j
-    in_pool = "" if j is None else f"(kind < 0 OR kind = {j})"
-    positive = "kind >= 0" if j is None else f"kind = {j}"
+    n_kinds = len(totals.n_kind)
+    positive = list(range(1, n_kinds + 1)) if j is None else [1 + j]
+    in_pool = [0, *positive]
+    watches = [(f"a{i}", pool_at, c, in_pool) for i, c in enumerate(sums.cuts)]
+    watches += [(f"p{i}", pool_at, c, positive) for i, c in enumerate(sums.cuts)]
+    tally = tables.SequenceTally(totals.n_seqs, n_kinds + 1, watches)
+    tables.value_counts(con, sums.pattern, counts, n_kinds, tally=tally)
     cuts = [counts.cut(pool_at, c) for c in sums.cuts]
-    per = {**tables.above_tied(con, sums.pattern, totals.n_seqs,
-                               [(f"a{i}", in_pool, pc.cut.value) for i, pc in enumerate(cuts)]),
-           **tables.above_tied(con, sums.pattern, totals.n_seqs,
-                               [(f"p{i}", positive, pc.cut.value) for i, pc in enumerate(cuts)], where="kind >= 0")}
+    per = tally.out
     n_pos = totals.n_noise if j is None else totals.kind_noise[j]
     length = totals.length if j is None else totals.length - totals.n_noise + totals.kind_noise[j]
     noisy = (n_pos > 0).astype(np.float64)
