@@ -22,7 +22,7 @@ from reweight_audit.evaluation import metrics
 from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, per_sequence
 from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import tables
-from reweight_audit.evaluation.outofcore.accumulate import SPILL_SCHEMA, RunTotals
+from reweight_audit.evaluation.outofcore.accumulate import SPILL_OPTIONS, SPILL_SCHEMA, RunTotals
 from reweight_audit.evaluation.outofcore.engine import RunJob, weight_pass
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
 
@@ -70,7 +70,7 @@ class SweepSums:
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
         if self.writer is None:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA, use_dictionary=["kind", "seq"])
+            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA, **SPILL_OPTIONS)
             self.seq_writers = [None] * len(self.sets)
         self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
                                          schema=SPILL_SCHEMA))
