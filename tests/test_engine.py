@@ -255,3 +255,14 @@ def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "available_memory", lambda: 1000)
     assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
     assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "memory"
+
+
+def test_sample_weights_are_the_memory_weights_of_the_first_chunk(tmp_path):
+    """The report's sample (weights.parquet, plots) with the duckdb engine: the first chunk, kept from the map
+    step, and the same weights as the in-memory engine gives those tokens."""
+    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(20, seed=8), model="m")
+    mem, ooc = both(path, methods=["sft", "random", "rarity", "position"], bootstrap=0)
+    first = ooc.run_data[0]
+    assert 300 <= first.n_tokens < mem.run_data[0].n_tokens  # one chunk of whole sequences, not the table
+    for name, w in ooc.run_weights[0].items():
+        assert np.allclose(w, mem.run_weights[0][name][:first.n_tokens], rtol=1e-12), name
