@@ -29,7 +29,9 @@ def connect(work: Path) -> duckdb.DuckDBPyConnection:
     con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
     con.execute(f"SET threads = {max(1, os.cpu_count() or 1)}")
     con.execute(f"SET temp_directory = '{_quote(tmp)}'")
-    con.execute("SET preserve_insertion_order = true")
+    # every query here orders its result itself (or has no order): let DuckDB sort and scan without keeping row
+    # order (measured about a quarter faster); the batch-ordered copy turns it back on for its COPY
+    con.execute("SET preserve_insertion_order = false")
     return con
 
 
@@ -42,12 +44,14 @@ def batch_ordered_copy(con: duckdb.DuckDBPyConnection, source: Path, seq_ids: li
     """``columns`` of ``source``, rows sorted by their sequence's simulated batch (table order within a batch),
     with ``_batch``."""
     con.register("_seq_batch", pa.table({"_sid": pa.array(seq_ids, pa.string()), "_batch": batch_of_seq}))
+    con.execute("SET preserve_insertion_order = true")  # the file's rows in the ORDER BY's order
     keep = ", ".join("t." + '"' + c.replace('"', '""') + '"' for c in columns)
     con.execute(f"""COPY (SELECT {keep}, m._batch
                           FROM read_parquet('{_quote(source)}', file_row_number = true) t
                           JOIN _seq_batch m ON CAST(t.seq_id AS VARCHAR) = m._sid
                           ORDER BY m._batch, t.file_row_number)
                     TO '{_quote(target)}' (FORMAT parquet)""")
+    con.execute("SET preserve_insertion_order = false")
     con.unregister("_seq_batch")
 
 
