@@ -95,7 +95,7 @@ class SequenceTally:
 
     A watch ``(name, pool, k, labels)`` asks, once ``counts.cut(pool, k)`` is known (value v), for the rows whose
     label is in ``labels`` (0: clean, 1 + j: the j-th positive set) scoring above v (``<name>_above``) and exactly
-    v (``<name>_tied``), as :func:`above_tied` counts them. Streamed highest first, rows above v are the rows
+    v (``<name>_tied``). Streamed highest first, rows above v are the rows
     before v's: per label, the rows of finished scores are summed per sequence (``done``), those of the score
     still running on from the last batch apart (``run``, at ``run_value``); nothing is kept once every watch is
     answered.
@@ -175,25 +175,3 @@ def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
     for batch in reader:
         if batch.num_rows:
             yield batch
-
-
-def above_tied(con: duckdb.DuckDBPyConnection, spill: Path, n_seqs: int,
-               specs: list[tuple[str, str, float]], where: str = "") -> dict[str, np.ndarray]:
-    """Per sequence code, for each ``(name, condition, value)``: the tokens meeting the SQL condition ("": all)
-    that score above ``value`` (``<name>_above``) and exactly ``value`` (``<name>_tied``); one GROUP BY seq."""
-    columns, params = [], []
-    for name, condition, value in specs:
-        cond = f"{condition} AND " if condition else ""
-        columns.append(f"count(*) FILTER (WHERE {cond}score > ?) AS {name}_above")
-        columns.append(f"count(*) FILTER (WHERE {cond}score = ?) AS {name}_tied")
-        params.extend([float(value), float(value)])
-    rows = f"WHERE {where}" if where else ""
-    table = con.sql(f"SELECT seq, {', '.join(columns)} FROM read_parquet('{_quote(spill)}') {rows} GROUP BY seq",
-                    params=params).to_arrow_table()
-    seq = table.column("seq").to_numpy()
-    out = {}
-    for name in table.column_names[1:]:
-        full = np.zeros(n_seqs, dtype=np.int64)
-        full[seq] = table.column(name).to_numpy()
-        out[name] = full
-    return out
