@@ -305,9 +305,9 @@ def compare(stats: PathLike | pd.DataFrame | Sequence[PathLike | pd.DataFrame], 
         Seed of the bootstrap, the random baseline and the simulated batches.
     table1_map
         The method each row of RankTuner's Table 1 stands for, as
-        ``{"entropy": "eaft", "prob": "dft", "ranktuner": "ranktuner-approx"}``
-        or the comma list ``"entropy=eaft,prob=dft,ranktuner=ranktuner-approx"``
-        (None: that default); read by the Table 1 view (``.table1``).
+        ``{"entropy": "eaft", "prob": "dft", "ranktuner": "ranktuner-approx-dft"}``
+        or the comma list ``"entropy=eaft,prob=dft,ranktuner=ranktuner-approx-dft"``
+        (None: entropy=entropy,prob=inv-prob,ranktuner=ranktuner-approx); read by the Table 1 view (``.table1``).
     by_meta
         A record meta field (e.g. ``model``): every metric also per value of
         it (``.by_group``, by_group.csv), read from the noisy JSONL the

@@ -398,6 +398,11 @@ def _report_sweep(result: Any, output: Path, metric: str) -> None:
         out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {len(result.files)} files to {escape(str(output))}/: " + ", ".join(result.files),
               highlight=False)
+    if result.target is not None:
+        from reweight_audit.evaluation.table1_search import target_lines
+
+        for line in target_lines(result.target):
+            out.print(escape(line), highlight=False, soft_wrap=True)
     fails: list[str] = []
     if result.claim is not None:
         holds, fails = claim_lines(result)
@@ -513,6 +518,40 @@ def _print_bench(result: dict) -> None:
         out.print("agreement with naive: " + ", ".join(f"{k}={v}" for k, v in result["agreement"].items()))
 
 
+BenchCompare = Annotated[bool, typer.Option(
+    "--compare", help="compare and sweep on seeded synthetic tables of --tokens sizes, each engine in a fresh process: time, "
+                      "peak RSS, and the engines' reports equal (issue 20's targets).")]
+BenchTokens = Annotated[str, typer.Option("--tokens", help="With --compare: table sizes (k, M, B suffixes).")]
+BenchMethods = Annotated[Optional[str], typer.Option(
+    "--methods", help="With --compare: comma list (default: compare's defaults).")]
+BenchBootstrap = Annotated[int, typer.Option("--bootstrap", help="With --compare: bootstrap resamples.")]
+BenchSeed = Annotated[int, typer.Option("--seed", help="With --compare: the synthetic tables' and the runs' seed.")]
+BenchEngines = Annotated[Optional[str], typer.Option(
+    "--engines", help="With --compare: which of memory, duckdb to run (default: every engine compare offers).")]
+BenchStages = Annotated[str, typer.Option("--stages", help="With --compare: which of compare, sweep to time.")]
+BenchWork = Annotated[Path, typer.Option("--work", help="With --compare: folder of the cached tables and the runs.")]
+
+
+def _bench_compare(output: Path, *, tokens: str, methods: str | None, bootstrap: int, seed: int, engines: str | None,
+                   stages: str, work: Path) -> None:
+    """``bench --compare``: each size's synthetic table, each engine in a fresh process, the lines as they come."""
+    from reweight_audit.bench import compare as compare_bench
+    from reweight_audit.core.io import output_lock, prepare_output_file, write_json_atomic
+
+    options = compare_bench.CompareBench(
+        tokens=compare_bench.parse_tokens(tokens), methods=tuple(split_list([methods])) if methods else None,
+        bootstrap=bootstrap, seed=seed, stages=tuple(split_list([stages])), work=work,
+        engines=tuple(split_list([engines])) if engines else compare_bench.engines_available())
+    compare_bench.check(options)
+    prepare_output_file(output)  # before the minutes of benchmarking
+    with output_lock(output):
+        result = compare_bench.run_compare_bench(options, say=lambda line: out.print(escape(line)))
+        for line in compare_bench.summary_lines(result):
+            out.print(escape(line))
+        write_json_atomic(output, result)
+    out.print(f"wrote {escape(str(output))}")
+
+
 @command(on_interrupt="{output} was not written; run the command again")
 def bench(
     model: Annotated[str, typer.Option(
@@ -538,12 +577,22 @@ def bench(
     gpu_check: Annotated[bool, typer.Option(
         "--gpu-check", help="The prepared GPU run: default model, gemma3-270m if installed, a 1B-class model with "
                             "vocab 151,936.")] = False,
+    train_step: Annotated[bool, typer.Option(
+        "--train", help="One training step of the fused reweighted loss vs HF's loss, ReweightedLoss and TRL's fused "
+                        "DFT, each in its own process (--vocab, --seq-len pick one size; default the issue's grid).")
+    ] = False,
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="JSON file for the figures.")] = Path("reports/bench.json"),
+    compare: BenchCompare = False, tokens: BenchTokens = "10M,100M", methods: BenchMethods = None,
+    bootstrap: BenchBootstrap = 200, seed: BenchSeed = 0, engines: BenchEngines = None,
+    stages: BenchStages = "compare,sweep", work: BenchWork = Path("reports/bench-compare-work"),
 ) -> None:
-    """Scoring throughput and peak memory: plain forward pass vs naive vs ours."""
-    from reweight_audit import bench as bench_module
-    from reweight_audit.core.io import output_lock, prepare_output_file, write_json_atomic
+    """Scoring throughput and peak memory: plain forward pass vs naive vs ours (--compare: compare at scale)."""
+    from reweight_audit.core.io import prepare_output_file
+
+    if compare:
+        return _bench_compare(output, tokens=tokens, methods=methods, bootstrap=bootstrap, seed=seed, engines=engines,
+                              stages=stages, work=work)
 
     # sizes (0 or a negative number is an error, never "the default") are checked by bench.run_bench itself
     chosen = split_list([variants])
@@ -551,16 +600,41 @@ def bench(
     if unknown or not chosen:
         raise AuditError(f"--variants {variants}: use a comma list of forward, naive, ours")
     prepare_output_file(output)  # before the minutes of benchmarking
+    if train_step:
+        _bench_train(output, vocab=vocab, seq_len=seq_len, device=device, dtype=dtype, repeats=repeats)
+        return
+    run = dict(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len, device=device, dtype=dtype,
+               chunk_rows=chunk_rows, repeats=repeats, variants=tuple(chosen), stats_only=stats_only,
+               contended=contended)
+    _bench_scoring(output, run, gpu_check=gpu_check)
+
+
+def _bench_scoring(output: Path, run: dict, *, gpu_check: bool) -> None:
+    """The scoring bench (``run``: run_bench's keywords) or the prepared GPU check, printed and written."""
+    from reweight_audit import bench as bench_module
+    from reweight_audit.core.io import output_lock, write_json_atomic
+
     with output_lock(output):
-        if gpu_check:
-            results = bench_module.gpu_check(repeats=repeats)
-        else:
-            results = [bench_module.run_bench(model=model, batch_tokens=batch_tokens, vocab=vocab, seq_len=seq_len,
-                                              device=device, dtype=dtype, chunk_rows=chunk_rows, repeats=repeats,
-                                              variants=tuple(chosen), stats_only=stats_only, contended=contended)]
+        results = bench_module.gpu_check(repeats=run["repeats"]) if gpu_check else [bench_module.run_bench(**run)]
         for result in results:
             _print_bench(result)
         write_json_atomic(output, results if gpu_check else results[0])
+    out.print(f"wrote {escape(str(output))}")
+
+
+def _bench_train(output: Path, *, vocab: int | None, seq_len: int | None, device: str, dtype: str,
+                 repeats: int) -> None:
+    from reweight_audit.bench import train as train_bench
+    from reweight_audit.core.io import output_lock, write_json_atomic
+
+    # --vocab / --seq-len pick one size (no flatness runs); without them the issue's grid
+    sizes = {"vocabs": (vocab,) if vocab else train_bench.VOCABS, "seq_len": seq_len or train_bench.SEQ_LEN,
+             "flat_seq_lens": () if vocab or seq_len else train_bench.FLAT_SEQ_LENS}
+    with output_lock(output):
+        result = train_bench.run_train_bench(**sizes, device=device, dtype=dtype, repeats=repeats)
+        for line in train_bench.format_lines(result):
+            out.print(escape(line))
+        write_json_atomic(output, result)
     out.print(f"wrote {escape(str(output))}")
 
 

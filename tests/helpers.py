@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from reweight_audit.evaluation import sweep
+from reweight_audit.methods import compute_weights, get_method
 from reweight_audit.scoring.stats import EXPECTED_RANK_RTOL, TOPK
 
 # ------------------------------------------------------------------------------------------------ files
@@ -190,3 +192,52 @@ def small_report(folder: Path):
     b = write_stats(folder / "b.parquet", make_stats(24, seed=2), model="m-b")
     config = CompareConfig(methods=PAGE_METHODS, bootstrap=20, stratify=["position"], heatmap_sequences=3)
     return run_compare([a, b], folder / "out", config, writer=write_exports)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def brute_statistics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every statistic in float64 from full softmaxes and a full sort (the definitions, no shortcuts)."""
+    z = logits.double()
+    lp = torch.log_softmax(z, -1)
+    p = lp.exp()
+    zt = z.gather(1, targets[:, None])
+    order = torch.sort(p, -1, descending=True).values
+    positions = torch.arange(1, z.shape[1] + 1, dtype=torch.float64)
+    top = torch.log_softmax(torch.topk(z, TOPK, -1).values, -1)
+    return {
+        "logp": lp.gather(1, targets[:, None])[:, 0].numpy(),
+        "entropy": -(p * lp).sum(-1).numpy(),
+        "rank": (z >= zt).sum(-1).numpy(),
+        "expected_rank": (order * positions).sum(-1).numpy(),
+        "topk_entropy": -(top.exp() * top).sum(-1).numpy(),
+        "sum_p2": (p * p).sum(-1).numpy(),
+    }
+
+
+def gradient_test_params(method: str, vocab: int) -> dict:
+    """ProFit's default gate (p >= 0.1) passes no token of a near-uniform tiny model: set it at 1/V so it cuts."""
+    return {"tau": 1.0 / vocab} if method == "profit" else {}
+
+
+def naive_loss(logits: torch.Tensor, labels: torch.Tensor, method: str, ref_logits: torch.Tensor | None,
+               params: dict | None = None):
+    """w.detach() * cross_entropy(reduction="none") over the full shifted logits; w from the numpy registry."""
+    vocab = logits.shape[-1]
+    z = logits[:, :-1].reshape(-1, vocab)
+    t = labels[:, 1:].reshape(-1)
+    ce = F.cross_entropy(z.float(), t, reduction="none", ignore_index=-100)
+    keep = t != -100
+    kept_t = t[keep]
+    cols = brute_statistics(z.detach()[keep], kept_t)
+    cols["token_id"] = kept_t.numpy()
+    cols["pos"] = ((labels[:, 1:] != -100).cumsum(1) - 1)[labels[:, 1:] != -100].numpy()
+    cols["seq_len"] = (labels[:, 1:] != -100).sum(1, keepdim=True).expand(-1, labels.shape[1] - 1)[
+        labels[:, 1:] != -100].numpy()
+    if ref_logits is not None:
+        cols["ref_logp"] = torch.log_softmax(ref_logits[:, :-1].reshape(-1, vocab).double(), -1)[keep].gather(
+            1, kept_t[:, None])[:, 0].numpy()
+    w = torch.zeros(t.shape, dtype=torch.float64)
+    w[keep] = torch.from_numpy(compute_weights(get_method(method), cols, params=params, seed=0))
+    return (w.float().detach() * ce).sum() / keep.sum()

@@ -257,6 +257,19 @@ def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
     assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "memory"
 
 
+def test_sweep_grid_and_target_agree(tmp_path):
+    """A method-parameter grid is a setting axis on both engines: every point's tables equal, flips and the
+    Table 1 search computed from them equal too."""
+    path = write_stats(tmp_path / "stats.parquet", make_stats(15, seed=11), model="m")
+    mem, ooc = sweep_both(path, methods=["ranktuner-approx", "entropy", "inv-prob", "focal"], bootstrap=10,
+                          k=[10], rank_by=["weight", "loss"], grid=["ranktuner-approx.low_entropy=smooth,trivial",
+                                                                   "focal.detach=true,false"], target="table1")
+    assert sorted(set(mem.table["params"])) == sorted(set(ooc.table["params"])) and len(set(mem.table["params"])) == 4
+    assert_frames_equal(mem.table, ooc.table)
+    assert_frames_equal(mem.flips, ooc.flips)
+    assert_frames_equal(mem.target.candidates, ooc.target.candidates)
+
+
 def test_sample_weights_are_the_memory_weights_of_the_first_chunk(tmp_path):
     """The report's sample (weights.parquet, plots) with the duckdb engine: the first chunk, kept from the map
     step, and the same weights as the in-memory engine gives those tokens."""

@@ -139,13 +139,14 @@ def test_focal_true_weight_against_finite_differences_in_the_logits():
     np.testing.assert_allclose(w * nll_grad, fd, rtol=1e-6, atol=1e-10)
 
 
-def test_focal_issue_figures_and_default_unchanged():
+def test_focal_issue_figures_and_default_is_the_source():
     cols = {"logp": np.log([0.01, 0.5, 1.0])}
     got = weights("focal", cols, {"detach": False})
     assert got[0] == pytest.approx(0.99 ** 2 + 2 * 0.01 * 0.99 * math.log(100), rel=1e-12)  # 1.07
     assert got[1] == pytest.approx(0.25 + 0.5 * math.log(2), rel=1e-12)  # 0.60
     assert got[2] == 0.0
-    np.testing.assert_allclose(weights("focal", cols), [0.99 ** 2, 0.25, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(weights("focal", cols), got, rtol=0)  # the default is Lin et al.'s loss
+    np.testing.assert_allclose(weights("focal", cols, {"detach": True}), [0.99 ** 2, 0.25, 0.0], rtol=1e-12)
     # p = 0 (log p = −inf) and p = 1 with γ < 1 stay finite
     edge = weights("focal", {"logp": np.array([-np.inf, 0.0])}, {"gamma": 0.5, "detach": False})
     np.testing.assert_array_equal(edge, [1.0, 0.0])
@@ -213,8 +214,8 @@ def test_talr_per_sequence_from_pos_and_per_batch():
 def test_rho1_top_k_mask_by_hand():
     excess = np.array([3.0, 1.0, 2.0, 0.0, -1.0])
     cols = {"logp": -excess - 1.0, "ref_logp": np.full(5, -1.0)}  # excess = log p_ref − log p
-    np.testing.assert_allclose(weights("rho1", cols), [3.0, 1.0, 2.0, 0.0, 0.0], rtol=1e-12)  # graded: unchanged
-    np.testing.assert_array_equal(weights("rho1", cols, {"select": "top-k"}), [1, 1, 1, 0, 0])  # floor(0.6·5) = 3
+    np.testing.assert_allclose(weights("rho1", cols, {"select": "graded"}), [3.0, 1.0, 2.0, 0.0, 0.0], rtol=1e-12)
+    np.testing.assert_array_equal(weights("rho1", cols), [1, 1, 1, 0, 0])  # default top-k: floor(0.6·5) = 3
     np.testing.assert_array_equal(weights("rho1", cols, {"select": "top-k", "k_pct": 40}), [1, 0, 1, 0, 0])
     np.testing.assert_array_equal(weights("rho1", cols, {"select": "top-k", "k_pct": 0}), [0] * 5)
     np.testing.assert_array_equal(weights("rho1", cols, {"select": "top-k", "k_pct": 100}), [1] * 5)
@@ -260,9 +261,10 @@ def test_deft_cayley_micro_batches_by_brute_force():
     got = weights("deft-cayley", cols, {"micro_batch_seqs": 2}, batch=batch)
     for rows in ([2, 3, 4], [0, 1, 5, 6], [7]):
         np.testing.assert_allclose(got[rows], cayley_by_hand(p[rows]), rtol=1e-12)
-    whole = weights("deft-cayley", cols, batch=batch)  # default: the whole simulated batch, unchanged
+    whole = weights("deft-cayley", cols, {"micro_batch_seqs": 0}, batch=batch)  # the whole simulated batch
     np.testing.assert_allclose(whole[:7], cayley_by_hand(p[:7]), rtol=1e-12)
-    np.testing.assert_array_equal(weights("deft-cayley", cols, {"micro_batch_seqs": 4}, batch=batch), whole)
+    # the default, the authors' 4 sequences per micro-batch: batch 0 holds exactly 4
+    np.testing.assert_array_equal(weights("deft-cayley", cols, batch=batch), whole)
     with pytest.raises(AuditError, match="micro_batch_seqs must be a whole number >= 0"):
         weights("deft-cayley", cols, {"micro_batch_seqs": -1})
     with pytest.raises(AuditError, match="micro_batch_seqs=2 needs each token's sequence"):
@@ -280,9 +282,9 @@ def test_deft_cayley_micro_batch_from_pos_in_training_order():
 def test_deft_eps_is_the_authors_guard():
     v = 262_144
     cols = {"logp": np.log([1.0 / v, 0.5]), "sum_p2": np.array([1.0 / v, 0.5])}
-    plain = weights("deft", cols)
-    np.testing.assert_allclose(plain, [(1.0 / v) ** (1.0 / v), 0.5 ** 0.5], rtol=1e-12)  # default unchanged
-    guarded = weights("deft", cols, {"eps": 1e-6})
+    plain = weights("deft", cols, {"eps": 0.0})
+    np.testing.assert_allclose(plain, [(1.0 / v) ** (1.0 / v), 0.5 ** 0.5], rtol=1e-12)  # the family as written
+    guarded = weights("deft", cols)  # default: the authors' code, eps = 1e-6
     factor = (1.0 / v) / (1.0 / v + 1e-6)
     assert factor == pytest.approx(0.792, abs=1e-3)
     np.testing.assert_allclose(guarded, plain * [factor, 0.5 / (0.5 + 1e-6)], rtol=1e-12)

@@ -70,11 +70,12 @@ HAND = {
     "dft": [1, 0.5, 0.25, 0.1],
     "inv-prob": [0, 0.5, 0.75, 0.9],
     "nll": [0, LN2, 2 * LN2, math.log(10)],
-    "focal": [0, 0.25, 0.5625, 0.81],  # (1 − p)^2
+    # Lin et al.'s loss, factor differentiated: (1 − p)^2 + 2·p·(1 − p)·(−ln p)
+    "focal": [0, 0.25 + 0.5 * LN2, 0.5625 + 0.375 * math.log(4), 0.81 + 0.18 * math.log(10)],
     "entropy": [0, 2 * LN2, 3 * LN2, 4 * LN2],
     "eaft": [0, 0.5, 1, 0.25],
     # excess loss −log p − (−log 0.5): 0−ln2 → 0, ln2−ln2 = 0, 2ln2−ln2, ln10−ln2 = ln5
-    "rho1": [0, 0, LN2, math.log(5)],
+    "rho1": [0, 0, 1, 1],  # the top 60% (floor 2.4 = 2 tokens) by excess loss 0, 0, ln 2, ln 5
     "ranktuner": RT,
     "ranktuner-dft": [1.0, 0.5 * math.sqrt(2.0), 0.25 / math.sqrt(2.0), 0.1 * 2 ** (1 / 6)],
     "ranktuner-approx": RTA,
@@ -94,7 +95,7 @@ def test_hand_worked_values(name):
 
 def test_hand_values_with_params():
     # focal γ=3: (1−p)^3 = 0, 1/8, 27/64, 0.729
-    w = M.compute_weights(M.get_method("focal"), COLS, params={"gamma": 3})
+    w = M.compute_weights(M.get_method("focal"), COLS, params={"gamma": 3, "detach": True})
     np.testing.assert_allclose(w, [0, 0.125, 27 / 64, 0.729], rtol=1e-12)
     # eaft α=2: squares of 0, 1/2, 1, 1/4
     w = M.compute_weights(M.get_method("eaft"), COLS, params={"alpha": 2.0})
@@ -347,7 +348,7 @@ def test_builtins_registered_in_family_order():
     ]
     for m in M.available_methods():
         assert m.family in M.FAMILIES and m.formula and m.source
-    assert M.get_method("focal").params == {"gamma": 2.0, "detach": True}
+    assert M.get_method("focal").params == {"gamma": 2.0, "detach": False}
     assert M.get_method("eaft").params == {"alpha": 1.0}
     assert M.get_method("rho1").needs == ("logp", "ref_logp")
     assert hash(M.get_method("focal"))  # usable as a dict key despite the params dict

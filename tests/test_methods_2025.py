@@ -24,7 +24,13 @@ def _isolated():
         yield
 
 
+# The hand values here are the families as written (no 1e-6 guard, the whole batch's mean p); the defaults
+# are the authors' code (deft eps = 1e-6, deft-cayley 4 sequences per micro-batch), checked in test_fidelity.py.
+AS_WRITTEN = {"deft": {"eps": 0.0}, "deft-cayley": {"micro_batch_seqs": 0}}
+
+
 def weights(name: str, cols: dict, params: dict | None = None, batch=None) -> np.ndarray:
+    params = {**AS_WRITTEN.get(name, {}), **(params or {})}
     return M.compute_weights(M.get_method(name), cols, params=params, batch=batch)
 
 

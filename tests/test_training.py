@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from helpers import write_noisy
+from helpers import gradient_test_params, naive_loss, write_noisy
 from reweight_audit.testing import save_tiny_model
 from reweight_audit.evaluation.compare import run_compare
 from reweight_audit.core.errors import AuditError
@@ -78,52 +78,6 @@ def batch(noisy_file, lm) -> dict:
     out = batch_of(examples, tok.pad_token_id)
     assert (out["attention_mask"] == 0).any() and (out["labels"] == -100).any()
     return out
-
-
-def brute_statistics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
-    """Every statistic in float64 from full softmaxes and a full sort (the definitions, no shortcuts)."""
-    z = logits.double()
-    lp = torch.log_softmax(z, -1)
-    p = lp.exp()
-    zt = z.gather(1, targets[:, None])
-    order = torch.sort(p, -1, descending=True).values
-    positions = torch.arange(1, z.shape[1] + 1, dtype=torch.float64)
-    top = torch.log_softmax(torch.topk(z, TOPK, -1).values, -1)
-    return {
-        "logp": lp.gather(1, targets[:, None])[:, 0].numpy(),
-        "entropy": -(p * lp).sum(-1).numpy(),
-        "rank": (z >= zt).sum(-1).numpy(),
-        "expected_rank": (order * positions).sum(-1).numpy(),
-        "topk_entropy": -(top.exp() * top).sum(-1).numpy(),
-        "sum_p2": (p * p).sum(-1).numpy(),
-    }
-
-
-def gradient_test_params(method: str, vocab: int) -> dict:
-    """ProFit's default gate (p >= 0.1) passes no token of a near-uniform tiny model: set it at 1/V so it cuts."""
-    return {"tau": 1.0 / vocab} if method == "profit" else {}
-
-
-def naive_loss(logits: torch.Tensor, labels: torch.Tensor, method: str, ref_logits: torch.Tensor | None,
-               params: dict | None = None):
-    """w.detach() * cross_entropy(reduction="none") over the full shifted logits; w from the numpy registry."""
-    vocab = logits.shape[-1]
-    z = logits[:, :-1].reshape(-1, vocab)
-    t = labels[:, 1:].reshape(-1)
-    ce = F.cross_entropy(z.float(), t, reduction="none", ignore_index=-100)
-    keep = t != -100
-    kept_t = t[keep]
-    cols = brute_statistics(z.detach()[keep], kept_t)
-    cols["token_id"] = kept_t.numpy()
-    cols["pos"] = ((labels[:, 1:] != -100).cumsum(1) - 1)[labels[:, 1:] != -100].numpy()
-    cols["seq_len"] = (labels[:, 1:] != -100).sum(1, keepdim=True).expand(-1, labels.shape[1] - 1)[
-        labels[:, 1:] != -100].numpy()
-    if ref_logits is not None:
-        cols["ref_logp"] = torch.log_softmax(ref_logits[:, :-1].reshape(-1, vocab).double(), -1)[keep].gather(
-            1, kept_t[:, None])[:, 0].numpy()
-    w = torch.zeros(t.shape, dtype=torch.float64)
-    w[keep] = torch.from_numpy(compute_weights(get_method(method), cols, params=params, seed=0))
-    return (w.float().detach() * ce).sum() / keep.sum()
 
 
 @pytest.mark.parametrize("method", METHODS)

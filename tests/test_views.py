@@ -32,9 +32,9 @@ def test_paper_figures_are_the_stated_ones():
 
 
 def test_map_defaults_overrides_and_errors():
-    assert table1.parse_map(None) == {"entropy": "eaft", "prob": "dft", "ranktuner": "ranktuner-approx"}
+    assert table1.parse_map(None) == {"entropy": "entropy", "prob": "inv-prob", "ranktuner": "ranktuner-approx"}
     assert table1.parse_map("prob=inv-prob")["prob"] == "inv-prob"
-    assert table1.parse_map("prob=inv-prob")["entropy"] == "eaft"
+    assert table1.parse_map("prob=inv-prob")["entropy"] == "entropy"
     with pytest.raises(AuditError, match="the rows are entropy, prob, ranktuner"):
         table1.parse_map("camp=eaft")
     with pytest.raises(AuditError, match="known methods: .*eaft"):
@@ -50,7 +50,7 @@ def two_runs(tmp_path_factory):
     b = write_stats(d / "b.parquet", make_stats(15, seed=2), model="model-B")
     res = compare.run_compare([a, b], d / "out", CompareConfig(
         methods=["sft", "dft", "inv-prob", "eaft", "ranktuner-approx"], bootstrap=20, heatmap_sequences=1,
-        table1_map="prob=inv-prob"), writer=write_exports)
+        table1_map="entropy=eaft,prob=inv-prob"), writer=write_exports)
     return d, res
 
 
@@ -77,7 +77,7 @@ def test_table1_method_not_computed_is_na(tmp_path):
     res = compare.run_compare([stats], None, CompareConfig(methods=["sft"], bootstrap=0))
     assert res.table1["tok_rec"].isna().all() and len(res.table1) == 3
     md = table1.table1_markdown(res.table1, res.runs, table1.DEFAULT_MAP, 10.0)
-    assert "| Entropy-Dominant | `eaft` | n/a | 4.54% |" in md
+    assert "| Entropy-Dominant | `entropy` | n/a | 4.54% |" in md
 
 
 # ------------------------------------------------------------------------------------------------ across runs

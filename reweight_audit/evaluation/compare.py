@@ -31,7 +31,7 @@ from reweight_audit.methods import (
     Method,
     assign_batches,
     available_methods,
-    compute_weights,
+    compute_viewed,
     get_method,
     load_method_file,
     missing_columns,
@@ -134,9 +134,9 @@ class _RunOutcome:
 
 def _method_weights(ctx: _MethodContext, method: Method) -> np.ndarray:
     batch_dep = bool(getattr(method, "batch_dependent", False))
-    w = compute_weights(method, ctx.columns, params=ctx.param_map.get(method.name),
-                        batch=ctx.batch if batch_dep else None, seed=ctx.options.seed)
-    w = np.asarray(w, dtype=np.float64)
+    # with the method's declared loss attached, so the loss view is ℓ_t (methods.shapes)
+    w = compute_viewed(method, ctx.columns, params=ctx.param_map.get(method.name),
+                       batch=ctx.batch if batch_dep else None, seed=ctx.options.seed)
     if w.shape != (ctx.run.n_tokens,):
         raise AuditError(f"method {method.name}: returned {w.shape} weights for {ctx.run.n_tokens} tokens; "
                          "a method must return one weight per token")

@@ -124,7 +124,7 @@ class CompareConfig(Config):
     seed: int = option(0, help=SEED_HELP)
     table1_map: dict[str, str] | None = option(None, kind="any", api_type="str | Mapping[str, str] | None",
                                                help="The method each Table 1 row stands for (default "
-                                                    "entropy=eaft,prob=dft,ranktuner=ranktuner-approx).")
+                                                    "entropy=entropy,prob=inv-prob,ranktuner=ranktuner-approx).")
     by_meta: str | None = option(None, help="Also every metric per value of this record meta field (e.g. model), "
                                             "read from the noisy JSONL the table was scored from.")
     records: Path | None = option(None, help="With --by-meta: that noisy JSONL (default: the score manifest's "
@@ -223,6 +223,20 @@ def _sweep_stratify(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values or [POOLED]))
 
 
+def _grid_items(grid: Any) -> list[str]:
+    from reweight_audit.evaluation.param_grid import grid_items
+
+    return grid_items(grid)
+
+
+def _target(target: str | None) -> str | None:
+    from reweight_audit.evaluation.table1_search import TARGETS
+
+    if target is not None and target not in TARGETS:
+        raise AuditError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    return target
+
+
 @dataclass
 class SweepConfig(Config):
     """The options of one sweep; validated on construction. ``k`` is in percent, as on the command line."""
@@ -249,6 +263,12 @@ class SweepConfig(Config):
     strata: int = option(10, help=STRATA_HELP)
     engine: str = option("auto", help=ENGINE_HELP, check=_engine)
     ray: str | None = option(None, help=RAY_HELP)
+    grid: list[str] = option((), kind="params", api_type="Sequence[str] | Mapping[str, Mapping[str, Sequence]]",
+                             help="A method parameter as a sweep axis, e.g. --grid ranktuner-approx.low_entropy="
+                                  "smooth,trivial (repeatable; every point of the product is a setting).",
+                             check=_grid_items)
+    target: str | None = option(None, help="Score every setting and row-to-method map by its distance to a "
+                                           "published table: table1 (RankTuner's Table 1).", check=_target)
     claim_order: list[str] | None = field(init=False, default=None, repr=False, compare=False)
 
     def check(self) -> None:

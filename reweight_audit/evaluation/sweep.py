@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from reweight_audit.evaluation import metrics, strata
+from reweight_audit.evaluation import metrics, param_grid, strata, table1_search
 from reweight_audit.evaluation.compare import (choose_engine, out_of_core_runs, run_weights, select_methods,
                                                 stats_sources)
 from reweight_audit.evaluation.config import POOLED, SWEEP_K, SweepConfig
@@ -36,7 +36,7 @@ from reweight_audit.evaluation.runs import Pool, RunData, load_runs
 #: The cuts of a sweep (fractions): Table 1's 10% and the range around it.
 SWEEP_CUTS = tuple(k / 100.0 for k in SWEEP_K)
 #: The columns that name a setting.
-SETTING = ("run", "rank_by", "scope", "k", "noise", "stratify")
+SETTING = ("run", "rank_by", "scope", "k", "noise", "stratify", "params")
 #: Bootstrap resamples per setting: enough for a 95% interval's ends to settle to about a point.
 DEFAULT_BOOT = SweepConfig.__dataclass_fields__["bootstrap"].default
 #: The noise of a setting when every kind counts.
@@ -50,7 +50,7 @@ def sweep_record(config: SweepConfig, stats_paths: list, methods: list[str] | No
             "n_boot": config.bootstrap, "seed": config.seed, "metric": config.metric, "claim": config.claim_order,
             "level": LEVEL, "stratify": config.stratify, "strata": config.strata,
             "stats_paths": [str(p) for p in stats_paths], "methods": methods, "params": list(config.params),
-            "batch_seqs": config.batch_seqs}
+            "batch_seqs": config.batch_seqs, "grid": list(config.grid), "target": config.target}
 
 
 @dataclass
@@ -67,6 +67,8 @@ class SweepResult:
     config: dict
     files: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    flips: pd.DataFrame | None = None  # with --grid: per axis and pair, the settings where the order flips
+    target: table1_search.TargetResult | None = None  # with --target table1
 
     @property
     def claim_holds(self) -> bool | None:
@@ -310,11 +312,12 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
     # one sweep at a time into a folder, refused before any table is read
     with output_lock(prepare_output_dir(out_dir)) if write else nullcontext():
         engine = choose_engine(options, sources)
+        points = grid_points(chosen, options)
         if engine == "duckdb":
             blocks, summaries, facts, skipped = sweep_out_of_core(sources, chosen, param_map, options, say,
-                                                                  out_dir if write else None)
+                                                                  out_dir if write else None, points=points)
         else:
-            blocks, summaries, facts, skipped = _sweep_in_memory(sources, chosen, param_map, options, say)
+            blocks, summaries, facts, skipped = _sweep_in_memory(sources, chosen, param_map, options, say, points)
         names = [m.name for m in chosen if any(m.name in b[2] for b in blocks)]
         _check_claim_computed(options.claim_order, names, skipped)
         families = {m.name: m.family for m in chosen}
@@ -323,6 +326,7 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
             claim=None if options.claim_order is None else claim_table(blocks, options.claim_order, options.metric, options.cuts),
             methods=names, runs=summaries, notes=sweep_notes(facts, options), skipped=skipped,
             config={**sweep_record(options, sources, methods), "engine": engine, "ray": options.ray})
+        add_grid_and_target(result, options, families)
         result.timings["compute"] = time.perf_counter() - t0
         if write:
             writer(result, Path(out_dir))
@@ -330,42 +334,80 @@ def run_sweep(stats_paths: Path | Sequence[Path], out_dir: Path | None, config: 
     return result
 
 
-def _sweep_in_memory(sources, chosen, param_map, options: SweepConfig, say):
-    """Blocks, run summaries, :func:`run_facts` and skipped methods, every table read whole."""
+def grid_points(chosen: list, options: SweepConfig) -> list[tuple[str, dict[str, list[str]]]]:
+    """The points of the method-parameter grid (``--grid``; none: the one default point), each axis's method
+    checked against the selected methods."""
+    axes = param_grid.parse_grid(options.grid)
+    names = {m.name for m in chosen}
+    for axis in axes:
+        if axis.method not in names:
+            raise AuditError(f"--grid {axis.name}: method {axis.method} is not in --methods; add it there")
+    return param_grid.grid_points(axes)
+
+
+def _sweep_in_memory(sources, chosen, param_map, options: SweepConfig, say, points):
+    """Blocks, run summaries, :func:`run_facts` and skipped methods, every table read whole; every run at every
+    point of the parameter grid (a setting's ``params`` names the point)."""
     runs = load_runs(sources)
     skipped: list[dict] = []
     blocks = []
     for run in runs:
-        weights = run_weights(run, chosen, param_map, options, skipped)
-        blocks += [(setting, block, list(weights)) for setting, block in sweep_run(run, weights, options, say)]
+        for i, (label, items) in enumerate(points):
+            weights = run_weights(run, chosen, param_grid.point_params(param_map, items), options,
+                                  skipped if i == 0 else [])
+            blocks += [({**setting, "params": label}, block, list(weights))
+                       for setting, block in sweep_run(run, weights, options, say)]
     summaries = [{k: v for k, v in r.summary().items() if k != "columns"} for r in runs]
     return blocks, summaries, [run_facts(r) for r in runs], skipped
 
 
 def sweep_out_of_core(sources, chosen: list[Method], param_map: dict, options: SweepConfig, say,
-                      out_dir: Path | None = None):
+                      out_dir: Path | None = None, *, points=None):
     """A sweep's blocks ``(setting, Block, method names)``, run summaries, notes' facts and skipped methods, with
-    the DuckDB engine (:mod:`reweight_audit.evaluation.outofcore.sweeping`)."""
+    the DuckDB engine (:mod:`reweight_audit.evaluation.outofcore.sweeping`), at every point of the grid."""
     from reweight_audit.evaluation.outofcore import engine as ooc
-    from reweight_audit.evaluation.outofcore.sweeping import sweep_blocks
 
+    points = points if points is not None else grid_points(chosen, options)
     blocks, summaries, facts, skipped_all = [], [], [], []
     for path, label, scan, todo, skipped, rank_by, has_p2 in out_of_core_runs(sources, chosen, param_map, options,
                                                                               say, skip_grad=True):
         skipped_all += skipped
-        with ooc.work_folder(out_dir, path, sweep_record(options, sources, options.methods)) as work:
-            job = ooc.RunJob(path, label, todo, param_map, options, work, say, rank_by=rank_by)
-            run_blocks, totals = sweep_blocks(job, scan)
-            run_blocks = [(setting, block_of(*parts, metric=options.metric, stratified=False, n=n, n_noise=n_pos))
-                          for setting, parts, n, n_pos in run_blocks]
         names = [m.name for m in todo]
-        blocks += [(setting, block, names) for setting, block in run_blocks]
+        for point, items in points:
+            job = (path, label, scan, todo, rank_by)
+            run_blocks, totals = _point_blocks(job, options, say, out_dir, sources,
+                                               param_grid.point_params(param_map, items), point)
+            blocks += [({**setting, "params": point}, block, names) for setting, block in run_blocks]
         summary = ooc.run_summary(label, scan, totals)
         summaries.append({k: v for k, v in summary.items() if k not in ("columns", "manifest")})
         facts.append({"label": label, "manifest": summary["manifest"], "seq_names": list(scan.seq_code),
                       "token_digest": scan.token_digest,
                       "sum_p2": has_p2})
     return blocks, summaries, facts, skipped_all
+
+
+def _point_blocks(run: tuple, options: SweepConfig, say, out_dir, sources, point_map: dict, point: str):
+    """One run's blocks at one grid point. The work folder's key names the point, so a resumed run never reads
+    another point's shards."""
+    from reweight_audit.evaluation.outofcore import engine as ooc
+    from reweight_audit.evaluation.outofcore.sweeping import sweep_blocks
+
+    path, label, scan, todo, rank_by = run
+    record = {**sweep_record(options, sources, options.methods), "grid_point": point}
+    with ooc.work_folder(out_dir, path, record) as work:
+        job = ooc.RunJob(path, label, todo, point_map, options, work, say, rank_by=rank_by)
+        run_blocks, totals = sweep_blocks(job, scan)
+    return [(setting, block_of(*parts, metric=options.metric, stratified=False, n=n, n_noise=n_pos))
+            for setting, parts, n, n_pos in run_blocks], totals
+
+
+def add_grid_and_target(result: SweepResult, options: SweepConfig, families: dict[str, str]) -> None:
+    """The parameter flips (with ``--grid``) and the Table 1 search (with ``--target table1``) on ``result``."""
+    axes = [a.name for a in param_grid.parse_grid(options.grid)]
+    if axes:
+        result.flips = param_grid.flips(result.table, options.metric, axes, SETTING)
+    if options.target == "table1":
+        result.target = table1_search.search_table1(result.table, families, SETTING)
 
 
 def _check_claim_computed(claim: list[str] | None, names: list[str], skipped: list[dict]) -> None:

@@ -17,7 +17,9 @@ deft-cayley) and ``entropy_scaled`` (mile); then ``rank_math``
 position-rev, rarity), trivial rankings every method should beat. Third-party
 methods come from the entry-point group ``reweight_audit.methods`` or
 ``load_method_file``. A method's parameters and defaults are its function's
-keyword-only parameters. ``methods_markdown()`` renders the table of
+keyword-only parameters. A method that changes the loss shape declares it (``shapes.LossShape``:
+focal, deformed-log, deft, deft-cayley); its weight, loss and grad views and the training loss follow
+from that one definition (``compute_views``, ``shape_of``). ``methods_markdown()`` renders the table of
 docs/methods.md from the registry (``python -m reweight_audit.methods --write-docs docs/methods.md``).
 """
 from .registry import (
@@ -26,6 +28,8 @@ from .registry import (
     Method,
     assign_batches,
     available_methods,
+    compute_viewed,
+    compute_views,
     compute_weights,
     get_method,
     isolated_registry,
@@ -42,6 +46,7 @@ from .registry import (
 # Import order is registration order, which is the order methods are listed.
 from . import baseline, prob, entropy, loss, rank, reference, gate, deformed, entropy_scaled, rank_math, control  # noqa: E402,F401  (registers built-ins)
 from .catalog import methods_markdown, splice_table  # noqa: E402
+from .shapes import LossShape, shape_of  # noqa: E402
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -49,7 +54,11 @@ __all__ = [
     "Method",
     "assign_batches",
     "available_methods",
+    "compute_viewed",
+    "compute_views",
     "compute_weights",
+    "LossShape",
+    "shape_of",
     "get_method",
     "isolated_registry",
     "load_entry_points",

@@ -44,7 +44,8 @@ def group_by_family(methods: Iterable[Method]) -> list[Method]:
 
 
 def methods_markdown(methods: Iterable[Method] | None = None) -> str:
-    """The methods table (name, family, formula, needs, parameters, source) and the batch-dependent ones.
+    """The methods table (name, family, formula, needs, parameters, source), the batch-dependent ones,
+    the declared loss shapes and every parameter with the source of each value.
 
     ``methods`` defaults to every method registered so far, without loading
     entry points: on a plain install, exactly the built-ins.
@@ -55,7 +56,37 @@ def methods_markdown(methods: Iterable[Method] | None = None) -> str:
     batch = [f"`{m.name}`" for m in rows if m.batch_dependent]
     if batch:
         lines += ["", f"Batch-dependent (given each token's simulated batch): {', '.join(batch)}."]
+    lines += shapes_markdown(rows) + parameters_markdown(rows)
     return "\n".join(lines) + "\n"
+
+
+def shapes_markdown(rows: list[Method]) -> list[str]:
+    """The methods that declare their per-token loss ℓ (``Method.shape``): weight −dℓ/d(log p), loss view ℓ."""
+    shaped = [m for m in rows if m.shape is not None]
+    if not shaped:
+        return []
+    lines = ["", "### Declared loss shapes", "",
+             "These methods change the loss itself; the weight is −dℓ/d(log p_t) (the exact multiplier on the NLL "
+             "gradient), the `loss` view is ℓ_t and the `grad` view w_t·‖∂(−log p_t)/∂z‖, all from one declaration "
+             "(`methods/shapes.py`). Every other method trains sg(w_t)·(−log p_t), whose loss view is w_t·(−log p_t).",
+             ""]
+    lines += [f"- `{m.name}`: {_cell(m.shape.formula)}" for m in shaped]
+    return lines
+
+
+def parameters_markdown(rows: list[Method]) -> list[str]:
+    """Every parameter of every method with the source of its default and of its other values."""
+    with_params = [m for m in rows if m.params]
+    if not with_params:
+        return []
+    lines = ["", "### Parameters and their sources", "",
+             "The default is the source's value where a source states one; where the sources leave it open the "
+             "entry says so.", ""]
+    for m in with_params:
+        for key, default in m.params.items():
+            text = m.param_sources.get(key, "no source recorded")
+            lines.append(f"- `{m.name}.{key}` = `{default}`: {_cell(text)}")
+    return lines
 
 
 def _table_bounds(document: str) -> tuple[int, int]:

@@ -30,7 +30,9 @@ def entropy(columns: Mapping[str, np.ndarray], *, batch=None, rng=None) -> np.nd
     family="entropy",
     needs=("topk_entropy",),
     formula="w = (H_top20 / ln 20)^α",
-    source="EAFT, arXiv 2601.02151",
+    source="EAFT, arXiv 2601.02151: the loss scaled by the normalised top-k entropy, k = 20",
+    param_sources={"alpha": "1 (default): the entropy weight to the first power, as EAFT writes it; other "
+                            "powers are ours"},
 )
 def eaft(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, alpha: float = 1.0) -> np.ndarray:
     """w_t = (H_top20,t / ln 20)^α: top-20 entropy normalised to [0, 1] (ln 20 is its maximum).

@@ -22,9 +22,13 @@ from .registry import register
     source=(
         "MiLe loss, Su et al., NAACL 2024 Findings (arXiv 2310.19531); equation from the authors' code "
         "(github.com/suu990901/LLaMA-MiLe-Loss, utils/trainer.py: loss = α·(σ + H)^γ·CE, σ = 1, "
-        "α = 1/mean((σ + H)^γ), H detached; γ = 1 in their runs); the paper body was not read"
+        "α = 1/mean((σ + H)^γ), H detached); the paper body was not read. Their normaliser's mean also counts the "
+        "ignored positions (prompt, padding) of the micro-batch; ours is over the supervised tokens of the "
+        "simulated batch, the only tokens a statistics table has: one constant per batch apart, so orders within a "
+        "batch agree"
     ),
     batch_dependent=True,
+    param_sources={"gamma": "1 (default): γ = 1 in the authors' runs (utils/trainer.py)"},
 )
 def mile(
     columns: Mapping[str, np.ndarray],

@@ -22,8 +22,9 @@ from .registry import register
     formula="w = 1[p_t ≥ τ] (stop-gradient hard gate on the NLL)",
     source=(
         "ProFit, arXiv 2601.09195: a token contributes only when its probability exceeds a fixed τ; "
-        "mask as in the authors' code (github.com/Utaotao/ProFit, _profit_cross_entropy: p < τ ignored; τ = 0.1)"
+        "mask as in the authors' code (github.com/Utaotao/ProFit, _profit_cross_entropy: p < τ ignored)"
     ),
+    param_sources={"tau": "0.1 (default): the authors' run script and README ('recommended')"},
 )
 def profit(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, tau: float = 0.1) -> np.ndarray:
     """w_t = 1 if p_t ≥ τ else 0: the loss is ``sg(1[p_t ≥ τ]) · (−log p_t)``.

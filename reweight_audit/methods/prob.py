@@ -97,10 +97,18 @@ def _talr_one_batch(logp: np.ndarray, w_min: float, tau_min: float, seqs: np.nda
         "per-sequence: over its sequences' mean NLLs); w >= w_min; batch mean 1"
     ),
     source=(
-        "TALR, arXiv 2509.20758; the sources read τ as the batch's median per-token loss (tau=per-token, "
-        "default, unchanged) or the median of per-sequence mean losses (tau=per-sequence)"
+        "TALR, arXiv 2509.20758: w ∝ p_t^(1/τ) normalised over the batch, τ the median loss of the batch, "
+        "weights floored"
     ),
     batch_dependent=True,
+    param_sources={
+        "w_min": "0.01 (default): a floor of 1% of SFT's weight; the paper floors the weights but its value was not "
+                 "checked here",
+        "tau_min": "1e-6 (default): a guard of ours (τ = 0 when over half the batch has p = 1); no source",
+        "tau": "per-token (default): the median per-token loss of the batch, one reading of the paper; "
+               "per-sequence: the median of the batch's per-sequence mean losses, the other; the paper's text "
+               "supports both, so neither is its stated value",
+    },
 )
 def talr(
     columns: Mapping[str, np.ndarray],

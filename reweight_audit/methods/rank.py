@@ -38,6 +38,9 @@ LN2 = math.log(2.0)
 
 #: RankTuner's base weight w_t in w̃_t = w_t · S_t: "1" (general tasks) or "p" (math, the DFT base).
 BASES = ("1", "p")
+#: Which source supports which base weight (docs/methods.md).
+BASE_SOURCE = ("1 (default): the paper's general-task setting, w_t = 1; p: its math setting, w_t = p_t "
+               "(the DFT base; needs the logp column). Which one its Table 1 ranks by is not stated")
 
 
 def rank_discount(x: np.ndarray) -> np.ndarray:
@@ -76,9 +79,9 @@ def relative_scale(rank: np.ndarray, expected_rank: np.ndarray) -> np.ndarray:
     needs=("rank", "expected_rank"),
     formula="w = b_t · S_t, S = 2^(f(E[R_t]) − f(R_t)), f(x) = 1/log2(x+1); b_t = 1 (base=1) or p_t (base=p)",
     source=(
-        "RankTuner, arXiv 2602.01745 (exact indicator); base=1 is the paper's general-task setting (w_t = 1), "
-        "base=p its math setting (w_t = p_t, as ranktuner-dft); base=p needs the logp column"
+        "RankTuner, arXiv 2602.01745 (exact indicator): w̃_t = w_t·S_t, S_t = I_t^(−1), I_t = 2^(f(R_t) − f(E[R_t]))"
     ),
+    param_sources={"base": BASE_SOURCE},
 )
 def ranktuner(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, base: str = "1") -> np.ndarray:
     """w_t = b_t · S_t, S_t = 1/I_t = 2^(f(E[R_t]) − f(R_t)), f(x) = 1/log2(x + 1).
@@ -93,11 +96,10 @@ def ranktuner(columns: Mapping[str, np.ndarray], *, batch=None, rng=None, base: 
 LOW_ENTROPY_MODES = ("smooth", "trivial")
 
 PRACTICAL_FORMULA = "S = (p_t·s(H_t))^(−K(ξ_t)), s(H) = 2^(H_bits−2)+1, ξ_t = max(R_t, s(H_t)), K(ξ) = log2(ξ+1)^(−2)"
-LOW_ENTROPY_SOURCE = (
-    "s(H) is Massey's bound E[R] ≥ 2^(H_bits−2)+1, proved only for H_bits ≥ 2; what the paper does below is "
-    "not stated: low_entropy=smooth (default) keeps the formula (s(0) = 1.25), trivial uses s = 1 (E[R] ≥ 1, "
-    "true everywhere); p = 0.9, H = 0.3 nats, R = 1 gives S = 0.884 smooth, 1.111 trivial"
-)
+#: Which source supports which low_entropy value (docs/methods.md).
+LOW_ENTROPY_PARAM = ("smooth (default): the paper's s(H) = 2^(H_bits−2)+1 as written, for every H (s(0) = 1.25); "
+                     "trivial: s = 1 below 2 bits, the only bound on E[R] that holds there. The paper states the "
+                     "bound for H ≥ 2 bits and says nothing below, so neither value is its stated one")
 
 
 def check_low_entropy(low_entropy: str) -> str:
@@ -147,9 +149,10 @@ def practical_scale(columns: Mapping[str, np.ndarray], low_entropy: str) -> np.n
     needs=("logp", "entropy", "rank"),
     formula=f"w = b_t · {PRACTICAL_FORMULA}; b_t = 1 (base=1) or p_t (base=p)",
     source=(
-        "RankTuner, arXiv 2602.01745 (practical form); base=1 (default) is the paper's general-task setting "
-        f"(w_t = 1), base=p its math setting (= ranktuner-approx-dft); {LOW_ENTROPY_SOURCE}"
+        "RankTuner, arXiv 2602.01745 (practical form, S_t = (p_t·s(H_t))^(−K(ξ_t))); base=p is "
+        "ranktuner-approx-dft"
     ),
+    param_sources={"low_entropy": LOW_ENTROPY_PARAM, "base": BASE_SOURCE},
 )
 def ranktuner_approx(
     columns: Mapping[str, np.ndarray],

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .rank import LOW_ENTROPY_SOURCE, PRACTICAL_FORMULA, check_low_entropy, on_base, practical_scale
+from .rank import LOW_ENTROPY_PARAM, PRACTICAL_FORMULA, check_low_entropy, on_base, practical_scale
 from .registry import register
 
 
@@ -23,8 +23,9 @@ from .registry import register
     formula=f"w = p_t · S_t, {PRACTICAL_FORMULA}",
     source=(
         "RankTuner, arXiv 2602.01745: the weight the paper trains math with (w̃_t = w_t·S_t, w_t = p_t, "
-        f"practical S_t); {LOW_ENTROPY_SOURCE}"
+        "practical S_t)"
     ),
+    param_sources={"low_entropy": LOW_ENTROPY_PARAM},
 )
 def ranktuner_approx_dft(
     columns: Mapping[str, np.ndarray], *, batch=None, rng=None, low_entropy: str = "smooth"

@@ -38,27 +38,34 @@ def top_k_mask(score: np.ndarray, codes: np.ndarray, k_pct: float) -> np.ndarray
         "the batch by excess loss −log p_t + log p_ref,t, else 0"
     ),
     source=(
-        "Rho-1, arXiv 2404.07965: it trains on a 0/1 mask of the top k% tokens of each batch by excess loss "
-        "(select=top-k; k_pct = 60 by default, a ratio in the paper's 60–70% math range; the exact ratio per "
-        "run was not checked against the paper body); select=graded (default, unchanged) is the excess loss itself as a graded score"
+        "Rho-1 (Selective Language Modeling), Lin et al., arXiv 2404.07965, eqs. 3–5: L_SLM = −(1/(N·k%))·Σ_i "
+        "I_k%(x_i)·log P(x_i), I_k% = 1 on the top k% by excess loss L_θ − L_ref, 'ranking the tokens in a batch' "
+        "(read from the paper PDF, github.com/microsoft/rho docs/rho-1.pdf)"
     ),
     batch_dependent=True,
+    param_sources={
+        "select": "top-k (default): the paper's SLM mask; graded: the excess loss itself as a score (no source "
+                  "trains so; this toolkit's default before issue 22)",
+        "k_pct": "60 (default): the paper's token selection ratio for Tinyllama-1.1B ('we use 60% for the "
+                 "Tinyllama-1.1B model and 70% for the Mistral-7B model', §3.1 Pretraining Setting; its Figure 9: "
+                 "about 60% of the tokens suits SLM); 70: its 7B runs",
+    },
 )
 def rho1(
     columns: Mapping[str, np.ndarray],
     *,
     batch: np.ndarray | None = None,
     rng=None,
-    select: str = "graded",
+    select: str = "top-k",
     k_pct: float = 60.0,
 ) -> np.ndarray:
     """Rho-1's excess loss NLL_t − NLL_ref,t = log p_ref,t − log p_t, as a score or as its mask.
 
-    ``select="graded"`` (default): w_t = max(0, excess), high where the reference
+    ``select="graded"``: w_t = max(0, excess), high where the reference
     model finds the token much easier than the model does; 0 where the model is
     already as good as the reference. ``batch`` is not looked at.
 
-    ``select="top-k"``: w_t = 1 for the floor(k_pct% · n) tokens of the simulated
+    ``select="top-k"`` (default, the paper's SLM): w_t = 1 for the floor(k_pct% · n) tokens of the simulated
     batch with the highest excess loss (not clipped at 0), else 0: Selective Language
     Modeling's loss mask, ranked within each batch as its trainer does (``batch=None``:
     all tokens are one batch). ``k_pct`` in [0, 100] (default 60).

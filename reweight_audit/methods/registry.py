@@ -39,6 +39,8 @@ import numpy as np
 from reweight_audit.core.errors import AuditError
 from reweight_audit.core.registry import Registry
 
+from .shapes import ViewedWeights, loss_view
+
 ENTRY_POINT_GROUP = "reweight_audit.methods"
 
 FAMILIES = ("prob", "entropy", "rank", "loss", "reference", "baseline", "control")
@@ -65,6 +67,11 @@ class Method:
     source: str
     fn: Callable[..., np.ndarray]
     batch_dependent: bool = False
+    # The declared per-token loss shape (``methods.shapes.LossShape``) when the method changes the loss
+    # itself; None: the method trains sg(w)·NLL. Every view follows from it (``compute_views``).
+    shape: Any = field(default=None, compare=False)
+    # Which source supports which value of each parameter: {param: text} (docs/methods.md).
+    param_sources: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 # Registration order is the order ``available_methods`` reports.
@@ -160,6 +167,8 @@ def register(
     source: str,
     params: Mapping[str, Any] | None = None,
     batch_dependent: bool = False,
+    shape: Any = None,
+    param_sources: Mapping[str, str] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` as method ``name``; returns ``fn`` unchanged.
 
@@ -169,7 +178,9 @@ def register(
     must accept it). A duplicate name, an unknown family, a name containing
     ``. = ,`` or whitespace, a parameter name that is not an identifier, or a
     function that cannot be called as ``fn(columns, batch=, rng=, **params)``
-    raises ``AuditError``.
+    raises ``AuditError``. ``shape`` declares the per-token loss (``methods.shapes.LossShape``) the
+    weight is the NLL-gradient multiplier of; ``param_sources`` says, per parameter, which source supports
+    which value (docs/methods.md prints it).
     """
     needs_t = _check_declaration(name, family, needs, params)
 
@@ -192,6 +203,8 @@ def register(
             source=source,
             fn=fn,
             batch_dependent=bool(batch_dependent),
+            shape=shape,
+            param_sources=dict(param_sources or {}),
         ))
         return fn
 
@@ -485,12 +498,7 @@ def compute_weights(
             f"method {method.name!r} needs column{'s' if len(missing) > 1 else ''} "
             f"{', '.join(repr(c) for c in missing)}, which the statistics table lacks"
         )
-    merged = dict(method.params)
-    for key, value in dict(params or {}).items():
-        if key not in method.params:
-            known = ", ".join(method.params) or "none"
-            raise AuditError(f"method {method.name!r} has no parameter {key!r} (parameters: {known})")
-        merged[key] = value
+    merged = merged_params(method, params)
 
     # Row count: from the needed columns; a method that needs none (sft,
     # random) takes it from whatever columns were passed.
@@ -530,6 +538,55 @@ def compute_weights(
         # is a bug and keeps its traceback.
         raise AuditError(f"method {method.name!r}: {_one_line(exc)}") from None
     return _validate(method, result, n, cols)
+
+
+def merged_params(method: Method, params: Mapping | None) -> dict:
+    """``params`` over the method's defaults; an unknown name is an ``AuditError`` naming the known ones."""
+    merged = dict(method.params)
+    for key, value in dict(params or {}).items():
+        if key not in method.params:
+            known = ", ".join(method.params) or "none"
+            raise AuditError(f"method {method.name!r} has no parameter {key!r} (parameters: {known})")
+        merged[key] = value
+    return merged
+
+
+def compute_views(
+    method: Method,
+    columns: Mapping[str, np.ndarray],
+    *,
+    params: Mapping | None = None,
+    batch: np.ndarray | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, loss) per token: the weight as ``compute_weights`` checks it, and the loss view.
+
+    The loss view is the method's declared per-token loss ℓ_t (``Method.shape``) when it has one, else
+    w_t·(−log p_t), the loss of a stop-gradient weight; both need the ``logp`` column (NaN without it).
+    """
+    w = compute_weights(method, columns, params=params, batch=batch, seed=seed)
+    if "logp" not in columns:
+        return w, np.full(w.shape, np.nan)
+    if method.shape is None:
+        return w, loss_view(w, np.asarray(columns["logp"]))
+    _, loss = method.shape.views(columns, batch, merged_params(method, params))
+    return w, np.asarray(loss, dtype=np.float64)
+
+
+def compute_viewed(
+    method: Method,
+    columns: Mapping[str, np.ndarray],
+    *,
+    params: Mapping | None = None,
+    batch: np.ndarray | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """``compute_weights`` whose result also carries the loss view (``shapes.ViewedWeights.loss``)
+    when the method declares a loss shape; otherwise the plain weights (their loss view is w·NLL)."""
+    if method.shape is None or "logp" not in columns:
+        return compute_weights(method, columns, params=params, batch=batch, seed=seed)
+    w, loss = compute_views(method, columns, params=params, batch=batch, seed=seed)
+    return ViewedWeights(w, loss)
 
 
 def _validate(method: Method, result: Any, n: int, cols: Mapping[str, np.ndarray]) -> np.ndarray:

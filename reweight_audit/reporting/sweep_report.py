@@ -22,7 +22,8 @@ from reweight_audit.reporting.render import label_notes
 from reweight_audit.evaluation.sweep import SETTING, SweepResult
 
 #: Every file of a sweep folder (claim.csv only with a claim).
-SWEEP_FILES = ("sweep.csv", "pairs.csv", "claim.csv", "robustness.md", "robustness.png", "sweep.json", "report.html")
+SWEEP_FILES = ("sweep.csv", "pairs.csv", "claim.csv", "flips.csv", "table1_target.csv", "robustness.md",
+               "robustness.png", "sweep.json", "report.html")
 
 
 def write_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
@@ -32,6 +33,10 @@ def write_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
         write_csv(result.pairs, tmp / "pairs.csv")
         if result.claim is not None:
             write_csv(result.claim, tmp / "claim.csv")
+        if result.flips is not None:
+            write_csv(result.flips, tmp / "flips.csv")
+        if result.target is not None:
+            write_csv(result.target.candidates, tmp / "table1_target.csv")
         (tmp / "robustness.md").write_text(robustness_markdown(result), encoding="utf-8")
         plot_pair_matrix(result, tmp / "robustness.png")
         names = [n for n in SWEEP_FILES if (tmp / n).exists() or n in ("sweep.json", "report.html")]
@@ -55,6 +60,10 @@ def sweep_summary(result: SweepResult) -> dict:
            "notes": result.notes + label_notes(result.runs), "skipped": result.skipped, "methods": result.methods,
            "pairs": [json_safe(r) for r in result.pairs.to_dict(orient="records")],
            "files": {name: p.name for name, p in result.files.items()}}
+    if result.target is not None:
+        out["table1_target"] = {"settings": result.target.n_settings, "candidates": int(len(result.target.candidates)),
+                                "any_all_within": result.target.any_all_within,
+                                "closest": [json_safe(r) for r in result.target.closest().to_dict(orient="records")]}
     if result.claim is not None:
         out["claim"] = {"order": result.config["claim"], "holds_everywhere": result.claim_holds,
                         "settings": int(len(result.claim)), "holds": int(result.claim["holds"].sum()),
@@ -89,7 +98,9 @@ def robustness_markdown(result: SweepResult) -> str:
                      f"(base rate {fmt_pct(r['base_rate'])})")
     lines += [f"- settings: run × rank by ({', '.join(cfg['rank_by'])}) × scope ({', '.join(cfg['scope'])}) × "
               f"k ({', '.join(k_label(k) for k in cfg['k'])}) × noise ({', '.join(noise)}) × stratify "
-              f"({', '.join(cfg['stratify'])}): up to {n_settings} per pair of methods",
+              f"({', '.join(cfg['stratify'])})"
+              + (f" × method parameters ({'; '.join(map(markdown_text, cfg.get('grid') or []))})" if cfg.get("grid") else "")
+              + f": up to {n_settings} per pair of methods",
               *([f"- stratified settings: the metric within {cfg['strata']} quantile strata of the variable, averaged "
                  "with each stratum weighted by its noise tokens (`none`: pooled)"]
                 if any(v != "none" for v in cfg["stratify"]) else []),
@@ -103,7 +114,60 @@ def robustness_markdown(result: SweepResult) -> str:
     lines += ["", *pair_matrix_markdown(result, metric), "", *consistent_orders(result, metric)]
     if result.claim is not None:
         lines += ["", *claim_markdown(result, metric)]
+    if result.flips is not None:
+        lines += ["", *flips_markdown(result, metric)]
+    if result.target is not None:
+        lines += ["", *table1_target_markdown(result)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def flips_markdown(result: SweepResult, metric: str) -> list[str]:
+    """Which verdicts flip with a method parameter: per grid axis, the pairs whose order it changes, and the claim."""
+    f = result.flips
+    lines = [f"## Verdicts that flip with a method parameter (by {metric})", "",
+             "Per `--grid` axis: the pairs of methods whose order changes between the axis's values with every other "
+             "convention and every other axis held fixed, as flipped settings of the settings where both are defined.", ""]
+    for axis, part in f.groupby("axis", sort=False):
+        moved = part[part["flipped"] > 0].sort_values("flipped", ascending=False, kind="stable")
+        lines.append(f"- **{markdown_text(axis)}**: {len(moved)} of {len(part)} pairs flip in some setting"
+                     + ("" if len(moved) else " (no verdict depends on it)"))
+        for row in moved.head(12).itertuples(index=False):
+            lines.append(f"  - {markdown_text(row.a)} vs {markdown_text(row.b)}: {row.flipped} of {row.settings} settings")
+    if result.claim is not None and "params" in result.claim:
+        lines += ["", *_claim_by_point(result)]
+    return lines
+
+
+def _claim_by_point(result: SweepResult) -> list[str]:
+    claim = result.claim
+    held = claim.groupby("params", sort=False)["holds"].agg(["sum", "count"])
+    return [f"The claim per grid point: " + "; ".join(f"{markdown_text(p)}: {int(r['sum'])} of {int(r['count'])}"
+                                                     for p, r in held.iterrows())]
+
+
+def table1_target_markdown(result: SweepResult) -> list[str]:
+    """``--target table1``: does any setting reproduce RankTuner's Table 1, the closest ones, what they share."""
+    from reweight_audit.evaluation.table1 import PAPER_TABLE1
+
+    target = result.target
+    lines = ["## Target: RankTuner's Table 1", "",
+             f"Every setting ({target.n_settings}) × every row-to-method map (each row any computed member of its camp: "
+             + "; ".join(f"{PAPER_TABLE1[r][0]}: {', '.join(map(markdown_text, m))}" for r, m in target.members.items())
+             + f"), {len(target.candidates)} candidates, scored by the mean absolute difference from the paper's nine "
+             "figures (percentage points) and by how many of the nine lie inside our 95% bootstrap intervals.", "",
+             "**" + ("Some candidate puts all three rows within their intervals."
+                     if target.any_all_within else "No candidate puts all three rows within their intervals.") + "**",
+             "", "| # | distance | within | " + " | ".join(c for c in target.setting if c != "run")
+             + " | " + " | ".join(PAPER_TABLE1[r][0] for r in PAPER_TABLE1) + " |",
+             "|---:|---:|---:|" + "---|" * (len(target.setting) - 1 + len(PAPER_TABLE1))]
+    for i, row in enumerate(target.closest().to_dict(orient="records"), 1):
+        cells = [k_label(row[c]) if c == "k" else markdown_text(row[c]) for c in target.setting if c != "run"]
+        cells += [f"`{markdown_text(row[f'map_{r}'])}`" for r in PAPER_TABLE1]
+        lines.append(f"| {i} | {row['distance']:.2f} | {row['within']}/9 | " + " | ".join(cells) + " |")
+    shared = target.shared()
+    lines += ["", "Shared by the closest: " + "; ".join(f"{markdown_text(c)} = {markdown_text(v)} ({share:.0%})"
+                                                       for c, (v, share) in shared.items()) + "."]
+    return lines
 
 
 def pair_matrix_markdown(result: SweepResult, metric: str) -> list[str]:

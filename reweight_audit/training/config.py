@@ -37,6 +37,16 @@ def _k_percent(value: float) -> float:
     return value
 
 
+#: how train computes the reweighted loss (training.patch, or training.ReweightedLoss)
+LOSSES = ("fused", "logits")
+
+
+def _loss(value: str) -> str:
+    if value not in LOSSES:
+        raise AuditError(f"--loss {value}: use {' or '.join(LOSSES)}")
+    return value
+
+
 @dataclass
 class TrainConfig(Config):
     """One train run: every method of ``methods`` (and ``method``) on the same seeded schedule."""
@@ -62,6 +72,9 @@ class TrainConfig(Config):
                                help="Method parameter, e.g. --param focal.gamma=3 (repeatable).")
     seed: int = option(0, help="Seed of every random choice; the same seed gives the same files.")
     device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps.")
+    loss: str = option("fused", check=_loss,
+                       help="fused (from hidden states and the head, chunked: no [batch, seq, vocab] logits) or "
+                            "logits (ReweightedLoss on the model's full logits).")
     report_to: str = option("none", help="Trainer's report_to: none, tensorboard, wandb, ...")
     template: str = option("auto", cli=False, help="auto, chat or plain: how prompt and response are rendered.")
 

@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from reweight_audit.core.errors import AuditError
-from reweight_audit.methods import Method, compute_weights, get_method
+from reweight_audit.methods import Method, get_method
 from reweight_audit.scoring.batching import IGNORE_INDEX, pad_id_of, plan_batches
 from reweight_audit.scoring.encoding import Encoded, choose_template, encode_records
 from reweight_audit.scoring.head import chunk_statistics, find_head, score_batch, target_logp, to_host, verify_head
 from reweight_audit.scoring.shards import batch_table
 from reweight_audit.core.io import write_parquet_atomic
+from reweight_audit.training.fused import host_weights, position_columns
 
 AUDIT_PREFIX = "audit/"
 #: compare's columns -> the names logged per method (k is appended to the top-k ones)
@@ -125,19 +126,9 @@ class ReweightedLoss:
 
     def token_weights(self, rows: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
         """float32 weights on the logits' device, one per supervised token (row-major order)."""
-        n = int(targets.numel())
         with torch.no_grad():
             columns = self._columns(rows, targets, supervised)
-        ok = np.ones(n, dtype=bool)
-        for name in ("logp", "entropy", "expected_rank", "ref_logp"):
-            if name in columns:
-                ok &= np.isfinite(columns[name])
-        if "finite" in columns:
-            ok &= columns.pop("finite")
-        weights = np.ones(n, dtype=np.float64)
-        if ok.any():
-            kept = {name: value[ok] for name, value in columns.items()}
-            weights[ok] = compute_weights(self.method, kept, params=self.params, seed=self.seed + self.calls)
+        weights = host_weights(self.method, columns, self.params, self.seed + self.calls)
         self.calls += 1
         self.last_weights = weights
         return torch.from_numpy(weights).to(device=rows.device, dtype=torch.float32)
@@ -145,10 +136,7 @@ class ReweightedLoss:
     def _columns(self, rows: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor) -> dict[str, np.ndarray]:
         """What compare would hand the method: the statistics, plus token_id, pos and seq_len (as for a score
         table; the batch is the corpus of the rarity control)."""
-        # pos: index of the token among its sequence's supervised tokens, as score's table numbers them
-        pos = (supervised.cumsum(1) - 1)[supervised]
-        seq_len = supervised.sum(1, keepdim=True).expand_as(supervised)[supervised]
-        tensors: dict[str, torch.Tensor] = {"token_id": targets, "pos": pos, "seq_len": seq_len}
+        tensors = position_columns(supervised, targets)
         if set(self.method.needs) - {"token_id", "pos", "seq_len"}:
             tensors.update(chunk_statistics(rows, targets))
             if self.reference is not None:

@@ -1,8 +1,9 @@
 """``reweight-audit train``: a small, real fine-tuning run per method, audited while it trains.
 
 For every method the same seeded schedule runs from the same starting weights: Hugging Face
-``Trainer`` with ``training.ReweightedLoss(method)`` as the loss and ``training.AuditCallback``
-on an injected probe. Outputs in ``-o``:
+``Trainer`` with the fused reweighted loss (``training.patch(model, method)``: no ``[batch, seq, vocab]``
+logits; ``--loss logits`` takes ``training.ReweightedLoss(method)`` on the full logits instead) and
+``training.AuditCallback`` on an injected probe. Outputs in ``-o``:
 
 * ``audit.csv``: one row per (trained method, audit step): train loss, the probe's noise / clean
   NLL and their change since step 0, and compare's metrics of every audited method's weights;
@@ -151,12 +152,11 @@ def train_one(method: str, config: TrainConfig, data: dict) -> dict:
     set_seed(config.seed)
     model = _load_trainable(data["source"], data["device"], config.lora)
     run_dir = Path(config.output) / method
-    loss = ReweightedLoss(method, seed=config.seed, reference=data.get("reference"),
-                          model=model if data.get("reference") is not None else None,
-                          **data["params"].get(method, {}))
+    loss = _loss_for(model, method, config, data)
     trainer = Trainer(model=model, args=_training_args(config, run_dir, data["device"]),
                       train_dataset=data["examples"], data_collator=make_collator(data["pad_id"]),
-                      compute_loss_func=loss, processing_class=data["tokenizer"])
+                      compute_loss_func=loss if isinstance(loss, ReweightedLoss) else None,
+                      processing_class=data["tokenizer"])
     trainer.remove_callback(PrinterCallback)  # the command line reports progress, not Trainer
     audit = AuditCallback(data["probe"], methods=data["audited"], every=config.every, k=config.k,
                           params=[p for p in config.params if p.split(".", 1)[0] in data["audited"]],
@@ -167,11 +167,27 @@ def train_one(method: str, config: TrainConfig, data: dict) -> dict:
     trainer.train()
     seconds = time.perf_counter() - started
     losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
-    loss.close()
+    if isinstance(loss, ReweightedLoss):
+        loss.close()
     del trainer, model
     gc.collect()
     return {"history": audit.history, "losses": losses, "seconds_total": seconds,
             "seconds_audit": audit.seconds, "probe_digest": audit.probe.digest if audit.probe else None}
+
+
+def _loss_for(model: Any, method: str, config: TrainConfig, data: dict) -> Any:
+    """The fused loss patched into the model (``--loss fused``, when the head is a plain linear layer), else
+    ``ReweightedLoss`` on the model's full logits (``--loss logits``, or a head the fused loss cannot reproduce)."""
+    from reweight_audit.scoring.head import find_head
+    from reweight_audit.training.loss import ReweightedLoss
+    from reweight_audit.training.patching import patch
+
+    params = data["params"].get(method, {})
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if config.loss == "fused" and find_head(base).mode == "linear":
+        return patch(model, method, seed=config.seed, reference=data.get("reference"), **params)
+    return ReweightedLoss(method, seed=config.seed, reference=data.get("reference"),
+                          model=model if data.get("reference") is not None else None, **params)
 
 
 # --------------------------------------------------------------------------- the experiment

@@ -25,8 +25,15 @@ def grad_norm(logp: np.ndarray, sum_p2: np.ndarray) -> np.ndarray:
 
 def rank_scores(weights: np.ndarray, rank_by: str, logp: np.ndarray | None = None,
                 sum_p2: np.ndarray | None = None) -> np.ndarray:
-    """What "high weight" means: ``weight`` w, ``loss`` w·(−log p), ``grad`` w·‖∂ℓ/∂z‖."""
+    """What "high weight" means: ``weight`` w, ``loss`` w·(−log p), ``grad`` w·‖∂ℓ/∂z‖.
+
+    ``loss``: a method with a declared loss shape hands its weights with the loss ℓ_t attached
+    (``methods.compute_viewed``); that is its loss view (w·(−log p) is the loss of a stop-gradient weight).
+    """
+    declared = getattr(weights, "loss", None)
     w = np.asarray(weights, dtype=np.float64)
+    if rank_by == "loss" and declared is not None:
+        return np.asarray(declared, dtype=np.float64)
     if rank_by == "weight":
         return w
     if rank_by == "loss":

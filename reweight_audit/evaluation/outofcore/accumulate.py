@@ -21,7 +21,7 @@ from reweight_audit.evaluation import metrics
 from reweight_audit.evaluation.metrics.checks import code_layout
 from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, evaluate, per_sequence
 from reweight_audit.evaluation.outofcore.chunks import Chunk
-from reweight_audit.methods import Method, compute_weights
+from reweight_audit.methods import Method, compute_viewed
 
 #: A spilled score row (dictionary pages for the repetitive kind and sequence codes only: a score's are wasted).
 SPILL_SCHEMA = pa.schema([("score", pa.float64()), ("kind", pa.int16()), ("seq", pa.int32())])
@@ -199,8 +199,8 @@ def chunk_weights(method: Method, chunk: Chunk, params: dict | None, rng: np.ran
     """The method's weights on the chunk, as compare computes them (``rng``: the method's one generator, drawn
     on in table order across chunks, so that a random method gets the whole table's draws)."""
     batch = chunk.batch if getattr(method, "batch_dependent", False) else None
-    w = np.asarray(compute_weights(method, chunk.run.stat_columns(), params=params, batch=batch, seed=rng),
-                   dtype=np.float64)
+    # with the method's declared loss attached, as compare's (the loss view is ℓ_t: methods.shapes)
+    w = compute_viewed(method, chunk.run.stat_columns(), params=params, batch=batch, seed=rng)
     if w.shape != (chunk.run.n_tokens,):
         raise AuditError(f"method {method.name}: returned {w.shape} weights for {chunk.run.n_tokens} tokens; "
                          "a method must return one weight per token")
