@@ -123,7 +123,7 @@ class SequenceTally:
                 pending.append((name, pool, k, sel))
                 continue
             if pc.cut.n_top == 0:  # an empty top set: nothing above or tied that counts
-                self.out[f"{name}_above"] = self.out[f"{name}_tied"] = np.zeros(self.n_seqs, dtype=np.int64)
+                self.out[f"{name}_above"] = self.out[f"{name}_tied"] = np.zeros(self.n_seqs, dtype=np.int32)
                 continue
             v = pc.cut.value
             lo = int(np.searchsorted(-score, -v, side="left"))  # first row at v (descending)
@@ -136,7 +136,8 @@ class SequenceTally:
                 tied += self.run[sel].sum(axis=0)
             above += self._per_seq(labels[:lo], seq[:lo])[sel].sum(axis=0)
             tied += self._per_seq(labels[lo:hi], seq[lo:hi])[sel].sum(axis=0)
-            self.out[f"{name}_above"], self.out[f"{name}_tied"] = above, tied
+            # int32 (a sequence's tokens): a sweep holds every noise set's counts of one ranking at once
+            self.out[f"{name}_above"], self.out[f"{name}_tied"] = above.astype(np.int32), tied.astype(np.int32)
         self.watches = pending
 
     def batch(self, counts: DescendingCounts, score: np.ndarray, labels: np.ndarray, seq: np.ndarray) -> None:
@@ -159,7 +160,7 @@ class SequenceTally:
         empty = np.zeros(0)
         self._answer(counts, empty, np.zeros(0, dtype=np.int16), np.zeros(0, dtype=np.int32))
         for name, *_ in self.watches:  # a cut never reached (no rows): nothing above or tied
-            self.out[f"{name}_above"] = self.out[f"{name}_tied"] = np.zeros(self.n_seqs, dtype=np.int64)
+            self.out[f"{name}_above"] = self.out[f"{name}_tied"] = np.zeros(self.n_seqs, dtype=np.int32)
 
 
 def _distinct_counts(score: np.ndarray, label: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
