@@ -268,3 +268,48 @@ def test_sweep_grid_and_target_agree(tmp_path):
     assert_frames_equal(mem.table, ooc.table)
     assert_frames_equal(mem.flips, ooc.flips)
     assert_frames_equal(mem.target.candidates, ooc.target.candidates)
+
+
+def test_sample_weights_are_the_memory_weights_of_the_first_chunk(tmp_path):
+    """The report's sample (weights.parquet, plots) with the duckdb engine: the first chunk, kept from the map
+    step, and the same weights as the in-memory engine gives those tokens."""
+    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(20, seed=8), model="m")
+    mem, ooc = both(path, methods=["sft", "random", "rarity", "position"], bootstrap=0)
+    first = ooc.run_data[0]
+    assert 300 <= first.n_tokens < mem.run_data[0].n_tokens  # one chunk of whole sequences, not the table
+    for name, w in ooc.run_weights[0].items():
+        assert np.allclose(w, mem.run_weights[0][name][:first.n_tokens], rtol=1e-12), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequence_tally_counts_above_and_tied_by_brute_force(tmp_path, seed):
+    """Per sequence, the rows above and tied at each cut's value, taken in the sorted pass (runs of tied scores
+    span the streamed batches of 64 rows), against counting them directly."""
+    import pyarrow.parquet as pq
+
+    from reweight_audit.evaluation.outofcore.accumulate import SPILL_SCHEMA
+    from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
+
+    rng = np.random.default_rng(seed)
+    n, n_seqs = 1500, 40
+    score = np.round(rng.normal(size=n), 1)  # about 60 distinct values: long tied runs
+    kind = np.where(rng.random(n) < 0.2, rng.integers(0, 2, n), -1).astype(np.int16)
+    seq = rng.integers(0, n_seqs, n).astype(np.int32)
+    (tmp_path / "s").mkdir()
+    pq.write_table(pa.table({"score": score, "kind": kind, "seq": seq}, schema=SPILL_SCHEMA),
+                   tmp_path / "s" / "x.parquet")
+    ks = (0.0001, 0.01, 0.3, 0.5, 1.0)
+    n_kind = np.array([np.sum(kind == 0), np.sum(kind == 1)])
+    counts = DescendingCounts(int(np.sum(kind < 0)), n_kind, ks, (0.3,))
+    watches = [(f"n{i}", 0, k, [1, 2]) for i, k in enumerate(ks)] + [("all", 0, 0.3, [0, 1, 2]),
+                                                                     ("k1", 2, 0.3, [2])]
+    tally = tables.SequenceTally(n_seqs, 3, watches)
+    with tables.connect(tmp_path) as con:
+        tables.value_counts(con, tmp_path / "s" / "*.parquet", counts, 2, tally=tally)
+    label = kind + 1
+    for name, pool, k, labels in watches:
+        v = counts.cut(pool, k).cut.value
+        picked = np.isin(label, labels)
+        for part, rows in (("above", score > v), ("tied", score == v)):
+            assert np.array_equal(tally.out[f"{name}_{part}"], np.bincount(seq[picked & rows], minlength=n_seqs)), \
+                (name, part)

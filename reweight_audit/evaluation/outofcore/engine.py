@@ -150,11 +150,18 @@ def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTo
 
 
 def _sample(job: RunJob, scan: ch.TableScan, plain: list[Method]) -> tuple[RunData, dict]:
-    """The first chunk and the plain methods' weights on it: what weights.parquet, the plots and the heatmap show."""
-    first = ch.make_chunk(ch.read_rows(scan.path, 0, _first_end(scan), list(scan.columns)), scan)
-    first.run.label = job.label
-    seed = job.options.seed
-    return first.run, {m.name: method_weights(job, m, first, np.random.default_rng(seed)) for m in plain}
+    """The first chunk and the plain methods' weights on it: what weights.parquet, the plots and the heatmap show
+    (as the map step of this process left them when its first chunk is that one; else read and weighted here)."""
+    kept = job.__dict__.pop("_first_chunk", None)
+    end = _first_end(scan)
+    if kept is not None and kept[0] == end and set(kept[2]) == {m.name for m in plain}:
+        first, weights = kept[1], kept[2]
+    else:
+        chunk = ch.make_chunk(ch.read_rows(scan.path, 0, end, list(scan.columns)), scan)
+        first, seed = chunk.run, job.options.seed
+        weights = {m.name: method_weights(job, m, chunk, np.random.default_rng(seed)) for m in plain}
+    first.label = job.label
+    return first, weights
 
 
 def _first_end(scan: ch.TableScan) -> int:
@@ -216,14 +223,15 @@ def _ranking_rows(job: RunJob, con, m: Method, rank_by: str, sums: RankingSums, 
                   ks: tuple[float, ...], out: RunRows, scan_kinds: list[str]) -> None:
     opts = job.options
     counts = DescendingCounts(totals.n_clean, totals.n_kind, ks, (opts.k_frac,))
-    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind))
+    tally = _global_tally(totals, ks, opts.k_frac) if "global" in opts.scope else None
+    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind), tally=tally)
     index = HistogramIndex(counts)
     base = _base_counts(totals)
     for scope in opts.scope:
         ident = {"run": job.label, "method": m.name, "family": getattr(m, "family", ""), "rank_by": rank_by,
                  "scope": scope}
         if scope == "global":
-            per_cut, per_seq, kind_counts = _global_scope(con, sums, counts, totals, ks, opts.k_frac)
+            per_cut, per_seq, kind_counts = _global_scope(tally.out, counts, totals, ks, opts.k_frac)
         else:
             per_cut, per_seq, kind_counts = _sequence_scope(sums, totals, ks)
         row = _main_row(per_cut[opts.k_frac], per_seq, sums, totals, index, opts)
@@ -239,11 +247,20 @@ def _base_counts(totals: RunTotals) -> dict:
             "n_noise_seqs": int(np.count_nonzero(totals.n_noise)), "base_rate": n_noise / n if n else NAN}
 
 
-def _global_scope(con, sums: RankingSums, counts: DescendingCounts, totals: RunTotals, ks, k):
+def _global_tally(totals: RunTotals, ks, k) -> tables.SequenceTally:
+    """What global scope needs per sequence, taken in the sorted pass: all tokens above and tied at the main cut,
+    the noise at every cut, and kind j's tokens at its pool's cut."""
+    n_kinds = len(totals.n_kind)
+    noise = list(range(1, n_kinds + 1))
+    watches = [("all", 0, k, [0, *noise])] + [(f"n{i}", 0, c, noise) for i, c in enumerate(ks)]
+    watches += [(f"k{j}", 1 + j, k, [1 + j]) for j in range(n_kinds)]
+    return tables.SequenceTally(totals.n_seqs, n_kinds + 1, watches)
+
+
+def _global_scope(per: dict, counts: DescendingCounts, totals: RunTotals, ks, k):
     noise_cuts = [counts.cut(0, c) for c in ks]
     kind_cuts = [counts.cut(1 + j, k) for j in range(len(totals.n_kind))]
     main = counts.cut(0, k)
-    per = tables.sequence_counts_at(con, sums.pattern, totals.n_seqs, main, noise_cuts, kind_cuts)
     n, n_noise = int(totals.length.sum()), int(totals.n_noise.sum())
     n_noisy = int(np.count_nonzero(totals.n_noise))
     per_cut = {}

@@ -2,7 +2,7 @@
 
 A group is a set of sequences; its pool is their tokens. Its cut, AUROC and
 AP come from the per-value counts of its rows only (a DuckDB ``WHERE`` on the
-sequence code), its per-sequence counts from the same GROUP BY as the whole
+sequence code), its per-sequence counts from the same sorted pass, as the whole
 run's, and sequence scope from the per-sequence counts already summed; the
 rows are those of :func:`reweight_audit.evaluation.groups.group_rows`.
 """
@@ -51,7 +51,9 @@ def _group_counts(con, sums: RankingSums, where: str, inside: np.ndarray, length
     """The group's counts at ``k``, its per-sequence counts and its ranking metrics' index."""
     n, n_pos = int(length.sum()), int(n_noise.sum())
     counts = DescendingCounts(n - n_pos, np.array([n_pos]), (k,), ())
-    tables.value_counts(con, sums.pattern, counts, 1, where=where, kind_columns=["kind >= 0"])
+    tally = tables.SequenceTally(inside.size, 2, [("all", 0, k, [0, 1]), ("n", 0, k, [1])]) \
+        if scope == "global" else None
+    tables.value_counts(con, sums.pattern, counts, 1, where=where, kind_columns=["kind >= 0"], tally=tally)
     noisy = (n_noise > 0).astype(np.float64)
     if scope == "sequence":
         per_seq = np.where(inside[:, None], sums.seq_fields, 0.0)
@@ -59,8 +61,7 @@ def _group_counts(con, sums: RankingSums, where: str, inside: np.ndarray, length
         main = metrics.Counts(n, n_pos, int(round(f["n_top"])), f["found"], int(noisy.sum()), f["hits"])
         return main, per_seq, HistogramIndex(counts)
     pc = counts.cut(0, k)
-    per = tables.above_tied(con, sums.pattern, inside.size, [("all", "", pc.cut.value), ("n", "kind >= 0", pc.cut.value)],
-                            where=where)
+    per = tally.out
     share = pc.cut.share
     hit = pc.cut.hit(per["n_above"], per["n_tied"]) if pc.cut.n_top else np.zeros(inside.size)
     per_seq = np.column_stack([per["n_above"] + per["n_tied"] * share, per["all_above"] + per["all_tied"] * share,

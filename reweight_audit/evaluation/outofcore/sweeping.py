@@ -22,7 +22,7 @@ from reweight_audit.evaluation import metrics
 from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, per_sequence
 from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import tables
-from reweight_audit.evaluation.outofcore.accumulate import SPILL_SCHEMA, RunTotals
+from reweight_audit.evaluation.outofcore.accumulate import SPILL_OPTIONS, SPILL_SCHEMA, RunTotals
 from reweight_audit.evaluation.outofcore.engine import RunJob, weight_pass
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
 
@@ -70,7 +70,7 @@ class SweepSums:
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
         if self.writer is None:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA, use_dictionary=["kind", "seq"])
+            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA, **SPILL_OPTIONS)
             self.seq_writers = [None] * len(self.sets)
         self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
                                          schema=SPILL_SCHEMA))
@@ -114,28 +114,40 @@ def sweep_sums(job: RunJob, scan: ch.TableScan, methods: list, con) -> tuple[Run
     return totals, sums
 
 
-def global_fields(con, sums: SweepSums, totals: RunTotals, j: int | None) -> np.ndarray:
-    """[cuts, S, fields] of noise set ``j`` (None: all noise) in global scope: each cut of the set's pool from
-    the per-value counts, the per-sequence counts at it from DuckDB."""
+def global_tallies(con, sums: SweepSums, totals: RunTotals, sets: list[int | None]) -> tuple[DescendingCounts, dict]:
+    """One sorted pass over a ranking's spill for every noise set ``j`` in ``sets`` (None: all noise): the
+    per-value counts (pool 0: all noise, 1 + j: kind j) and, per set, each cut's per-sequence counts of its pool
+    (``a<i>_<set>``) and of its positives (``p<i>_<set>``)."""
     counts = DescendingCounts(totals.n_clean, totals.n_kind, sums.cuts, sums.cuts)
-    tables.value_counts(con, sums.pattern, counts, len(totals.n_kind))
+    n_kinds = len(totals.n_kind)
+    watches = []
+    for at, j in enumerate(sets):
+        positive = list(range(1, n_kinds + 1)) if j is None else [1 + j]
+        pool = 0 if j is None else 1 + j
+        watches += [(f"a{i}_{at}", pool, c, [0, *positive]) for i, c in enumerate(sums.cuts)]
+        watches += [(f"p{i}_{at}", pool, c, positive) for i, c in enumerate(sums.cuts)]
+    tally = tables.SequenceTally(totals.n_seqs, n_kinds + 1, watches)
+    tables.value_counts(con, sums.pattern, counts, n_kinds, tally=tally)
+    return counts, tally.out
+
+
+def global_fields(counts: DescendingCounts, per: dict, cuts: list[float], totals: RunTotals, j: int | None,
+                  at: int) -> np.ndarray:
+    """[cuts, S, fields] of noise set ``j`` (None: all noise; ``at``: its place in :func:`global_tallies`'s
+    sets) in global scope; its per-sequence counts are taken out of ``per`` (freed as each set is used)."""
     pool_at = 0 if j is None else 1 + j
-    in_pool = "" if j is None else f"(kind < 0 OR kind = {j})"
-    positive = "kind >= 0" if j is None else f"kind = {j}"
-    cuts = [counts.cut(pool_at, c) for c in sums.cuts]
-    per = {**tables.above_tied(con, sums.pattern, totals.n_seqs,
-                               [(f"a{i}", in_pool, pc.cut.value) for i, pc in enumerate(cuts)]),
-           **tables.above_tied(con, sums.pattern, totals.n_seqs,
-                               [(f"p{i}", positive, pc.cut.value) for i, pc in enumerate(cuts)], where="kind >= 0")}
     n_pos = totals.n_noise if j is None else totals.kind_noise[j]
     length = totals.length if j is None else totals.length - totals.n_noise + totals.kind_noise[j]
     noisy = (n_pos > 0).astype(np.float64)
     out = np.zeros((len(cuts), totals.n_seqs, len(SEQUENCE_FIELDS)))
-    for i, pc in enumerate(cuts):
+    for i, c in enumerate(cuts):
+        pc = counts.cut(pool_at, c)
+        a_above, a_tied = per.pop(f"a{i}_{at}_above"), per.pop(f"a{i}_{at}_tied")
+        p_above, p_tied = per.pop(f"p{i}_{at}_above"), per.pop(f"p{i}_{at}_tied")
         share = pc.cut.share
-        hit = pc.cut.hit(per[f"p{i}_above"], per[f"p{i}_tied"]) if pc.cut.n_top else np.zeros(totals.n_seqs)
-        out[i] = np.column_stack([per[f"p{i}_above"] + per[f"p{i}_tied"] * share,
-                                  per[f"a{i}_above"] + per[f"a{i}_tied"] * share, n_pos, length, hit * noisy, noisy])
+        hit = pc.cut.hit(p_above, p_tied) if pc.cut.n_top else np.zeros(totals.n_seqs)
+        out[i] = np.column_stack([p_above + p_tied * share, a_above + a_tied * share, n_pos, length, hit * noisy,
+                                  noisy])
     return out
 
 
@@ -156,24 +168,37 @@ def set_size(totals: RunTotals, j: int | None) -> tuple[int, int]:
 
 def sweep_blocks(job: RunJob, scan: ch.TableScan) -> tuple[list[tuple], RunTotals]:
     """Every block of one run, in the in-memory sweep's order: per rank-by × noise × scope, ``(setting, (totals,
-    reps), n, n_noise)`` with what :func:`reweight_audit.evaluation.sweep.block_of` makes a block of."""
+    reps), n, n_noise)`` with what :func:`reweight_audit.evaluation.sweep.block_of` makes a block of.
+
+    Each method × rank-by's spill is sorted once for every noise set (:func:`global_tallies`); what is kept
+    between methods is each block's per-method totals and replicate sums, not per sequence."""
     opts = job.options
+    sets = noise_sets(scan.kinds)
     out = []
     with tables.connect(job.work) as con:
         totals, sums = sweep_sums(job, scan, job.methods, con)
         for rank_by in job.rank_by:
-            for noise, j in noise_sets(scan.kinds):
+            parts = {}
+            for m in job.methods:
+                parts.update(_method_parts(con, job, sums[(m.name, rank_by)], totals, sets, m.name))
+            for noise, j in sets:
                 n, n_pos = set_size(totals, j)
                 for scope in opts.scope:
-                    parts = [method_sums(_fields(con, sums[(m.name, rank_by)], totals, scope, i, j),
-                                     opts.bootstrap, opts.seed)
-                             for m in job.methods for i in [noise_sets(scan.kinds).index((noise, j))]]
-                    reps = [np.stack([p[1] for p in parts], axis=1)] if opts.bootstrap and parts else None
+                    mine = [parts[(noise, scope, m.name)] for m in job.methods]
+                    reps = [np.stack([p[1] for p in mine], axis=1)] if opts.bootstrap and mine else None
                     out.append(({"run": job.label, "rank_by": rank_by, "scope": scope, "noise": noise,
-                                 "stratify": "none"}, ([np.stack([p[0] for p in parts])], reps), n, n_pos))
+                                 "stratify": "none"}, ([np.stack([p[0] for p in mine])], reps), n, n_pos))
             job.say(f"{job.label}: rank by {rank_by} done")
     return out, totals
 
 
-def _fields(con, sums: SweepSums, totals: RunTotals, scope: str, i: int, j: int | None) -> np.ndarray:
-    return sums.sequence_fields(i, totals.n_seqs) if scope == "sequence" else global_fields(con, sums, totals, j)
+def _method_parts(con, job: RunJob, sums: SweepSums, totals: RunTotals, sets: list, name: str) -> dict:
+    """One method × rank-by's :func:`method_sums` per (noise set, scope, method)."""
+    opts, parts = job.options, {}
+    counts, per = global_tallies(con, sums, totals, [j for _, j in sets]) if "global" in opts.scope else (None, {})
+    for at, (noise, j) in enumerate(sets):
+        for scope in opts.scope:
+            fields = sums.sequence_fields(at, totals.n_seqs) if scope == "sequence" else \
+                global_fields(counts, per, sums.cuts, totals, j, at)
+            parts[(noise, scope, name)] = method_sums(fields, opts.bootstrap, opts.seed)
+    return parts
