@@ -55,10 +55,15 @@ def micro_batch_codes(codes: np.ndarray, seqs: np.ndarray, per_micro: int) -> np
     """
     if codes.size == 0:
         return np.zeros(0, dtype=np.int64)
-    pairs, inverse = np.unique(np.stack([codes, np.asarray(seqs, dtype=np.int64)]), axis=1, return_inverse=True)
-    # pairs is sorted by batch, then sequence: a sequence's index within its batch is its column
-    # minus the column where its batch starts
-    first = np.searchsorted(pairs[0], pairs[0], side="left")
-    micro = (np.arange(pairs.shape[1]) - first) // int(per_micro)
-    _, dense = np.unique(np.stack([pairs[0], micro]), axis=1, return_inverse=True)
+    codes, seqs = np.asarray(codes, dtype=np.int64), np.asarray(seqs, dtype=np.int64)
+    # one int64 key per (batch, sequence), ordered as the pair (codes and sequence codes are dense, >= 0): a 1-D
+    # unique sorts ~10x faster than np.unique(axis=1)'s lexicographic pass over a stacked array
+    span = int(seqs.max()) + 1
+    keys, inverse = np.unique(codes * span + seqs, return_inverse=True)
+    batch = keys // span
+    # keys are sorted by batch, then sequence: a sequence's index within its batch is its position minus the
+    # position where its batch starts
+    first = np.searchsorted(batch, batch, side="left")
+    micro = (np.arange(keys.size) - first) // int(per_micro)
+    _, dense = np.unique(batch * (int(micro.max()) + 1) + micro, return_inverse=True)
     return dense.reshape(-1)[inverse.reshape(-1)]
