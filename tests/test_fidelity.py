@@ -306,3 +306,20 @@ def test_compare_hands_methods_a_seq_code(tmp_path):
     stored = hand_stats_table(H_A).append_column("seq_code", pa.array([7] * 8, pa.int64()))
     run = runs.load_run(write_stats(tmp_path / "b.parquet", stored))
     assert run.column("seq_code").tolist() == [7] * 8
+
+
+def test_micro_batch_codes_against_their_definition():
+    """A token's micro-batch: its batch, and its sequence's index among the batch's sorted sequences // per_micro;
+    dense codes in (batch, micro-batch) order. Brute force over random batches and sequences."""
+    from reweight_audit.methods._batches import micro_batch_codes
+
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        n = int(rng.integers(1, 200))
+        codes = np.unique(rng.integers(0, rng.integers(1, 6), n), return_inverse=True)[1].reshape(-1)
+        seqs = rng.integers(0, rng.integers(1, 40), n)
+        for per_micro in (1, 2, 4, 7):
+            keys = [(b, sorted(set(seqs[codes == b])).index(s) // per_micro) for b, s in zip(codes, seqs)]
+            order = {key: i for i, key in enumerate(sorted(set(keys)))}
+            expected = np.array([order[key] for key in keys])
+            assert np.array_equal(micro_batch_codes(codes, seqs, per_micro), expected)
