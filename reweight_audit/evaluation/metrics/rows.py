@@ -7,6 +7,8 @@ asks it for every scope without scanning the arrays again. Imports
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -36,12 +38,21 @@ def ranking_metrics(scores: np.ndarray, is_noise: np.ndarray, seq_codes: np.ndar
     return _ranking_metrics(index, k=check_k(k), cuts=cuts, scope=check_scope(scope), n_boot=n_boot, seed=seed)
 
 
+
+def weight_sums(s: np.ndarray, y: np.ndarray, codes: np.ndarray, n_codes: int) -> dict[str, float]:
+    """``w_total`` and ``w_noise`` (the weight metrics' sums) as the exactly rounded sum (``math.fsum``) of the
+    per-sequence sums ``np.bincount`` adds in row order. A sequence is never split, so these are the same bits
+    however the table is cut into chunks or shards (the DuckDB engine sums the same way); ``s.sum()`` would
+    depend on the blocking, by up to ~n·eps."""
+    return {"w_total": math.fsum(np.bincount(codes, weights=s, minlength=n_codes)),
+            "w_noise": math.fsum(np.bincount(codes[y], weights=s[y], minlength=n_codes))}
+
 def _ranking_metrics(index: ScoreIndex, *, k: float, cuts: Iterable[float], scope: str, n_boot: int,
                      seed: int) -> tuple[dict[str, float], dict[float, dict[str, float]]]:
     s, y, codes, n_codes = index.s, index.y, index.codes, index.n_codes
     all_cuts = tuple(sorted({check_k(c, "every cut") for c in cuts} | {k}))
     counts = evaluate(s, y, codes, n_codes, all_cuts, scope)
-    main = replace(counts[k], w_total=float(s.sum()), w_noise=float(s[y].sum()))
+    main = replace(counts[k], **weight_sums(s, y, codes, n_codes))
     row = {**count_values(main), **ranking_values(index)}
     bounds = {}
     if n_boot:
@@ -67,8 +78,11 @@ def kind_metrics(index: ScoreIndex, kinds: list[str], *, k: float, scope: str) -
     clean = ~is_noise
     n_clean = int(clean.sum())
     noise_idx = np.flatnonzero(is_noise)
-    kind_w = np.bincount(kind_codes[noise_idx], weights=scores[noise_idx], minlength=len(kinds))
-    clean_w = float(scores[clean].sum())
+    # as weight_sums: exactly rounded sums of per-sequence sums (per sequence and kind for the noise)
+    clean_w = math.fsum(np.bincount(index.codes[clean], weights=scores[clean], minlength=index.n_codes))
+    per_kind = np.bincount(index.codes[noise_idx] * len(kinds) + kind_codes[noise_idx], weights=scores[noise_idx],
+                           minlength=index.n_codes * len(kinds)).reshape(index.n_codes, len(kinds))
+    kind_w = [math.fsum(per_kind[:, j]) for j in range(len(kinds))]
     rows = []
     for ki, kind in enumerate(kinds):
         if scope == "global":

@@ -9,6 +9,8 @@ DuckDB counts them per distinct value (:mod:`.tables`).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,8 +106,8 @@ class RankingSums:
     writer: pq.ParquetWriter | None = None
     w_total: np.ndarray = None
     w_noise: np.ndarray = None
-    kind_w: np.ndarray = None
-    clean_w: float = 0.0
+    w_clean: np.ndarray = None  # per sequence, the clean tokens' scores
+    w_kind: np.ndarray = None  # [S, kinds]: per sequence and kind, the noise tokens' scores
     seq_fields: np.ndarray | None = None  # [S, SEQUENCE_FIELDS] at k, sequence scope
     seq_totals: np.ndarray | None = None  # [cuts, _TOTALS], sequence scope
     kind_totals: np.ndarray | None = None  # [kinds, _TOTALS] at k, sequence scope
@@ -113,7 +115,8 @@ class RankingSums:
     def __post_init__(self) -> None:
         self.w_total = np.zeros(self.n_seqs)
         self.w_noise = np.zeros(self.n_seqs)
-        self.kind_w = np.zeros(self.n_kinds)
+        self.w_clean = np.zeros(self.n_seqs)
+        self.w_kind = np.zeros((self.n_seqs, self.n_kinds))
         if self.sequence:
             self.seq_fields = np.zeros((self.n_seqs, len(SEQUENCE_FIELDS)))
             self.seq_totals = np.zeros((len(self.ks), len(_TOTALS)))
@@ -133,8 +136,9 @@ class RankingSums:
         # per sequence in row order, as np.bincount sums them over the whole table: the same bits
         self.w_total[at] += np.bincount(local, weights=s, minlength=n_local)
         self.w_noise[at] += np.bincount(local[y], weights=s[y], minlength=n_local)
-        self.kind_w += np.bincount(kinds[y], weights=s[y], minlength=self.n_kinds)
-        self.clean_w += float(s[~y].sum())
+        self.w_clean[at] += np.bincount(local[~y], weights=s[~y], minlength=n_local)
+        self.w_kind[at] += np.bincount(local[y] * self.n_kinds + kinds[y], weights=s[y],
+                                       minlength=n_local * self.n_kinds).reshape(n_local, self.n_kinds)
         if self.sequence:
             self._add_sequence_scope(at, s, y, local, kinds, n_local)
 
@@ -150,6 +154,16 @@ class RankingSums:
                 codes, n_codes = code_layout(local[keep])
                 c = evaluate(s[keep], pos[keep], codes, n_codes, (self.k,), "sequence")[self.k]
                 self.kind_totals[j] += [getattr(c, name) for name in _TOTALS]
+
+    @property
+    def clean_w(self) -> float:
+        """The clean tokens' scores summed as ``metrics.rows`` sums them (fsum of per-sequence sums)."""
+        return math.fsum(self.w_clean)
+
+    @property
+    def kind_w(self) -> list[float]:
+        """Per kind, its noise tokens' scores summed as ``metrics.rows`` sums them."""
+        return [math.fsum(self.w_kind[:, j]) for j in range(self.n_kinds)]
 
     def close(self) -> None:
         if self.writer is not None:
@@ -171,8 +185,8 @@ class RankingSums:
         at = slice(other.first - self.first, other.first - self.first + other.n_seqs)
         self.w_total[at] += other.w_total
         self.w_noise[at] += other.w_noise
-        self.kind_w += other.kind_w
-        self.clean_w += other.clean_w
+        self.w_clean[at] += other.w_clean
+        self.w_kind[at] += other.w_kind
         if self.sequence:
             self.seq_fields[at] += other.seq_fields
             self.seq_totals += other.seq_totals

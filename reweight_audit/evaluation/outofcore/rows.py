@@ -1,6 +1,8 @@
 """One ranking's row at the cut as ``metrics.ranking_metrics`` gives it, from the engine's aggregates."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from reweight_audit.evaluation import metrics
@@ -16,7 +18,8 @@ def metric_row(main: metrics.Counts, per_seq: np.ndarray, w_total: np.ndarray, w
     per-sequence weight sums and counts (sequences with tokens in the pool: ``length`` > 0) and the ranking."""
     from dataclasses import replace
 
-    main = replace(main, w_total=float(w_total.sum()), w_noise=float(w_noise.sum()))
+    # as metrics.weight_sums: the exactly rounded sum of the per-sequence sums, the memory engine's bits
+    main = replace(main, w_total=math.fsum(w_total), w_noise=math.fsum(w_noise))
     row = {**count_values(main), **ranking_values(index)}
     bounds = {}
     if opts.bootstrap:
