@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(VENV)/bin/reweight-audit demo -o reports/demo
 
+# pytest-xdist: one worker per core (the suite's tests are independent; 2 cores take it from ~5.5 to ~3 minutes)
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 # The browser test opens report.html in headless Chromium. Debian's package is installed when it is
 # missing and we can (root with apt); otherwise the test is skipped (or fails under CI=true) naming this.
