@@ -54,3 +54,21 @@ def test_ratio_lines_pair_the_variants_against_the_targets():
     text = "\n".join(train_bench.format_lines({"device": "cpu", "dtype": "float32", "batch": 2, "results": results,
                                                 "skipped": [], "ratios": list(lines.values())}))
     assert "(target <= 1.3) MISSED" in text and "(target <= 0.1) met" in text
+
+
+def test_the_flatness_line_reads_the_loss_above_the_body():
+    """(fused − body) at the longest length over the shortest: 30 − 20 over 15 − 10 = 2.0 (missed), while the
+    raw ratio 30/15 is read too; without the body's runs there is no such line."""
+    def row(variant, seq_len, peak):
+        return {"variant": variant, "vocab": 100, "seq_len": seq_len, "peak_bytes": peak, "seconds": 1.0}
+
+    results = [row("fused-ranktuner-approx", 1024, 15.0), row("fused-ranktuner-approx", 8192, 30.0),
+               row("body", 1024, 10.0), row("body", 8192, 20.0)]
+    lines = {line["name"]: line for line in train_bench.ratio_lines(results, 4096, (1024, 8192))}
+    above = lines["peak fused-ranktuner-approx above the body T=8,192 / T=1,024, V=100"]
+    assert above["value"] == pytest.approx(2.0) and above["met"] is False
+    assert lines["peak fused-ranktuner-approx T=8,192 / T=1,024, V=100"]["value"] == pytest.approx(2.0)
+    assert not any("above the body" in name for name in
+                   (line["name"] for line in train_bench.ratio_lines(results[:2], 4096, (1024, 8192))))
+    step = train_bench._step_fn("body", *train_bench._build(64, 16, "cpu", "float32"))
+    step()  # the body-only step runs (forward to hidden states, backward)
