@@ -382,6 +382,17 @@ class FusedBatch:
         return cls(hidden[:, :-1][supervised], shifted[supervised], supervised)
 
 
+def checked_method(owner: str, method: str | Method, params: Mapping[str, Any]) -> Method:
+    """The registered method (or ``method`` itself), with ``params`` refused in one line unless they are its
+    parameters: the loss classes' shared check before they compute anything."""
+    found = method if isinstance(method, Method) else get_method(str(method))
+    unknown = sorted(set(params) - set(found.params))
+    if unknown:
+        known = ", ".join(found.params) or "none"
+        raise AuditError(f"{owner}({found.name!r}): unknown parameter(s) {', '.join(unknown)} (parameters: {known})")
+    return found
+
+
 class FusedReweightedLoss:
     """Σ_t w_t·(−log p_t) / D from the last hidden states and the head, in chunks (module docstring).
 
@@ -393,12 +404,7 @@ class FusedReweightedLoss:
 
     def __init__(self, method: str | Method = "sft", /, *, seed: int = 0, chunk_rows: int | None = None,
                  backend: str = "auto", **params: Any) -> None:
-        self.method = method if isinstance(method, Method) else get_method(str(method))
-        unknown = sorted(set(params) - set(self.method.params))
-        if unknown:
-            known = ", ".join(self.method.params) or "none"
-            raise AuditError(f"FusedReweightedLoss({self.method.name!r}): unknown parameter(s) {', '.join(unknown)} "
-                             f"(parameters: {known})")
+        self.method = checked_method("FusedReweightedLoss", method, params)
         if backend not in BACKENDS:
             raise AuditError(f"FusedReweightedLoss: backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.params, self.seed, self.chunk_rows, self.backend = dict(params), int(seed), chunk_rows, backend

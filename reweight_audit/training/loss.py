@@ -39,7 +39,7 @@ from reweight_audit.scoring.encoding import Encoded, choose_template, encode_rec
 from reweight_audit.scoring.head import chunk_statistics, find_head, score_batch, target_logp, to_host, verify_head
 from reweight_audit.scoring.shards import batch_table
 from reweight_audit.core.io import write_parquet_atomic
-from reweight_audit.training.fused import host_weights, position_columns
+from reweight_audit.training.fused import checked_method, host_weights, position_columns
 
 AUDIT_PREFIX = "audit/"
 #: compare's columns -> the names logged per method (k is appended to the top-k ones)
@@ -83,12 +83,7 @@ class ReweightedLoss:
 
     def __init__(self, method: str | Method = "sft", /, *, seed: int = 0, reference: Any = None,
                  model: Any = None, **params: Any) -> None:
-        self.method = method if isinstance(method, Method) else get_method(str(method))
-        unknown = sorted(set(params) - set(self.method.params))
-        if unknown:
-            known = ", ".join(self.method.params) or "none"
-            raise AuditError(f"ReweightedLoss({self.method.name!r}): unknown parameter(s) {', '.join(unknown)} "
-                             f"(parameters: {known})")
+        self.method = checked_method("ReweightedLoss", method, params)
         self.params = dict(params)
         self.seed = int(seed)
         self.calls = 0
