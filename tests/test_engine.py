@@ -135,7 +135,8 @@ def test_duckdb_memory_limit_is_set(tmp_path):
     with tables.connect(tmp_path) as con:
         limit = con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
         temp = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
-    assert limit.replace(" ", "").upper().startswith(("1.0GB", "953.6MIB", "1GB", "954.0MIB", "953MIB")), limit
+    # DuckDB reports the limit in its own units (256MB is shown as 244.1 MiB)
+    assert limit.replace(" ", "").upper() in ("244.1MIB", "256.0MB", "256MB"), limit
     assert temp.startswith(str(tmp_path))
 
 

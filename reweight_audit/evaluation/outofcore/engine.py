@@ -2,7 +2,7 @@
 
 The rows are those :func:`reweight_audit.evaluation.compare.evaluate_method`
 builds in memory, with the same numbers (counts exactly, the rest to rounding).
-Memory is O(sequences × methods), not O(tokens).
+Memory is O(sequences) for one ranking at a time, not O(tokens) nor O(sequences × methods).
 """
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
         t0 = time.perf_counter()
         for m in job.methods:
             for r in opts.rank_by:
-                _ranking_rows(job, con, m, r, sums[(m.name, r)], totals, ks, out, scan.kinds)
+                _ranking_rows(job, con, m, r, sums[(m.name, r)].load(), totals, ks, out, scan.kinds)
+                sums[(m.name, r)].release()  # one ranking's per-sequence arrays in memory at a time
             job.say(f"{job.label}: {m.name} done")
         if job.grouping is not None:
             out.by_group = group_rows(job, con, totals, sums)
@@ -199,7 +200,7 @@ def _batch_chunks(job: RunJob, scan: ch.TableScan, con):
     columns = [c for c in scan.columns if c in (*REQUIRED_COLUMNS, "noise_kind", "seq_len", "sum_p2") or c in needs]
     tables.batch_ordered_copy(con, scan.path, list(scan.seq_code), batch_of_seq, target, columns)
     pending, size = [], 0
-    for b in pq.ParquetFile(target).iter_batches(batch_size=1 << 16):
+    for b in pq.ParquetFile(target, pre_buffer=False).iter_batches(batch_size=1 << 16):  # pre_buffer: chunks._open
         pending.append(b)
         size += b.num_rows
         if size >= ch.CHUNK_ROWS:

@@ -36,10 +36,11 @@ def group_rows(job: Any, con, totals: RunTotals, sums: dict) -> list[dict]:
         for rank_by in job.rank_by:
             for scope in opts.scope:
                 for m in job.methods:
-                    s = sums[(m.name, rank_by)]
+                    s = sums[(m.name, rank_by)].load()
                     main, per_seq, index = _group_counts(con, s, where, inside, length, n_noise, scope, opts.k_frac)
                     row = metric_row(main, per_seq, np.where(inside, s.w_total, 0.0), np.where(inside, s.w_noise, 0.0),
                                      length, index, opts)
+                    s.release()
                     rows.append({"run": job.label, "method": m.name, "family": getattr(m, "family", ""),
                                  "rank_by": rank_by, "scope": scope, "k": opts.k, **counts, **row})
     con.unregister("_groups")

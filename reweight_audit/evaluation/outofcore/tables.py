@@ -7,7 +7,10 @@ never fetched whole; results per sequence are O(sequences).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import suppress
+from queue import Empty, Queue
 from pathlib import Path
 
 import duckdb
@@ -17,7 +20,7 @@ import pyarrow as pa
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
 
 #: DuckDB's memory limit: it spills to the work folder beyond this.
-MEMORY_LIMIT = "1GB"
+MEMORY_LIMIT = "256MB"
 _FETCH_ROWS = 1 << 20
 
 
@@ -172,7 +175,33 @@ def _distinct_counts(score: np.ndarray, label: np.ndarray, n_labels: int) -> tup
     return score[start], table.reshape(n_labels, start.size)
 
 
-def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
-    for batch in reader:
-        if batch.num_rows:
-            yield batch
+def _batches(reader: pa.RecordBatchReader, ahead: int = 2) -> Iterator[pa.RecordBatch]:
+    """The reader's non-empty batches, fetched by a thread up to ``ahead`` batches in advance: DuckDB produces
+    the next sorted batch (without the GIL) while this thread counts the last one."""
+    queue: Queue = Queue(maxsize=ahead)
+    done = object()
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            for batch in reader:
+                if stop.is_set():
+                    return
+                if batch.num_rows:
+                    queue.put(batch)
+            queue.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, raised there
+            queue.put(exc)
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue, then let it end
+            with suppress(Empty):
+                queue.get(timeout=0.05)
