@@ -316,3 +316,34 @@ def test_sequence_tally_counts_above_and_tied_by_brute_force(tmp_path, seed):
         for part, rows in (("above", score > v), ("tied", score == v)):
             assert np.array_equal(tally.out[f"{name}_{part}"], np.bincount(seq[picked & rows], minlength=n_seqs)), \
                 (name, part)
+
+
+def test_per_sequence_sums_are_in_memory_for_one_ranking_at_a_time(tmp_path, monkeypatch):
+    """Bounded memory: the map step keeps nothing per sequence (it is written beside the scores), and the reduce
+    reads one method × rank-by's per-sequence sums at a time; the tables still equal the memory engine's."""
+    from reweight_audit.evaluation.outofcore import accumulate
+
+    loaded, most = set(), [0]
+    load, release, add = accumulate.RankingSums.load, accumulate.RankingSums.release, accumulate.RankingSums.add
+
+    def counting_load(self):
+        loaded.add(id(self))
+        most[0] = max(most[0], len(loaded))
+        return load(self)
+
+    def counting_release(self):
+        loaded.discard(id(self))
+        release(self)
+
+    def checked_add(self, chunk, s):
+        add(self, chunk, s)
+        assert self.w_total is None and self.w_kind is None and self.seq_fields is None  # nothing kept per sequence
+
+    monkeypatch.setattr(accumulate.RankingSums, "load", counting_load)
+    monkeypatch.setattr(accumulate.RankingSums, "release", counting_release)
+    monkeypatch.setattr(accumulate.RankingSums, "add", checked_add)
+    path = write_stats(tmp_path / "stats.parquet", make_stats(20, seed=9), model="m")
+    mem, ooc = both(path, methods=["dft", "entropy", "talr", "rarity"], rank_by=["weight", "loss"],
+                    scope=["global", "sequence"], bootstrap=10)
+    assert_same(mem, ooc)
+    assert most[0] == 1 and not loaded
