@@ -96,8 +96,11 @@ def test_duckdb_refuses_what_it_cannot_do(tmp_path):
     path = write_stats(tmp_path / "s.parquet", table.take(pa.array(order)))
     with pytest.raises(AuditError, match="not contiguous"):
         run_compare(path, None, CompareConfig(engine="duckdb"))
-    with pytest.raises(AuditError, match="--stratify"):
-        run_compare(path, None, CompareConfig(engine="duckdb", stratify=["position"]))
+    from reweight_audit.evaluation.config import SweepConfig
+    from reweight_audit.evaluation.sweep import run_sweep
+
+    with pytest.raises(AuditError, match="sweep --stratify is computed by --engine memory"):
+        run_sweep(path, None, SweepConfig(engine="duckdb", stratify=["none", "position"]))
 
 
 @pytest.mark.slow
@@ -128,7 +131,7 @@ def test_auto_picks_by_size(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "available_memory", lambda: 1000)
     assert compare.choose_engine(CompareConfig(), [path]) == "duckdb"
     assert compare.choose_engine(CompareConfig(engine="memory"), [path]) == "memory"
-    assert compare.choose_engine(CompareConfig(stratify=["position"]), [path]) == "memory"
+    assert compare.choose_engine(CompareConfig(stratify=["position"]), [path]) == "duckdb"  # both compute strata
 
 
 def test_duckdb_memory_limit_is_set(tmp_path):

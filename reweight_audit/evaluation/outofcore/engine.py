@@ -198,6 +198,7 @@ def _batch_chunks(job: RunJob, scan: ch.TableScan, con):
     target = job.work / "batched.parquet"
     # only what a chunk is checked with and what the batch-dependent methods read: a narrower sort
     needs = {c for m in job.methods if getattr(m, "batch_dependent", False) for c in m.needs}
+    needs |= strata.needs(job.options)  # --stratify's variables are spilled beside the scores
     columns = [c for c in scan.columns if c in (*REQUIRED_COLUMNS, "noise_kind", "seq_len", "sum_p2") or c in needs]
     tables.batch_ordered_copy(con, scan.path, list(scan.seq_code), batch_of_seq, target, columns)
     pending, size = [], 0

@@ -49,6 +49,14 @@ def column(by: str) -> str:
     return f"x_{by}"
 
 
+def needs(options: Any) -> set[str]:
+    """The columns the ``--stratify`` variables are computed from."""
+    return {c for by in stratify_by(options) for c in _NEEDS[by]}
+
+
+_NEEDS = {"position": ("pos", "seq_len"), "length": ("seq_len",), "rarity": ("token_id",)}
+
+
 def chunk_values(options: Any, chunk: Chunk, rarity: Callable[[Chunk], np.ndarray]) -> dict[str, np.ndarray]:
     """Per ``--stratify`` variable, its value on every pool token of the chunk (the spill's ``x_<by>`` columns);
     ``rarity(chunk)``: the ``rarity`` method's weight on every row, with the whole table's token-id counts, as
