@@ -182,7 +182,7 @@ def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "SHARD_ROWS", 400)  # several shards, each read in several chunks
     path = write_stats(tmp_path / "stats.parquet", make_stats(30, seed=11), model="m")
     options = dict(methods=["dft", "random", "rarity", "talr"], scope=["global", "sequence"], bootstrap=10,
-                   batch_seqs=8)
+                   batch_seqs=8, stratify=["position", "rarity"], strata=5)  # strata from the shards' spills too
     single = run_compare(path, None, CompareConfig(engine="duckdb", **options))
     from reweight_audit.evaluation.config import SweepConfig
     from reweight_audit.evaluation.sweep import run_sweep
@@ -196,6 +196,7 @@ def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
     finally:
         ray.shutdown()
     assert_same(single, mapped, ("duckdb", "duckdb"))
+    assert_frames_equal(single.strata, mapped.strata)
     assert mapped.config["ray"] == "auto"
     assert_frames_equal(swept.table, swept_on_ray.table)
     assert_frames_equal(swept.pairs, swept_on_ray.pairs)
