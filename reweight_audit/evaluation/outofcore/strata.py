@@ -140,19 +140,40 @@ def _segments(raw: np.ndarray) -> Iterator[tuple[int, slice]]:
         yield int(raw[a]), slice(a, b)
 
 
-def sequence_cells(con, spill, strata: Strata, n_seqs: int) -> tuple[np.ndarray, np.ndarray]:
-    """[strata, sequences]: each sequence's tokens and noise tokens in each stratum (rows streamed unsorted)."""
+def sequence_cells(con, spill, strata: Strata, n_seqs: int, n_kinds: int) -> np.ndarray:
+    """[strata, 1 + kinds, sequences]: each sequence's clean tokens (0) and tokens of each kind (1 + j) in each
+    stratum (the rows streamed unsorted)."""
     col = column(strata.by)
-    length = np.zeros((strata.n_strata, n_seqs), dtype=np.int64)
-    noise = np.zeros((strata.n_strata, n_seqs), dtype=np.int64)
-    reader = con.sql(f"SELECT {col}, seq, kind >= 0 FROM read_parquet('{tables._quote(spill)}')") \
+    shape = (strata.n_strata, 1 + n_kinds, n_seqs)
+    cells = np.zeros(shape, dtype=np.int32)  # a sequence's tokens
+    reader = con.sql(f"SELECT {col}, kind, seq FROM read_parquet('{tables._quote(spill)}')") \
         .to_arrow_reader(tables._FETCH_ROWS)
     for batch in reader:
-        x, seq, y = (batch.column(i).to_numpy(zero_copy_only=False) for i in range(3))
-        flat = strata.codes(x).astype(np.int64) * n_seqs + seq
-        length += np.bincount(flat, minlength=length.size).reshape(length.shape)
-        noise += np.bincount(flat[y], minlength=length.size).reshape(length.shape)
-    return length, noise
+        x, kind, seq = (batch.column(i).to_numpy(zero_copy_only=False) for i in range(3))
+        flat = (strata.codes(x).astype(np.int64) * (1 + n_kinds) + kind + 1) * n_seqs + seq
+        cells += np.bincount(flat, minlength=cells.size).reshape(shape).astype(np.int32)
+    return cells
+
+
+def sequence_batches(con, spill, columns: str, where: str = "") -> Iterator[list[np.ndarray]]:
+    """``columns`` of the spilled rows (``where``: of those only), streamed in sequence order and cut into blocks
+    of whole sequences (the last sequence of a batch held back until the next: O(a sequence's tokens))."""
+    reader = con.sql(f"""SELECT {columns} FROM read_parquet('{tables._quote(spill)}') {f"WHERE {where}" if where else ""}
+                         ORDER BY seq""").to_arrow_reader(tables._FETCH_ROWS)
+    pending: list[np.ndarray] | None = None
+    for batch in reader:
+        arrays = [batch.column(i).to_numpy(zero_copy_only=False) for i in range(batch.num_columns)]
+        if pending is not None:
+            arrays = [np.concatenate([a, b]) for a, b in zip(pending, arrays)]
+        seq = arrays[batch.schema.get_field_index("seq")]
+        if not seq.size:
+            continue
+        cut = int(np.searchsorted(seq, seq[-1], side="left"))  # the last sequence may go on in the next batch
+        if cut:
+            yield [a[:cut] for a in arrays]
+        pending = [a[cut:] for a in arrays]
+    if pending is not None and pending[0].size:
+        yield pending
 
 
 # --------------------------------------------------------------------------- the AUROC bootstrap
@@ -274,8 +295,10 @@ def strata_rows(job: Any, con, totals: RunTotals, sums: dict[tuple[str, str], Ra
     rows = []
     for by in stratify_by(opts):
         strata = find_strata(con, spill, by, opts.strata, max(n_tokens, 1))
-        length, noise = sequence_cells(con, spill, strata, totals.n_seqs)
-        var = _Variable(strata, length, noise, occurring, mult, row)
+        cells = sequence_cells(con, spill, strata, totals.n_seqs, len(totals.n_kind))
+        var = _Variable(strata, cells.sum(axis=1, dtype=np.int64), cells[:, 1:].sum(axis=1, dtype=np.int64),
+                        occurring, mult, row)
+        del cells
         for rank_by in job.rank_by:
             for m in job.methods:
                 per_scope, indexes, reps = _ranking(con, sums[(m.name, rank_by)], var, opts)
@@ -345,20 +368,8 @@ def _sequence_fields(con, sums: RankingSums, var: _Variable, k: float) -> np.nda
     sequence's tokens split by stratum and counted as ``per_sequence`` counts them."""
     strata = var.strata
     out = np.zeros((strata.n_strata, var.length.shape[1], len(SEQUENCE_FIELDS)))
-    reader = con.sql(f"""SELECT score, kind >= 0, seq, {column(strata.by)} FROM read_parquet('{tables._quote(sums.pattern)}')
-                         ORDER BY seq""").to_arrow_reader(tables._FETCH_ROWS)
-    pending: list[np.ndarray] | None = None
-    for batch in reader:
-        arrays = [batch.column(i).to_numpy(zero_copy_only=False) for i in range(4)]
-        if pending is not None:
-            arrays = [np.concatenate([a, b]) for a, b in zip(pending, arrays)]
-        if not arrays[0].size:
-            continue
-        cut = int(np.searchsorted(arrays[2], arrays[2][-1], side="left"))  # the last sequence may go on
-        _count_sequences(out, strata, [a[:cut] for a in arrays], k)
-        pending = [a[cut:] for a in arrays]
-    if pending is not None:
-        _count_sequences(out, strata, pending, k)
+    for arrays in sequence_batches(con, sums.pattern, f"score, kind >= 0, seq, {column(strata.by)}"):
+        _count_sequences(out, strata, arrays, k)
     return out
 
 
