@@ -96,11 +96,6 @@ def test_duckdb_refuses_what_it_cannot_do(tmp_path):
     path = write_stats(tmp_path / "s.parquet", table.take(pa.array(order)))
     with pytest.raises(AuditError, match="not contiguous"):
         run_compare(path, None, CompareConfig(engine="duckdb"))
-    from reweight_audit.evaluation.config import SweepConfig
-    from reweight_audit.evaluation.sweep import run_sweep
-
-    with pytest.raises(AuditError, match="sweep --stratify is computed by --engine memory"):
-        run_sweep(path, None, SweepConfig(engine="duckdb", stratify=["none", "position"]))
 
 
 @pytest.mark.slow
@@ -260,7 +255,7 @@ def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
     path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
     monkeypatch.setattr(compare, "available_memory", lambda: 1000)
     assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
-    assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "memory"
+    assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "duckdb"  # strata on both
 
 
 def test_sweep_grid_and_target_agree(tmp_path):

@@ -306,13 +306,13 @@ def run_compare(
 
 def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> str:
     """``memory`` or ``duckdb``: as asked, or (``auto``) duckdb when the files would not fit in half the memory
-    available (``MEMORY_BYTES_PER_TOKEN`` each) and no in-memory-only option (a sweep's stratify axis) is set."""
+    available (``MEMORY_BYTES_PER_TOKEN`` each) and the sources are files."""
     if options.engine == "duckdb" or getattr(options, "ray", None):
         _check_out_of_core(options, sources)
         return "duckdb"
     if options.engine == "memory":
         return "memory"
-    if any(isinstance(s, StatsTable) for s in sources) or _sweep_stratified(options):
+    if any(isinstance(s, StatsTable) for s in sources):
         return "memory"
     tokens = sum(parquet_rows(Path(s)) for s in sources)
     return "duckdb" if tokens * MEMORY_BYTES_PER_TOKEN > 0.5 * available_memory() else "memory"
@@ -321,15 +321,6 @@ def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | Sta
 def _check_out_of_core(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> None:
     if any(isinstance(s, StatsTable) for s in sources):
         raise AuditError("--engine duckdb reads stats.parquet files; a table in memory needs --engine memory")
-    if _sweep_stratified(options):
-        raise AuditError("sweep --stratify is computed by --engine memory only (for now); drop --stratify or use "
-                         "--engine memory")
-
-
-def _sweep_stratified(options: CompareConfig | SweepConfig) -> bool:
-    """Whether a sweep's options ask for strata (its stratify axis beyond the pooled none): the memory engine's
-    alone (compare --stratify runs on both, :mod:`.outofcore.strata`)."""
-    return isinstance(options, SweepConfig) and any(value != "none" for value in (options.stratify or []))
 
 
 def available_memory() -> int:
