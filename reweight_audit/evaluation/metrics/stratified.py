@@ -165,6 +165,10 @@ class StratifiedIndex:
         s, y, codes = self.s, self.y, self.codes
         return [per_sequence(s[p], y[p], codes[p], self.n_seqs, (k,), scope)[0] for p in self.parts]
 
+    def _replicates(self, per: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Per stratified metric, [n_boot] replicates of the noise-weighted mean over the strata."""
+        return {**_count_replicates(per, self.n_boot, self.seed), "auroc": self.auroc_replicates()}
+
     def auroc_replicates(self) -> np.ndarray:
         """[n_boot]: the stratified AUROC of every replicate (computed once)."""
         if self._auroc_reps is None:
