@@ -217,10 +217,10 @@ class AurocReplicates:
             self._piece(score[lo:lo + self.step], labels[lo:lo + self.step], seq[lo:lo + self.step])
 
     def _piece(self, score: np.ndarray, labels: np.ndarray, seq: np.ndarray) -> None:
-        w = self.mult[self.row[seq]].astype(np.float64)
-        start = np.flatnonzero(np.r_[True, score[1:] != score[:-1]])
-        noise = np.add.reduceat(np.where((labels == 1)[:, None], w, 0.0), start, axis=0)
-        clean = np.add.reduceat(np.where((labels == 0)[:, None], w, 0.0), start, axis=0)
+        new = np.r_[True, score[1:] != score[:-1]]
+        group = np.cumsum(new) - 1
+        start = np.flatnonzero(new)
+        noise, clean = (self._per_score(labels == label, group, seq, start.size) for label in (1, 0))
         if self.carry is not None:
             value, n0, c0 = self.carry
             if score[0] == value:
@@ -230,6 +230,17 @@ class AurocReplicates:
                 self._close(n0[None], c0[None])
         self._close(noise[:-1], clean[:-1])
         self.carry = (score[start[-1]], noise[-1].copy(), clean[-1].copy())
+
+    def _per_score(self, rows: np.ndarray, group: np.ndarray, seq: np.ndarray, n_groups: int) -> np.ndarray:
+        """[distinct scores, replicates]: the replicates' count of the ``rows`` at each score (one gather of
+        each row's multiplicities, summed per score in integers)."""
+        out = np.zeros((n_groups, self.mult.shape[1]))
+        at = np.flatnonzero(rows)
+        if at.size:
+            g = group[at]
+            first = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+            out[g[first]] = np.add.reduceat(self.mult[self.row[seq[at]]].astype(np.int32), first, axis=0)
+        return out
 
     def _close(self, noise: np.ndarray, clean: np.ndarray) -> None:
         """Finished distinct scores, in order: [scores, replicates] noise and clean weight at each."""
