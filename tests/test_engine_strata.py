@@ -130,3 +130,20 @@ def test_sweep_stratify_axis_agrees(tmp_path):
     assert ooc.table["noise"].nunique() > 2  # all noise and each kind's pool
     for name in ("table", "pairs", "claim"):
         assert_strata_equal(getattr(mem, name), getattr(ooc, name))
+
+
+def test_bench_compare_passes_stratify_and_compares_strata_csv(tmp_path):
+    from reweight_audit.bench import compare as bench_compare
+
+    bench = bench_compare.CompareBench(stratify=("position", "rarity"))
+    cmd = {stage: bench_compare.command(stage, tmp_path / "t.parquet", tmp_path / "o", "duckdb", bench)
+           for stage in ("compare", "sweep")}
+    assert cmd["compare"][cmd["compare"].index("--stratify") + 1] == "position,rarity"
+    assert cmd["sweep"][cmd["sweep"].index("--stratify") + 1] == "none,position,rarity"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, value in ((a, 0.5), (b, 0.25)):
+        folder.mkdir()
+        pd.DataFrame({"method": ["dft"], "auroc": [value]}).to_csv(folder / "strata.csv", index=False)
+    differ = bench_compare.reports_differ(a, b, "compare")
+    assert differ["strata.csv"] is not None  # compared where written (the other files: missing here)
+    assert "strata.csv" not in bench_compare.reports_differ(tmp_path / "o", tmp_path / "o", "compare")
