@@ -26,14 +26,13 @@ def chunk_rankings(job: Any, chunk: ch.Chunk, methods: list[Method], sums: dict,
     logp = run.column("logp")
     sum_p2 = run.column("sum_p2") if "grad" in job.rank_by else None
     weights = {}
-    # compare --stratify: each variable spilled beside the scores (RankingSums.add's extra columns)
-    extra = (strata.chunk_values(job.options, chunk, lambda c: _rarity(job, c)),) if strata.stratify_by(job.options) \
-        else ()
+    # --stratify's variables, spilled beside every ranking's scores ({} without it)
+    extra = strata.chunk_values(job.options, chunk, lambda c: _rarity(job, c))
     for m in methods:
         w = weights[m.name] = method_weights(job, m, chunk, rngs[m.name])
         for r in job.rank_by:
             s = run.pool.take(metrics.rank_scores(w, r, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
-            sums[(m.name, r)].add(chunk, s, *extra)
+            sums[(m.name, r)].add(chunk, s, extra)
     return weights
 
 
