@@ -6,19 +6,24 @@ rarity with the table's token-id counts) and spilled beside its ranking score
 (column ``x_<variable>``). The strata are quantiles ``⌊N·#{x' < x}/n⌋``
 (:func:`~reweight_audit.evaluation.metrics.stratum_codes`), monotone in x, so
 one ascending pass over x's distinct values fixes each stratum's lowest value
-(:class:`Strata`), and a token's stratum is where x falls among those. Per
-stratum, its own sorted pass (a DuckDB ``WHERE`` on x) gives the cut, AUROC and
-the per-sequence counts above and tied at the cut (global scope), and, in the
-same pass, every bootstrap replicate's AUROC (:class:`AurocReplicates`); one
-pass in sequence order gives every stratum's per-sequence counts in sequence
-scope. The rows then come from the same function as the memory engine's
+(:class:`Strata`), and a token's stratum is where x falls among those. A
+ranking's spill is written partitioned by stratum (:func:`stratum_files`); per
+stratum, its sorted pass gives the cut, AUROC and the per-sequence counts above
+and tied at the cut (global scope), and, in the same pass, every bootstrap
+replicate's AUROC (:class:`AurocReplicates`); a pass in sequence order gives its
+per-sequence counts in sequence scope. The rows then come from the same
+function as the memory engine's
 (:func:`~reweight_audit.evaluation.metrics.stratified.stratified_summary`).
+The sweep's stratify axis uses the same pieces (:mod:`.sweeping`).
 Memory: O(sequences × strata + sequences × replicates), never O(tokens).
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,12 +97,12 @@ class Strata:
         """Each value's stratum (0 .. J-1)."""
         return np.searchsorted(self.lo, x, side="right") - 1
 
-    def where(self, j: int) -> str:
-        """DuckDB's condition for stratum j's rows (bounds as exact doubles: shortest repr, cast from text)."""
+    def sql(self) -> str:
+        """DuckDB's expression of a row's stratum, as :meth:`codes` (bounds as exact doubles: the shortest repr,
+        cast from text)."""
         col = column(self.by)
-        conds = [f"{col} >= {_double(self.lo[j])}"] if j else []
-        conds += [f"{col} < {_double(self.lo[j + 1])}"] if j + 1 < self.n_strata else []
-        return " AND ".join(conds)
+        whens = [f"WHEN {col} >= {_double(self.lo[j])} THEN {j}" for j in range(self.n_strata - 1, 0, -1)]
+        return f"CASE {' '.join(whens)} ELSE 0 END" if whens else "0"
 
 
 def _double(value: float) -> str:
@@ -155,10 +160,27 @@ def sequence_cells(con, spill, strata: Strata, n_seqs: int, n_kinds: int) -> np.
     return cells
 
 
-def sequence_batches(con, spill, columns: str, where: str = "") -> Iterator[list[np.ndarray]]:
-    """``columns`` of the spilled rows (``where``: of those only), streamed in sequence order and cut into blocks
-    of whole sequences (the last sequence of a batch held back until the next: O(a sequence's tokens))."""
-    reader = con.sql(f"""SELECT {columns} FROM read_parquet('{tables._quote(spill)}') {f"WHERE {where}" if where else ""}
+@contextmanager
+def stratum_files(con, spill: Path, strata: Strata, folder: Path) -> Iterator[list[Path]]:
+    """Per stratum, the files of its rows (score, kind, seq): the spill read once and written partitioned by
+    stratum into ``folder`` (removed afterwards), so that each stratum's passes read its rows only; one stratum:
+    the spill itself."""
+    if strata.n_strata == 1:
+        yield [spill]
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con.execute(f"""COPY (SELECT score, kind, seq, {strata.sql()} AS stratum FROM read_parquet('{tables._quote(spill)}'))
+                        TO '{tables._quote(folder)}' (FORMAT parquet, PARTITION_BY (stratum), OVERWRITE_OR_IGNORE true)""")
+        yield [folder / f"stratum={j}" / "*.parquet" for j in range(strata.n_strata)]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sequence_batches(con, spill, columns: str) -> Iterator[list[np.ndarray]]:
+    """``columns`` of the spilled rows, streamed in sequence order and cut into blocks of whole sequences (the
+    last sequence of a batch held back until the next: O(a sequence's tokens))."""
+    reader = con.sql(f"""SELECT {columns} FROM read_parquet('{tables._quote(spill)}', hive_partitioning = false)
                          ORDER BY seq""").to_arrow_reader(tables._FETCH_ROWS)
     pending: list[np.ndarray] | None = None
     for batch in reader:
@@ -330,6 +352,14 @@ def strata_rows(job: Any, con, totals: RunTotals, sums: dict[tuple[str, str], Ra
 def _ranking(con, sums: RankingSums, var: _Variable, opts: Any):
     """One ranking within every stratum: per scope the strata's per-sequence fields ([occurring, fields] each),
     the strata's indexes (AUROC) and a callable giving the stratified AUROC's replicates."""
+    folder = sums.spill.parent.parent / "strata" / f"{sums.spill.stem}-{var.strata.by}"
+    with stratum_files(con, sums.pattern, var.strata, folder) as files:
+        per_scope, indexes, aurocs = _strata_passes(con, files, var, opts)
+    return per_scope, indexes, lambda: _stratified_replicates(aurocs, var)
+
+
+def _strata_passes(con, files: list[Path], var: _Variable, opts: Any):
+    """Each stratum's passes over its rows (``files[j]``): see :func:`_ranking`."""
     k = opts.k_frac
     per_scope: dict[str, list[np.ndarray]] = {"global": []}
     indexes, aurocs = [], []
@@ -342,18 +372,17 @@ def _ranking(con, sums: RankingSums, var: _Variable, opts: Any):
         reps = None if var.mult is None else AurocReplicates(var.mult, var.row, noise[var.occurring],
                                                              (length - noise)[var.occurring])
         feed = _Pass(tally, reps) if tally is not None or reps is not None else None
-        tables.value_counts(con, sums.pattern, counts, 1, where=var.strata.where(j), kind_columns=["kind >= 0"],
-                            tally=feed)
+        tables.value_counts(con, files[j], counts, 1, kind_columns=["kind >= 0"], tally=feed)
         if counts.clean_ge != n - n_pos or counts.pools[0].pos_ge != n_pos:
-            raise AuditError(f"{sums.pattern}: stratum {j + 1} of --stratify {var.strata.by} read "
+            raise AuditError(f"{files[j]}: stratum {j + 1} of --stratify {var.strata.by} read "
                              f"{counts.clean_ge + counts.pools[0].pos_ge} rows, expected {n}; rerun with --engine memory")
         indexes.append(HistogramIndex(counts))
         aurocs.append(reps)
         if tally is not None:
             per_scope["global"].append(_global_fields(counts, tally.out, length, noise, k)[var.occurring])
     if "sequence" in opts.scope:
-        per_scope["sequence"] = [p[var.occurring] for p in _sequence_fields(con, sums, var, k)]
-    return per_scope, indexes, lambda: _stratified_replicates(aurocs, var)
+        per_scope["sequence"] = [_sequence_fields(con, f, var.length.shape[1], k)[var.occurring] for f in files]
+    return per_scope, indexes, aurocs
 
 
 def _global_fields(counts: DescendingCounts, per: dict, length: np.ndarray, noise: np.ndarray,
@@ -374,21 +403,11 @@ def _stratified_replicates(aurocs: list[AurocReplicates], var: _Variable) -> np.
     return stratified_mean(per_stratum, weights, axis=1)
 
 
-def _sequence_fields(con, sums: RankingSums, var: _Variable, k: float) -> np.ndarray:
-    """[strata, sequences, SEQUENCE_FIELDS] in sequence scope: the rows streamed in sequence order, each whole
-    sequence's tokens split by stratum and counted as ``per_sequence`` counts them."""
-    strata = var.strata
-    out = np.zeros((strata.n_strata, var.length.shape[1], len(SEQUENCE_FIELDS)))
-    for arrays in sequence_batches(con, sums.pattern, f"score, kind >= 0, seq, {column(strata.by)}"):
-        _count_sequences(out, strata, arrays, k)
+def _sequence_fields(con, rows: Path, n_seqs: int, k: float) -> np.ndarray:
+    """[sequences, SEQUENCE_FIELDS] of one stratum in sequence scope: its rows (``rows``) streamed in sequence
+    order, each whole sequence's tokens counted as ``per_sequence`` counts them."""
+    out = np.zeros((n_seqs, len(SEQUENCE_FIELDS)))
+    for s, y, seq in sequence_batches(con, rows, "score, kind >= 0, seq"):
+        have, local = np.unique(seq, return_inverse=True)
+        out[have] = per_sequence(s, y, local.reshape(-1).astype(np.intp), have.size, (k,), "sequence")[0]
     return out
-
-
-def _count_sequences(out: np.ndarray, strata: Strata, arrays: list[np.ndarray], k: float) -> None:
-    s, y, seq, x = arrays
-    codes = strata.codes(x)
-    for j in np.unique(codes).tolist():
-        m = codes == j
-        have, local = np.unique(seq[m], return_inverse=True)
-        out[j, have] = per_sequence(s[m], y[m], local.reshape(-1).astype(np.intp), have.size, (k,), "sequence")[0]
-

@@ -119,10 +119,10 @@ def sweep_sums(job: RunJob, scan: ch.TableScan, methods: list, con) -> tuple[Run
 
 
 def global_tallies(con, sums: SweepSums, totals: RunTotals, sets: list[int | None],
-                   where: str = "") -> tuple[DescendingCounts, dict]:
+                   rows: Path | None = None) -> tuple[DescendingCounts, dict]:
     """One sorted pass over a ranking's spill for every noise set ``j`` in ``sets`` (None: all noise): the
     per-value counts (pool 0: all noise, 1 + j: kind j) and, per set, each cut's per-sequence counts of its pool
-    (``a<i>_<set>``) and of its positives (``p<i>_<set>``). ``where``: of those rows only (a stratum; ``totals``
+    (``a<i>_<set>``) and of its positives (``p<i>_<set>``). ``rows``: these rows instead (a stratum's; ``totals``
     then its own)."""
     counts = DescendingCounts(totals.n_clean, totals.n_kind, sums.cuts, sums.cuts)
     n_kinds = len(totals.n_kind)
@@ -133,7 +133,7 @@ def global_tallies(con, sums: SweepSums, totals: RunTotals, sets: list[int | Non
         watches += [(f"a{i}_{at}", pool, c, [0, *positive]) for i, c in enumerate(sums.cuts)]
         watches += [(f"p{i}_{at}", pool, c, positive) for i, c in enumerate(sums.cuts)]
     tally = tables.SequenceTally(totals.n_seqs, n_kinds + 1, watches)
-    tables.value_counts(con, sums.pattern, counts, n_kinds, where=where, tally=tally)
+    tables.value_counts(con, sums.pattern if rows is None else rows, counts, n_kinds, tally=tally)
     return counts, tally.out
 
 
@@ -249,34 +249,40 @@ def _stratum_totals(cells: np.ndarray, j: int) -> RunTotals:
 def _stratified_parts(con, job: RunJob, sums: SweepSums, var: tuple, sets: list, name: str) -> dict:
     """One method × rank-by within the strata of one variable: per (noise set, scope) the :func:`method_sums` of
     each stratum with tokens in the set's pool, in stratum order (as the in-memory sweep's parts)."""
-    opts = job.options
     found, cells = var
-    parts = {(noise, scope, found.by, name): [] for noise, _ in sets for scope in opts.scope}
-    for j in range(found.n_strata):
-        t = _stratum_totals(cells, j)
-        where = found.where(j)
-        counts, per = global_tallies(con, sums, t, [s for _, s in sets], where) if "global" in opts.scope \
-            else (None, {})
-        seq = _stratum_sequence_fields(con, sums, where, t.n_seqs, sets) if "sequence" in opts.scope else None
-        for at, (noise, s) in enumerate(sets):
-            if set_size(t, s)[0] == 0:
-                continue  # no token of this pool in the stratum: not one of its parts
-            for scope in opts.scope:
-                fields = seq[at] if scope == "sequence" else global_fields(counts, per, sums.cuts, t, s, at)
-                parts[(noise, scope, found.by, name)].append(method_sums(fields, opts.bootstrap, opts.seed))
-    return parts
+    parts: dict = {(noise, scope): [] for noise, _ in sets for scope in job.options.scope}
+    folder = sums.spill.parent.parent / "strata" / f"{sums.spill.stem}-{found.by}"
+    with strata.stratum_files(con, sums.pattern, found, folder) as files:
+        for j in range(found.n_strata):
+            _stratum_parts(con, job, sums, _stratum_totals(cells, j), files[j], sets, parts)
+    return {(noise, scope, found.by, name): one for (noise, scope), one in parts.items()}
 
 
-def _stratum_sequence_fields(con, sums: SweepSums, where: str, n_seqs: int, sets: list) -> list[np.ndarray]:
+def _stratum_parts(con, job: RunJob, sums: SweepSums, t: RunTotals, rows: Path, sets: list, parts: dict) -> None:
+    """One stratum's :func:`method_sums` appended to ``parts[(noise set, scope)]`` for each set with tokens in it
+    (``rows``: the stratum's rows; ``t``: its totals)."""
+    opts = job.options
+    counts, per = global_tallies(con, sums, t, [s for _, s in sets], rows) if "global" in opts.scope else (None, {})
+    seq = _stratum_sequence_fields(con, rows, sums.cuts, t.n_seqs, sets) if "sequence" in opts.scope else None
+    for at, (noise, s) in enumerate(sets):
+        if set_size(t, s)[0] == 0:
+            continue  # no token of this pool in the stratum: not one of its parts
+        for scope in opts.scope:
+            fields = seq[at] if scope == "sequence" else global_fields(counts, per, sums.cuts, t, s, at)
+            parts[(noise, scope)].append(method_sums(fields, opts.bootstrap, opts.seed))
+
+
+def _stratum_sequence_fields(con, rows: Path, cuts: tuple[float, ...], n_seqs: int,
+                             sets: list) -> list[np.ndarray]:
     """Per noise set, [cuts, S, fields] in sequence scope within one stratum (its rows streamed in sequence
     order, whole sequences at a time)."""
-    out = [np.zeros((len(sums.cuts), n_seqs, len(SEQUENCE_FIELDS))) for _ in sets]
-    for s, kind, seq in strata.sequence_batches(con, sums.pattern, "score, kind, seq", where):
+    out = [np.zeros((len(cuts), n_seqs, len(SEQUENCE_FIELDS))) for _ in sets]
+    for s, kind, seq in strata.sequence_batches(con, rows, "score, kind, seq"):
         y = kind >= 0
         for at, (_, j) in enumerate(sets):
             keep = np.ones(s.size, dtype=bool) if j is None else ~y | (kind == j)
             if keep.any():
                 have, local = np.unique(seq[keep], return_inverse=True)
                 out[at][:, have] = per_sequence(s[keep], y[keep], local.reshape(-1).astype(np.intp), have.size,
-                                                sums.cuts, "sequence")
+                                                cuts, "sequence")
     return out
