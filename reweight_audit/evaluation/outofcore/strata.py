@@ -156,7 +156,7 @@ def sequence_cells(con, spill, strata: Strata, n_seqs: int, n_kinds: int) -> np.
     for batch in reader:
         x, kind, seq = (batch.column(i).to_numpy(zero_copy_only=False) for i in range(3))
         flat = (strata.codes(x).astype(np.int64) * (1 + n_kinds) + kind + 1) * n_seqs + seq
-        cells += np.bincount(flat, minlength=cells.size).reshape(shape).astype(np.int32)
+        np.add.at(cells.reshape(-1), flat, 1)  # no temporary the size of the cells per batch
     return cells
 
 
@@ -201,6 +201,16 @@ def sequence_batches(con, spill, columns: str) -> Iterator[list[np.ndarray]]:
 # --------------------------------------------------------------------------- the AUROC bootstrap
 
 
+def replicate_sums(per_seq: np.ndarray, mult: np.ndarray) -> np.ndarray:
+    """``per_seq @ mult`` ([rows, sequences] @ [sequences, replicates]) in float64, a block of sequences at a time:
+    the small-integer multiplicities are never held as float64 whole (the sums are integers: exact)."""
+    out = np.zeros((per_seq.shape[0], mult.shape[1]))
+    step = max(1, _PIECE // max(1, mult.shape[1]))
+    for lo in range(0, mult.shape[0], step):
+        out += per_seq[:, lo:lo + step].astype(np.float64) @ mult[lo:lo + step].astype(np.float64)
+    return out
+
+
 def multiplicities(n_seqs: int, n_boot: int, seed: int) -> np.ndarray:
     """[sequences, replicates]: how often each replicate draws each sequence (the draws of
     :func:`~reweight_audit.evaluation.metrics.bootstrap_multiplicities`), as small integers."""
@@ -226,8 +236,7 @@ class AurocReplicates:
 
     def __init__(self, mult: np.ndarray, row: np.ndarray, noise_per_seq: np.ndarray, clean_per_seq: np.ndarray):
         self.mult, self.row = mult, row
-        self.w_noise = noise_per_seq @ mult.astype(np.float64)
-        self.w_clean = clean_per_seq @ mult.astype(np.float64)
+        self.w_noise, self.w_clean = replicate_sums(np.stack([noise_per_seq, clean_per_seq]), mult)
         self.seen = np.zeros(mult.shape[1])  # clean weight at or above the scores closed so far
         self.num2 = np.zeros(mult.shape[1])  # twice the Mann-Whitney sum: integers
         self.carry: tuple[float, np.ndarray, np.ndarray] | None = None
@@ -399,7 +408,7 @@ def _global_fields(counts: DescendingCounts, per: dict, length: np.ndarray, nois
 def _stratified_replicates(aurocs: list[AurocReplicates], var: _Variable) -> np.ndarray:
     """[replicates]: the noise-weighted mean over the strata of each replicate's AUROC."""
     per_stratum = np.column_stack([a.replicates() for a in aurocs])
-    weights = (var.noise[:, var.occurring] @ var.mult.astype(np.float64)).T
+    weights = replicate_sums(var.noise[:, var.occurring], var.mult).T
     return stratified_mean(per_stratum, weights, axis=1)
 
 
