@@ -532,10 +532,13 @@ BenchEngines = Annotated[Optional[str], typer.Option(
     "--engines", help="With --compare: which of memory, duckdb to run (default: every engine compare offers).")]
 BenchStages = Annotated[str, typer.Option("--stages", help="With --compare: which of compare, sweep to time.")]
 BenchWork = Annotated[Path, typer.Option("--work", help="With --compare: folder of the cached tables and the runs.")]
+BenchStratify = Annotated[Optional[str], typer.Option(
+    "--stratify", help="With --compare: also --stratify these variables (position, length, rarity): compare's "
+                       "strata.csv, sweep's stratify axis (none and these).")]
 
 
 def _bench_compare(output: Path, *, tokens: str, methods: str | None, bootstrap: int, seed: int, engines: str | None,
-                   stages: str, work: Path) -> None:
+                   stages: str, work: Path, stratify: str | None = None) -> None:
     """``bench --compare``: each size's synthetic table, each engine in a fresh process, the lines as they come."""
     from reweight_audit.bench import compare as compare_bench
     from reweight_audit.core.io import output_lock, prepare_output_file, write_json_atomic
@@ -543,6 +546,7 @@ def _bench_compare(output: Path, *, tokens: str, methods: str | None, bootstrap:
     options = compare_bench.CompareBench(
         tokens=compare_bench.parse_tokens(tokens), methods=tuple(split_list([methods])) if methods else None,
         bootstrap=bootstrap, seed=seed, stages=tuple(split_list([stages])), work=work,
+        stratify=tuple(split_list([stratify])) if stratify else (),
         engines=tuple(split_list([engines])) if engines else compare_bench.engines_available())
     compare_bench.check(options)
     prepare_output_file(output)  # before the minutes of benchmarking
@@ -588,13 +592,14 @@ def bench(
     compare: BenchCompare = False, tokens: BenchTokens = "10M,100M", methods: BenchMethods = None,
     bootstrap: BenchBootstrap = 200, seed: BenchSeed = 0, engines: BenchEngines = None,
     stages: BenchStages = "compare,sweep", work: BenchWork = Path("reports/bench-compare-work"),
+    stratify: BenchStratify = None,
 ) -> None:
     """Scoring throughput and peak memory: plain forward pass vs naive vs ours (--compare: compare at scale)."""
     from reweight_audit.core.io import prepare_output_file
 
     if compare:
         return _bench_compare(output, tokens=tokens, methods=methods, bootstrap=bootstrap, seed=seed, engines=engines,
-                              stages=stages, work=work)
+                              stages=stages, work=work, stratify=stratify)
 
     # sizes (0 or a negative number is an error, never "the default") are checked by bench.run_bench itself
     chosen = split_list([variants])

@@ -96,8 +96,6 @@ def test_duckdb_refuses_what_it_cannot_do(tmp_path):
     path = write_stats(tmp_path / "s.parquet", table.take(pa.array(order)))
     with pytest.raises(AuditError, match="not contiguous"):
         run_compare(path, None, CompareConfig(engine="duckdb"))
-    with pytest.raises(AuditError, match="--stratify"):
-        run_compare(path, None, CompareConfig(engine="duckdb", stratify=["position"]))
 
 
 @pytest.mark.slow
@@ -128,7 +126,7 @@ def test_auto_picks_by_size(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "available_memory", lambda: 1000)
     assert compare.choose_engine(CompareConfig(), [path]) == "duckdb"
     assert compare.choose_engine(CompareConfig(engine="memory"), [path]) == "memory"
-    assert compare.choose_engine(CompareConfig(stratify=["position"]), [path]) == "memory"
+    assert compare.choose_engine(CompareConfig(stratify=["position"]), [path]) == "duckdb"  # both compute strata
 
 
 def test_duckdb_memory_limit_is_set(tmp_path):
@@ -180,7 +178,7 @@ def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "SHARD_ROWS", 400)  # several shards, each read in several chunks
     path = write_stats(tmp_path / "stats.parquet", make_stats(30, seed=11), model="m")
     options = dict(methods=["dft", "random", "rarity", "talr"], scope=["global", "sequence"], bootstrap=10,
-                   batch_seqs=8)
+                   batch_seqs=8, stratify=["position", "rarity"], strata=5)  # strata from the shards' spills too
     single = run_compare(path, None, CompareConfig(engine="duckdb", **options))
     from reweight_audit.evaluation.config import SweepConfig
     from reweight_audit.evaluation.sweep import run_sweep
@@ -194,6 +192,7 @@ def test_map_step_on_ray_gives_the_same_table(tmp_path, monkeypatch):
     finally:
         ray.shutdown()
     assert_same(single, mapped, ("duckdb", "duckdb"))
+    assert_frames_equal(single.strata, mapped.strata)
     assert mapped.config["ray"] == "auto"
     assert_frames_equal(swept.table, swept_on_ray.table)
     assert_frames_equal(swept.pairs, swept_on_ray.pairs)
@@ -257,7 +256,7 @@ def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
     path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
     monkeypatch.setattr(compare, "available_memory", lambda: 1000)
     assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
-    assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "memory"
+    assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "duckdb"  # strata on both
 
 
 def test_sweep_grid_and_target_agree(tmp_path):
@@ -335,8 +334,8 @@ def test_per_sequence_sums_are_in_memory_for_one_ranking_at_a_time(tmp_path, mon
         loaded.discard(id(self))
         release(self)
 
-    def checked_add(self, chunk, s):
-        add(self, chunk, s)
+    def checked_add(self, chunk, s, *extra):
+        add(self, chunk, s, *extra)
         assert self.w_total is None and self.w_kind is None and self.seq_fields is None  # nothing kept per sequence
 
     monkeypatch.setattr(accumulate.RankingSums, "load", counting_load)

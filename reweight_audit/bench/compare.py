@@ -42,7 +42,7 @@ import pandas as pd
 from reweight_audit.bench import synthetic
 from reweight_audit.core.errors import AuditError, require_positive
 from reweight_audit.evaluation.compare import MEMORY_BYTES_PER_TOKEN  # the in-memory engine's peak per token
-from reweight_audit.evaluation import config
+from reweight_audit.evaluation import config, strata
 from reweight_audit.evaluation.runs import DERIVED_COLUMNS
 from reweight_audit.methods import available_methods
 
@@ -59,6 +59,8 @@ TIME_RATIO_TARGET = 1.5
 #: The report files compared between engines, per stage, and the relative tolerance for numbers that are not counts.
 COMPARED = {"compare": ("table.csv", "curves.csv", "by_kind.csv", "summary.json"),
             "sweep": ("sweep.csv", "pairs.csv", "sweep.json")}
+#: Report files compared where either run wrote them (compare's strata.csv, with --stratify).
+COMPARED_IF_WRITTEN = {"compare": ("strata.csv",), "sweep": ()}
 RTOL = 1e-12
 #: Keys (summary.json) and columns (csv) that say how or where a run ran, not what it found.
 IGNORED = re.compile(r"^(engine.*|ray|path|paths|stats_paths|output|timing|timings|seconds|elapsed|workers|records"
@@ -82,6 +84,7 @@ class CompareBench:
     engines: tuple[str, ...] = ("memory", "duckdb")
     stages: tuple[str, ...] = ("compare", "sweep")
     work: Path = Path("reports/bench-compare-work")
+    stratify: tuple[str, ...] = ()  # compare --stratify (strata.csv); sweep's stratify axis: none and these
 
 
 # ------------------------------------------------------------------ options
@@ -119,6 +122,7 @@ def check(bench: CompareBench) -> None:
     unknown = [e for e in bench.engines if e not in offered]
     if unknown or not bench.engines:
         raise AuditError(f"--engines {','.join(bench.engines)}: this compare offers {', '.join(offered)}")
+    strata.check_stratify(list(bench.stratify), 10)
     if bench.methods is not None:
         names = {m.name for m in available_methods()}
         missing = [m for m in bench.methods if m not in names]
@@ -148,7 +152,8 @@ def disk_needed(bench: CompareBench) -> int:
     largest = max(bench.tokens)
     running = sum(1 for engine in bench.engines if skip_reason(engine, largest) is None)
     runs = running * largest * (2 + WEIGHTS_BYTES_PER_TOKEN_METHOD * methods)
-    scratch = largest * (TABLE_BYTES_PER_TOKEN + SCRATCH_BYTES_PER_TOKEN_METHOD * methods)
+    # each --stratify variable is spilled beside every score: 8 bytes per token and method
+    scratch = largest * (TABLE_BYTES_PER_TOKEN + (SCRATCH_BYTES_PER_TOKEN_METHOD + 8 * len(bench.stratify)) * methods)
     return int(tables + runs + scratch)
 
 
@@ -186,6 +191,8 @@ def command(stage: str, table: Path, out: Path, engine: str, bench: CompareBench
            "--bootstrap", str(bench.bootstrap), "--seed", str(bench.seed)]
     if bench.methods is not None:
         cmd += ["--methods", ",".join(bench.methods)]
+    if bench.stratify:
+        cmd += ["--stratify", ",".join(bench.stratify if stage == "compare" else ("none", *bench.stratify))]
     return cmd + ["--engine", engine]
 
 
@@ -352,7 +359,8 @@ def _values_differ(a: Any, b: Any, where: str = "") -> str | None:
 def reports_differ(first: Path, second: Path, stage: str = "compare") -> dict[str, str | None]:
     """Per compared file of ``stage``, its first difference between two report folders (None: equal)."""
     found: dict[str, str | None] = {}
-    for name in COMPARED[stage]:
+    written = [n for n in COMPARED_IF_WRITTEN[stage] if (first / n).exists() or (second / n).exists()]
+    for name in (*COMPARED[stage], *written):
         a, b = first / name, second / name
         if not a.exists() or not b.exists():
             found[name] = f"missing in {a.parent if not a.exists() else b.parent}"
@@ -431,7 +439,7 @@ def _check_size(runs: list[dict], size: int, say: Callable[[str], None]) -> dict
         differ = reports_differ(Path(done["memory"]["folder"]), Path(done["duckdb"]["folder"]), stage)
         found = {**(found or {}), **{f"{stage}/{name}": v for name, v in differ.items()}}
         bad = {k: v for k, v in differ.items() if v is not None}
-        verdict_text = ("yes: " + ", ".join(COMPARED[stage]) if not bad else
+        verdict_text = ("yes: " + ", ".join(differ) if not bad else
                         "NO: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
         say(f"equal   {human(size):>5s} tokens  {stage}: {verdict_text}")
     for row in runs:
@@ -459,7 +467,7 @@ def run_compare_bench(bench: CompareBench, say: Callable[[str], None] = lambda l
     found_ratios = ratios(runs, bench.tokens)
     return {"mode": "compare", "tokens": list(bench.tokens), "methods": list(bench.methods or ()) or "defaults",
             "n_methods": method_count(bench), "bootstrap": bench.bootstrap, "seed": bench.seed,
-            "engines": list(bench.engines), "stages": list(bench.stages), "work": str(bench.work),
+            "stratify": list(bench.stratify), "engines": list(bench.engines), "stages": list(bench.stages), "work": str(bench.work),
             "disk_estimate_bytes": disk, "generator_version": synthetic.GENERATOR_VERSION, "machine": _machine(),
             "tables": tables, "runs": runs, "equal": {str(k): v for k, v in equal.items()},
             "ratios": found_ratios, "verdict": verdict(runs, found_ratios, equal)}

@@ -306,13 +306,13 @@ def run_compare(
 
 def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> str:
     """``memory`` or ``duckdb``: as asked, or (``auto``) duckdb when the files would not fit in half the memory
-    available (``MEMORY_BYTES_PER_TOKEN`` each) and no in-memory-only option (--stratify, --by-meta) is set."""
+    available (``MEMORY_BYTES_PER_TOKEN`` each) and the sources are files."""
     if options.engine == "duckdb" or getattr(options, "ray", None):
         _check_out_of_core(options, sources)
         return "duckdb"
     if options.engine == "memory":
         return "memory"
-    if any(isinstance(s, StatsTable) for s in sources) or _stratified(options):
+    if any(isinstance(s, StatsTable) for s in sources):
         return "memory"
     tokens = sum(parquet_rows(Path(s)) for s in sources)
     return "duckdb" if tokens * MEMORY_BYTES_PER_TOKEN > 0.5 * available_memory() else "memory"
@@ -321,14 +321,6 @@ def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | Sta
 def _check_out_of_core(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> None:
     if any(isinstance(s, StatsTable) for s in sources):
         raise AuditError("--engine duckdb reads stats.parquet files; a table in memory needs --engine memory")
-    if _stratified(options):
-        raise AuditError("--stratify is computed by --engine memory only (for now); drop --stratify or use "
-                         "--engine memory")
-
-
-def _stratified(options: CompareConfig | SweepConfig) -> bool:
-    """Whether the options ask for strata (compare --stratify; a sweep's stratify axis beyond the pooled none)."""
-    return any(value != "none" for value in (getattr(options, "stratify", None) or []))
 
 
 def available_memory() -> int:
@@ -393,7 +385,7 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
 
     t0 = time.perf_counter()
     timings = {"load": 0.0, "weights": 0.0, "metrics": 0.0}
-    outcomes, summaries, samples, labels, grouped = [], [], [], [], []
+    outcomes, summaries, samples, labels, grouped, strata_rows = [], [], [], [], [], []
     for path, label, scan, todo, skipped, rank_by, _ in out_of_core_runs(sources, chosen, param_map, options, say,
                                                                          skip_grad=False):
         timings["load"] += time.perf_counter() - t0
@@ -403,6 +395,7 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
             rows = ooc.evaluate_run(ooc.RunJob(path, label, todo, param_map, options, work, say, grouping=grouping),
                                     scan)
         grouped += rows.by_group
+        strata_rows += rows.strata
         outcome.table, outcome.curves, outcome.by_kind = rows.table, rows.curves, rows.by_kind
         timings["weights"] += rows.t_weights
         timings["metrics"] += rows.t_metrics
@@ -414,6 +407,7 @@ def _compare_out_of_core(sources, chosen, param_map, options: CompareConfig, say
     result = assemble(labels, summaries, outcomes, chosen, options, timings,
                       {**summary_config(sources, options), "engine": "duckdb", "ray": options.ray})
     result.by_group = pd.DataFrame(grouped, columns=group_columns()) if options.by_meta else None
+    result.strata = strata.strata_frame(strata_rows) if options.stratify else None
     # weights.parquet, the plots and heatmap.html show each run's first chunk (batch-dependent methods aside)
     return result, [r.sample for r in samples], [r.sample_weights for r in samples]
 

@@ -397,7 +397,8 @@ def _point_blocks(run: tuple, options: SweepConfig, say, out_dir, sources, point
     with ooc.work_folder(out_dir, path, record) as work:
         job = ooc.RunJob(path, label, todo, point_map, options, work, say, rank_by=rank_by)
         run_blocks, totals = sweep_blocks(job, scan)
-    return [(setting, block_of(*parts, metric=options.metric, stratified=False, n=n, n_noise=n_pos))
+    return [(setting, block_of(*parts, metric=options.metric, stratified=setting["stratify"] != POOLED, n=n,
+                               n_noise=n_pos))
             for setting, parts, n, n_pos in run_blocks], totals
 
 

@@ -8,6 +8,7 @@ ranking and bootstrap.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,39 @@ def stratified_mean(values: Any, n_noise: Any, axis: int = 0) -> Any:
     w = np.broadcast_to(np.asarray(n_noise, dtype=np.float64), v.shape)
     ok = ~np.isnan(v) & (w > 0)
     return ratio(np.where(ok, v * w, 0.0).sum(axis=axis), np.where(ok, w, 0.0).sum(axis=axis))
+
+
+def stratified_summary(per: list[np.ndarray], indexes: list[Any], auroc_replicates: Callable[[], np.ndarray], *,
+                       n_boot: int, seed: int, level: float) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """``(summary, rows)`` of :func:`stratified_metrics` from what any engine gives per stratum j: ``per[j]``, its
+    sequences' :data:`SEQUENCE_FIELDS` at the cut ([S, fields], the sequences that occur in code order, the
+    same S for every stratum), ``indexes[j]`` (what ``auroc(None)`` is asked of) and ``auroc_replicates()``, the
+    [n_boot] stratified AUROC replicates (called only when ``n_boot`` > 0)."""
+    rows = []
+    for j, (table, index) in enumerate(zip(per, indexes)):
+        c = counts_of(table.sum(axis=0))
+        rows.append({"stratum": j, "n": int(c.n), "n_noise": int(c.n_noise),
+                     **{spec.name: number(spec.counts(c) if spec.counts is not None else spec.ranking(index, None))
+                        for spec in stratified_specs()}})
+    weights = [r["n_noise"] for r in rows]
+    summary: dict[str, float] = {spec.name: number(stratified_mean([r[spec.name] for r in rows], weights))
+                                 for spec in stratified_specs()}
+    reps = _count_replicates(per, n_boot, seed) if n_boot else {}
+    if n_boot:
+        reps["auroc"] = auroc_replicates()
+    for spec in stratified_specs():
+        summary[f"{spec.name}_lo"], summary[f"{spec.name}_hi"] = percentile_interval(
+            reps.get(spec.name, np.zeros(0)), level)
+    summary["n_strata"] = len(per)
+    return summary, rows
+
+
+def _count_replicates(per: list[np.ndarray], n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """Per stratified count metric, [n_boot] replicates of the noise-weighted mean over the strata."""
+    sums = resample(np.column_stack(per), n_boot, seed)
+    counts = counts_of(sums.reshape(n_boot, len(per), len(SEQUENCE_FIELDS)))
+    return {spec.name: stratified_mean(spec.counts(counts), counts.n_noise, axis=1)
+            for spec in stratified_specs() if spec.counts is not None}
 
 
 class _WeightedAUROC:
@@ -123,21 +157,8 @@ class StratifiedIndex:
     def metrics(self, k: float, scope: str = "global") -> tuple[dict[str, float], list[dict[str, float]]]:
         """``(summary, rows)`` as :func:`stratified_metrics` returns them."""
         per = self._tables(check_k(k), check_scope(scope))
-        rows = []
-        for j, (table, index) in enumerate(zip(per, self.indexes)):
-            c = counts_of(table.sum(axis=0))
-            rows.append({"stratum": j, "n": int(c.n), "n_noise": int(c.n_noise),
-                         **{spec.name: number(spec.counts(c) if spec.counts is not None else spec.ranking(index, None))
-                            for spec in stratified_specs()}})
-        weights = [r["n_noise"] for r in rows]
-        summary: dict[str, float] = {spec.name: number(stratified_mean([r[spec.name] for r in rows], weights))
-                                     for spec in stratified_specs()}
-        reps = self._replicates(per) if self.n_boot else {}
-        for spec in stratified_specs():
-            summary[f"{spec.name}_lo"], summary[f"{spec.name}_hi"] = percentile_interval(
-                reps.get(spec.name, np.zeros(0)), self.level)
-        summary["n_strata"] = self.n_strata
-        return summary, rows
+        return stratified_summary(per, self.indexes, self.auroc_replicates, n_boot=self.n_boot, seed=self.seed,
+                                  level=self.level)
 
     def _tables(self, k: float, scope: str) -> list[np.ndarray]:
         """Per stratum, its sequences' :data:`SEQUENCE_FIELDS` at cut ``k``: [S, fields]."""
@@ -146,12 +167,7 @@ class StratifiedIndex:
 
     def _replicates(self, per: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Per stratified metric, [n_boot] replicates of the noise-weighted mean over the strata."""
-        sums = resample(np.column_stack(per), self.n_boot, self.seed)
-        counts = counts_of(sums.reshape(self.n_boot, self.n_strata, len(SEQUENCE_FIELDS)))
-        out = {spec.name: stratified_mean(spec.counts(counts), counts.n_noise, axis=1)
-               for spec in stratified_specs() if spec.counts is not None}
-        out["auroc"] = self.auroc_replicates()
-        return out
+        return {**_count_replicates(per, self.n_boot, self.seed), "auroc": self.auroc_replicates()}
 
     def auroc_replicates(self) -> np.ndarray:
         """[n_boot]: the stratified AUROC of every replicate (computed once)."""

@@ -131,15 +131,18 @@ class RankingSums:
         """Where this process writes the per-sequence sums."""
         return self.spill.with_name(f"{self.spill.stem}-seq.parquet")
 
-    def add(self, chunk: Chunk, s: np.ndarray) -> None:
-        """One chunk's ranking scores (one per pool token)."""
+    def add(self, chunk: Chunk, s: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
+        """One chunk's ranking scores (one per pool token); ``extra``: float64 columns spilled beside them
+        (``--stratify``'s variables, :mod:`.strata`)."""
         pool = chunk.run.pool
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
+        extra = extra or {}
         if self.writer is None:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA, **SPILL_OPTIONS)
-        self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
-                                         schema=SPILL_SCHEMA))
+            schema = pa.schema(list(SPILL_SCHEMA) + [pa.field(name, pa.float64()) for name in extra])
+            self.writer = pq.ParquetWriter(self.spill, schema, **SPILL_OPTIONS)
+        self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32),
+                                          **extra}, schema=self.writer.schema))
         n_local = len(chunk.run.seq_names)
         # per sequence in row order, as np.bincount sums them over the whole table: the same bits
         columns = {"seq": pa.array(chunk.codes.astype(np.int32)),

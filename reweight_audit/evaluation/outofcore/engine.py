@@ -26,7 +26,7 @@ from reweight_audit.evaluation import metrics
 from reweight_audit.evaluation.metrics.declarations import NAN, count_values, ranking_values
 from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import distributed
-from reweight_audit.evaluation.outofcore import tables
+from reweight_audit.evaluation.outofcore import strata, tables
 from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, totals_counts
 from reweight_audit.evaluation.outofcore.weights import chunk_rankings, method_weights
 from reweight_audit.evaluation.outofcore.grouped import group_rows
@@ -47,6 +47,7 @@ class RunRows:
     sample: RunData | None = None  # the first chunk: what weights.parquet, the plots and the heatmap show
     sample_weights: dict[str, np.ndarray] = field(default_factory=dict)
     by_group: list[dict] = field(default_factory=list)
+    strata: list[dict] = field(default_factory=list)  # --stratify: strata.csv's rows (outofcore.strata)
     t_weights: float = 0.0
     t_metrics: float = 0.0
 
@@ -124,6 +125,7 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
             job.say(f"{job.label}: {m.name} done")
         if job.grouping is not None:
             out.by_group = group_rows(job, con, totals, sums)
+        out.strata = strata.strata_rows(job, con, totals, sums)  # [] without --stratify
     out.t_metrics = time.perf_counter() - t0
     out.summary = run_summary(job.label, scan, totals)
     return out
@@ -197,6 +199,7 @@ def _batch_chunks(job: RunJob, scan: ch.TableScan, con):
     target = job.work / "batched.parquet"
     # only what a chunk is checked with and what the batch-dependent methods read: a narrower sort
     needs = {c for m in job.methods if getattr(m, "batch_dependent", False) for c in m.needs}
+    needs |= strata.needs(job.options)  # --stratify's variables are spilled beside the scores
     columns = [c for c in scan.columns if c in (*REQUIRED_COLUMNS, "noise_kind", "seq_len", "sum_p2") or c in needs]
     tables.batch_ordered_copy(con, scan.path, list(scan.seq_code), batch_of_seq, target, columns)
     pending, size = [], 0

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reweight_audit.evaluation import metrics
+from reweight_audit.evaluation.config import POOLED
 from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, per_sequence
 from reweight_audit.evaluation.outofcore import chunks as ch
-from reweight_audit.evaluation.outofcore import tables
+from reweight_audit.evaluation.outofcore import strata, tables
 from reweight_audit.evaluation.outofcore.accumulate import SPILL_OPTIONS, SPILL_SCHEMA, RunTotals
 from reweight_audit.evaluation.outofcore.engine import RunJob, weight_pass
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
@@ -65,15 +66,18 @@ class SweepSums:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "writer": None, "seq_writers": None}
 
-    def add(self, chunk: ch.Chunk, s: np.ndarray) -> None:
+    def add(self, chunk: ch.Chunk, s: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
+        """One chunk's scores; ``extra``: the stratify axis's variables, spilled beside them (:mod:`.strata`)."""
         pool = chunk.run.pool
         y, local, kinds = pool.is_noise, pool.seq_codes, chunk.kind_codes
+        extra = extra or {}
         if self.writer is None:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.spill, SPILL_SCHEMA, **SPILL_OPTIONS)
+            schema = pa.schema(list(SPILL_SCHEMA) + [pa.field(name, pa.float64()) for name in extra])
+            self.writer = pq.ParquetWriter(self.spill, schema, **SPILL_OPTIONS)
             self.seq_writers = [None] * len(self.sets)
-        self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32)},
-                                         schema=SPILL_SCHEMA))
+        self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32),
+                                          **extra}, schema=self.writer.schema))
         if not self.sequence:
             return
         n_local = len(chunk.run.seq_names)
@@ -114,10 +118,12 @@ def sweep_sums(job: RunJob, scan: ch.TableScan, methods: list, con) -> tuple[Run
     return totals, sums
 
 
-def global_tallies(con, sums: SweepSums, totals: RunTotals, sets: list[int | None]) -> tuple[DescendingCounts, dict]:
+def global_tallies(con, sums: SweepSums, totals: RunTotals, sets: list[int | None],
+                   rows: Path | None = None) -> tuple[DescendingCounts, dict]:
     """One sorted pass over a ranking's spill for every noise set ``j`` in ``sets`` (None: all noise): the
     per-value counts (pool 0: all noise, 1 + j: kind j) and, per set, each cut's per-sequence counts of its pool
-    (``a<i>_<set>``) and of its positives (``p<i>_<set>``)."""
+    (``a<i>_<set>``) and of its positives (``p<i>_<set>``). ``rows``: these rows instead (a stratum's; ``totals``
+    then its own)."""
     counts = DescendingCounts(totals.n_clean, totals.n_kind, sums.cuts, sums.cuts)
     n_kinds = len(totals.n_kind)
     watches = []
@@ -127,7 +133,7 @@ def global_tallies(con, sums: SweepSums, totals: RunTotals, sets: list[int | Non
         watches += [(f"a{i}_{at}", pool, c, [0, *positive]) for i, c in enumerate(sums.cuts)]
         watches += [(f"p{i}_{at}", pool, c, positive) for i, c in enumerate(sums.cuts)]
     tally = tables.SequenceTally(totals.n_seqs, n_kinds + 1, watches)
-    tables.value_counts(con, sums.pattern, counts, n_kinds, tally=tally)
+    tables.value_counts(con, sums.pattern if rows is None else rows, counts, n_kinds, tally=tally)
     return counts, tally.out
 
 
@@ -177,17 +183,24 @@ def sweep_blocks(job: RunJob, scan: ch.TableScan) -> tuple[list[tuple], RunTotal
     out = []
     with tables.connect(job.work) as con:
         totals, sums = sweep_sums(job, scan, job.methods, con)
+        variables = _variables(con, job, sums, totals)
         for rank_by in job.rank_by:
             parts = {}
             for m in job.methods:
                 parts.update(_method_parts(con, job, sums[(m.name, rank_by)], totals, sets, m.name))
+                for var in variables:
+                    parts.update(_stratified_parts(con, job, sums[(m.name, rank_by)], var, sets, m.name))
             for noise, j in sets:
                 n, n_pos = set_size(totals, j)
                 for scope in opts.scope:
-                    mine = [parts[(noise, scope, m.name)] for m in job.methods]
-                    reps = [np.stack([p[1] for p in mine], axis=1)] if opts.bootstrap and mine else None
-                    out.append(({"run": job.label, "rank_by": rank_by, "scope": scope, "noise": noise,
-                                 "stratify": "none"}, ([np.stack([p[0] for p in mine])], reps), n, n_pos))
+                    for by in opts.stratify:
+                        mine = [parts[(noise, scope, by, m.name)] for m in job.methods]  # per method, per stratum
+                        per = range(len(mine[0])) if mine else range(1)
+                        reps = [np.stack([p[i][1] for p in mine], axis=1) for i in per] \
+                            if opts.bootstrap and mine else None
+                        out.append(({"run": job.label, "rank_by": rank_by, "scope": scope, "noise": noise,
+                                     "stratify": by}, ([np.stack([p[i][0] for p in mine]) for i in per], reps),
+                                    n, n_pos))
             job.say(f"{job.label}: rank by {rank_by} done")
     return out, totals
 
@@ -200,5 +213,76 @@ def _method_parts(con, job: RunJob, sums: SweepSums, totals: RunTotals, sets: li
         for scope in opts.scope:
             fields = sums.sequence_fields(at, totals.n_seqs) if scope == "sequence" else \
                 global_fields(counts, per, sums.cuts, totals, j, at)
-            parts[(noise, scope, name)] = method_sums(fields, opts.bootstrap, opts.seed)
+            parts[(noise, scope, POOLED, name)] = [method_sums(fields, opts.bootstrap, opts.seed)]
     return parts
+
+
+# --------------------------------------------------------------------------- the stratify axis
+
+
+def _variables(con, job: RunJob, sums: dict, totals: RunTotals) -> list[tuple[strata.Strata, np.ndarray]]:
+    """Per stratify variable of the axis (``none`` aside), its strata over the run's pool and its cells
+    ([strata, 1 + kinds, sequences]: each sequence's clean tokens and tokens of each kind in each stratum)."""
+    by_all = strata.stratify_by(job.options)
+    if not by_all or not sums:
+        return []
+    spill = next(iter(sums.values())).pattern  # every ranking spills the same rows
+    n_tokens = max(int(totals.length.sum()), 1)
+    out = []
+    for by in by_all:
+        found = strata.find_strata(con, spill, by, job.options.strata, n_tokens)
+        out.append((found, strata.sequence_cells(con, spill, found, totals.n_seqs, len(totals.n_kind))))
+    return out
+
+
+def _stratum_totals(cells: np.ndarray, j: int) -> RunTotals:
+    """Stratum j's tokens as :class:`RunTotals` (what the pooled functions read of them)."""
+    n_kinds, n_seqs = cells.shape[1] - 1, cells.shape[2]
+    t = RunTotals(n_seqs, n_kinds)
+    t.kind_noise = cells[j, 1:].astype(np.int64)
+    t.n_noise = t.kind_noise.sum(axis=0)
+    t.length = cells[j, 0] + t.n_noise
+    t.n_kind = t.kind_noise.sum(axis=1)
+    return t
+
+
+def _stratified_parts(con, job: RunJob, sums: SweepSums, var: tuple, sets: list, name: str) -> dict:
+    """One method × rank-by within the strata of one variable: per (noise set, scope) the :func:`method_sums` of
+    each stratum with tokens in the set's pool, in stratum order (as the in-memory sweep's parts)."""
+    found, cells = var
+    parts: dict = {(noise, scope): [] for noise, _ in sets for scope in job.options.scope}
+    folder = sums.spill.parent.parent / "strata" / f"{sums.spill.stem}-{found.by}"
+    with strata.stratum_files(con, sums.pattern, found, folder) as files:
+        for j in range(found.n_strata):
+            _stratum_parts(con, job, sums, _stratum_totals(cells, j), files[j], sets, parts)
+    return {(noise, scope, found.by, name): one for (noise, scope), one in parts.items()}
+
+
+def _stratum_parts(con, job: RunJob, sums: SweepSums, t: RunTotals, rows: Path, sets: list, parts: dict) -> None:
+    """One stratum's :func:`method_sums` appended to ``parts[(noise set, scope)]`` for each set with tokens in it
+    (``rows``: the stratum's rows; ``t``: its totals)."""
+    opts = job.options
+    counts, per = global_tallies(con, sums, t, [s for _, s in sets], rows) if "global" in opts.scope else (None, {})
+    seq = _stratum_sequence_fields(con, rows, sums.cuts, t.n_seqs, sets) if "sequence" in opts.scope else None
+    for at, (noise, s) in enumerate(sets):
+        if set_size(t, s)[0] == 0:
+            continue  # no token of this pool in the stratum: not one of its parts
+        for scope in opts.scope:
+            fields = seq[at] if scope == "sequence" else global_fields(counts, per, sums.cuts, t, s, at)
+            parts[(noise, scope)].append(method_sums(fields, opts.bootstrap, opts.seed))
+
+
+def _stratum_sequence_fields(con, rows: Path, cuts: tuple[float, ...], n_seqs: int,
+                             sets: list) -> list[np.ndarray]:
+    """Per noise set, [cuts, S, fields] in sequence scope within one stratum (its rows streamed in sequence
+    order, whole sequences at a time)."""
+    out = [np.zeros((len(cuts), n_seqs, len(SEQUENCE_FIELDS))) for _ in sets]
+    for s, kind, seq in strata.sequence_batches(con, rows, "score, kind, seq"):
+        y = kind >= 0
+        for at, (_, j) in enumerate(sets):
+            keep = np.ones(s.size, dtype=bool) if j is None else ~y | (kind == j)
+            if keep.any():
+                have, local = np.unique(seq[keep], return_inverse=True)
+                out[at][:, have] = per_sequence(s[keep], y[keep], local.reshape(-1).astype(np.intp), have.size,
+                                                cuts, "sequence")
+    return out

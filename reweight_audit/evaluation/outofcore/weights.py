@@ -14,7 +14,7 @@ import numpy as np
 
 from reweight_audit.evaluation import metrics
 from reweight_audit.evaluation.outofcore import chunks as ch
-from reweight_audit.evaluation.outofcore import tables
+from reweight_audit.evaluation.outofcore import strata, tables
 from reweight_audit.evaluation.outofcore.accumulate import chunk_weights
 from reweight_audit.methods import Method
 
@@ -26,11 +26,13 @@ def chunk_rankings(job: Any, chunk: ch.Chunk, methods: list[Method], sums: dict,
     logp = run.column("logp")
     sum_p2 = run.column("sum_p2") if "grad" in job.rank_by else None
     weights = {}
+    # --stratify's variables, spilled beside every ranking's scores ({} without it)
+    extra = strata.chunk_values(job.options, chunk, lambda c: _rarity(job, c))
     for m in methods:
         w = weights[m.name] = method_weights(job, m, chunk, rngs[m.name])
         for r in job.rank_by:
             s = run.pool.take(metrics.rank_scores(w, r, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
-            sums[(m.name, r)].add(chunk, s)
+            sums[(m.name, r)].add(chunk, s, extra)
     return weights
 
 
