@@ -346,3 +346,10 @@ def test_per_sequence_sums_are_in_memory_for_one_ranking_at_a_time(tmp_path, mon
                     scope=["global", "sequence"], bootstrap=10)
     assert_same(mem, ooc)
     assert most[0] == 1 and not loaded
+
+
+def test_a_duckdb_failure_is_one_line_that_says_what_to_do(tmp_path):
+    with pytest.raises(AuditError, match=r"the DuckDB engine failed: .*--engine memory") as info:
+        with tables.connect(tmp_path) as con:
+            con.execute(f"SELECT * FROM read_parquet('{tmp_path / 'gone.parquet'}')")
+    assert "\n" not in str(info.value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from queue import Empty, Queue
 from pathlib import Path
 
@@ -17,15 +17,21 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from reweight_audit.core.errors import AuditError
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
 
 #: DuckDB's memory limit: it spills to the work folder beyond this.
 MEMORY_LIMIT = "256MB"
+#: The batch-ordered copy's (a wide sort joined to the batch of each sequence, rows kept in order): at 256 MB
+#: DuckDB could not pin its blocks on a 100M-row table (an out-of-memory error), at 1 GB it ran.
+COPY_MEMORY_LIMIT = "1GB"
 _FETCH_ROWS = 1 << 20
 
 
-def connect(work: Path) -> duckdb.DuckDBPyConnection:
-    """An in-process DuckDB that keeps under :data:`MEMORY_LIMIT` and spills into ``work``."""
+@contextmanager
+def connect(work: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-process DuckDB that keeps under :data:`MEMORY_LIMIT` and spills into ``work``; a DuckDB error
+    inside (out of memory, out of disk) becomes one line that says what to do."""
     con = duckdb.connect(":memory:")
     tmp = work / "duckdb_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -35,7 +41,15 @@ def connect(work: Path) -> duckdb.DuckDBPyConnection:
     # every query here orders its result itself (or has no order): let DuckDB sort and scan without keeping row
     # order (measured about a quarter faster); the batch-ordered copy turns it back on for its COPY
     con.execute("SET preserve_insertion_order = false")
-    return con
+    try:
+        yield con
+    except duckdb.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AuditError(f"{work}: the DuckDB engine failed: {first}; free memory or disk space for its work "
+                         "folder (or give -o on a larger disk), or use --engine memory for a table that fits "
+                         "in memory") from None
+    finally:
+        con.close()
 
 
 def _quote(path: Path) -> str:
@@ -48,6 +62,7 @@ def batch_ordered_copy(con: duckdb.DuckDBPyConnection, source: Path, seq_ids: li
     with ``_batch``."""
     con.register("_seq_batch", pa.table({"_sid": pa.array(seq_ids, pa.string()), "_batch": batch_of_seq}))
     con.execute("SET preserve_insertion_order = true")  # the file's rows in the ORDER BY's order
+    con.execute(f"SET memory_limit = '{COPY_MEMORY_LIMIT}'")
     keep = ", ".join("t." + '"' + c.replace('"', '""') + '"' for c in columns)
     con.execute(f"""COPY (SELECT {keep}, m._batch
                           FROM read_parquet('{_quote(source)}', file_row_number = true) t
@@ -55,6 +70,7 @@ def batch_ordered_copy(con: duckdb.DuckDBPyConnection, source: Path, seq_ids: li
                           ORDER BY m._batch, t.file_row_number)
                     TO '{_quote(target)}' (FORMAT parquet)""")
     con.execute("SET preserve_insertion_order = false")
+    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
     con.unregister("_seq_batch")
 
 
