@@ -353,3 +353,17 @@ def test_a_duckdb_failure_is_one_line_that_says_what_to_do(tmp_path):
         with tables.connect(tmp_path) as con:
             con.execute(f"SELECT * FROM read_parquet('{tmp_path / 'gone.parquet'}')")
     assert "\n" not in str(info.value)
+
+
+def test_the_reduce_reports_each_ranking_with_an_eta(tmp_path):
+    from reweight_audit.evaluation.sweep import run_sweep
+    from reweight_audit.evaluation.config import SweepConfig
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(8, seed=2), model="m")
+    said = []
+    run_compare(path, None, CompareConfig(engine="duckdb", methods=["dft", "entropy"], bootstrap=0), progress=said.append)
+    assert [m for m in said if "done (" in m][-1].endswith("entropy done (2/2, ETA 0 s)")
+    said.clear()
+    run_sweep(path, None, SweepConfig(engine="duckdb", methods=["dft", "entropy"], rank_by=["weight", "loss"],
+                                      bootstrap=0), progress=said.append)
+    assert [m for m in said if "done (" in m][-1].endswith("entropy, rank by loss done (4/4, ETA 0 s)")

@@ -118,17 +118,23 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
         totals, out.sample, out.sample_weights = weight_pass(job, scan, con, sums)
         out.t_weights = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for m in job.methods:
+        for i, m in enumerate(job.methods):
             for r in opts.rank_by:
                 _ranking_rows(job, con, m, r, sums[(m.name, r)].load(), totals, ks, out, scan.kinds)
                 sums[(m.name, r)].release()  # one ranking's per-sequence arrays in memory at a time
-            job.say(f"{job.label}: {m.name} done")
+            job.say(reduce_progress(job.label, m.name, i + 1, len(job.methods), t0))
         if job.grouping is not None:
             out.by_group = group_rows(job, con, totals, sums)
         out.strata = strata.strata_rows(job, con, totals, sums)  # [] without --stratify
     out.t_metrics = time.perf_counter() - t0
     out.summary = run_summary(job.label, scan, totals)
     return out
+
+
+def reduce_progress(label: str, done_what: str, done: int, total: int, t0: float) -> str:
+    """The reduce's progress line: what finished, how many of how many, and the ETA at the pace so far."""
+    eta = (time.perf_counter() - t0) / done * (total - done)
+    return f"{label}: {done_what} done ({done}/{total}, ETA {eta:.0f} s)"
 
 
 def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTotals, RunData, dict]:

@@ -11,6 +11,7 @@ on its own with the bootstrap's one set of draws, so the replicates stay paired.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, per_sequen
 from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import strata, tables
 from reweight_audit.evaluation.outofcore.accumulate import SPILL_OPTIONS, SPILL_SCHEMA, RunTotals
-from reweight_audit.evaluation.outofcore.engine import RunJob, weight_pass
+from reweight_audit.evaluation.outofcore.engine import RunJob, reduce_progress, weight_pass
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
 
 ALL_NOISE = "all"
@@ -184,12 +185,15 @@ def sweep_blocks(job: RunJob, scan: ch.TableScan) -> tuple[list[tuple], RunTotal
     with tables.connect(job.work) as con:
         totals, sums = sweep_sums(job, scan, job.methods, con)
         variables = _variables(con, job, sums, totals)
+        t0, done, total = time.perf_counter(), 0, len(job.rank_by) * len(job.methods)
         for rank_by in job.rank_by:
             parts = {}
             for m in job.methods:
                 parts.update(_method_parts(con, job, sums[(m.name, rank_by)], totals, sets, m.name))
                 for var in variables:
                     parts.update(_stratified_parts(con, job, sums[(m.name, rank_by)], var, sets, m.name))
+                done += 1
+                job.say(reduce_progress(job.label, f"{m.name}, rank by {rank_by}", done, total, t0))
             for noise, j in sets:
                 n, n_pos = set_size(totals, j)
                 for scope in opts.scope:
@@ -201,7 +205,6 @@ def sweep_blocks(job: RunJob, scan: ch.TableScan) -> tuple[list[tuple], RunTotal
                         out.append(({"run": job.label, "rank_by": rank_by, "scope": scope, "noise": noise,
                                      "stratify": by}, ([np.stack([p[i][0] for p in mine]) for i in per], reps),
                                     n, n_pos))
-            job.say(f"{job.label}: rank by {rank_by} done")
     return out, totals
 
 
