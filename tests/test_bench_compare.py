@@ -109,7 +109,9 @@ def test_bad_token_sizes_are_one_line_errors(text):
 def test_the_memory_engine_is_skipped_where_it_would_not_fit_and_a_bench_that_would_not_fit_on_disk_is_refused(
         tmp_path):
     assert bench_compare.skip_reason("memory", 1_000) is None
-    assert bench_compare.skip_reason("memory", 10**12).startswith("skipped: needs about 420,000.0 GB")
+    assert bench_compare.skip_reason("memory", 10**12).startswith("skipped: needs about 420,000.0 GB (420 B/token)")
+    assert bench_compare.skip_reason("memory", 10**12, "sweep").startswith(
+        "skipped: needs about 1,100,000.0 GB (1,100 B/token)")
     assert bench_compare.skip_reason("duckdb", 10**12) is None
     huge = bench_compare.CompareBench(tokens=(10**13,), work=tmp_path / "work", engines=("memory",))
     with pytest.raises(AuditError, match="needs about .* GB of disk"):

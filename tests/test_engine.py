@@ -259,6 +259,21 @@ def test_auto_picks_duckdb_for_a_large_sweep(tmp_path, monkeypatch):
     assert compare.choose_engine(SweepConfig(stratify=["none", "position"]), [path]) == "duckdb"  # strata on both
 
 
+def test_auto_weighs_a_sweep_by_what_a_sweep_holds(tmp_path, monkeypatch):
+    """A table whose compare fits in half the memory but whose sweep (every rank-by's scores beside the weights)
+    does not: auto runs compare in memory and the sweep out of core."""
+    from reweight_audit.evaluation import compare
+    from reweight_audit.evaluation.config import SweepConfig
+    from reweight_audit.evaluation.outofcore.chunks import parquet_rows
+
+    path = write_stats(tmp_path / "stats.parquet", make_stats(5, seed=4))
+    tokens = parquet_rows(path)
+    per_token = compare.MEMORY_BYTES_PER_TOKEN
+    half = tokens * (per_token["compare"] + per_token["sweep"]) // 2  # between the two stages' needs
+    monkeypatch.setattr(compare, "available_memory", lambda: 2 * half)
+    assert compare.choose_engine(CompareConfig(), [path]) == "memory"
+    assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
+
 def test_sweep_grid_and_target_agree(tmp_path):
     """A method-parameter grid is a setting axis on both engines: every point's tables equal, flips and the
     Table 1 search computed from them equal too."""

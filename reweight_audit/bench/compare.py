@@ -13,8 +13,8 @@ measured, one line a run. Then, in the same run:
   ``sweep.json``), counts exactly, other numbers to :data:`RTOL` relative; what says how or where a run ran —
   timings, the engine, paths — is left out.
 
-The memory engine is skipped, with the reason, where its estimated peak (``evaluation.compare.MEMORY_BYTES_PER_TOKEN``,
-measured on main) does not fit the memory available; the whole bench is refused at once, in one line, where
+The memory engine is skipped, with the reason, where its estimated peak (the stage's
+``evaluation.compare.MEMORY_BYTES_PER_TOKEN``, measured on main) does not fit the memory available; the whole bench is refused at once, in one line, where
 its estimated disk use does not fit the work folder's filesystem. The per-run ``weights.parquet`` files are
 removed once a size is checked (they are the bulk of the disk a run takes). Each run starts from scratch (no
 finished shard of an earlier, interrupted run), and one that would leave the machine without memory is stopped
@@ -150,7 +150,9 @@ def disk_needed(bench: CompareBench) -> int:
     tables = sum(size * TABLE_BYTES_PER_TOKEN for size in bench.tokens
                  if not (bench.work / synthetic.file_name(size, bench.seed)).exists())
     largest = max(bench.tokens)
-    running = sum(1 for engine in bench.engines if skip_reason(engine, largest) is None)
+    # the disk a memory run writes does not depend on the stage; compare's smaller estimate runs it at more sizes,
+    # so it is the one that can need more disk
+    running = sum(1 for engine in bench.engines if skip_reason(engine, largest, "compare") is None)
     runs = running * largest * (2 + WEIGHTS_BYTES_PER_TOKEN_METHOD * methods)
     # each --stratify variable is spilled beside every score: 8 bytes per token and method
     scratch = largest * (TABLE_BYTES_PER_TOKEN + (SCRATCH_BYTES_PER_TOKEN_METHOD + 8 * len(bench.stratify)) * methods)
@@ -169,16 +171,18 @@ def check_disk(bench: CompareBench) -> int:
     return need
 
 
-def skip_reason(engine: str, n_tokens: int) -> str | None:
-    """Why ``engine`` cannot run ``n_tokens`` here (one line), or None: only the memory engine's peak grows."""
+def skip_reason(engine: str, n_tokens: int, stage: str = "compare") -> str | None:
+    """Why ``engine`` cannot run ``stage`` on ``n_tokens`` here (one line), or None: only the memory engine's peak
+    grows, by the stage's bytes per token."""
     if engine != "memory":
         return None
     import psutil
 
-    need, have = n_tokens * MEMORY_BYTES_PER_TOKEN, psutil.virtual_memory().available
+    per_token = MEMORY_BYTES_PER_TOKEN[stage]
+    need, have = n_tokens * per_token, psutil.virtual_memory().available
     if need <= HEADROOM * have:
         return None
-    return (f"skipped: needs about {need / 1e9:,.1f} GB ({MEMORY_BYTES_PER_TOKEN} B/token), "
+    return (f"skipped: needs about {need / 1e9:,.1f} GB ({per_token:,} B/token), "
             f"{have / 1e9:,.1f} GB available")
 
 
@@ -260,7 +264,7 @@ def measure_child(cmd: list[str], log: Path) -> dict:
 def run_one(stage: str, table: Path, n_tokens: int, engine: str, bench: CompareBench) -> dict:
     """One stage on one table by one engine, in a fresh process; skipped where it would not fit."""
     row: dict[str, Any] = {"stage": stage, "tokens": n_tokens, "engine": engine}
-    reason = skip_reason(engine, n_tokens)
+    reason = skip_reason(engine, n_tokens, stage)
     if reason is not None:
         return {**row, "skipped": reason}
     out = bench.work / "runs" / f"{stage}-{n_tokens}-{engine}"

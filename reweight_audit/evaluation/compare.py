@@ -43,8 +43,10 @@ from reweight_audit.evaluation.runs import RunData, StatsSource, StatsTable, _me
 
 TIE_RULE = "fractional (expected value under random tie-breaking)"
 NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
-#: What the in-memory engine holds per token of a table (measured: ~420 B with the 20 default methods).
-MEMORY_BYTES_PER_TOKEN = 420
+#: What the in-memory engine holds per token of a table, by stage, with the 20 default methods (peak RSS measured by
+#: ``bench --compare`` at 10M tokens: compare 4.4 GB; sweep 11.1 GB, as it keeps every rank-by's scores beside the
+#: weights).
+MEMORY_BYTES_PER_TOKEN = {"compare": 420, "sweep": 1_100}
 
 
 # --------------------------------------------------------------------------- options
@@ -306,7 +308,7 @@ def run_compare(
 
 def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> str:
     """``memory`` or ``duckdb``: as asked, or (``auto``) duckdb when the files would not fit in half the memory
-    available (``MEMORY_BYTES_PER_TOKEN`` each) and the sources are files."""
+    available (``MEMORY_BYTES_PER_TOKEN`` of the stage per token) and the sources are files."""
     if options.engine == "duckdb" or getattr(options, "ray", None):
         _check_out_of_core(options, sources)
         return "duckdb"
@@ -315,7 +317,8 @@ def choose_engine(options: CompareConfig | SweepConfig, sources: list[Path | Sta
     if any(isinstance(s, StatsTable) for s in sources):
         return "memory"
     tokens = sum(parquet_rows(Path(s)) for s in sources)
-    return "duckdb" if tokens * MEMORY_BYTES_PER_TOKEN > 0.5 * available_memory() else "memory"
+    per_token = MEMORY_BYTES_PER_TOKEN["sweep" if isinstance(options, SweepConfig) else "compare"]
+    return "duckdb" if tokens * per_token > 0.5 * available_memory() else "memory"
 
 
 def _check_out_of_core(options: CompareConfig | SweepConfig, sources: list[Path | StatsTable]) -> None:
