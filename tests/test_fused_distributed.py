@@ -37,6 +37,11 @@ SCRIPT = textwrap.dedent('''
     assert loss_fn.calls == 1
     if trainer.args.process_index == 0:
         torch.save({n: p.detach() - before[n] for n, p in model.named_parameters()}, out)
+    # leave the process group before the interpreter does: gloo's worker threads still alive at finalization
+    # abort the process now and then ("terminate called without an active exception"; pytorch PR 179291)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 
