@@ -274,6 +274,7 @@ def test_auto_weighs_a_sweep_by_what_a_sweep_holds(tmp_path, monkeypatch):
     assert compare.choose_engine(CompareConfig(), [path]) == "memory"
     assert compare.choose_engine(SweepConfig(), [path]) == "duckdb"
 
+
 def test_sweep_grid_and_target_agree(tmp_path):
     """A method-parameter grid is a setting axis on both engines: every point's tables equal, flips and the
     Table 1 search computed from them equal too."""

@@ -43,9 +43,9 @@ from reweight_audit.evaluation.runs import RunData, StatsSource, StatsTable, _me
 
 TIE_RULE = "fractional (expected value under random tie-breaking)"
 NOISE_MASS_OF = "the ranking score (w, w·nll or w·grad norm, per rank_by)"
-#: What the in-memory engine holds per token of a table, by stage, with the 20 default methods (peak RSS measured by
-#: ``bench --compare`` at 10M tokens: compare 4.4 GB; sweep 11.1 GB, as it keeps every rank-by's scores beside the
-#: weights).
+#: What the in-memory engine holds per token of a table, by stage, with the default methods (peak RSS measured by
+#: ``bench --compare`` at 10M tokens: compare 4.4-5.0 GB; sweep 11.1 GB, as it keeps every rank-by's scores beside
+#: the weights).
 MEMORY_BYTES_PER_TOKEN = {"compare": 420, "sweep": 1_100}
 
 
