@@ -15,8 +15,9 @@ measured, one line a run. Then, in the same run:
 
 The memory engine is skipped, with the reason, where its estimated peak (the stage's
 ``evaluation.compare.MEMORY_BYTES_PER_TOKEN``, measured on main) does not fit the memory available; the whole
-bench is refused at once, in one line, where its estimated disk use does not fit the work folder's filesystem. The per-run ``weights.parquet`` files are
-removed once a size is checked (they are the bulk of the disk a run takes). Each run starts from scratch (no
+bench is refused at once, in one line, where its estimated disk use does not fit the work folder's filesystem.
+The per-run ``weights.parquet`` files are removed once a size is checked (they are the bulk of the disk a run
+takes). Each run starts from scratch (no
 finished shard of an earlier, interrupted run), and one that would leave the machine without memory is stopped
 with the reason (:func:`measure_child`).
 """
