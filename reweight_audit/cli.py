@@ -715,6 +715,17 @@ def main() -> None:
     notes.propagate = False
     signal.signal(signal.SIGTERM, _sigterm_is_an_interrupt)
     try:
+        _run_app()
+    except SystemExit as exc:  # click ends every command with sys.exit
+        from reweight_audit.scoring.distributed import leave_after_gloo
+
+        leave_after_gloo(exc.code)  # under torchrun on gloo: skip the teardown that can abort a finished rank
+        raise
+
+
+def _run_app() -> None:
+    """The app, with user errors, I/O errors and an early Ctrl-C turned into one line and an exit code."""
+    try:
         app()
     except AuditError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)

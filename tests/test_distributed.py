@@ -125,3 +125,21 @@ def test_rank_assignment_balances_padded_tokens():
     assert sorted(loads) == [310, 400]
     assert assign_to_ranks(costs, 2) == owner
     assert assign_to_ranks(costs, 1) == [0] * len(costs)
+
+
+LEAVE = """
+import sys
+from reweight_audit.scoring import distributed
+distributed.leave_after_gloo(5)  # no gloo group ran: returns
+print("still here", end="")
+distributed._ran_gloo = True
+distributed.leave_after_gloo({code!r})
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize(("code", "status", "stderr"), [(None, 0, ""), (2, 2, ""), ("bad input", 1, "bad input\n")])
+def test_a_rank_that_ran_gloo_leaves_at_once_with_its_output_flushed(code, status, stderr):
+    result = subprocess.run([sys.executable, "-c", LEAVE.format(code=code)], capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (status, "still here", stderr)

@@ -7,11 +7,13 @@ no-op and everything runs in one process.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterator
 
 BARRIER_TIMEOUT_S = float(os.environ.get("REWEIGHT_AUDIT_BARRIER_TIMEOUT", "1800"))
+_ran_gloo = False  # set once this process has run a gloo group (see leave_after_gloo)
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -32,9 +34,11 @@ def dist_context() -> Iterator[tuple[int, int]]:
     import torch
     import torch.distributed as dist
 
+    global _ran_gloo
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
+    _ran_gloo = _ran_gloo or backend == "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=BARRIER_TIMEOUT_S))
     try:
         yield dist.get_rank(), dist.get_world_size()
@@ -43,6 +47,36 @@ def dist_context() -> Iterator[tuple[int, int]]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def leave_after_gloo(code: int | str | None) -> None:
+    """End the process at once with ``code`` if it ran a gloo process group; otherwise return.
+
+    gloo's worker threads can outlive ``destroy_process_group()`` and abort the
+    interpreter's teardown ("terminate called without an active exception",
+    pytorch PR 179291): a rank that finished, its outputs written and every rank
+    past the last barrier, then exits with SIGABRT, and torchrun reports the run
+    failed and stops the other ranks. The command line calls this on its way out,
+    when nothing is left to do but the teardown; stdout and stderr are flushed first.
+    """
+    if not (_ran_gloo or _gloo_group_is_live()):
+        return
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message") prints the message and exits 1
+        print(code, file=sys.stderr)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _gloo_group_is_live() -> bool:
+    """A gloo group someone else started (say, the Trainer under torchrun) and did not destroy."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo")
 
 
 def agree(error: BaseException | None, world_size: int) -> None:
