@@ -40,8 +40,19 @@ def _one_line(exc: AuditError) -> None:
     assert text and "\n" not in text and "Traceback" not in text, text
 
 
+_scratch: list[Path] = []  # the module's scratch folder (hypothesis runs many examples in one test function)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_folder():
+    with tempfile.TemporaryDirectory(prefix="prop-") as folder:
+        _scratch.append(Path(folder))
+        yield
+        _scratch.pop()
+
+
 def _written(data: bytes, name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="prop-"))
+    folder = Path(tempfile.mkdtemp(dir=_scratch[-1]))  # an example's own folder, removed with the module's
     path = folder / name
     path.write_bytes(data)
     return path
