@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,11 @@ EXACT_SUMS = ("noise_mass", "noise_mass_ratio")
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """A few hundred rows a chunk: every table below is read in several chunks."""
+    """A few hundred rows a chunk: every table below is read in several chunks, and its rankings spilled in
+    score buckets of about 400 rows (a few per table), sorted bucket by bucket."""
+    from reweight_audit.evaluation.outofcore import accumulate
+
+    monkeypatch.setattr(accumulate, "BUCKET_ROWS", 400)
     monkeypatch.setattr(chunks, "CHUNK_ROWS", 300)
     monkeypatch.setattr(chunks, "_READ_ROWS", 128)
     monkeypatch.setattr(tables, "_FETCH_ROWS", 64)  # distinct scores, and runs of ties, span streamed batches
@@ -289,8 +294,8 @@ def test_sweep_grid_and_target_agree(tmp_path):
 
 
 def test_sample_weights_are_the_memory_weights_of_the_first_chunk(tmp_path):
-    """The report's sample (weights.parquet, plots) with the duckdb engine: the first chunk, kept from the map
-    step, and the same weights as the in-memory engine gives those tokens."""
+    """The report's sample (weights.parquet, plots) with the duckdb engine: the first chunk, with the same
+    weights as the in-memory engine gives those tokens."""
     path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(20, seed=8), model="m")
     mem, ooc = both(path, methods=["sft", "random", "rarity", "position"], bootstrap=0)
     first = ooc.run_data[0]
@@ -299,13 +304,16 @@ def test_sample_weights_are_the_memory_weights_of_the_first_chunk(tmp_path):
         assert np.allclose(w, mem.run_weights[0][name][:first.n_tokens], rtol=1e-12), name
 
 
+@pytest.mark.parametrize("layout", ["one sort", "buckets", "buckets, some sorted from the files"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sequence_tally_counts_above_and_tied_by_brute_force(tmp_path, seed):
+def test_sequence_tally_counts_above_and_tied_by_brute_force(tmp_path, monkeypatch, seed, layout):
     """Per sequence, the rows above and tied at each cut's value, taken in the sorted pass (runs of tied scores
-    span the streamed batches of 64 rows), against counting them directly."""
+    span the streamed batches of 64 rows), against counting them directly: from a spill without score buckets
+    (one sort), and from two shards' spills in 7 buckets (whose edges fall on tied scores) sorted bucket by
+    bucket in memory, or from the files where a bucket is over BUCKET_SORT_ROWS."""
     import pyarrow.parquet as pq
 
-    from reweight_audit.evaluation.outofcore.accumulate import SPILL_SCHEMA
+    from reweight_audit.evaluation.outofcore.accumulate import SPILL_OPTIONS, SPILL_SCHEMA, score_edges, write_bucketed
     from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
 
     rng = np.random.default_rng(seed)
@@ -314,8 +322,20 @@ def test_sequence_tally_counts_above_and_tied_by_brute_force(tmp_path, seed):
     kind = np.where(rng.random(n) < 0.2, rng.integers(0, 2, n), -1).astype(np.int16)
     seq = rng.integers(0, n_seqs, n).astype(np.int32)
     (tmp_path / "s").mkdir()
-    pq.write_table(pa.table({"score": score, "kind": kind, "seq": seq}, schema=SPILL_SCHEMA),
-                   tmp_path / "s" / "x.parquet")
+    if layout == "one sort":
+        pq.write_table(pa.table({"score": score, "kind": kind, "seq": seq}), tmp_path / "s" / "x.parquet")
+    else:
+        edges = score_edges(score[:300], 7)
+        assert 3 <= edges.size <= 6 and np.isin(edges, score).sum() >= 3  # edges on tied values
+        for shard, rows in (("a", slice(0, 700)), ("b", slice(700, n))):
+            with pq.ParquetWriter(tmp_path / "s" / f"{shard}.parquet", SPILL_SCHEMA, **SPILL_OPTIONS) as writer:
+                for lo in range(rows.start, rows.stop, 350):  # chunks of 350 rows
+                    hi = min(lo + 350, rows.stop)
+                    write_bucketed(writer, {"score": score[lo:hi], "kind": kind[lo:hi], "seq": seq[lo:hi]}, edges)
+        layout_found = tables.bucket_layout(sorted(str(p) for p in (tmp_path / "s").glob("*.parquet")))
+        assert layout_found is not None and len(layout_found) == edges.size + 1
+    if layout == "buckets, some sorted from the files":
+        monkeypatch.setattr(tables, "BUCKET_SORT_ROWS", 250)
     ks = (0.0001, 0.01, 0.3, 0.5, 1.0)
     n_kind = np.array([np.sum(kind == 0), np.sum(kind == 1)])
     counts = DescendingCounts(int(np.sum(kind < 0)), n_kind, ks, (0.3,))
@@ -383,3 +403,37 @@ def test_the_reduce_reports_each_ranking_with_an_eta(tmp_path):
     run_sweep(path, None, SweepConfig(engine="duckdb", methods=["dft", "entropy"], rank_by=["weight", "loss"],
                                       bootstrap=0), progress=said.append)
     assert [m for m in said if "done (" in m][-1].endswith("entropy, rank by loss done (4/4, ETA 0 s)")
+
+
+def test_rankings_are_spilled_in_score_buckets_every_shard_alike(tmp_path, monkeypatch):
+    """The spill's layout that the equal tables above rest on: each ranking's row groups hold one score bucket
+    each, every shard's with the same boundaries (the first chunk's), the batch-dependent pass's too, and the
+    buckets' score ranges do not overlap, so sorting bucket by bucket, highest first, sorts every row."""
+    import pyarrow.parquet as pq
+
+    from reweight_audit.evaluation.outofcore import distributed
+
+    monkeypatch.setattr(distributed, "SHARD_ROWS", 250)  # several map shards
+    seen = {}
+    layout = tables.bucket_layout
+
+    def keep_layout(files):
+        found = layout(files)
+        ranges = []  # per bucket, highest first: its scores' range, read while the work folder is there
+        for bucket in sorted(found or {}, reverse=True):
+            scores = np.concatenate([pq.ParquetFile(f).read_row_groups(groups, columns=["score"]).column(0)
+                                     .to_numpy() for f, groups, _ in found[bucket]])
+            ranges.append((scores.min(), scores.max()))
+        seen[Path(files[0]).name] = (len(files), found, ranges)
+        return found
+
+    monkeypatch.setattr(tables, "bucket_layout", keep_layout)
+    path = write_stats(tmp_path / "a" / "stats.parquet", make_stats(24, seed=3), model="m")
+    mem, ooc = both(path, methods=["entropy", "dft", "talr", "random"], bootstrap=5, batch_seqs=5)
+    assert_same(mem, ooc)
+    assert len(seen) == 4
+    for name, (n_files, found, ranges) in seen.items():
+        assert found is not None and len(found) >= 2, name
+        assert n_files == 1 if name.startswith("2-") else n_files >= 3, name  # talr: the batch pass; else shards
+        assert all(lower_max < higher_min for (higher_min, _), (_, lower_max) in zip(ranges, ranges[1:])), \
+            (name, ranges)

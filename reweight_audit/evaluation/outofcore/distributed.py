@@ -53,9 +53,7 @@ def map_shard(job: Any, scan: ch.TableScan, index: int, start: int, stop: int, m
         hi = _chunk_end(scan, lo, stop)
         chunk = ch.make_chunk(ch.read_rows(scan.path, lo, hi, list(scan.columns)), scan)
         totals.add(chunk)
-        weights = chunk_rankings(job, chunk, methods, mine, rngs)
-        if lo == 0:  # the report's sample (engine._sample), kept instead of read and weighted again
-            job.__dict__["_first_chunk"] = (hi, chunk.run, weights)
+        chunk_rankings(job, chunk, methods, mine, rngs)
         lo = hi
     for s in mine.values():
         s.close()

@@ -27,8 +27,9 @@ from reweight_audit.evaluation.metrics.declarations import NAN, count_values, ra
 from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import distributed
 from reweight_audit.evaluation.outofcore import strata, tables
-from reweight_audit.evaluation.outofcore.accumulate import RankingSums, RunTotals, totals_counts
-from reweight_audit.evaluation.outofcore.weights import chunk_rankings, method_weights
+from reweight_audit.evaluation.outofcore.accumulate import (BUCKET_ROWS, RankingSums, RunTotals, bucket_count,
+                                                            score_edges, totals_counts)
+from reweight_audit.evaluation.outofcore.weights import chunk_rankings, method_weights, ranking_scores
 from reweight_audit.evaluation.outofcore.grouped import group_rows
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts, HistogramIndex
 from reweight_audit.evaluation.outofcore.rows import metric_row
@@ -85,7 +86,8 @@ def work_folder(out_dir: Path | None, path: Path, record: dict) -> Iterator[Path
         return
     stat = Path(path).stat()
     key = json.dumps({"table": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
-                      "options": record, "shard_rows": distributed.SHARD_ROWS, "chunk_rows": ch.CHUNK_ROWS},
+                      "options": record, "shard_rows": distributed.SHARD_ROWS, "chunk_rows": ch.CHUNK_ROWS,
+                      "bucket_rows": BUCKET_ROWS, "spill_layout": 2},
                      sort_keys=True, default=str)
     folder = Path(out_dir).parent / f".{Path(out_dir).name}.engine" / hashlib.sha256(key.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,8 +111,8 @@ def evaluate_run(job: RunJob, scan: ch.TableScan) -> RunRows:
     """Every method of ``job`` on one table, out of core."""
     opts = job.options
     ks = tuple(sorted(set(metrics.CUTS) | {opts.k_frac}))
-    sums = {(m.name, r): RankingSums(job.work / "main" / f"{i}-{r}.parquet", scan.n_seqs, len(scan.kinds), ks, opts.k_frac,
-                                     "sequence" in opts.scope)
+    sums = {(m.name, r): RankingSums(job.work / "main" / f"{i}-{r}.parquet", scan.n_seqs, len(scan.kinds), ks,
+                                     opts.k_frac, "sequence" in opts.scope, n_buckets=bucket_count(scan.n_rows))
             for i, m in enumerate(job.methods) for r in opts.rank_by}
     out = RunRows()
     t0 = time.perf_counter()
@@ -145,11 +147,12 @@ def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTo
     plain = [m for m in job.methods if not getattr(m, "batch_dependent", False)]
     batched = [m for m in job.methods if getattr(m, "batch_dependent", False)]
     address = getattr(job.options, "ray", None)
+    sample, sample_weights = _sample(job, scan, plain)
+    _set_edges(job, sample, sample_weights, sums)  # before the map step: every shard buckets alike
     if address:
         totals.merge(distributed.ray_weight_pass(job, scan, plain, sums, address))
     else:
         totals.merge(distributed.local_weight_pass(job, scan, plain, sums))
-    sample, sample_weights = _sample(job, scan, plain)
     if batched:
         for chunk in _progress(_batch_chunks(job, scan, con), scan.n_rows, job.say, "batch-dependent weights"):
             chunk_rankings(job, chunk, batched, sums, _generators(job, batched))
@@ -159,18 +162,23 @@ def weight_pass(job: RunJob, scan: ch.TableScan, con, sums: dict) -> tuple[RunTo
 
 
 def _sample(job: RunJob, scan: ch.TableScan, plain: list[Method]) -> tuple[RunData, dict]:
-    """The first chunk and the plain methods' weights on it: what weights.parquet, the plots and the heatmap show
-    (as the map step of this process left them when its first chunk is that one; else read and weighted here)."""
-    kept = job.__dict__.pop("_first_chunk", None)
-    end = _first_end(scan)
-    if kept is not None and kept[0] == end and set(kept[2]) == {m.name for m in plain}:
-        first, weights = kept[1], kept[2]
-    else:
-        chunk = ch.make_chunk(ch.read_rows(scan.path, 0, end, list(scan.columns)), scan)
-        first, seed = chunk.run, job.options.seed
-        weights = {m.name: method_weights(job, m, chunk, np.random.default_rng(seed)) for m in plain}
+    """The first chunk and the plain methods' weights on it: what weights.parquet, the plots and the heatmap show,
+    and where each ranking's score buckets come from (:func:`_set_edges`)."""
+    chunk = ch.make_chunk(ch.read_rows(scan.path, 0, _first_end(scan), list(scan.columns)), scan)
+    first, seed = chunk.run, job.options.seed
+    weights = {m.name: method_weights(job, m, chunk, np.random.default_rng(seed)) for m in plain}
     first.label = job.label
     return first, weights
+
+
+def _set_edges(job: RunJob, first: RunData, weights: dict, sums: dict) -> None:
+    """Each plain method × rank-by's score buckets, from its scores on the first chunk (the batch-dependent
+    methods' pass is not sharded: it takes them from its own first chunk)."""
+    logp = first.column("logp")
+    sum_p2 = first.column("sum_p2") if "grad" in job.rank_by else None
+    for (name, rank_by), one in sums.items():
+        if name in weights:
+            one.edges = score_edges(ranking_scores(first, weights[name], rank_by, logp, sum_p2), one.n_buckets)
 
 
 def _first_end(scan: ch.TableScan) -> int:

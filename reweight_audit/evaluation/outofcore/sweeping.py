@@ -24,7 +24,8 @@ from reweight_audit.evaluation.config import POOLED
 from reweight_audit.evaluation.metrics.counts import SEQUENCE_FIELDS, per_sequence
 from reweight_audit.evaluation.outofcore import chunks as ch
 from reweight_audit.evaluation.outofcore import strata, tables
-from reweight_audit.evaluation.outofcore.accumulate import SPILL_OPTIONS, SPILL_SCHEMA, RunTotals
+from reweight_audit.evaluation.outofcore.accumulate import (SPILL_OPTIONS, SPILL_SCHEMA, RunTotals, bucket_count,
+                                                            score_edges, shard_edges, write_bucketed)
 from reweight_audit.evaluation.outofcore.engine import RunJob, reduce_progress, weight_pass
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
 
@@ -46,6 +47,8 @@ class SweepSums:
     cuts: tuple[float, ...]
     sets: list[tuple[str, int | None]]
     sequence: bool
+    n_buckets: int = 1  # as RankingSums: score buckets and their boundaries
+    edges: np.ndarray | None = None
     writer: pq.ParquetWriter | None = None
     seq_writers: list | None = None
 
@@ -59,7 +62,8 @@ class SweepSums:
 
     def shard(self, folder: str, first: int, n_seqs: int) -> "SweepSums":
         """An empty copy writing into ``work/<folder>/`` (everything it keeps is in files)."""
-        return SweepSums(self.spill.parent.parent / folder / self.spill.name, self.cuts, self.sets, self.sequence)
+        return SweepSums(self.spill.parent.parent / folder / self.spill.name, self.cuts, self.sets, self.sequence,
+                         self.n_buckets, shard_edges(self.edges))
 
     def merge(self, other: "SweepSums") -> None:
         """Nothing to add: a shard's counts stay in its files, read through :attr:`pattern`."""
@@ -77,8 +81,10 @@ class SweepSums:
             schema = pa.schema(list(SPILL_SCHEMA) + [pa.field(name, pa.float64()) for name in extra])
             self.writer = pq.ParquetWriter(self.spill, schema, **SPILL_OPTIONS)
             self.seq_writers = [None] * len(self.sets)
-        self.writer.write_table(pa.table({"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32),
-                                          **extra}, schema=self.writer.schema))
+        if self.edges is None:  # not sharded: this pass's first chunk (RankingSums.add)
+            self.edges = score_edges(s, self.n_buckets)
+        write_bucketed(self.writer, {"score": s, "kind": kinds, "seq": chunk.seq_codes.astype(np.int32), **extra},
+                       self.edges)
         if not self.sequence:
             return
         n_local = len(chunk.run.seq_names)
@@ -113,7 +119,7 @@ def sweep_sums(job: RunJob, scan: ch.TableScan, methods: list, con) -> tuple[Run
     """The weight pass of a sweep: every method × rank-by's :class:`SweepSums`."""
     sets = noise_sets(scan.kinds)
     sums = {(m.name, r): SweepSums(job.work / "main" / f"{i}-{r}.parquet", job.options.cuts, sets,
-                                   "sequence" in job.options.scope)
+                                   "sequence" in job.options.scope, bucket_count(scan.n_rows))
             for i, m in enumerate(methods) for r in job.rank_by}
     totals, _, _ = weight_pass(job, scan, con, sums)
     return totals, sums

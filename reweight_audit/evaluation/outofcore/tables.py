@@ -6,6 +6,7 @@ never fetched whole; results per sequence are O(sequences).
 """
 from __future__ import annotations
 
+import glob
 import os
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from reweight_audit.core.errors import AuditError
 from reweight_audit.evaluation.outofcore.histogram import DescendingCounts
@@ -26,6 +28,8 @@ MEMORY_LIMIT = "256MB"
 #: DuckDB could not pin its blocks on a 100M-row table (an out-of-memory error), at 1 GB it ran.
 COPY_MEMORY_LIMIT = "1GB"
 _FETCH_ROWS = 1 << 20
+#: A score bucket past this many rows is sorted by DuckDB from the files (spilling), not read into memory.
+BUCKET_SORT_ROWS = 8_000_000
 
 
 @contextmanager
@@ -79,19 +83,18 @@ def value_counts(con: duckdb.DuckDBPyConnection, spill: Path, counts: Descending
     """Feed ``counts`` the clean and per-kind tokens at every distinct score, highest first, batch by batch.
 
     ``where``: a condition on the rows (""; all); ``kind_columns``: the positives' conditions (default: each
-    kind). DuckDB sorts the rows (spilling to disk past its memory limit); each streamed batch is counted per
-    distinct score here, the last score of a batch carried to the next (it may continue there). ``tally``: the
+    kind). DuckDB sorts the rows (:func:`_descending`: one score bucket at a time); each streamed batch is counted
+    per distinct score here, the last score of a batch carried to the next (it may continue there). ``tally``: the
     per-sequence counts above and tied at cuts, taken in the same pass (the rows' sequence codes streamed too).
     """
     conds = kind_columns if kind_columns is not None else [f"kind = {j}" for j in range(n_kinds)]
     label = " ".join(["CASE WHEN kind < 0 THEN 0"] + [f"WHEN {c} THEN {j + 1}" for j, c in enumerate(conds)]
                      + ["ELSE -1 END"])
     seq = ", seq" if tally is not None else ""
-    reader = con.sql(f"""SELECT score, ({label})::SMALLINT AS label{seq}
-                         FROM read_parquet('{_quote(spill)}') {f"WHERE {where}" if where else ""}
-                         ORDER BY score DESC""").to_arrow_reader(_FETCH_ROWS)
+    query = f"""SELECT score, ({label})::SMALLINT AS label{seq} FROM {{rows}} {f"WHERE {where}" if where else ""}
+                ORDER BY score DESC"""
     carry = None
-    for batch in _batches(reader):
+    for batch in _batches(_descending(con, spill, query)):
         score, labels = batch.column(0).to_numpy(), batch.column(1).to_numpy()
         value, table = _distinct_counts(score, labels, len(conds) + 1)
         if carry is not None and value[0] == carry[0]:
@@ -107,6 +110,57 @@ def value_counts(con: duckdb.DuckDBPyConnection, spill: Path, counts: Descending
         counts.feed(np.array([carry[0]]), carry[1][:1], carry[1][1:, None])
     if tally is not None:
         tally.finish(counts)
+
+
+def _descending(con: duckdb.DuckDBPyConnection, spill: Path, query: str) -> Iterator[pa.RecordBatch]:
+    """``query``'s rows (``{rows}``: the rows it reads) sorted, highest score first.
+
+    A spill written in score buckets (:func:`bucket_layout`) is sorted one bucket at a time, highest first:
+    each bucket's row groups read with Arrow and sorted by DuckDB in memory, where one sort of every row would
+    spill to disk (about 2.3 times as long at 100M rows). A bucket over :data:`BUCKET_SORT_ROWS` (scores far
+    from the first chunk's quantiles) and a spill without buckets are sorted by DuckDB from the files, spilling.
+    """
+    files = sorted(glob.glob(str(spill)))
+    layout = bucket_layout(files)
+    if layout is None:
+        yield from con.sql(query.format(rows=f"read_parquet('{_quote(spill)}')")).to_arrow_reader(_FETCH_ROWS)
+        return
+    readers = {path: pq.ParquetFile(path, pre_buffer=False) for path in files}  # pre_buffer: chunks._open
+    for bucket in sorted(layout, reverse=True):
+        parts = layout[bucket]
+        if sum(n for _, _, n in parts) > BUCKET_SORT_ROWS:
+            names = ", ".join(f"'{_quote(Path(path))}'" for path in files)
+            rows = f"(SELECT * FROM read_parquet([{names}]) WHERE bucket = {bucket})"
+            yield from con.sql(query.format(rows=rows)).to_arrow_reader(_FETCH_ROWS)
+            continue
+        con.register("_bucket_rows", pa.concat_tables(readers[path].read_row_groups(groups) for path, groups, _ in parts))
+        try:
+            yield from con.sql(query.format(rows="_bucket_rows")).to_arrow_reader(_FETCH_ROWS)
+        finally:
+            con.unregister("_bucket_rows")
+
+
+def bucket_layout(files: list[str]) -> dict[int, list[tuple[str, list[int], int]]] | None:
+    """Per score bucket, each file's row groups of it and their rows; None unless every row group of every file
+    holds one bucket (its statistics' min = max), as :func:`.accumulate.write_bucketed` writes them."""
+    layout: dict[int, list[tuple[str, list[int], int]]] = {}
+    for path in files:
+        meta = pq.ParquetFile(path, pre_buffer=False).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if "bucket" not in names:
+            return None
+        at, mine = names.index("bucket"), {}
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(at).statistics
+            if meta.row_group(g).num_rows == 0:
+                continue
+            if stats is None or not stats.has_min_max or stats.min != stats.max:
+                return None
+            groups, rows = mine.get(stats.min, ([], 0))
+            mine[stats.min] = (groups + [g], rows + meta.row_group(g).num_rows)
+        for bucket, (groups, rows) in mine.items():
+            layout.setdefault(int(bucket), []).append((path, groups, rows))
+    return layout or None
 
 
 class SequenceTally:

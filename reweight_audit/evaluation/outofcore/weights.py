@@ -31,9 +31,13 @@ def chunk_rankings(job: Any, chunk: ch.Chunk, methods: list[Method], sums: dict,
     for m in methods:
         w = weights[m.name] = method_weights(job, m, chunk, rngs[m.name])
         for r in job.rank_by:
-            s = run.pool.take(metrics.rank_scores(w, r, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
-            sums[(m.name, r)].add(chunk, s, extra)
+            sums[(m.name, r)].add(chunk, ranking_scores(run, w, r, logp, sum_p2), extra)
     return weights
+
+
+def ranking_scores(run: Any, w: np.ndarray, rank_by: str, logp: np.ndarray, sum_p2: np.ndarray | None) -> np.ndarray:
+    """The pool tokens' scores of one rank-by, as the spill holds them."""
+    return run.pool.take(metrics.rank_scores(w, rank_by, logp, sum_p2)) + 0.0  # -0.0 -> 0.0: one value per tie
 
 
 def method_weights(job: Any, m: Method, chunk: ch.Chunk, rng) -> np.ndarray:
