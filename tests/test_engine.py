@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reweight_audit.core.errors import AuditError
 from reweight_audit.evaluation.compare import run_compare
@@ -437,3 +439,32 @@ def test_rankings_are_spilled_in_score_buckets_every_shard_alike(tmp_path, monke
         assert n_files == 1 if name.startswith("2-") else n_files >= 3, name  # talr: the batch pass; else shards
         assert all(lower_max < higher_min for (higher_min, _), (_, lower_max) in zip(ranges, ranges[1:])), \
             (name, ranges)
+
+
+finite_or_not = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                          st.sampled_from([0.0, -0.0, 1.0, 1.0 + 2 ** -52, 1e-300, -1e300]))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(scores=st.lists(finite_or_not, min_size=1, max_size=60),
+       edges=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=0, max_size=12),
+       take_edges_from_scores=st.booleans())
+def test_bucket_of_is_searchsorted(scores, edges, take_edges_from_scores):
+    """The lookup table gives each score np.searchsorted's bucket: ties at an edge, NaN, ±inf, -0.0, edges a
+    unit in the last place apart, scores far outside the edges' range."""
+    from reweight_audit.evaluation.outofcore.accumulate import bucket_of
+
+    s = np.array(scores, dtype=np.float64)
+    e = s[np.isfinite(s)] if take_edges_from_scores else np.array(edges, dtype=np.float64)
+    e = np.unique(e)
+    assert np.array_equal(bucket_of(s, e), np.searchsorted(e, s, side="right"))
+
+
+@pytest.mark.parametrize("n_buckets", [2, 7, 67, 256])
+def test_bucket_of_on_a_million_skewed_scores(n_buckets):
+    from reweight_audit.evaluation.outofcore.accumulate import bucket_of, score_edges
+
+    rng = np.random.default_rng(n_buckets)
+    s = np.concatenate([rng.random(500_000) ** 6, np.round(rng.normal(size=500_000), 2)])  # a heap near 0, ties
+    e = score_edges(s[:100_000], n_buckets)
+    assert np.array_equal(bucket_of(s, e), np.searchsorted(e, s, side="right"))

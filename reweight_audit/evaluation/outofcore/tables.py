@@ -1,6 +1,7 @@
 """The DuckDB side: a connection that spills, the batch-ordered copy, the per-value counts and per-sequence counts.
 
-Every query reads the spilled parquet files in place. Results that grow with
+Every query reads the spilled parquet files in place (a spill in score buckets:
+one bucket's row groups at a time, read with Arrow). Results that grow with
 the tokens (counts per distinct score) are streamed as Arrow record batches,
 never fetched whole; results per sequence are O(sequences).
 """
